@@ -1,0 +1,112 @@
+"""Resolve a MODEL argument (artifact dir, .pt2, Hugging Face dir, .onnx, zoo:NAME)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from slimkit.core.errors import ModelLoadError, UntrustedPickleError
+from slimkit.data.bundle import DataBundle
+from slimkit.io.artifact import MANIFEST, load_artifact
+from slimkit.io.model import SlimModel, set_mode
+from slimkit.io.onnx_model import OnnxModel, load_onnx
+from slimkit.io.safety import no_pickle
+
+DEFAULT_SHAPE = (1, 28, 28)
+DEFAULT_CLASSES = 10
+
+
+def load_zoo(name: str, data: DataBundle | None = None,
+             input_shape: tuple[int, ...] | None = None, num_classes: int | None = None,
+             **kwargs: object) -> SlimModel:
+    """Build a zoo model (random weights) that fits ``data`` (or the given shape/classes)."""
+    from slimkit.zoo import build_model
+
+    shape = tuple(input_shape or (data.input_shape if data else DEFAULT_SHAPE))
+    classes = num_classes or (data.num_classes if data else DEFAULT_CLASSES)
+    dtype = "int64" if data is not None and not data.x_train.is_floating_point() else "float32"
+    if dtype == "int64":
+        kwargs.setdefault("input_dtype", "int64")
+        kwargs.setdefault("vocab_size", int(max(data.x_train.max(), data.x_test.max())) + 1)
+    module = build_model(name, shape, classes, **kwargs)
+    return SlimModel(module=module, input_shape=shape, input_dtype=dtype, name=f"zoo:{name}",
+                     arch=getattr(module, "slimkit_spec", None), num_classes=classes)
+
+
+def load_pt2(path: Path, trust_pickle: bool = False) -> SlimModel:
+    """Load a ``torch.export`` archive; its input spec comes from the exported graph."""
+    try:
+        with no_pickle(str(path), trust_pickle):
+            program = torch.export.load(str(path))
+    except UntrustedPickleError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"'{path}' is not a valid torch.export archive: {exc}") from None
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
+    user_inputs = program.graph_signature.user_inputs
+    val = next(n.meta["val"] for n in placeholders if n.name == user_inputs[0])
+    shape = tuple(int(d) for d in val.shape[1:])
+    module = program.module()
+    set_mode(module, False)
+    dtype = str(val.dtype).removeprefix("torch.")
+    return SlimModel(module=module, input_shape=shape, input_dtype=dtype, name=str(path))
+
+
+def load_model(spec: str, *, data: DataBundle | None = None, trust_pickle: bool = False,
+               allow_onnx: bool = False) -> SlimModel | OnnxModel:
+    """Load the model a user names on the command line.
+
+    Args:
+        spec: ``zoo:NAME``, an artifact directory, a ``.pt2`` file, a Hugging Face model
+            directory, or (with ``allow_onnx``) an ``.onnx`` file.
+        data: used to fit a zoo model's input shape and class count.
+        trust_pickle: allow formats that unpickle Python objects (never the default).
+
+    Raises:
+        ModelLoadError: with the path and what to do.
+    """
+    if spec.startswith("zoo:"):
+        return load_zoo(spec.removeprefix("zoo:"), data)
+    path = Path(spec)
+    if not path.exists():
+        raise ModelLoadError(f"model '{spec}' not found: give an artifact directory, a .pt2 "
+                             "file, a Hugging Face directory, an .onnx file or zoo:NAME")
+    if path.is_dir():
+        if (path / MANIFEST).exists():
+            return load_artifact(path, trust_pickle=trust_pickle)
+        if (path / "config.json").exists():
+            from slimkit.io.hf import load_hf_dir
+
+            return load_hf_dir(path, trust_pickle=trust_pickle)
+        raise ModelLoadError(f"directory '{path}' holds neither {MANIFEST} (slimkit artifact) "
+                             "nor config.json (Hugging Face model)")
+    suffix = path.suffix.lower()
+    if suffix == ".pt2":
+        return load_pt2(path, trust_pickle)
+    if suffix == ".onnx":
+        if not allow_onnx:
+            raise ModelLoadError(f"'{path}' is an ONNX file: it can be inspected, benchmarked "
+                                 "and evaluated, but compression needs a PyTorch model")
+        return load_onnx(path)
+    if suffix in {".pt", ".pth", ".bin", ".ckpt"}:
+        return _load_pickled(path, trust_pickle, data)
+    raise ModelLoadError(f"'{path}': unknown model format '{suffix}'; expected a directory, "
+                         ".pt2, .onnx or zoo:NAME")
+
+
+def _load_pickled(path: Path, trust_pickle: bool, data: DataBundle | None) -> SlimModel:
+    if not trust_pickle:
+        raise UntrustedPickleError(
+            f"'{path}' is a pickled PyTorch file; loading it could run arbitrary code. Save the "
+            "model with torch.export.save (.pt2) instead, or pass --trust-pickle if you trust it")
+    obj = torch.load(str(path), weights_only=False, map_location="cpu")
+    if not isinstance(obj, torch.nn.Module):
+        raise ModelLoadError(f"'{path}' holds a {type(obj).__name__}, not a torch.nn.Module "
+                             "(a bare state_dict needs its architecture: use zoo:NAME or .pt2)")
+    if data is None:
+        raise ModelLoadError(f"'{path}' holds a module without an input spec; give --data, or "
+                             "save it with torch.export.save(torch.export.export(...)) as .pt2")
+    dtype = "float32" if data.x_train.is_floating_point() else "int64"
+    return SlimModel(module=obj, input_shape=data.input_shape, input_dtype=dtype, name=str(path),
+                     num_classes=data.num_classes)

@@ -1,0 +1,65 @@
+"""Honest measurement: counts, FLOPs, memory, latency, accuracy, fidelity. Never mutates."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from slimkit.data.bundle import DataBundle
+from slimkit.io.model import SlimModel, set_mode
+from slimkit.measure.counts import count_flops, count_params, layer_table
+from slimkit.measure.latency import compare_latency, ort_session, time_interleaved
+from slimkit.measure.memory import peak_memory
+from slimkit.measure.quality import accuracy, fidelity, predict
+
+
+def measure_static(model: SlimModel, data: DataBundle | None = None,
+                   layers: bool = False) -> dict[str, Any]:
+    """Everything about one model that needs no second model and no timing.
+
+    Returns:
+        ``params``, ``nonzero_params``, ``flops``/``macs`` per sample, ``peak_memory_bytes``
+        at batch 1, ``accuracy`` on ``data``'s test split (None without data), and with
+        ``layers`` the per-layer table.
+    """
+    example = data.example_inputs(1) if data is not None else model.example_inputs(1)
+    out: dict[str, Any] = dict(count_params(model.module))
+    flops = count_flops(model.module, example)
+    out.update(flops=flops["flops"], macs=flops["macs"])
+    out["peak_memory_bytes"] = peak_memory(model.module, example)["peak_memory_bytes"]
+    out["accuracy"] = (accuracy(predict(model.module, data.x_test), data.y_test)
+                       if data is not None else None)
+    if layers:
+        out["layers"] = layer_table(model.module, example)
+    return out
+
+
+def check_finite(model: SlimModel, inputs: tuple[torch.Tensor, ...], where: str) -> None:
+    """Raise ModelError when parameters or outputs hold NaN/Inf (naming the tensor)."""
+    from slimkit.core.errors import ModelError
+
+    for name, p in model.module.state_dict().items():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise ModelError(f"{where}: parameter '{name}' holds NaN/Inf")
+    set_mode(model.module, False)
+    with torch.inference_mode():
+        out = model.module(*inputs)
+    if not torch.isfinite(out).all():
+        raise ModelError(f"{where}: the model's output holds NaN/Inf")
+
+
+__all__ = [
+    "accuracy",
+    "check_finite",
+    "compare_latency",
+    "count_flops",
+    "count_params",
+    "fidelity",
+    "layer_table",
+    "measure_static",
+    "ort_session",
+    "peak_memory",
+    "predict",
+    "time_interleaved",
+]

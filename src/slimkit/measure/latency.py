@@ -1,0 +1,125 @@
+"""Latency in PyTorch eager and ONNX Runtime, timed with interleaved runs.
+
+Machines are noisy, so models that are compared are timed in one process, round-robin
+(A, B, A, B, ... with the order rotated each round), and judged by ratios of medians.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from slimkit.io.model import set_mode
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def time_interleaved(
+    fns: Mapping[str, Callable[[], Any]], warmup: int = 3, repeats: int = 20
+) -> dict[str, dict[str, float]]:
+    """Time each zero-argument callable ``repeats`` times, interleaved round-robin.
+
+    Returns:
+        ``{name: {"median_ms", "p90_ms", "mean_ms", "repeats"}}``.
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {
+        n: {
+            "median_ms": statistics.median(s),
+            "p90_ms": percentile(s, 90),
+            "mean_ms": statistics.fmean(s),
+            "repeats": len(s),
+        }
+        for n, s in samples.items()
+    }
+
+
+def torch_runner(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Callable[[], Any]:
+    """A zero-argument call of ``model`` in eval + inference mode."""
+    set_mode(model, False)
+
+    def run() -> Any:
+        with torch.inference_mode():
+            return model(*inputs)
+
+    return run
+
+
+def ort_session(path: str | Path, threads: int) -> Any:
+    """An ONNX Runtime CPU session with a fixed thread count (recorded by the caller)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def ort_runner(session: Any, inputs: Sequence[torch.Tensor]) -> Callable[[], Any]:
+    """A zero-argument ONNX Runtime call on ``inputs``."""
+    feed = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs, strict=True)}
+    return lambda: session.run(None, feed)
+
+
+def compare_latency(
+    models: Mapping[str, tuple[nn.Module, str | Path | None]],
+    example_batch: Sequence[torch.Tensor],
+    batch_sizes: Sequence[int] = (1, 32),
+    threads: int = 1,
+    warmup: int = 3,
+    repeats: int = 20,
+) -> dict[str, Any]:
+    """Latency of several models, in torch eager and (when an ONNX path is given) ONNX Runtime.
+
+    Args:
+        models: name -> (PyTorch model, path of its ONNX export or None).
+        example_batch: inputs with at least ``max(batch_sizes)`` rows (repeated if fewer).
+        batch_sizes: batch sizes to time.
+        threads: intra-op threads for both runtimes (fixed, and recorded in the result).
+
+    Returns:
+        ``{"threads", "torch": {batch: {name: stats}}, "onnxruntime": {...}}``.
+    """
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        sessions = {n: ort_session(p, threads) for n, (_, p) in models.items() if p is not None}
+        result: dict[str, Any] = {"threads": threads, "torch": {}, "onnxruntime": {}}
+        for b in batch_sizes:
+            inputs = [_take(t, b) for t in example_batch]
+            fns = {n: torch_runner(m, inputs) for n, (m, _) in models.items()}
+            result["torch"][str(b)] = time_interleaved(fns, warmup, repeats)
+            if sessions:
+                fns = {n: ort_runner(s, inputs) for n, s in sessions.items()}
+                result["onnxruntime"][str(b)] = time_interleaved(fns, warmup, repeats)
+        return result
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _take(t: torch.Tensor, batch: int) -> torch.Tensor:
+    if t.shape[0] >= batch:
+        return t[:batch].contiguous()
+    reps = (batch + t.shape[0] - 1) // t.shape[0]
+    return t.repeat(reps, *([1] * (t.dim() - 1)))[:batch].contiguous()

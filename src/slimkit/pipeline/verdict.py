@@ -1,0 +1,45 @@
+"""Judge a target against measurements: met or missed, and by how much."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _criterion(name: str, asked: float, achieved: float | None, higher_is_better: bool,
+               unit: str) -> dict[str, Any]:
+    if achieved is None:
+        return {"name": name, "asked": asked, "achieved": None, "met": False, "margin": None,
+                "unit": unit, "note": "could not be measured"}
+    margin = achieved - asked if higher_is_better else asked - achieved
+    return {"name": name, "asked": asked, "achieved": achieved, "met": margin >= 0,
+            "margin": margin, "unit": unit}
+
+
+def judge(target: Any, baseline: dict, final: dict, comparison: dict) -> dict[str, Any]:
+    """Compare the final model with the baseline on every criterion the target names.
+
+    Args:
+        target: a recipe ``Target``.
+        baseline, final: measurements with ``accuracy`` and ``size_bytes``.
+        comparison: latency ratios, ``{runtime: {batch: {"speedup"}}}``.
+
+    Returns:
+        ``{"met": bool, "criteria": [...]}``; an empty target is met trivially, and says so.
+    """
+    criteria = []
+    if target.max_accuracy_drop is not None:
+        drop = None
+        if baseline.get("accuracy") and final.get("accuracy"):
+            drop = 100.0 * (baseline["accuracy"]["top1"] - final["accuracy"]["top1"])
+        criteria.append(_criterion("max_accuracy_drop", target.max_accuracy_drop, drop,
+                                   higher_is_better=False, unit="points"))
+    if target.min_size_ratio is not None:
+        criteria.append(_criterion("min_size_ratio", target.min_size_ratio,
+                                   comparison.get("size_ratio"), True, "x"))
+    if target.min_speedup is not None:
+        t = target.min_speedup
+        speed = comparison.get(t.runtime, {}).get(str(t.batch), {}).get("speedup")
+        criteria.append(_criterion(f"min_speedup ({t.runtime}, batch {t.batch})", t.value,
+                                   speed, True, "x"))
+    return {"met": all(c["met"] for c in criteria), "criteria": criteria,
+            "note": None if criteria else "the recipe sets no target"}
