@@ -1,0 +1,292 @@
+"""The ``slimkit`` command line: a thin typer layer over the public Python API."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+
+from slimkit.core.errors import ConfigError, SlimkitError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Make trained PyTorch models smaller and faster, and prove it.")
+out_console = Console()
+err_console = Console(stderr=True)
+
+ModelArg = Annotated[str, typer.Argument(
+    help="Artifact directory, .pt2 export, Hugging Face directory, .onnx file, or zoo:NAME.")]
+DataOpt = Annotated[str | None, typer.Option(
+    "--data", help="builtin:mnist|digits|mnist1d, an .npz, an image folder, or an HF dataset.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+TrustOpt = Annotated[bool, typer.Option(
+    "--trust-pickle", help="Allow loading pickled files (runs code from the file!).")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
+ThreadsOpt = Annotated[int, typer.Option("--threads", min=1, help="Intra-op threads.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for data splits and training.")]
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+          ) -> None:
+    """Global options."""
+
+
+def _emit(obj: Any, as_json: bool) -> bool:
+    if as_json:
+        sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    return as_json
+
+
+def _load(model: str, data: str | None, seed: int, trust_pickle: bool, allow_onnx: bool = True):
+    from slimkit.data import load_data
+    from slimkit.io.loader import load_model
+
+    bundle = load_data(data, seed=seed, trust_pickle=trust_pickle) if data else None
+    return load_model(model, data=bundle, trust_pickle=trust_pickle,
+                      allow_onnx=allow_onnx), bundle
+
+
+@app.command()
+def inspect(model: ModelArg, data: DataOpt = None, as_json: JsonOpt = False,
+            trust_pickle: TrustOpt = False, seed: SeedOpt = 0) -> None:
+    """Params, non-zero params, MACs per layer, size on disk and history of a model."""
+    from slimkit.core.files import dir_size
+    from slimkit.io.onnx_model import OnnxModel
+    from slimkit.measure import measure_static
+
+    m, bundle = _load(model, data, seed, trust_pickle)
+    path = Path(model)
+    info: dict[str, Any] = {"model": model, "input_shape": list(m.input_shape),
+                            "input_dtype": m.input_dtype,
+                            "size_bytes": dir_size(path) if path.exists() else None}
+    if isinstance(m, OnnxModel):
+        from slimkit.measure.onnx_stats import onnx_stats
+
+        info.update(onnx_stats(m.path))
+    else:
+        info.update(measure_static(m, bundle, layers=True))
+        info["history"] = m.history
+    if _emit(info, as_json):
+        return
+    from slimkit.cli_views import human_bytes, layer_rows
+
+    if "layers" in info:
+        out_console.print(layer_rows(info["layers"]))
+    for key in ("params", "nonzero_params", "macs", "flops", "peak_memory_bytes", "ops"):
+        if key in info:
+            out_console.print(f"{key}: {info[key]:,}" if isinstance(info[key], int)
+                              else f"{key}: {info[key]}")
+    out_console.print(f"input: {info['input_dtype']} {tuple(info['input_shape'])}; "
+                      f"size on disk: {human_bytes(info['size_bytes'])}")
+
+
+@app.command()
+def bench(model: ModelArg, data: DataOpt = None,
+          batch: Annotated[list[int], typer.Option("--batch", help="Batch sizes.")] = [1, 32],  # noqa: B006
+          threads: ThreadsOpt = 1,
+          repeats: Annotated[int, typer.Option(min=1)] = 30,
+          as_json: JsonOpt = False, trust_pickle: TrustOpt = False, seed: SeedOpt = 0) -> None:
+    """Latency (median, p90) in PyTorch eager and ONNX Runtime at fixed threads."""
+    from slimkit.export.onnx import export_onnx
+    from slimkit.io.onnx_model import OnnxModel
+    from slimkit.measure import time_interleaved
+    from slimkit.measure.latency import _take, compare_latency, ort_runner, ort_session
+
+    m, bundle = _load(model, data, seed, trust_pickle)
+    sample = bundle.x_test[: max(batch)] if bundle else m.example_inputs(max(batch))[0]
+    if isinstance(m, OnnxModel):
+        sess = ort_session(m.path, threads)
+        result = {"threads": threads, "onnxruntime": {
+            str(b): time_interleaved({"model": ort_runner(sess, [_take(sample, b)])},
+                                     3, repeats) for b in batch}}
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            onnx_path = export_onnx(m, Path(tmp) / "model.onnx")
+            result = compare_latency({"model": (m.module, onnx_path)}, (sample,), batch,
+                                     threads=threads, repeats=repeats)
+    if _emit(result, as_json):
+        return
+    for rt in ("torch", "onnxruntime"):
+        for b, r in result.get(rt, {}).items():
+            s = r["model"]
+            out_console.print(f"{rt:12s} batch {b:>4}: median {s['median_ms']:.3f} ms, "
+                              f"p90 {s['p90_ms']:.3f} ms ({threads} threads)")
+
+
+@app.command(name="eval")
+def evaluate(model: ModelArg, data: Annotated[str, typer.Option("--data", help="Dataset.")],
+             as_json: JsonOpt = False, trust_pickle: TrustOpt = False,
+             seed: SeedOpt = 0) -> None:
+    """Top-1 / top-5 accuracy on the test split of a dataset."""
+    from slimkit.io.onnx_model import OnnxModel
+    from slimkit.measure import accuracy, predict
+
+    m, bundle = _load(model, data, seed, trust_pickle)
+    fn = m if isinstance(m, OnnxModel) else m.module
+    result = {"model": model, "data": bundle.name, "n_test": len(bundle.x_test),
+              **accuracy(predict(fn, bundle.x_test), bundle.y_test)}
+    if not _emit(result, as_json):
+        out_console.print(f"top-1 {result['top1']:.2%}, top-5 {result['top5']:.2%} "
+                          f"on {result['n_test']} test samples of {bundle.name}")
+
+
+@app.command()
+def train(model: Annotated[str, typer.Argument(help="zoo:NAME to train from scratch.")],
+          data: Annotated[str, typer.Option("--data", help="Dataset.")],
+          out: Annotated[Path, typer.Option("--out", help="Artifact directory to write.")],
+          epochs: Annotated[int, typer.Option(min=0)] = 3,
+          lr: Annotated[float, typer.Option(min=0)] = 1e-3,
+          batch_size: Annotated[int, typer.Option(min=1)] = 64,
+          overwrite: OverwriteOpt = False, seed: SeedOpt = 0, as_json: JsonOpt = False) -> None:
+    """Train a zoo model on a dataset and write a slimkit artifact."""
+    from slimkit.api import train_zoo
+    from slimkit.data import load_data
+    from slimkit.train.loop import TrainConfig
+
+    if not model.startswith("zoo:"):
+        raise ConfigError(f"train: '{model}' is not a zoo model; use zoo:NAME "
+                          "(fine-tuning a loaded model happens inside compress stages)")
+    if out.exists() and not overwrite:
+        raise SlimkitError(f"output '{out}' already exists; pass --overwrite to replace it")
+    bundle = load_data(data, seed=seed)
+    cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    _, hist = train_zoo(model.removeprefix("zoo:"), bundle, cfg, out, overwrite=overwrite,
+                        progress=not as_json)
+    result = {"out": str(out), "epochs": hist["epochs"]}
+    if not _emit(result, as_json):
+        last = hist["epochs"][-1] if hist["epochs"] else None
+        acc = f", test top-1 {last['test_top1']:.2%}" if last else ""
+        out_console.print(f"wrote {out}{acc}")
+
+
+@app.command()
+def compress(model: ModelArg,
+             recipe: Annotated[str, typer.Option("--recipe", help="Recipe YAML/JSON file.")],
+             out: Annotated[Path, typer.Option("--out", help="Output directory.")],
+             data: DataOpt = None, overwrite: OverwriteOpt = False,
+             resume: Annotated[bool, typer.Option(
+                 "--resume", help="Continue an interrupted run in --out.")] = False,
+             as_json: JsonOpt = False, trust_pickle: TrustOpt = False,
+             seed: SeedOpt = 0) -> None:
+    """Apply a recipe, export ONNX, measure baseline and final in one run, write the report."""
+    from slimkit.api import compress as run
+    from slimkit.pipeline.recipe import load_recipe
+
+    rec = load_recipe(recipe)  # validated before any model or data is touched
+    m, bundle = _load(model, data, seed, trust_pickle, allow_onnx=False)
+    log = (lambda s: err_console.print(s)) if as_json else out_console.print
+    report = run(m, bundle, rec, out, overwrite=overwrite, resume=resume,
+                 progress=not as_json, log=log)
+    _print_report(report, out, as_json)
+
+
+def _print_report(report: dict, out: Path, as_json: bool) -> None:
+    if _emit({"verdict": report["verdict"], "comparison": report["comparison"],
+              "parity": report["parity"], "outputs": report["outputs"],
+              "report": str(out / "report.json")}, as_json):
+        return
+    from slimkit.cli_views import before_after, verdict_lines
+
+    out_console.print(before_after(report))
+    for line in verdict_lines(report):
+        out_console.print(line)
+    out_console.print(f"report: {out / 'report.html'}  artifact: {report['outputs']['artifact']}"
+                      f"  onnx: {report['outputs']['onnx']}")
+
+
+@app.command()
+def export(model: ModelArg,
+           out: Annotated[Path, typer.Option("--out", help="ONNX file to write.")],
+           overwrite: OverwriteOpt = False, trust_pickle: TrustOpt = False,
+           as_json: JsonOpt = False) -> None:
+    """Export to ONNX and check ONNX Runtime against PyTorch."""
+    from slimkit.export.onnx import check_parity, export_onnx
+
+    if out.exists() and not overwrite:
+        raise SlimkitError(f"output '{out}' already exists; pass --overwrite to replace it")
+    m, _ = _load(model, None, 0, trust_pickle, allow_onnx=False)
+    export_onnx(m, out)
+    parity = check_parity(m, out, m.example_inputs(4))
+    result = {"onnx": str(out), "bytes": out.stat().st_size, "parity": parity}
+    if not _emit(result, as_json):
+        out_console.print(f"wrote {out} ({out.stat().st_size:,} bytes); ONNX Runtime vs "
+                          f"PyTorch max |diff| {parity['max_abs_diff']:.2e}")
+    if not parity["ok"]:
+        raise SlimkitError(f"'{out}' differs from PyTorch by {parity['max_abs_diff']:.2e} "
+                           f"(> {parity['atol']:g})")
+
+
+@app.command()
+def schema(out: Annotated[Path | None, typer.Option("--out", help="Write to a file.")] = None,
+           ) -> None:
+    """Print (or write) the recipe's JSON Schema."""
+    from slimkit.core.files import write_json
+    from slimkit.pipeline.recipe import recipe_schema
+
+    if out is not None:
+        write_json(out, recipe_schema())
+    else:
+        sys.stdout.write(json.dumps(recipe_schema(), indent=2) + "\n")
+
+
+@app.command()
+def demo(out: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("demo-out"),
+         overwrite: OverwriteOpt = False,
+         epochs: Annotated[int, typer.Option(min=1, help="Baseline training epochs.")] = 3,
+         as_json: JsonOpt = False) -> None:
+    """Train LeNet-5 on real MNIST (built in), compress it with the demo recipe, report."""
+    from slimkit.api import compress as run
+    from slimkit.api import train_zoo
+    from slimkit.core.files import atomic_dir
+    from slimkit.data import load_data
+    from slimkit.pipeline.recipe import load_recipe
+    from slimkit.train.loop import TrainConfig
+
+    start = time.perf_counter()
+    recipe_text = resources.files("slimkit").joinpath("recipes/demo.yaml").read_text()
+    rec = load_recipe(recipe_text)
+    with atomic_dir(out, overwrite=overwrite):  # fail early if --out exists
+        pass
+    bundle = load_data("builtin:mnist", seed=0)
+    log = (lambda s: err_console.print(s)) if as_json else out_console.print
+    log(f"training zoo:lenet5 on {bundle.name} ({len(bundle.x_train)} train, "
+        f"{len(bundle.x_test)} test) for {epochs} epochs ...")
+    model, _ = train_zoo("lenet5", bundle, TrainConfig(epochs=epochs, lr=2e-3),
+                         progress=not as_json)
+    report = run(model, bundle, rec, out, overwrite=True, progress=not as_json, log=log)
+    _print_report(report, out, as_json)
+    log(f"demo finished in {time.perf_counter() - start:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: one clear line and exit code 2 for any SlimkitError."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        app(args=args, prog_name="slimkit", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return 2
+    except SlimkitError as exc:
+        if debug:
+            raise
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err_console.print("interrupted; rerun compress with --resume to continue")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Rich tables for the CLI (presentation only; every number comes from measure/ or a report)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "—"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _pct(acc: dict | None, key: str = "top1") -> str:
+    return f"{100 * acc[key]:.2f}%" if acc else "—"
+
+
+def _ms(m: dict, rt: str, b: str) -> str:
+    try:
+        return f"{m['latency'][rt][b]['median_ms']:.3f} ms"
+    except (KeyError, TypeError):
+        return "—"
+
+
+def before_after(report: dict[str, Any]) -> Table:
+    """The before/after table printed at the end of ``compress`` and ``demo``."""
+    base, final, cmp = report["baseline"], report["final"], report["comparison"]
+    table = Table(title=f"{report['model']['name']}: baseline vs final (measured in one run)")
+    for col in ("", "baseline", "final", "ratio"):
+        table.add_column(col, justify="right" if col else "left")
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return f"{a / b:.2f}x" if a and b else "—"
+
+    table.add_row("params", f"{base['params']:,}", f"{final['params']:,}",
+                  ratio(base["params"], final["params"]))
+    table.add_row("non-zero params", f"{base['nonzero_params']:,}",
+                  f"{final['nonzero_params']:,}",
+                  ratio(base["nonzero_params"], final["nonzero_params"]))
+    table.add_row("artifact on disk", human_bytes(base["size_bytes"]),
+                  human_bytes(final["size_bytes"]), f"{cmp['size_ratio']:.2f}x")
+    table.add_row("ONNX file", human_bytes(base["onnx_size_bytes"]),
+                  human_bytes(final["onnx_size_bytes"]), f"{cmp['onnx_size_ratio']:.2f}x")
+    table.add_row("MACs / sample", f"{base['macs']:,}", f"{final['macs']:,}",
+                  ratio(base["macs"], final["macs"]))
+    table.add_row("top-1 accuracy", _pct(base["accuracy"]), _pct(final["accuracy"]), "")
+    for rt in ("torch", "onnxruntime"):
+        for b, r in cmp[rt].items():
+            table.add_row(f"latency {rt} b={b}", _ms(base, rt, b), _ms(final, rt, b),
+                          f"{r['speedup']:.2f}x")
+    return table
+
+
+def verdict_lines(report: dict[str, Any]) -> list[str]:
+    v = report["verdict"]
+    head = ("[bold green]target MET[/]" if v["met"] else "[bold red]target MISSED[/]")
+    lines = [head if v["criteria"] else "[yellow]no target set[/]"]
+    for c in v["criteria"]:
+        mark = "[green]met[/]" if c["met"] else "[red]missed[/]"
+        got = "—" if c["achieved"] is None else f"{c['achieved']:.3f}"
+        by = "" if c["margin"] is None else f" (by {abs(c['margin']):.3f} {c['unit']})"
+        lines.append(f"  {c['name']}: asked {c['asked']} {c['unit']}, got {got}: {mark}{by}")
+    p = report["parity"]
+    lines.append(f"ONNX Runtime vs PyTorch max |diff| = {p['max_abs_diff']:.2e} "
+                 f"({'ok' if p['ok'] else 'ABOVE'} atol {p['atol']:g})")
+    return lines
+
+
+def layer_rows(layers: list[dict]) -> Table:
+    table = Table(title="layers")
+    for col in ("layer", "type", "params", "non-zero", "MACs"):
+        table.add_column(col, justify="left" if col in ("layer", "type") else "right")
+    for r in layers:
+        table.add_row(r["name"], r["type"], f"{r['params']:,}", f"{r['nonzero_params']:,}",
+                      f"{r['macs']:,}")
+    return table
