@@ -10,13 +10,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 
 from slimkit.core.errors import ConfigError, SlimkitError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make trained PyTorch models smaller and faster, and prove it.")
 out_console = Console()
 err_console = Console(stderr=True)
@@ -271,13 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:
-        app(args=args, prog_name="slimkit", standalone_mode=False)
+        app(args=args, prog_name="slimkit")  # typer's standalone mode ends in SystemExit
         return 0
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return 2
+    except SystemExit as exc:  # usage errors exit 2, --help 0
+        return exc.code if isinstance(exc.code, int) else 0
     except SlimkitError as exc:
         if debug:
             raise
