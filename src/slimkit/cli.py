@@ -198,7 +198,7 @@ def _print_report(report: dict, out: Path, as_json: bool) -> None:
     for line in verdict_lines(report):
         out_console.print(line)
     out_console.print(f"report: {out / 'report.html'}  artifact: {report['outputs']['artifact']}"
-                      f"  onnx: {report['outputs']['onnx']}")
+                      f"  onnx: {report['outputs']['onnx']}", soft_wrap=True)
 
 
 @app.command()

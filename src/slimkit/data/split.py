@@ -1,0 +1,172 @@
+"""Deterministic, stratified splits, calibration subsets and mini-batches.
+
+Everything here draws randomness from a private ``numpy.random.Generator`` seeded by the
+caller, never from global state, so the same seed gives the same split on every run and
+platform, and loading data never disturbs a user's own random streams.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from slimkit.core.errors import DataError
+
+if TYPE_CHECKING:
+    from slimkit.data.bundle import DataBundle
+
+
+def _rng(seed: int) -> np.random.Generator:
+    # numpy refuses negative seeds; fold every Python int onto a valid one.
+    return np.random.default_rng(seed % 2**63)
+
+
+def allocate(counts: np.ndarray, total: int) -> np.ndarray:
+    """Share ``total`` draws among classes in proportion to ``counts`` (largest remainder).
+
+    Integer arithmetic keeps it exact: the shares sum to ``total`` and no class is
+    asked for more samples than it holds (requires ``total <= counts.sum()``).
+
+    Example:
+        >>> allocate(np.array([500, 300, 200]), 10).tolist()
+        [5, 3, 2]
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    n = int(counts.sum())
+    scaled = counts * total
+    share = scaled // n
+    remainder = scaled % n
+    # Ties broken by class order (stable sort) so the result is a pure function of counts.
+    order = np.argsort(-remainder, kind="stable")
+    share[order[: total - int(share.sum())]] += 1
+    return share
+
+
+def _stratified_pick(y: np.ndarray, total: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``total`` samples drawn per class in proportion to class frequency."""
+    classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
+    share = allocate(counts, total)
+    picked = [rng.permutation(np.flatnonzero(inverse == c))[: share[c]]
+              for c in range(len(classes))]
+    return np.sort(np.concatenate(picked))
+
+
+def split_indices(y: torch.Tensor, test_fraction: float, seed: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified train/test index arrays (both sorted, so original order is kept).
+
+    The test set holds ``round(N * test_fraction)`` samples (at least one, and at least
+    one sample is left for training), drawn from each class in proportion to its size.
+
+    Raises:
+        DataError: ``test_fraction`` outside (0, 1) or fewer than two samples.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise DataError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction}.")
+    n = len(y)
+    if n < 2:
+        raise DataError(f"cannot split {n} sample(s) into train and test; need at least 2.")
+    n_test = min(max(math.floor(n * test_fraction + 0.5), 1), n - 1)
+    test = _stratified_pick(y.cpu().numpy(), n_test, _rng(seed))
+    mask = np.ones(n, dtype=bool)
+    mask[test] = False
+    return np.flatnonzero(mask), test
+
+
+def split(x: torch.Tensor, y: torch.Tensor, test_fraction: float = 0.2, seed: int = 0
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split ``(x, y)`` into a stratified, seed-determined train and test set.
+
+    Args:
+        x: inputs ``(N, ...)``.
+        y: 1-D int labels ``(N,)``, used to keep class proportions in both halves.
+        test_fraction: share of samples for the test set, in (0, 1).
+        seed: same seed, same split.
+
+    Returns:
+        ``(x_train, y_train, x_test, y_test)``.
+
+    Raises:
+        DataError: lengths differ, bad ``test_fraction``, or fewer than two samples.
+
+    Example:
+        >>> x, y = torch.randn(10, 3), torch.arange(10) % 2
+        >>> [len(t) for t in split(x, y, 0.2, seed=0)]
+        [8, 8, 2, 2]
+    """
+    if len(x) != len(y):
+        raise DataError(f"x has {len(x)} samples but y has {len(y)} labels; they must match.")
+    train, test = split_indices(y, test_fraction, seed)
+    tr, te = torch.from_numpy(train), torch.from_numpy(test)
+    return x[tr], y[tr], x[te], y[te]
+
+
+def calibration_subset(bundle: DataBundle, n: int, seed: int = 0) -> torch.Tensor:
+    """A seed-determined, class-stratified sample of ``n`` training inputs.
+
+    Calibration (quantization observers, activation statistics) should see every class
+    in its natural proportion; stratifying keeps small subsets from missing classes.
+
+    Args:
+        bundle: the dataset; samples come from ``bundle.x_train``.
+        n: how many samples; clipped to the training set size.
+        seed: same seed, same subset.
+
+    Returns:
+        A new tensor of shape ``(min(n, N_train), ...)``, in shuffled order.
+
+    Raises:
+        DataError: ``n`` is not positive.
+
+    Example:
+        >>> calib = calibration_subset(bundle, 256, seed=0)  # doctest: +SKIP
+    """
+    if n < 1:
+        raise DataError(f"calibration subset size must be at least 1, got {n}.")
+    n = min(n, len(bundle.x_train))
+    rng = _rng(seed)
+    picked = _stratified_pick(bundle.y_train.cpu().numpy(), n, rng)
+    # Shuffle so that any prefix (a first calibration batch) also mixes classes.
+    order = torch.from_numpy(rng.permutation(picked))
+    return bundle.x_train[order].clone()
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,
+            generator: torch.Generator | None = None
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(xb, yb)`` mini-batches; the last one may be smaller.
+
+    Args:
+        x, y: inputs and labels of equal length.
+        batch_size: samples per batch (>= 1).
+        shuffle: visit samples in a random order drawn from ``generator``.
+        generator: torch generator for the order; pass a seeded one for reproducibility.
+
+    Raises:
+        DataError: bad ``batch_size`` or lengths differ.
+
+    Example:
+        >>> [len(xb) for xb, _ in batches(torch.zeros(5, 2), torch.zeros(5), 2)]
+        [2, 2, 1]
+    """
+    if batch_size < 1:
+        raise DataError(f"batch_size must be at least 1, got {batch_size}.")
+    if len(x) != len(y):
+        raise DataError(f"x has {len(x)} samples but y has {len(y)} labels; they must match.")
+    order = torch.randperm(len(x), generator=generator) if shuffle else None
+    return _iterate(x, y, batch_size, order)
+
+
+def _iterate(x: torch.Tensor, y: torch.Tensor, batch_size: int, order: torch.Tensor | None
+             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    # A separate generator so that argument errors in ``batches`` raise at call time.
+    for start in range(0, len(x), batch_size):
+        if order is None:
+            yield x[start:start + batch_size], y[start:start + batch_size]
+        else:
+            idx = order[start:start + batch_size]
+            yield x[idx], y[idx]
