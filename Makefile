@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[data,dev]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[data,dev,hf]'
 	touch $(STAMP)
 
 demo: $(STAMP)
