@@ -112,7 +112,7 @@ def test_interrupted_run_resumes_and_matches_uninterrupted(mlp, digits, tmp_path
                        log=logs.append)
     assert any("finished in an earlier run" in line for line in logs)
     assert not any(line.startswith("stage 1/2") for line in logs)
-    straight = compress(mlp, digits, recipe, tmp_path / "s", progress=False, log=lambda s: None)
+    compress(mlp, digits, recipe, tmp_path / "s", progress=False, log=lambda s: None)
     assert [s["kind"] for s in resumed["stages"]] == ["magnitude_prune", "test_boom"]
     a = load_artifact(tmp_path / "r" / "model", template=mlp.module).module.state_dict()
     b = load_artifact(tmp_path / "s" / "model", template=mlp.module).module.state_dict()

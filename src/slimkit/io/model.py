@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,10 +13,8 @@ from torch import nn
 
 def set_mode(module: nn.Module, train: bool) -> nn.Module:
     """``module.train(train)``, tolerating exported graphs (whose mode is fixed at export)."""
-    try:
+    with contextlib.suppress(NotImplementedError):
         module.train(train)
-    except NotImplementedError:
-        pass
     return module
 
 

@@ -79,10 +79,10 @@ def parse_recipe(data: Any, source: str = "recipe") -> Any:
 
 
 def load_recipe(source: str | Path | dict) -> Any:
-    """Load a recipe from a YAML/JSON file path, YAML/JSON text (multi-line or ``{...}``), or a dict."""
+    """Load a recipe from a YAML/JSON file, YAML/JSON text (multi-line or ``{...}``), or a dict."""
     if isinstance(source, dict):
         return parse_recipe(source)
-    if isinstance(source, str) and ("\n" in source or source.lstrip().startswith("{")):
+    if isinstance(source, str) and ("\n" in source or source.lstrip()[:1] in ("{", "[")):
         text, name = source, "recipe"
     else:
         path = Path(source)

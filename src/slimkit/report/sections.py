@@ -1,0 +1,269 @@
+"""HTML of the report's prose sections: header, verdict banner, highlights, parity, environment.
+
+Each function takes the whole report dict and returns an HTML fragment. Every
+piece of text that comes from the report goes through :func:`esc`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from slimkit.report.fmt import (
+    DASH,
+    RUNTIME_NAMES,
+    as_list,
+    as_mapping,
+    by_batch,
+    dig,
+    esc,
+    finite,
+    fmt_int,
+    fmt_json,
+    fmt_pct,
+    fmt_ratio,
+    fmt_sci,
+    fmt_unit,
+    fmt_value,
+    num,
+)
+
+#: Human names of the target criteria the pipeline knows; others show their raw name.
+CRITERION_LABELS = {
+    "max_accuracy_drop": "Accuracy drop (top-1)",
+    "min_size_ratio": "Size reduction",
+    "min_speedup": "Speedup",
+    "min_onnx_size_ratio": "ONNX size reduction",
+    "max_latency_ms": "Latency",
+    "max_size_bytes": "Size on disk",
+}
+_CRITERION_UNITS = {"max_accuracy_drop": "points", "min_size_ratio": "x", "min_speedup": "x"}
+_ENV_ORDER = ("cpu", "threads", "platform", "python", "torch", "onnxruntime", "onnx", "numpy")
+_ENV_LABELS = {
+    "cpu": "CPU",
+    "threads": "Threads",
+    "python": "Python",
+    "torch": "PyTorch",
+    "onnxruntime": "ONNX Runtime",
+    "onnx": "ONNX",
+    "numpy": "NumPy",
+    "platform": "Platform",
+}
+
+
+def header(report: Mapping[str, Any]) -> str:
+    """Title with the model name, and one line on the data, input and run."""
+    name = dig(report, "model", "name")
+    facts = []
+    data = as_mapping(report.get("data"))
+    if data.get("name") is not None:
+        sizes = [f"{fmt_int(data[k])} {k[2:]}" for k in ("n_train", "n_test") if k in data]
+        facts.append(f"data {data['name']}" + (f" ({' / '.join(sizes)})" if sizes else ""))
+    shape = dig(report, "model", "input_shape")
+    if shape is not None:
+        facts.append(f"input {fmt_value(shape)}")
+    if report.get("created") is not None:
+        facts.append(f"created {report['created']}")
+    if report.get("slimkit_version") is not None:
+        facts.append(f"slimkit {report['slimkit_version']}")
+    meta = " · ".join(esc(f) for f in facts)
+    return (
+        f"<header><h1>Compression report: {esc(name if name is not None else 'unnamed model')}"
+        f'</h1><p class="meta">{meta}</p></header>'
+    )
+
+
+def _criteria(report: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The verdict's criteria; without a verdict, the target's, with nothing achieved."""
+    criteria = [c for c in as_list(dig(report, "verdict", "criteria")) if isinstance(c, Mapping)]
+    if criteria:
+        return criteria
+    return [
+        {"name": str(name), "asked": asked, "unit": _CRITERION_UNITS.get(str(name))}
+        for name, asked in as_mapping(report.get("target")).items()
+    ]
+
+
+def _overall(report: Mapping[str, Any], criteria: list[Mapping[str, Any]]) -> bool | None:
+    met = dig(report, "verdict", "met")
+    if isinstance(met, bool):
+        return met
+    flags = [c.get("met") for c in criteria]
+    if flags and all(isinstance(f, bool) for f in flags):
+        return all(flags)
+    return None
+
+
+def _criterion_label(report: Mapping[str, Any], criterion: Mapping[str, Any]) -> str:
+    name = str(criterion.get("name", DASH))
+    label = CRITERION_LABELS.get(name, name)
+    runtime = criterion.get("runtime") or dig(report, "target", name, "runtime")
+    batch = criterion.get("batch") or dig(report, "target", name, "batch")
+    if runtime is not None or batch is not None:
+        where = [RUNTIME_NAMES.get(str(runtime), str(runtime))] if runtime is not None else []
+        where += [f"batch {batch}"] if batch is not None else []
+        label += f" ({', '.join(where)})"
+    return label
+
+
+def _margin_text(criterion: Mapping[str, Any]) -> str:
+    margin = num(criterion.get("margin"))
+    if margin is None:
+        return DASH
+    unit = criterion.get("unit")
+    met = criterion.get("met")
+    if met is True:
+        return f"beats it by {fmt_unit(abs(margin), unit)}"
+    if met is False:
+        return f"short by {fmt_unit(abs(margin), unit)}"
+    return fmt_unit(margin, unit)
+
+
+def _criterion_row(report: Mapping[str, Any], criterion: Mapping[str, Any]) -> str:
+    name = str(criterion.get("name", ""))
+    unit = criterion.get("unit") or _CRITERION_UNITS.get(name)
+    bound = (
+        "at most " if name.startswith("max_") else "at least " if name.startswith("min_") else ""
+    )
+    asked = criterion.get("asked")
+    asked_text = bound + fmt_unit(asked, unit) if asked is not None else DASH
+    met = criterion.get("met")
+    pill = {
+        True: '<span class="pill ok">met</span>',
+        False: '<span class="pill bad">missed</span>',
+    }.get(met, '<span class="na">—</span>')
+    tone = {True: "good", False: "worse"}.get(met, "na")
+    return (
+        f'<tr><td>{esc(_criterion_label(report, criterion))}</td><td class="num">'
+        f'{esc(asked_text)}</td><td class="num">{esc(fmt_unit(criterion.get("achieved"), unit))}'
+        f'</td><td class="num {tone}">{esc(_margin_text({**criterion, "unit": unit}))}</td>'
+        f"<td>{pill}</td></tr>"
+    )
+
+
+def verdict(report: Mapping[str, Any]) -> str:
+    """The green or red banner: target met or missed, and each criterion asked vs achieved."""
+    criteria = _criteria(report)
+    met = _overall(report, criteria)
+    status, tone = {True: ("Target MET", "ok"), False: ("Target MISSED", "bad")}.get(
+        met, ("No verdict", "na")
+    )
+    flags = [c.get("met") for c in criteria]
+    passed = sum(f is True for f in flags)
+    if criteria and all(isinstance(f, bool) for f in flags):
+        summary = f"{passed} of {len(criteria)} criteria met"
+    elif criteria:
+        summary = "the criteria below were asked, but no verdict was recorded"
+    else:
+        summary = "no target was set for this run"
+    rows = "".join(_criterion_row(report, c) for c in criteria)
+    table = (
+        '<table class="criteria"><thead><tr><th>Criterion</th><th class="num">Asked</th>'
+        '<th class="num">Achieved</th><th class="num">By how much</th><th>Result</th>'
+        f"</tr></thead><tbody>{rows}</tbody></table>"
+        if criteria
+        else ""
+    )
+    return (
+        f'<section class="banner {tone}" id="verdict"><div class="status">{esc(status)}</div>'
+        f'<div class="summary">{esc(summary)}</div>{table}</section>'
+    )
+
+
+def _speedup_key(report: Mapping[str, Any]) -> tuple[str, Any]:
+    runtime = dig(report, "target", "min_speedup", "runtime")
+    batch = dig(report, "target", "min_speedup", "batch")
+    if runtime is not None and batch is not None:
+        return str(runtime), batch
+    for candidate in ("onnxruntime", "torch"):
+        if by_batch(dig(report, "comparison", candidate), 1) is not None:
+            return candidate, 1
+    return "onnxruntime", 1
+
+
+def highlights(report: Mapping[str, Any]) -> str:
+    """One line of headline numbers: size ratio, speedup, and the accuracy change."""
+    chips = []
+    size_ratio = finite(dig(report, "comparison", "size_ratio"))
+    base_size = finite(dig(report, "baseline", "size_bytes"))
+    final_size = finite(dig(report, "final", "size_bytes"))
+    if size_ratio is None and base_size and final_size:
+        size_ratio = base_size / final_size
+    if size_ratio is not None:
+        chips.append(f"{fmt_ratio(size_ratio)} smaller on disk")
+    runtime, batch = _speedup_key(report)
+    entry = by_batch(dig(report, "comparison", runtime), batch)
+    speedup = finite(dig(entry, "speedup"))
+    if speedup is None:
+        before, after = finite(dig(entry, "baseline_ms")), finite(dig(entry, "final_ms"))
+        speedup = before / after if before and after else None
+    if speedup is not None:
+        where = f"{RUNTIME_NAMES.get(runtime, runtime)}, batch {batch}"
+        chips.append(f"{fmt_ratio(speedup)} {'faster' if speedup >= 1 else 'slower'} ({where})")
+    before = finite(dig(report, "baseline", "accuracy", "top1"))
+    after = finite(dig(report, "final", "accuracy", "top1"))
+    if before is not None and after is not None:
+        delta = (after - before) * 100
+        chips.append(f"top-1 {fmt_pct(before)} → {fmt_pct(after)} ({delta:+.2f} pts)")
+    if not chips:
+        return ""
+    return (
+        '<p class="highlights">'
+        + "".join(f'<span class="chip">{esc(chip)}</span>' for chip in chips)
+        + "</p>"
+    )
+
+
+def parity(report: Mapping[str, Any]) -> str:
+    """The ONNX Runtime vs PyTorch parity line and the final-vs-baseline fidelity line."""
+    check = as_mapping(report.get("parity"))
+    if check:
+        ok = check.get("ok")
+        pill = {
+            True: '<span class="pill ok">OK</span>',
+            False: '<span class="pill bad">MISMATCH</span>',
+        }.get(ok, "")
+        tolerance = f", tolerance {fmt_sci(check['atol'])}" if num(check.get("atol")) else ""
+        line = (
+            f"ONNX Runtime vs PyTorch (final model): max abs diff "
+            f"{esc(fmt_sci(check.get('max_abs_diff')))}{esc(tolerance)} {pill}"
+        )
+    else:
+        line = "ONNX Runtime vs PyTorch: parity was not checked."
+    out = f'<p id="parity"><strong>Parity.</strong> {line}</p>'
+    fidelity = as_mapping(report.get("fidelity"))
+    if fidelity:
+        cosine = finite(fidelity.get("cosine"))
+        parts = [
+            f"cosine {cosine:.4f}" if cosine is not None else f"cosine {DASH}",
+            f"top-1 agreement {fmt_pct(fidelity.get('top1_agreement'))}",
+            f"max abs diff {fmt_sci(fidelity.get('max_abs_diff'))}",
+        ]
+        out += (
+            '<p id="fidelity"><strong>Fidelity.</strong> Final vs baseline outputs on the test '
+            f"set: {esc(' · '.join(parts))}</p>"
+        )
+    return out
+
+
+def environment(report: Mapping[str, Any]) -> str:
+    """The machine and library versions, then the recipe and target as collapsible JSON."""
+    env = as_mapping(report.get("environment"))
+    keys = [k for k in _ENV_ORDER if k in env] + sorted(
+        (k for k in env if k not in _ENV_ORDER), key=str
+    )
+    rows = "".join(
+        f"<tr><th>{esc(_ENV_LABELS.get(str(k), k))}</th><td>{esc(fmt_value(env[k]))}</td></tr>"
+        for k in keys
+    )
+    table = (
+        f'<table class="kv"><tbody>{rows}</tbody></table>'
+        if rows
+        else '<p class="na">No environment was recorded.</p>'
+    )
+    extras = "".join(
+        f"<details><summary>{esc(title)}</summary><pre>{esc(fmt_json(report[key]))}</pre></details>"
+        for key, title in (("recipe", "Recipe"), ("target", "Target as asked"))
+        if report.get(key) is not None
+    )
+    return f'<section id="environment"><h2>Environment</h2>{table}{extras}</section>'
