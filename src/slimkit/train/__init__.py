@@ -1,5 +1,7 @@
-"""The shared training loop."""
+"""The shared training loop, its config, objectives and checkpoints."""
 
-from slimkit.train.loop import TrainConfig, evaluate, fit
+from slimkit.train.config import EarlyStopping, TrainConfig
+from slimkit.train.loop import evaluate, fit
+from slimkit.train.objective import CrossEntropy, Objective
 
-__all__ = ["TrainConfig", "evaluate", "fit"]
+__all__ = ["CrossEntropy", "EarlyStopping", "Objective", "TrainConfig", "evaluate", "fit"]

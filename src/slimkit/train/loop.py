@@ -1,44 +1,32 @@
-"""The one training loop every fine-tuning stage uses."""
+"""The one training loop every fine-tuning stage uses.
+
+Features: optimizer and LR schedule from config, epochs or a step budget, gradient clipping,
+mixed precision where the device supports it, a rich progress bar, evaluation each epoch,
+resumable checkpoints (bit-exact on CPU), early stopping on a held-out split, NaN/Inf guard,
+and data parallelism over torch.distributed when launched by torchrun.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import time
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from slimkit.core.config import SlimConfig
 from slimkit.core.errors import ModelError
 from slimkit.core.seed import seed_everything
 from slimkit.data.bundle import DataBundle
 from slimkit.io.model import set_mode
-
-
-class TrainConfig(SlimConfig):
-    """How to train or fine-tune."""
-
-    epochs: int = Field(1, ge=0, description="Passes over the training set.")
-    batch_size: int = Field(64, ge=1, description="Samples per optimizer step.")
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
-    optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="Optimizer.")
-    weight_decay: float = Field(0.0, ge=0, description="L2 / decoupled weight decay.")
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
-    scheduler: Literal["none", "cosine"] = Field("cosine", description="LR schedule per step.")
-    grad_clip: float | None = Field(None, gt=0, description="Max global gradient norm.")
-    seed: int = Field(0, description="Seed for shuffling and initialization.")
-
-
-def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay)
-    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+from slimkit.train.checkpoint import CHECKPOINT, load_checkpoint, run_fingerprint, save_checkpoint
+from slimkit.train.config import TrainConfig
+from slimkit.train.distributed import average_gradients, shard, world
+from slimkit.train.objective import CrossEntropy, Objective
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
@@ -48,61 +36,221 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return accuracy(predict(model, x, batch_size), y)["top1"]
 
 
+def _optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _schedule(cfg: TrainConfig, total: int) -> Callable[[int], float]:
+    """LR multiplier per step: linear warm-up, then cosine / step decay / constant."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        t = step - cfg.warmup_steps
+        if cfg.scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, t / max(1, total - cfg.warmup_steps))))
+        if cfg.scheduler == "step":
+            return cfg.step_gamma ** (t // cfg.step_every)
+        return 1.0
+
+    return factor
+
+
+def _device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ModelError("train: device 'cuda' asked for but CUDA is not available")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _autocast(cfg: TrainConfig, device: torch.device) -> tuple[Any, torch.amp.GradScaler | None]:
+    """(autocast context factory, grad scaler): fp16 + scaler on CUDA, bf16 where asked."""
+    mode = cfg.amp
+    if mode == "auto":
+        mode = "fp16" if device.type == "cuda" else "off"
+    if mode == "off":
+        return contextlib.nullcontext, None
+    dtype = torch.float16 if mode == "fp16" else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda") if mode == "fp16" else None
+    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
+
+
+def _split_validation(data: DataBundle, cfg: TrainConfig) -> tuple[DataBundle, tuple | None]:
+    """Hold out a deterministic validation split when early stopping is on (never the test)."""
+    if cfg.early_stopping is None:
+        return data, None
+    from slimkit.data.split import split
+
+    xt, yt, xv, yv = split(data.x_train, data.y_train, cfg.early_stopping.val_fraction,
+                           seed=cfg.seed)
+    train = copy.copy(data)
+    train.x_train, train.y_train = xt, yt
+    return train, (xv, yv)
+
+
+def _batches(n: int, cfg: TrainConfig, gen: torch.Generator, start: int,
+             ) -> Iterator[tuple[int, torch.Tensor]]:
+    """(step index within the epoch, global batch indices), from ``start`` on."""
+    perm = torch.randperm(n, generator=gen)
+    for i, lo in enumerate(range(0, n, cfg.batch_size)):
+        if i >= start:
+            yield i, perm[lo:lo + cfg.batch_size]
+
+
 def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig,
+        objective: Objective | None = None,
         after_step: Callable[[nn.Module], None] | None = None,
-        progress: bool = True, label: str = "train") -> dict:
-    """Train ``model`` in place on ``data.x_train`` with cross-entropy.
+        checkpoint_dir: str | Path | None = None,
+        progress: bool = True, label: str = "train") -> dict[str, Any]:
+    """Train ``model`` in place on ``data.x_train``.
 
     Args:
+        objective: what to minimize (default: cross-entropy); its own parameters
+            (projectors, exit heads) are trained too.
         after_step: called after each optimizer step (for example to re-apply pruning masks).
-        progress: show a rich progress bar with loss and accuracy.
+        checkpoint_dir: where ``cfg.checkpoint_every`` saves; a checkpoint found there is
+            resumed (and refused when it belongs to another run).
+        progress: show a progress bar with loss and accuracy.
 
     Returns:
-        ``{"epochs": [{"epoch", "loss", "test_top1", "seconds"}], "steps"}``.
+        ``{"epochs": [{"epoch", "loss", "train_top1", "test_top1", "val_top1", "seconds"}],
+        "steps", "stopped_early", "resumed_from_step", "world_size"}``.
 
     Raises:
-        ModelError: the loss became NaN/Inf (naming the step).
+        ModelError: the loss became NaN/Inf (saying at which step, after saving a checkpoint
+        of the last good state when a checkpoint directory is given).
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+    rank, size = world()
+    device = _device(cfg)
+    objective = (objective or CrossEntropy()).to(device)
+    model.to(device)
+    fingerprint = run_fingerprint(model, data.name, len(data.x_train), cfg.model_dump())
     gen = seed_everything(cfg.seed)
-    opt = _optimizer(model, cfg)
-    n = len(data.x_train)
+    train_data, val = _split_validation(data, cfg)
+    n = len(train_data.x_train)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total = max(1, steps_per_epoch * cfg.epochs)
-    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-             if cfg.scheduler == "cosine" else None)
-    loss_fn = nn.CrossEntropyLoss()
-    history, step = [], 0
+    total = min(steps_per_epoch * cfg.epochs, cfg.max_steps or 10**12)
+    params = [p for p in [*model.parameters(), *objective.parameters()] if p.requires_grad]
+    opt = _optimizer(params, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total))
+    autocast, scaler = _autocast(cfg, device)
+    net: nn.Module = model
+    if size > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=None if device.type == "cpu"
+                                                  else [device.index or 0])
+    extra = [p for p in objective.parameters() if p.requires_grad]
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
+
+    state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "history": [], "best": None,
+             "best_state": None, "bad_epochs": 0, "epoch_gen_state": gen.get_state(),
+             "running": 0.0, "correct": 0, "seen": 0}
+    resumed = load_checkpoint(ckpt_path, fingerprint) if ckpt_path else None
+    if resumed:
+        model.load_state_dict(resumed["model"])
+        objective.load_state_dict(resumed["objective"])
+        opt.load_state_dict(resumed["optimizer"])
+        sched.load_state_dict(resumed["scheduler"])
+        torch.set_rng_state(resumed["torch_rng"])
+        state.update({k: resumed[k] for k in state if k in resumed})
+    resumed_from = state["step"] if resumed else None
+
+    def snapshot() -> dict[str, Any]:
+        return {"fingerprint": fingerprint, "model": model.state_dict(),
+                "objective": objective.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
+                **state}
+
     columns = [TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("{task.fields[info]}"),
                TimeRemainingColumn()]
-    with Progress(*columns, disable=not progress, transient=True) as bar:
-        task = bar.add_task(label, total=total, info="")
-        for epoch in range(cfg.epochs):
-            start, running = time.perf_counter(), 0.0
+    stopped_early = False
+    with Progress(*columns, disable=not progress or rank != 0, transient=True) as bar:
+        task = bar.add_task(label, total=total, completed=state["step"], info="")
+        while state["epoch"] < cfg.epochs and state["step"] < total and not stopped_early:
+            start = time.perf_counter()
+            gen.set_state(state["epoch_gen_state"])
             set_mode(model, True)
-            perm = torch.randperm(n, generator=gen)
-            for i in range(0, n, cfg.batch_size):
-                idx = perm[i:i + cfg.batch_size]
-                loss = loss_fn(model(data.x_train[idx]), data.y_train[idx])
+            objective.train()
+            for i, idx in _batches(n, cfg, gen, state["step_in_epoch"]):
+                if state["step"] >= total:
+                    break
+                if (ckpt_path and cfg.checkpoint_every and rank == 0 and state["step"] > 0
+                        and state["step"] % cfg.checkpoint_every == 0
+                        and state["step"] != resumed_from):
+                    save_checkpoint(ckpt_path, snapshot())
+                local = shard(idx, rank, size)
+                xb = train_data.x_train[local].to(device)
+                yb = train_data.y_train[local].to(device)
+                with autocast():
+                    loss, logits, _parts = objective(net, xb, yb)
                 if not torch.isfinite(loss):
-                    raise ModelError(f"{label}: loss became {loss.item()} at step {step} "
-                                     f"(epoch {epoch}); lower the learning rate")
+                    where = ""
+                    if ckpt_path and rank == 0:
+                        save_checkpoint(ckpt_path, snapshot())
+                        where = f"; the last good state is saved in '{ckpt_path}'"
+                    raise ModelError(f"{label}: loss became {loss.item()} at step "
+                                     f"{state['step']} (epoch {state['epoch'] + 1}){where}; "
+                                     "lower the learning rate or check the data")
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                scaled = loss * (len(local) * size / len(idx))  # global-batch mean under DDP
+                (scaler.scale(scaled) if scaler else scaled).backward()
+                average_gradients(extra, len(local), len(idx))
+                if scaler:
+                    scaler.unscale_(opt)
                 if cfg.grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
-                if sched:
-                    sched.step()
+                    nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                if scaler:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+                sched.step()
                 if after_step:
                     after_step(model)
-                running += loss.item() * len(idx)
-                step += 1
-                bar.update(task, advance=1, info=f"epoch {epoch + 1} loss {loss.item():.3f}")
-            acc = evaluate(model, data.x_test, data.y_test)
-            history.append({"epoch": epoch + 1, "loss": running / n, "test_top1": acc,
-                            "seconds": time.perf_counter() - start})
-            bar.update(task, info=f"epoch {epoch + 1} loss {running / n:.3f} acc {acc:.2%}")
+                state["running"] += float(loss.detach()) * len(local)
+                state["correct"] += int((logits.detach().argmax(1) == yb).sum())
+                state["seen"] += len(local)
+                state["step"] += 1
+                state["step_in_epoch"] = i + 1
+                bar.update(task, advance=1, info=f"epoch {state['epoch'] + 1} "
+                           f"loss {float(loss.detach()):.3f}")
+            stopped_early = _end_epoch(model, data, val, cfg, state, start)
+            entry = state["history"][-1]
+            state["epoch_gen_state"] = gen.get_state()
+            bar.update(task, info=f"epoch {entry['epoch']} loss {entry['loss']:.3f} "
+                       f"test {entry['test_top1']:.2%}")
+    if cfg.early_stopping and cfg.early_stopping.restore_best and state["best_state"]:
+        model.load_state_dict(state["best_state"])
+    if ckpt_path and rank == 0:
+        save_checkpoint(ckpt_path, snapshot())
     set_mode(model, False)
-    return {"epochs": history, "steps": step}
+    return {"epochs": state["history"], "steps": state["step"], "stopped_early": stopped_early,
+            "resumed_from_step": resumed_from, "world_size": size}
+
+
+def _end_epoch(model: nn.Module, data: DataBundle, val: tuple | None, cfg: TrainConfig,
+               state: dict[str, Any], start: float) -> bool:
+    """Record the epoch, evaluate, and decide early stopping. Returns True to stop."""
+    seen = max(1, state["seen"])
+    entry = {"epoch": state["epoch"] + 1, "loss": state["running"] / seen,
+             "train_top1": state["correct"] / seen,
+             "test_top1": evaluate(model, data.x_test, data.y_test),
+             "val_top1": evaluate(model, *val) if val else None,
+             "seconds": time.perf_counter() - start}
+    state["history"].append(entry)
+    state.update(epoch=state["epoch"] + 1, step_in_epoch=0, running=0.0, correct=0, seen=0)
+    if cfg.early_stopping is None:
+        return False
+    es = cfg.early_stopping
+    if state["best"] is None or entry["val_top1"] > state["best"] + es.min_delta:
+        state["best"], state["bad_epochs"] = entry["val_top1"], 0
+        state["best_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return False
+    state["bad_epochs"] += 1
+    return state["bad_epochs"] >= es.patience

@@ -1,0 +1,51 @@
+"""Resumable training checkpoints: everything needed to continue bit for bit.
+
+A checkpoint holds model, objective, optimizer and scheduler state, the RNG states and the
+position in the data, plus a fingerprint of the run; it is slimkit's own file, written
+atomically and read back with ``torch.load(weights_only=True)`` (tensors and plain data only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimkit.core.errors import ModelLoadError, ResumeError
+from slimkit.core.files import atomic_path
+
+CHECKPOINT = "train-checkpoint.pt"
+
+
+def run_fingerprint(model: torch.nn.Module, data_name: str, n_train: int,
+                    config: dict[str, Any]) -> str:
+    """Hash of the starting weights, the data identity and the config (minus checkpointing)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    cfg = {k: v for k, v in config.items() if k != "checkpoint_every"}
+    h.update(json.dumps([data_name, n_train, cfg], sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` if any; refuses one written by a different run."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:
+        raise ModelLoadError(f"training checkpoint '{path}' is unreadable: {exc}") from None
+    if state.get("fingerprint") != fingerprint:
+        raise ResumeError(f"training checkpoint '{path}' belongs to another run (different "
+                          "model, data or config); refusing to resume. Delete it to start over")
+    return state
