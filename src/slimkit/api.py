@@ -16,6 +16,7 @@ from slimkit.io.loader import load_zoo
 from slimkit.io.model import SlimModel
 from slimkit.pipeline.recipe import load_recipe
 from slimkit.pipeline.runner import compress as _run
+from slimkit.train.distributed import world
 from slimkit.train.loop import TrainConfig, fit
 
 
@@ -78,6 +79,6 @@ def train_zoo(name: str, data: DataBundle, config: TrainConfig, out: str | Path 
     history = fit(model.module, data, config, progress=progress, label=f"train {name}")
     model.history.append({"kind": "train", "config": config.model_dump(mode="json"),
                           "data": data.name, "epochs": history["epochs"]})
-    if out is not None:
+    if out is not None and world()[0] == 0:  # under torchrun, rank 0 writes
         save_artifact(model, out, overwrite=overwrite)
     return model, history

@@ -184,7 +184,8 @@ def compress(model: ModelArg,
     log = (lambda s: err_console.print(s)) if as_json else out_console.print
     report = run(m, bundle, rec, out, overwrite=overwrite, resume=resume,
                  progress=not as_json, log=log)
-    _print_report(report, out, as_json)
+    if report:  # empty on the non-zero ranks of a torchrun launch
+        _print_report(report, out, as_json)
 
 
 def _print_report(report: dict, out: Path, as_json: bool) -> None:
@@ -270,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:
+        from slimkit.train.distributed import init_from_env
+
+        init_from_env()  # under torchrun: join the process group (gloo on CPU, NCCL on GPU)
         app(args=args, prog_name="slimkit")  # typer's standalone mode ends in SystemExit
         return 0
     except SystemExit as exc:  # usage errors exit 2, --help 0

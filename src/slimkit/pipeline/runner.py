@@ -23,6 +23,7 @@ from slimkit.measure import check_finite, compare_latency, fidelity, measure_sta
 from slimkit.pipeline.recipe import recipe_to_dict
 from slimkit.pipeline.stages import STAGES, StageContext
 from slimkit.pipeline.verdict import judge
+from slimkit.train.distributed import barrier, world
 
 RUN_DIR = ".slimkit-run"
 STATE = "state.json"
@@ -104,14 +105,16 @@ def _run_stages(model: SlimModel, data: DataBundle | None, recipe: Any, paths: R
                  "config": json.loads(cfg.model_dump_json())}
         model.history.append({k: entry[k] for k in ("index", "kind", "config", "changed",
                                                     "skipped")})
-        ckpt = save_artifact(model, paths.checkpoint(i), overwrite=True)
-        entry["measure"] = _measure_checkpoint(model, data, ckpt)
-        state["stages"].append(entry)
-        write_json(paths.run / STATE, state)
-        acc = entry["measure"]["accuracy"]
-        ctx.log(f"stage {i + 1} {cfg.kind}: {len(record.changed)} changed, "
-                f"{len(record.skipped)} skipped, {seconds:.1f}s"
-                + (f", top-1 {acc['top1']:.2%}" if acc else ""))
+        if world()[0] == 0:  # under torchrun every rank trains; rank 0 alone writes
+            ckpt = save_artifact(model, paths.checkpoint(i), overwrite=True)
+            entry["measure"] = _measure_checkpoint(model, data, ckpt)
+            state["stages"].append(entry)
+            write_json(paths.run / STATE, state)
+            acc = entry["measure"]["accuracy"]
+            ctx.log(f"stage {i + 1} {cfg.kind}: {len(record.changed)} changed, "
+                    f"{len(record.skipped)} skipped, {seconds:.1f}s"
+                    + (f", top-1 {acc['top1']:.2%}" if acc else ""))
+        barrier()
     return [load_artifact(paths.checkpoint(i), template=ctx.teacher.module)
             for i in range(len(recipe.stages))]
 
@@ -209,14 +212,22 @@ def compress(model: SlimModel, data: DataBundle | None, recipe: Any, out: str | 
     recipe_dict = recipe_to_dict(recipe)
     _check_fits(model, data)
     paths = RunPaths(Path(out))
-    state = _prepare_out(paths, fingerprint(model, data, recipe_dict), overwrite, resume)
+    rank = world()[0]
     baseline = model.copy()
-    if "baseline" not in state:
-        ckpt = save_artifact(baseline, paths.checkpoint(-1), overwrite=True)
-        state["baseline"] = _measure_checkpoint(baseline, data, ckpt, layers=True)
-        write_json(paths.run / STATE, state)
+    if rank == 0:
+        state = _prepare_out(paths, fingerprint(model, data, recipe_dict), overwrite, resume)
+        if "baseline" not in state:
+            ckpt = save_artifact(baseline, paths.checkpoint(-1), overwrite=True)
+            state["baseline"] = _measure_checkpoint(baseline, data, ckpt, layers=True)
+            write_json(paths.run / STATE, state)
+    barrier()
+    if rank != 0:
+        state = json.loads((paths.run / STATE).read_text())
+        log, progress = (lambda s: None), False
     ctx = StageContext(data=data, teacher=baseline, seed=recipe.seed, progress=progress, log=log)
     stage_models = _run_stages(baseline.copy(), data, recipe, paths, state, ctx)
+    if rank != 0:  # measurement and export are rank 0's: other ranks would skew the timings
+        return {}
     final = stage_models[-1] if stage_models else baseline.copy()
     final.recipe = recipe_dict
     log("exporting ONNX and measuring baseline and final in one run ...")

@@ -52,3 +52,9 @@ def average_gradients(params: list[nn.Parameter], local: int, total: int) -> Non
             p.grad = torch.zeros_like(p)
         p.grad.mul_(local / total)
         dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op when not distributed)."""
+    if world()[1] > 1:
+        dist.barrier()
