@@ -18,8 +18,8 @@ from slimkit.core.config import SlimConfig
 from slimkit.core.errors import ConfigError
 from slimkit.core.record import Record
 from slimkit.data.bundle import DataBundle
+from slimkit.distill.run import FinetuneConfig, finetune
 from slimkit.graph.select import select_layers
-from slimkit.train.loop import TrainConfig, fit
 
 PRUNABLE = ("Linear", "Conv1d", "Conv2d", "Conv3d")
 
@@ -38,8 +38,9 @@ class MagnitudePruneConfig(SlimConfig):
                                description="Only these layers (name, re:REGEX or type:Class).")
     exclude: list[str] = Field(default_factory=list,
                                description="Leave these layers alone (name, re:REGEX, type:).")
-    finetune: TrainConfig | None = Field(
-        None, description="Fine-tune afterwards with the masks held fixed.")
+    finetune: FinetuneConfig | None = Field(
+        None, description="Fine-tune afterwards with the masks held fixed (optionally "
+                          "distilled from the unpruned model).")
 
 
 def plan_magnitude(model: nn.Module, cfg: MagnitudePruneConfig) -> tuple[dict, list[dict]]:
@@ -78,14 +79,15 @@ def apply_plan(model: nn.Module, plan: dict) -> dict[str, torch.Tensor]:
 
 
 def magnitude_prune(model: nn.Module, cfg: MagnitudePruneConfig,
-                    data: DataBundle | None = None, progress: bool = False,
-                    ) -> tuple[nn.Module, Record]:
+                    data: DataBundle | None = None, teacher: nn.Module | None = None,
+                    progress: bool = False) -> tuple[nn.Module, Record]:
     """Prune a copy of ``model``; ``model`` itself is left untouched.
 
     Args:
         model: any module with Linear/Conv layers.
         cfg: the pruning config.
         data: needed only when ``cfg.finetune`` is set.
+        teacher: for ``finetune.distill``; defaults to the unpruned ``model``.
 
     Returns:
         The pruned copy and a Record (per-layer sparsity before/after, plan, skipped layers).
@@ -95,6 +97,7 @@ def magnitude_prune(model: nn.Module, cfg: MagnitudePruneConfig,
     """
     if cfg.finetune is not None and data is None:
         raise ConfigError("magnitude_prune: finetune needs data (give --data)")
+    teacher = model if teacher is None else teacher
     model = copy.deepcopy(model)
     plan, skipped = plan_magnitude(model, cfg)
     modules = dict(model.named_modules())
@@ -108,8 +111,8 @@ def magnitude_prune(model: nn.Module, cfg: MagnitudePruneConfig,
                 for name, mask in masks.items():
                     modules[name].weight.mul_(mask)
 
-        record.details["finetune"] = fit(model, data, cfg.finetune, after_step=reapply,
-                                         progress=progress, label="fine-tune")
+        record.details["finetune"] = finetune(model, data, cfg.finetune, teacher=teacher,
+                                              after_step=reapply, progress=progress)
     layers = {}
     for name in plan["layers"]:
         after = _sparsity(modules[name].weight)

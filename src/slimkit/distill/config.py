@@ -1,0 +1,135 @@
+"""Distillation configs: which terms to add to the training objective, and their weights.
+
+One :class:`DistillConfig` holds every term; each term has its own small config so that a
+recipe can switch terms on and off independently. Layers are named as in
+``model.named_modules()`` (rule: select layers by name, never by module object).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from slimkit.core.config import SlimConfig
+
+__all__ = ["DistillConfig", "FeaturePair", "Layout", "LogitKD", "SelfDistill", "TransformerKD"]
+
+Layout = Literal["auto", "channels_first", "channels_last"]
+_LAYOUT_HELP = ("How to read a 3-D feature: channels_first [B, C, L] (Conv1d), channels_last "
+                "[B, T, D] (transformer tokens), or auto (inferred from the layer types).")
+
+
+class LogitKD(SlimConfig):
+    """Hinton et al. (2015) soft targets: ``alpha·CE + (1−alpha)·T²·KL`` on the logits."""
+
+    temperature: float = Field(4.0, gt=0.0, description="Softening temperature T (> 0).")
+    alpha: float = Field(0.5, ge=0.0, le=1.0,
+                         description="Weight of the hard-label cross-entropy; the soft-target "
+                                     "term gets 1 - alpha.")
+
+
+class FeaturePair(SlimConfig):
+    """Match one student layer's output to one teacher layer's output."""
+
+    student: str = Field(..., description="Student layer name (model.named_modules()).")
+    teacher: str = Field(..., description="Teacher layer name (model.named_modules()).")
+    weight: float = Field(1.0, ge=0.0, description="Weight of this term in the total loss.")
+    loss: Literal["hint", "attention", "relational"] = Field(
+        "hint", description="hint: MSE after a learned projector (FitNets); attention: "
+                            "attention transfer (Zagoruyko & Komodakis); relational: "
+                            "similarity preserving (Tung & Mori).")
+    layout: Layout = Field("auto", description=_LAYOUT_HELP)
+
+
+class TransformerKD(SlimConfig):
+    """TinyBERT-style intermediate-layer matching of hidden states and attention maps."""
+
+    student_layers: list[str] = Field(
+        ..., min_length=1, description="Student transformer block names, shallow to deep.")
+    teacher_layers: list[str] = Field(
+        ..., min_length=1, description="Teacher block names, paired one-to-one with "
+                                       "student_layers (the TinyBERT layer mapping).")
+    hidden_weight: float = Field(1.0, ge=0.0,
+                                 description="Weight of the hidden-state MSE, summed over pairs.")
+    attention_weight: float = Field(
+        1.0, ge=0.0, description="Weight of the attention-probability MSE, summed over pairs; "
+                                 "0 disables it (needed for blocks without q/k linears).")
+
+    @model_validator(mode="after")
+    def _paired(self) -> TransformerKD:
+        if len(self.student_layers) != len(self.teacher_layers):
+            raise ValueError(
+                f"student_layers has {len(self.student_layers)} names but teacher_layers has "
+                f"{len(self.teacher_layers)}; give one teacher block per student block")
+        if self.hidden_weight == 0 and self.attention_weight == 0:
+            raise ValueError("hidden_weight and attention_weight are both 0; set one > 0 or "
+                             "drop the transformer term")
+        return self
+
+
+class SelfDistill(SlimConfig):
+    """Be Your Own Teacher (Zhang et al., ICCV 2019): auxiliary exits taught by the final logits.
+
+    Each exit head pools the named layer's output to ``[B, C]`` and maps it to the classes with
+    a Linear; it is trained with CE on the labels, plus ``weight`` times the soft-target KD from
+    the model's final logits (detached), plus ``feature_weight`` times an MSE hint from the
+    pooled exit feature to the pooled deepest feature (detached).
+    """
+
+    exits: list[str] = Field(..., min_length=1,
+                             description="Layer names that get an auxiliary exit head.")
+    temperature: float = Field(3.0, gt=0.0, description="Temperature of the exits' KD term.")
+    weight: float = Field(1.0, ge=0.0,
+                          description="Weight of the KD from the final logits to each exit.")
+    feature_weight: float = Field(0.0, ge=0.0,
+                                  description="Weight of the feature hint from each exit to the "
+                                              "deepest feature; 0 disables it.")
+    feature_layer: str | None = Field(
+        None, description="Layer giving the deepest feature for the hint; None uses the last "
+                          "of exits.")
+    layout: Layout = Field("auto", description=_LAYOUT_HELP)
+
+    @model_validator(mode="after")
+    def _unique(self) -> SelfDistill:
+        repeated = sorted({n for n in self.exits if self.exits.count(n) > 1})
+        if repeated:
+            raise ValueError(f"exits lists {', '.join(repeated)} more than once")
+        return self
+
+
+class DistillConfig(SlimConfig):
+    """Knowledge distillation: the terms added to the student's training objective.
+
+    It carries no ``kind``/``version`` of its own: it is the loss part of a stage config
+    (which has them), not a stage.
+
+    The student's loss is the logit KD term when ``logits`` is set (else plain cross-entropy),
+    plus the weighted feature, transformer and self-distillation terms.
+
+    Example:
+        >>> DistillConfig(logits=LogitKD(temperature=4),
+        ...               features=[FeaturePair(student="layer2", teacher="layer3")])
+    """
+
+    logits: LogitKD | None = Field(default_factory=LogitKD,
+                                   description="Logit KD (needs a teacher); null for none.")
+    features: list[FeaturePair] = Field(default_factory=list,
+                                        description="Feature pairs to match (need a teacher).")
+    transformer: TransformerKD | None = Field(
+        None, description="TinyBERT-style block matching (needs a teacher).")
+    self_distill: SelfDistill | None = Field(
+        None, description="Self-distillation exits (works without a teacher).")
+
+    @model_validator(mode="after")
+    def _some_term(self) -> DistillConfig:
+        if self.logits is None and not self.features and self.transformer is None \
+                and self.self_distill is None:
+            raise ValueError("no distillation term is set; set at least one of logits, "
+                             "features, transformer or self_distill")
+        return self
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether any configured term reads a teacher's outputs."""
+        return self.logits is not None or bool(self.features) or self.transformer is not None

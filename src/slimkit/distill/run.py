@@ -1,0 +1,111 @@
+"""Distillation as training: fine-tuning with a teacher, the ``distill`` stage, teacher assistants.
+
+Distillation owns no loop: it builds an Objective and hands it to ``slimkit.train.fit``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from slimkit.core.config import SlimConfig
+from slimkit.core.errors import ConfigError
+from slimkit.core.record import Record
+from slimkit.data.bundle import DataBundle
+from slimkit.distill.config import DistillConfig
+from slimkit.distill.objective import build_objective
+from slimkit.train.config import TrainConfig
+from slimkit.train.loop import evaluate, fit
+
+
+class FinetuneConfig(TrainConfig):
+    """Fine-tuning after a compression step, optionally distilled from the uncompressed model."""
+
+    distill: DistillConfig | None = Field(
+        None, description="Distil from the teacher (by default the model before compression).")
+
+
+def finetune(model: nn.Module, data: DataBundle, cfg: TrainConfig,
+             teacher: nn.Module | None = None,
+             after_step: Callable[[nn.Module], None] | None = None,
+             progress: bool = False, label: str = "fine-tune") -> dict[str, Any]:
+    """Train ``model`` in place; with ``cfg.distill`` the loss distils from ``teacher``.
+
+    Raises:
+        ConfigError: distillation asks for a teacher and none is given.
+    """
+    distill_cfg = getattr(cfg, "distill", None)
+    objective = None
+    if distill_cfg is not None:
+        if distill_cfg.needs_teacher and teacher is None:
+            raise ConfigError(f"{label}: distill needs a teacher model and none was given")
+        objective = build_objective(model, teacher, distill_cfg, data.x_train[:2])
+    return fit(model, data, cfg, objective=objective, after_step=after_step,
+               progress=progress, label=label)
+
+
+class AssistantConfig(SlimConfig):
+    """A teacher assistant (Mirzadeh et al. 2020): a mid-sized model distilled first."""
+
+    model: str = Field(..., description="zoo:NAME of the assistant's architecture.")
+    kwargs: dict[str, Any] = Field(default_factory=dict,
+                                   description="Zoo kwargs that size it (width, dim, ...).")
+    train: TrainConfig = Field(default_factory=TrainConfig,
+                               description="How the assistant is trained from the teacher.")
+
+
+class DistillStageConfig(SlimConfig):
+    """Train the current model as a student of a teacher."""
+
+    kind: Literal["distill"] = "distill"
+    version: Literal[1] = Field(1, description="Config schema version.")
+    teacher: str | None = Field(
+        None, description="Teacher model (artifact, .pt2, zoo:NAME); default: the model "
+                          "before compression.")
+    loss: DistillConfig = Field(default_factory=DistillConfig, description="Loss terms.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training settings.")
+    assistant: AssistantConfig | None = Field(
+        None, description="Distil teacher -> assistant -> student in two steps.")
+
+
+def distill(student: nn.Module, teacher: nn.Module | None, data: DataBundle,
+            cfg: DistillStageConfig, assistant: nn.Module | None = None,
+            progress: bool = False) -> tuple[nn.Module, Record]:
+    """Distil ``teacher`` into a copy of ``student`` (through ``assistant`` when given).
+
+    Returns:
+        The trained copy and a Record with accuracies of teacher, assistant and student.
+    """
+    student = copy.deepcopy(student)
+    record = Record()
+    details: dict[str, Any] = {}
+    if teacher is not None:
+        details["teacher_top1"] = evaluate(teacher, data.x_test, data.y_test)
+    details["student_top1_before"] = evaluate(student, data.x_test, data.y_test)
+    if assistant is not None:
+        if teacher is None:
+            raise ConfigError("distill: an assistant needs a teacher")
+        objective = build_objective(assistant, teacher, cfg.loss, data.x_train[:2])
+        assert cfg.assistant is not None
+        details["assistant_train"] = fit(assistant, data, cfg.assistant.train, objective,
+                                         progress=progress, label="assistant")
+        details["assistant_top1"] = evaluate(assistant, data.x_test, data.y_test)
+        record.changed.append(f"assistant {cfg.assistant.model} distilled from the teacher: "
+                              f"top-1 {details['assistant_top1']:.2%}")
+        teacher = assistant
+    objective = build_objective(student, teacher, cfg.loss, data.x_train[:2])
+    details["student_train"] = fit(student, data, cfg.train, objective, progress=progress,
+                                   label="distill")
+    details["student_top1"] = evaluate(student, data.x_test, data.y_test)
+    record.changed.append(f"student distilled for {details['student_train']['steps']} steps: "
+                          f"top-1 {details['student_top1_before']:.2%} -> "
+                          f"{details['student_top1']:.2%}")
+    record.details = details
+    if torch.is_grad_enabled():
+        student.zero_grad(set_to_none=True)
+    return student, record
