@@ -13,7 +13,7 @@ from slimkit.core.errors import ConfigError, ModelError
 from slimkit.data.bundle import DataBundle
 from slimkit.io.artifact import save_artifact
 from slimkit.io.loader import load_zoo
-from slimkit.io.model import SlimModel
+from slimkit.io.model import SlimModel, set_mode
 from slimkit.pipeline.recipe import load_recipe
 from slimkit.pipeline.runner import compress as _run
 from slimkit.train.distributed import world
@@ -37,7 +37,7 @@ def wrap(module: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
         raise ConfigError(f"example_inputs: expected a batch [N, ...], got shape {tuple(x.shape)}")
     try:
         with torch.inference_mode():
-            out = module.eval()(x)
+            out = set_mode(module, False)(x)
     except Exception as exc:
         raise ModelError(f"model '{name}' cannot run on an input of shape {tuple(x.shape)}: "
                          f"{str(exc).splitlines()[0]}") from None

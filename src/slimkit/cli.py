@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from slimkit.core.errors import ConfigError, SlimkitError
+from slimkit.core.errors import ConfigError, ExportError, OutputExistsError, SlimkitError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make trained PyTorch models smaller and faster, and prove it.")
@@ -154,7 +154,7 @@ def train(model: Annotated[str, typer.Argument(help="zoo:NAME to train from scra
         raise ConfigError(f"train: '{model}' is not a zoo model; use zoo:NAME "
                           "(fine-tuning a loaded model happens inside compress stages)")
     if out.exists() and not overwrite:
-        raise SlimkitError(f"output '{out}' already exists; pass --overwrite to replace it")
+        raise OutputExistsError(f"output '{out}' already exists; pass --overwrite to replace it")
     bundle = load_data(data, seed=seed)
     cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
     _, hist = train_zoo(model.removeprefix("zoo:"), bundle, cfg, out, overwrite=overwrite,
@@ -211,7 +211,7 @@ def export(model: ModelArg,
     from slimkit.export.onnx import check_parity, export_onnx
 
     if out.exists() and not overwrite:
-        raise SlimkitError(f"output '{out}' already exists; pass --overwrite to replace it")
+        raise OutputExistsError(f"output '{out}' already exists; pass --overwrite to replace it")
     m, _ = _load(model, None, 0, trust_pickle, allow_onnx=False)
     export_onnx(m, out)
     parity = check_parity(m, out, m.example_inputs(4))
@@ -220,7 +220,7 @@ def export(model: ModelArg,
         out_console.print(f"wrote {out} ({out.stat().st_size:,} bytes); ONNX Runtime vs "
                           f"PyTorch max |diff| {parity['max_abs_diff']:.2e}")
     if not parity["ok"]:
-        raise SlimkitError(f"'{out}' differs from PyTorch by {parity['max_abs_diff']:.2e} "
+        raise ExportError(f"'{out}' differs from PyTorch by {parity['max_abs_diff']:.2e} "
                            f"(> {parity['atol']:g})")
 
 

@@ -1,0 +1,45 @@
+"""The public Python API: any nn.Module plus example inputs."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import slimkit
+from slimkit.core.errors import ConfigError, ModelError
+
+
+def test_compress_a_plain_module_leaves_it_untouched(digits, mlp, tmp_path: Path):
+    net = mlp.module  # a plain nn.Sequential
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    recipe = {"stages": [{"kind": "magnitude_prune", "sparsity": 0.5}],
+              "target": {"max_accuracy_drop": 10},
+              "measure": {"batch_sizes": [1, 4], "repeats": 2, "warmup": 1}}
+    report = slimkit.compress(net, digits, recipe, tmp_path / "o", progress=False,
+                              log=lambda s: None)
+    assert report["verdict"]["met"] and report["model"]["input_shape"] == [1, 8, 8]
+    assert report["final"]["nonzero_params"] < report["baseline"]["nonzero_params"]
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k])
+    loaded = slimkit.load_model(str(tmp_path / "o" / "model"))
+    x = digits.x_test[:5]
+    torch.testing.assert_close(loaded.module(x), slimkit.load_artifact(
+        tmp_path / "o" / "model", template=net).module(x))
+
+
+def test_wrap_checks_the_module_against_its_example():
+    m = slimkit.wrap(nn.Linear(4, 3), torch.randn(2, 4))
+    assert m.input_shape == (4,) and m.num_classes == 3
+    with pytest.raises(ModelError, match=r"cannot run on an input of shape \(2, 5\)"):
+        slimkit.wrap(nn.Linear(4, 3), torch.randn(2, 5))
+    with pytest.raises(ConfigError, match="one input tensor"):
+        slimkit.wrap(nn.Linear(4, 3), (torch.randn(2, 4), torch.randn(2, 4)))
+
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x, x
+
+    with pytest.raises(ModelError, match="must return one tensor"):
+        slimkit.wrap(Pair(), torch.randn(2, 4))
+    assert "compress" in slimkit.__all__ and slimkit.__version__
