@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from slimkit.core.config import SlimConfig
@@ -28,6 +28,14 @@ class FinetuneConfig(TrainConfig):
 
     distill: DistillConfig | None = Field(
         None, description="Distil from the teacher (by default the model before compression).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_train_config(cls, data: Any) -> Any:
+        """Accept a plain TrainConfig where a FinetuneConfig is expected (no distillation)."""
+        if isinstance(data, TrainConfig) and not isinstance(data, FinetuneConfig):
+            return data.model_dump()
+        return data
 
 
 def finetune(model: nn.Module, data: DataBundle, cfg: TrainConfig,
