@@ -110,7 +110,7 @@ def bench(model: ModelArg, data: DataOpt = None,
         with tempfile.TemporaryDirectory() as tmp:
             onnx_path = export_onnx(m, Path(tmp) / "model.onnx")
             result = compare_latency({"model": (m.module, onnx_path)}, (sample,), batch,
-                                     threads=threads, repeats=repeats)
+                                     threads=threads, repeats=repeats, progress=not as_json)
     if _emit(result, as_json):
         return
     for rt in ("torch", "onnxruntime"):

@@ -89,6 +89,7 @@ def compare_latency(
     threads: int = 1,
     warmup: int = 3,
     repeats: int = 20,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Latency of several models, in torch eager and (when an ONNX path is given) ONNX Runtime.
 
@@ -97,22 +98,29 @@ def compare_latency(
         example_batch: inputs with at least ``max(batch_sizes)`` rows (repeated if fewer).
         batch_sizes: batch sizes to time.
         threads: intra-op threads for both runtimes (fixed, and recorded in the result).
+        progress: show a progress bar (one step per runtime and batch size).
 
     Returns:
         ``{"threads", "torch": {batch: {name: stats}}, "onnxruntime": {...}}``.
     """
+    from rich.progress import Progress
+
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         sessions = {n: ort_session(p, threads) for n, (_, p) in models.items() if p is not None}
         result: dict[str, Any] = {"threads": threads, "torch": {}, "onnxruntime": {}}
-        for b in batch_sizes:
-            inputs = [_take(t, b) for t in example_batch]
-            fns = {n: torch_runner(m, inputs) for n, (m, _) in models.items()}
-            result["torch"][str(b)] = time_interleaved(fns, warmup, repeats)
-            if sessions:
-                fns = {n: ort_runner(s, inputs) for n, s in sessions.items()}
-                result["onnxruntime"][str(b)] = time_interleaved(fns, warmup, repeats)
+        with Progress(disable=not progress, transient=True) as bar:
+            task = bar.add_task("timing", total=len(batch_sizes) * (2 if sessions else 1))
+            for b in batch_sizes:
+                inputs = [_take(t, b) for t in example_batch]
+                fns = {n: torch_runner(m, inputs) for n, (m, _) in models.items()}
+                result["torch"][str(b)] = time_interleaved(fns, warmup, repeats)
+                bar.advance(task)
+                if sessions:
+                    fns = {n: ort_runner(s, inputs) for n, s in sessions.items()}
+                    result["onnxruntime"][str(b)] = time_interleaved(fns, warmup, repeats)
+                    bar.advance(task)
         return result
     finally:
         torch.set_num_threads(prev_threads)

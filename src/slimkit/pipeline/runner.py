@@ -135,7 +135,7 @@ def environment(threads: int) -> dict[str, Any]:
 
 
 def _compare(models: dict[str, tuple[SlimModel, Path]], data: DataBundle | None,
-             recipe: Any) -> tuple[dict, dict]:
+             recipe: Any, progress: bool = False) -> tuple[dict, dict]:
     """Check the final model's ONNX parity and time every model interleaved in one process.
 
     Args:
@@ -153,7 +153,7 @@ def _compare(models: dict[str, tuple[SlimModel, Path]], data: DataBundle | None,
     parity = check_parity(final, final_onnx, (sample[:8],), atol=opts.parity_atol)
     lat = compare_latency({k: (m.module, p) for k, (m, p) in models.items()}, (sample,),
                           batch_sizes, threads=opts.threads, warmup=opts.warmup,
-                          repeats=opts.repeats)
+                          repeats=opts.repeats, progress=progress)
     latency = {label: {rt: {b: {k: r[label][k] for k in ("median_ms", "p90_ms")}
                             for b, r in lat[rt].items()} for rt in ("torch", "onnxruntime")}
                for label in models}
@@ -236,7 +236,7 @@ def compress(model: SlimModel, data: DataBundle | None, recipe: Any, out: str | 
     for i, m in enumerate(stage_models[:-1]):
         models[f"stage-{i}"] = (m, export_onnx(m, paths.run / f"stage-{i:02d}.onnx"))
     models["final"] = (final, export_onnx(final, paths.out / "model.onnx"))
-    latency, parity = _compare(models, data, recipe)
+    latency, parity = _compare(models, data, recipe, progress)
     base_m = {**state["baseline"], "latency": latency["baseline"],
               "onnx_size_bytes": models["baseline"][1].stat().st_size}
     final_m = {**measure_static(final, data, layers=True), "size_bytes": dir_size(final_dir),
