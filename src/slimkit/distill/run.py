@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from pydantic import Field, model_validator
 from torch import nn
 
@@ -41,7 +41,8 @@ class FinetuneConfig(TrainConfig):
 def finetune(model: nn.Module, data: DataBundle, cfg: TrainConfig,
              teacher: nn.Module | None = None,
              after_step: Callable[[nn.Module], None] | None = None,
-             progress: bool = False, label: str = "fine-tune") -> dict[str, Any]:
+             progress: bool = False, label: str = "fine-tune",
+             checkpoint_dir: str | Path | None = None) -> dict[str, Any]:
     """Train ``model`` in place; with ``cfg.distill`` the loss distils from ``teacher``.
 
     Raises:
@@ -54,7 +55,7 @@ def finetune(model: nn.Module, data: DataBundle, cfg: TrainConfig,
             raise ConfigError(f"{label}: distill needs a teacher model and none was given")
         objective = build_objective(model, teacher, distill_cfg, data.x_train[:2])
     return fit(model, data, cfg, objective=objective, after_step=after_step,
-               progress=progress, label=label)
+               checkpoint_dir=checkpoint_dir, progress=progress, label=label)
 
 
 class AssistantConfig(SlimConfig):
@@ -83,7 +84,8 @@ class DistillStageConfig(SlimConfig):
 
 def distill(student: nn.Module, teacher: nn.Module | None, data: DataBundle,
             cfg: DistillStageConfig, assistant: nn.Module | None = None,
-            progress: bool = False) -> tuple[nn.Module, Record]:
+            progress: bool = False, checkpoint_dir: str | Path | None = None,
+            ) -> tuple[nn.Module, Record]:
     """Distil ``teacher`` into a copy of ``student`` (through ``assistant`` when given).
 
     Returns:
@@ -100,20 +102,20 @@ def distill(student: nn.Module, teacher: nn.Module | None, data: DataBundle,
             raise ConfigError("distill: an assistant needs a teacher")
         objective = build_objective(assistant, teacher, cfg.loss, data.x_train[:2])
         assert cfg.assistant is not None
-        details["assistant_train"] = fit(assistant, data, cfg.assistant.train, objective,
-                                         progress=progress, label="assistant")
+        details["assistant_train"] = fit(
+            assistant, data, cfg.assistant.train, objective, progress=progress,
+            label="assistant",
+            checkpoint_dir=Path(checkpoint_dir) / "assistant" if checkpoint_dir else None)
         details["assistant_top1"] = evaluate(assistant, data.x_test, data.y_test)
         record.changed.append(f"assistant {cfg.assistant.model} distilled from the teacher: "
                               f"top-1 {details['assistant_top1']:.2%}")
         teacher = assistant
     objective = build_objective(student, teacher, cfg.loss, data.x_train[:2])
     details["student_train"] = fit(student, data, cfg.train, objective, progress=progress,
-                                   label="distill")
+                                   label="distill", checkpoint_dir=checkpoint_dir)
     details["student_top1"] = evaluate(student, data.x_test, data.y_test)
     record.changed.append(f"student distilled for {details['student_train']['steps']} steps: "
                           f"top-1 {details['student_top1_before']:.2%} -> "
                           f"{details['student_top1']:.2%}")
     record.details = details
-    if torch.is_grad_enabled():
-        student.zero_grad(set_to_none=True)
     return student, record

@@ -12,12 +12,14 @@ from slimkit.io.model import set_mode
 def predict(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
             batch_size: int = 256) -> torch.Tensor:
     """Outputs of ``model`` (a module or any tensor -> tensor callable) over ``x``, batched."""
+    device = torch.device("cpu")
     if isinstance(model, torch.nn.Module):
         set_mode(model, False)
+        device = next(model.parameters(), torch.empty(0)).device
     outs = []
     with torch.inference_mode():
         for i in range(0, len(x), batch_size):
-            outs.append(torch.as_tensor(model(x[i:i + batch_size])).float())
+            outs.append(torch.as_tensor(model(x[i:i + batch_size].to(device))).float().cpu())
     return torch.cat(outs)
 
 

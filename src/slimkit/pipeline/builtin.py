@@ -14,7 +14,7 @@ from slimkit.prune.magnitude import MagnitudePruneConfig, magnitude_prune
 def _magnitude_prune(model: SlimModel, cfg: MagnitudePruneConfig,
                      ctx: StageContext) -> tuple[SlimModel, Record]:
     module, record = magnitude_prune(model.module, cfg, ctx.data, teacher=ctx.teacher.module,
-                                     progress=ctx.progress)
+                                     progress=ctx.progress, checkpoint_dir=ctx.workdir)
     return model.copy(module), record
 
 
@@ -32,5 +32,6 @@ def _distill(model: SlimModel, cfg: DistillStageConfig,
     if cfg.assistant is not None:
         name = cfg.assistant.model.removeprefix("zoo:")
         assistant = load_zoo(name, ctx.data, **cfg.assistant.kwargs).module
-    module, record = distill(model.module, teacher, ctx.data, cfg, assistant, ctx.progress)
+    module, record = distill(model.module, teacher, ctx.data, cfg, assistant, ctx.progress,
+                             checkpoint_dir=ctx.workdir)
     return model.copy(module), record

@@ -14,6 +14,7 @@ from typing import Any
 
 from slimkit.core.errors import DataError, ModelError, OutputExistsError, ResumeError
 from slimkit.core.files import dir_size, write_json
+from slimkit.core.hashing import update_with_state, update_with_tensor
 from slimkit.core.seed import seed_everything
 from slimkit.data.bundle import DataBundle
 from slimkit.export.onnx import check_parity, export_onnx
@@ -45,13 +46,11 @@ def fingerprint(model: SlimModel, data: DataBundle | None, recipe: dict) -> str:
     """A hash of the model (spec and weights), the data and the recipe: what makes a run."""
     h = hashlib.sha256()
     h.update(json.dumps(model.describe(), sort_keys=True, default=str).encode())
-    for name, t in sorted(model.module.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    update_with_state(h, model.module.state_dict())
     if data is not None:
         h.update(data.name.encode())
         for t in (data.x_train, data.y_train, data.x_test, data.y_test):
-            h.update(t.contiguous().numpy().tobytes())
+            update_with_tensor(h, t)
     h.update(json.dumps(recipe, sort_keys=True).encode())
     return h.hexdigest()
 
@@ -96,6 +95,7 @@ def _run_stages(model: SlimModel, data: DataBundle | None, recipe: Any, paths: R
         if i > 0:
             model = load_artifact(paths.checkpoint(i - 1), template=ctx.teacher.module)
         ctx.log(f"stage {i + 1}/{len(recipe.stages)} {cfg.kind} ...")
+        ctx.workdir = paths.run / f"stage-{i:02d}-train"
         seed_everything(recipe.seed + i)
         start = time.perf_counter()
         model, record = STAGES.get(cfg.kind).apply(model, cfg, ctx)

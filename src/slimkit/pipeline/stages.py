@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from slimkit.core.config import SlimConfig
@@ -22,6 +23,7 @@ class StageContext:
     seed: int = 0
     progress: bool = True
     log: Callable[[str], None] = print
+    workdir: Path | None = None  # where a stage's training checkpoints go (resumable)
     extras: dict[str, Any] = field(default_factory=dict)
 
 

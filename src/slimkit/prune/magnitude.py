@@ -8,6 +8,7 @@ saved plan on a fresh copy of the model gives the same result.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -70,7 +71,7 @@ def apply_plan(model: nn.Module, plan: dict) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         for name, n_zero in plan["layers"].items():
             w = modules[name].weight
-            mask = torch.ones(w.numel(), dtype=torch.bool)
+            mask = torch.ones(w.numel(), dtype=torch.bool, device=w.device)
             mask[torch.sort(w.abs().flatten(), stable=True).indices[:n_zero]] = False
             mask = mask.view_as(w)
             w.mul_(mask)
@@ -80,7 +81,8 @@ def apply_plan(model: nn.Module, plan: dict) -> dict[str, torch.Tensor]:
 
 def magnitude_prune(model: nn.Module, cfg: MagnitudePruneConfig,
                     data: DataBundle | None = None, teacher: nn.Module | None = None,
-                    progress: bool = False) -> tuple[nn.Module, Record]:
+                    progress: bool = False, checkpoint_dir: str | Path | None = None,
+                    ) -> tuple[nn.Module, Record]:
     """Prune a copy of ``model``; ``model`` itself is left untouched.
 
     Args:
@@ -88,6 +90,7 @@ def magnitude_prune(model: nn.Module, cfg: MagnitudePruneConfig,
         cfg: the pruning config.
         data: needed only when ``cfg.finetune`` is set.
         teacher: for ``finetune.distill``; defaults to the unpruned ``model``.
+        checkpoint_dir: where fine-tuning checkpoints go (``finetune.checkpoint_every``).
 
     Returns:
         The pruned copy and a Record (per-layer sparsity before/after, plan, skipped layers).
@@ -112,7 +115,8 @@ def magnitude_prune(model: nn.Module, cfg: MagnitudePruneConfig,
                     modules[name].weight.mul_(mask)
 
         record.details["finetune"] = finetune(model, data, cfg.finetune, teacher=teacher,
-                                              after_step=reapply, progress=progress)
+                                              after_step=reapply, progress=progress,
+                                              checkpoint_dir=checkpoint_dir)
     layers = {}
     for name in plan["layers"]:
         after = _sparsity(modules[name].weight)

@@ -16,19 +16,21 @@ import torch
 
 from slimkit.core.errors import ModelLoadError, ResumeError
 from slimkit.core.files import atomic_path
+from slimkit.core.hashing import update_with_state, update_with_tensor
 
 CHECKPOINT = "train-checkpoint.pt"
 
 
-def run_fingerprint(model: torch.nn.Module, data_name: str, n_train: int,
-                    config: dict[str, Any]) -> str:
-    """Hash of the starting weights, the data identity and the config (minus checkpointing)."""
+def run_fingerprint(model: torch.nn.Module, data: tuple[torch.Tensor, ...],
+                    config: dict[str, Any], objective: str) -> str:
+    """Hash of the starting weights, the training data, the config (minus checkpointing) and
+    a description of the objective (its kind and settings)."""
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    update_with_state(h, model.state_dict())
+    for t in data:
+        update_with_tensor(h, t)
     cfg = {k: v for k, v in config.items() if k != "checkpoint_every"}
-    h.update(json.dumps([data_name, n_train, cfg], sort_keys=True, default=str).encode())
+    h.update(json.dumps([cfg, objective], sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 

@@ -23,8 +23,8 @@ class TrainConfig(SlimConfig):
     """How to train or fine-tune (optimizer, schedule, length, checkpoints, precision)."""
 
     epochs: int = Field(1, ge=0, description="Passes over the training set.")
-    max_steps: int | None = Field(None, ge=1,
-                                  description="Stop after this many optimizer steps in total.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Train for exactly this many optimizer steps (overrides epochs).")
     batch_size: int = Field(64, ge=1, description="Samples per optimizer step (all ranks).")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
     optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="Optimizer.")

@@ -38,20 +38,20 @@ def shard(indices: torch.Tensor, rank: int, size: int) -> torch.Tensor:
     return indices[rank * per:(rank + 1) * per]
 
 
-def average_gradients(params: list[nn.Parameter], local: int, total: int) -> None:
-    """All-reduce gradients so each rank holds the global-batch mean.
+def average_gradients(params: list[nn.Parameter]) -> None:
+    """All-reduce gradients of parameters outside the DDP module and average over ranks.
 
-    Each rank's loss is a mean over its ``local`` samples; weighting by ``local / total``
-    before summing gives the mean over the whole global batch, also for an uneven last batch.
+    The loop already scales each rank's loss by ``local * world / total``, so the average
+    over ranks is the mean over the whole global batch, as DDP does for the model itself.
     """
-    rank, size = world()
+    size = world()[1]
     if size == 1:
         return
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        p.grad.mul_(local / total)
         dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad.div_(size)
 
 
 def barrier() -> None:

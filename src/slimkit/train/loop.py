@@ -64,7 +64,7 @@ def _device(cfg: TrainConfig) -> torch.device:
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ModelError("train: device 'cuda' asked for but CUDA is not available")
-        return torch.device("cuda")
+        return torch.device("cuda", torch.cuda.current_device())  # torchrun sets it per rank
     return torch.device("cpu")
 
 
@@ -93,13 +93,18 @@ def _split_validation(data: DataBundle, cfg: TrainConfig) -> tuple[DataBundle, t
     return train, (xv, yv)
 
 
-def _batches(n: int, cfg: TrainConfig, gen: torch.Generator, start: int,
+def _batches(n: int, cfg: TrainConfig, gen: torch.Generator, start: int, world_size: int,
              ) -> Iterator[tuple[int, torch.Tensor]]:
-    """(step index within the epoch, global batch indices), from ``start`` on."""
+    """(step index within the epoch, global batch indices), from ``start`` on.
+
+    Under data parallelism a last batch smaller than the world would leave a rank without
+    samples; it is dropped.
+    """
     perm = torch.randperm(n, generator=gen)
     for i, lo in enumerate(range(0, n, cfg.batch_size)):
-        if i >= start:
-            yield i, perm[lo:lo + cfg.batch_size]
+        idx = perm[lo:lo + cfg.batch_size]
+        if i >= start and len(idx) >= world_size:
+            yield i, idx
 
 
 def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig,
@@ -129,14 +134,18 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig,
 
     rank, size = world()
     device = _device(cfg)
+    home = next(model.parameters()).device
     objective = (objective or CrossEntropy()).to(device)
+    fingerprint = run_fingerprint(model, (data.x_train, data.y_train), cfg.model_dump(),
+                                  _describe(objective))
     model.to(device)
-    fingerprint = run_fingerprint(model, data.name, len(data.x_train), cfg.model_dump())
     gen = seed_everything(cfg.seed)
     train_data, val = _split_validation(data, cfg)
     n = len(train_data.x_train)
+    if n < size:
+        raise ModelError(f"{label}: {n} training samples cannot feed {size} processes")
     steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total = min(steps_per_epoch * cfg.epochs, cfg.max_steps or 10**12)
+    total = cfg.max_steps or steps_per_epoch * cfg.epochs  # a step budget overrides epochs
     params = [p for p in [*model.parameters(), *objective.parameters()] if p.requires_grad]
     opt = _optimizer(params, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total))
@@ -157,6 +166,8 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig,
         objective.load_state_dict(resumed["objective"])
         opt.load_state_dict(resumed["optimizer"])
         sched.load_state_dict(resumed["scheduler"])
+        if scaler and resumed.get("scaler"):
+            scaler.load_state_dict(resumed["scaler"])
         torch.set_rng_state(resumed["torch_rng"])
         state.update({k: resumed[k] for k in state if k in resumed})
     resumed_from = state["step"] if resumed else None
@@ -165,19 +176,20 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig,
         return {"fingerprint": fingerprint, "model": model.state_dict(),
                 "objective": objective.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
-                **state}
+                "scaler": scaler.state_dict() if scaler else None, **state}
 
     columns = [TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("{task.fields[info]}"),
                TimeRemainingColumn()]
     stopped_early = False
     with Progress(*columns, disable=not progress or rank != 0, transient=True) as bar:
         task = bar.add_task(label, total=total, completed=state["step"], info="")
-        while state["epoch"] < cfg.epochs and state["step"] < total and not stopped_early:
+        while state["step"] < total and not stopped_early and (
+                cfg.max_steps or state["epoch"] < cfg.epochs):
             start = time.perf_counter()
             gen.set_state(state["epoch_gen_state"])
             set_mode(model, True)
             objective.train()
-            for i, idx in _batches(n, cfg, gen, state["step_in_epoch"]):
+            for i, idx in _batches(n, cfg, gen, state["step_in_epoch"], size):
                 if state["step"] >= total:
                     break
                 if (ckpt_path and cfg.checkpoint_every and rank == 0 and state["step"] > 0
@@ -200,7 +212,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig,
                 opt.zero_grad(set_to_none=True)
                 scaled = loss * (len(local) * size / len(idx))  # global-batch mean under DDP
                 (scaler.scale(scaled) if scaler else scaled).backward()
-                average_gradients(extra, len(local), len(idx))
+                average_gradients(extra)
                 if scaler:
                     scaler.unscale_(opt)
                 if cfg.grad_clip:
@@ -229,9 +241,17 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig,
         model.load_state_dict(state["best_state"])
     if ckpt_path and rank == 0:
         save_checkpoint(ckpt_path, snapshot())
+    opt.zero_grad(set_to_none=True)
+    model.to(home)
     set_mode(model, False)
     return {"epochs": state["history"], "steps": state["step"], "stopped_early": stopped_early,
             "resumed_from_step": resumed_from, "world_size": size}
+
+
+def _describe(objective: Objective) -> str:
+    """What the objective optimizes, for the run fingerprint (kind and settings)."""
+    cfg = getattr(objective, "cfg", None)
+    return type(objective).__name__ + (cfg.model_dump_json() if cfg is not None else "")
 
 
 def _end_epoch(model: nn.Module, data: DataBundle, val: tuple | None, cfg: TrainConfig,
