@@ -105,3 +105,19 @@ def test_schema_and_entry_point(tmp_path: Path):
     proc = subprocess.run([sys.executable, "-m", "slimkit.cli", "inspect", "missing.pt2"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+
+
+def test_data_that_does_not_fit_is_one_line(trained: Path, capsys):
+    for cmd in ("eval", "inspect", "bench"):
+        code, _, err = run(capsys, cmd, str(trained), "--data", "builtin:mnist")
+        assert code == 2 and "shape (1, 28, 28) but model" in err, (cmd, err)
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_published_schema_file_is_current():
+    # A fresh process: the tests register stage kinds of their own in this one.
+    proc = subprocess.run([sys.executable, "-m", "slimkit.cli", "schema"], capture_output=True,
+                          text=True, timeout=120)
+    path = Path(__file__).parents[1] / "recipe.schema.json"
+    assert json.loads(path.read_text()) == json.loads(proc.stdout), \
+        "the published schema is stale: run slimkit schema --out recipe.schema.json"

@@ -62,7 +62,8 @@ def compress(model: SlimModel | nn.Module, data: DataBundle | None, recipe: Any,
     if isinstance(model, nn.Module):
         if example_inputs is None and data is None:
             raise ConfigError("compress: a plain nn.Module needs example_inputs or data")
-        model = wrap(model, example_inputs or data.example_inputs(2),
+        example = example_inputs if example_inputs is not None else data.example_inputs(2)
+        model = wrap(model, example,
                      num_classes=data.num_classes if data else None)
     if not hasattr(recipe, "stages"):
         recipe = load_recipe(recipe)

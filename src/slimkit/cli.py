@@ -13,7 +13,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from slimkit.core.errors import ConfigError, ExportError, OutputExistsError, SlimkitError
+from slimkit.core.errors import ConfigError, ExportError, SlimkitError
+from slimkit.core.files import ensure_absent
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make trained PyTorch models smaller and faster, and prove it.")
@@ -45,12 +46,20 @@ def _emit(obj: Any, as_json: bool) -> bool:
 
 
 def _load(model: str, data: str | None, seed: int, trust_pickle: bool, allow_onnx: bool = True):
+    from slimkit.core.errors import DataError
     from slimkit.data import load_data
     from slimkit.io.loader import load_model
+    from slimkit.io.onnx_model import OnnxModel
+    from slimkit.measure import check_fits
 
     bundle = load_data(data, seed=seed, trust_pickle=trust_pickle) if data else None
-    return load_model(model, data=bundle, trust_pickle=trust_pickle,
-                      allow_onnx=allow_onnx), bundle
+    m = load_model(model, data=bundle, trust_pickle=trust_pickle, allow_onnx=allow_onnx)
+    if bundle is not None and not isinstance(m, OnnxModel):
+        check_fits(m, bundle)
+    elif bundle is not None and tuple(bundle.input_shape) != tuple(m.input_shape):
+        raise DataError(f"data '{bundle.name}' gives samples of shape {bundle.input_shape} "
+                        f"but '{model}' takes {tuple(m.input_shape)}")
+    return m, bundle
 
 
 @app.command()
@@ -153,8 +162,7 @@ def train(model: Annotated[str, typer.Argument(help="zoo:NAME to train from scra
     if not model.startswith("zoo:"):
         raise ConfigError(f"train: '{model}' is not a zoo model; use zoo:NAME "
                           "(fine-tuning a loaded model happens inside compress stages)")
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"output '{out}' already exists; pass --overwrite to replace it")
+    ensure_absent(out, overwrite)
     bundle = load_data(data, seed=seed)
     cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
     _, hist = train_zoo(model.removeprefix("zoo:"), bundle, cfg, out, overwrite=overwrite,
@@ -210,8 +218,7 @@ def export(model: ModelArg,
     """Export to ONNX and check ONNX Runtime against PyTorch."""
     from slimkit.export.onnx import check_parity, export_onnx
 
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"output '{out}' already exists; pass --overwrite to replace it")
+    ensure_absent(out, overwrite)
     m, _ = _load(model, None, 0, trust_pickle, allow_onnx=False)
     export_onnx(m, out)
     parity = check_parity(m, out, m.example_inputs(4))
@@ -245,7 +252,6 @@ def demo(out: Annotated[Path, typer.Option("--out", help="Output directory.")] =
     """Train LeNet-5 on real MNIST (built in), compress it with the demo recipe, report."""
     from slimkit.api import compress as run
     from slimkit.api import train_zoo
-    from slimkit.core.files import atomic_dir
     from slimkit.data import load_data
     from slimkit.pipeline.recipe import load_recipe
     from slimkit.train.loop import TrainConfig
@@ -253,8 +259,7 @@ def demo(out: Annotated[Path, typer.Option("--out", help="Output directory.")] =
     start = time.perf_counter()
     recipe_text = resources.files("slimkit").joinpath("recipes/demo.yaml").read_text()
     rec = load_recipe(recipe_text)
-    with atomic_dir(out, overwrite=overwrite):  # fail early if --out exists
-        pass
+    ensure_absent(out, overwrite)  # fail before training, not after
     bundle = load_data("builtin:mnist", seed=0)
     log = (lambda s: err_console.print(s)) if as_json else out_console.print
     log(f"training zoo:lenet5 on {bundle.name} ({len(bundle.x_train)} train, "
@@ -283,6 +288,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return exc.exit_code
+    except Exception as exc:  # an error slimkit did not foresee: still one line, exit 2
+        if debug:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {first} "
+                          "(rerun with slimkit --debug for the traceback)",
+                          highlight=False, soft_wrap=True)
+        return 2
     except KeyboardInterrupt:
         err_console.print("interrupted; rerun compress with --resume to continue")
         return 130

@@ -6,15 +6,7 @@ from typing import Any
 
 from rich.table import Table
 
-
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "—"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
+from slimkit.report.fmt import fmt_bytes as human_bytes
 
 
 def _pct(acc: dict | None, key: str = "top1") -> str:

@@ -119,3 +119,15 @@ def test_pt2_file_loads_with_its_input_spec(tmp_path: Path):
     assert model.input_shape == (1, 8, 8) and model.input_dtype == "float32"
     with torch.no_grad():
         torch.testing.assert_close(model.module(x), net(x))
+
+
+def test_manifest_missing_keys_or_unlisted_weights(tmp_path: Path):
+    model = load_zoo("lenet300", input_shape=(1, 8, 8), num_classes=10)
+    save_artifact(model, tmp_path / "a")
+    mpath = tmp_path / "a" / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    del manifest["files"]["weights.safetensors"]
+    del manifest["architecture"]
+    mpath.write_text(json.dumps(manifest))
+    with pytest.raises(ModelLoadError, match="lacks architecture, files.weights.safetensors"):
+        load_artifact(tmp_path / "a")

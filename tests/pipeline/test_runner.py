@@ -136,3 +136,20 @@ def test_data_that_does_not_fit_the_model(mlp, digits, tmp_path: Path):
     with pytest.raises(DataError, match=r"shape \(1, 28, 28\) but model 'mlp' takes \(1, 8, 8\)"):
         compress(mlp, wide, _recipe(PRUNE), tmp_path / "d", progress=False)
     assert not (tmp_path / "d").exists()
+
+
+def test_overwrite_and_resume_never_touch_foreign_directories(mlp, digits, tmp_path: Path):
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"precious")
+    for flags in ({"overwrite": True}, {"resume": True}):
+        with pytest.raises(OutputExistsError, match="not a slimkit run directory"):
+            compress(mlp, digits, _recipe(PRUNE), foreign, progress=False, **flags)
+    assert (foreign / "cat.jpg").read_bytes() == b"precious"
+    from slimkit.io.artifact import save_artifact
+
+    art = save_artifact(mlp, tmp_path / "art")
+    model = load_artifact(art)
+    with pytest.raises(OutputExistsError, match="would hold or replace the input model"):
+        compress(model, digits, _recipe(PRUNE), art, overwrite=True, progress=False)
+    assert (art / "manifest.json").is_file()

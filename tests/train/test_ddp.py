@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def _run(tmp_path: Path, nproc: int) -> dict[str, torch.Tensor]:
-    out = tmp_path / f"w{nproc}.safetensors"
+def _run(tmp_path: Path, nproc: int, *extra: str) -> dict[str, torch.Tensor]:
+    out = tmp_path / f"w{nproc}{''.join(extra)}.safetensors"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", str(WORKER), str(out)]
+           f"--nproc_per_node={nproc}", str(WORKER), str(out), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"world={nproc}" in proc.stdout
@@ -28,6 +28,15 @@ def test_two_gloo_processes_match_one(tmp_path: Path):
     single = _run(tmp_path, 1)
     double = _run(tmp_path, 2)
     # Same global batches and averaged gradients: only the order of float sums differs.
+    for name in single:
+        torch.testing.assert_close(double[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.timeout(300)
+def test_uneven_last_batch_and_objective_parameters_match_too(tmp_path: Path):
+    single = _run(tmp_path, 1, "uneven")
+    double = _run(tmp_path, 2, "uneven")
+    assert set(single) == set(double) and "objective.scale" in single
     for name in single:
         torch.testing.assert_close(double[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
 

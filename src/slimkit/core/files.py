@@ -81,6 +81,12 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def ensure_absent(path: str | Path, overwrite: bool) -> None:
+    """Refuse an existing output unless ``overwrite`` (checked before any work starts)."""
+    if Path(path).exists() and not overwrite:
+        raise OutputExistsError(f"output '{path}' already exists; pass --overwrite to replace it")
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

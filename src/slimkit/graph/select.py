@@ -12,7 +12,10 @@ from slimkit.core.errors import ConfigError, did_you_mean
 
 def _matches(selector: str, name: str, module: nn.Module) -> bool:
     if selector.startswith("re:"):
-        return re.fullmatch(selector[3:], name) is not None
+        try:
+            return re.fullmatch(selector[3:], name) is not None
+        except re.error as exc:
+            raise ConfigError(f"layer selector '{selector}' is not a valid regex: {exc}") from None
     if selector.startswith("type:"):
         return type(module).__name__ == selector[5:]
     return name == selector

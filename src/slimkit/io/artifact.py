@@ -114,7 +114,13 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ModelLoadError(
             f"'{mpath}' is not a slimkit artifact of format version {FORMAT_VERSION}")
-    for fname, meta in manifest.get("files", {}).items():
+    missing = [k for k in ("architecture", "input_spec", "files") if k not in manifest]
+    arch = manifest.get("architecture") or {}
+    required = [WEIGHTS] + ([arch["pt2"]] if isinstance(arch, dict) and "pt2" in arch else [])
+    missing += [f"files.{f}" for f in required if f not in manifest.get("files", {})]
+    if missing:
+        raise ModelLoadError(f"'{mpath}' lacks {', '.join(missing)}; re-create the artifact")
+    for fname, meta in manifest["files"].items():
         fpath = path / fname
         if not fpath.is_file():
             raise ModelLoadError(f"artifact file '{fpath}' is missing")
@@ -164,7 +170,7 @@ def load_artifact(path: str | Path, trust_pickle: bool = False,
     return SlimModel(module=module, input_shape=tuple(spec["shape"]), input_dtype=spec["dtype"],
                      name=manifest.get("name", str(path)), arch=arch,
                      history=manifest.get("history", []), num_classes=manifest.get("num_classes"),
-                     recipe=manifest.get("recipe"))
+                     recipe=manifest.get("recipe"), source=str(path))
 
 
 def _fits(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> bool:

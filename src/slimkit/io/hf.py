@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -41,10 +40,11 @@ def load_hf_dir(path: Path, trust_pickle: bool = False, seq_len: int = 128) -> S
     if not has_safetensors and any(path.glob("*.bin")) and not trust_pickle:
         raise UntrustedPickleError(f"'{path}' stores its weights as pickled .bin files; pass "
                                    "--trust-pickle if you trust them, or convert to safetensors")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     model = None
-    for auto in ("AutoModelForSequenceClassification", "AutoModelForImageClassification",
+    # The class the checkpoint was saved from first, so a base model gets no random head.
+    named = [a for a in (config.architectures or []) if hasattr(transformers, a)]
+    for auto in (*named, "AutoModelForSequenceClassification", "AutoModelForImageClassification",
                  "AutoModel"):
         cls = getattr(transformers, auto)
         try:

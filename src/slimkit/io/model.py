@@ -31,6 +31,8 @@ class SlimModel:
             (then the artifact stores a ``torch.export`` archive).
         history: stage records of every compression applied so far.
         num_classes: output classes, when known.
+        recipe: the recipe that produced it, when it came out of ``compress``.
+        source: the path it was loaded from (outputs must never overwrite it).
     """
 
     module: nn.Module
@@ -41,6 +43,7 @@ class SlimModel:
     history: list[dict] = field(default_factory=list)
     num_classes: int | None = None
     recipe: dict | None = None
+    source: str | None = None  # the file or directory it was loaded from, if any
 
     def example_inputs(self, batch: int = 1, seed: int = 0) -> tuple[torch.Tensor]:
         """Deterministic random inputs of the right shape and dtype."""

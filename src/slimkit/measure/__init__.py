@@ -49,9 +49,30 @@ def check_finite(model: SlimModel, inputs: tuple[torch.Tensor, ...], where: str)
         raise ModelError(f"{where}: the model's output holds NaN/Inf")
 
 
+def check_fits(model: SlimModel, data: DataBundle | None) -> None:
+    """Raise DataError/ModelError when ``data`` cannot feed ``model`` (shape, classes)."""
+    from slimkit.core.errors import DataError, ModelError
+
+    if data is None:
+        return
+    if tuple(data.input_shape) != tuple(model.input_shape):
+        raise DataError(f"data '{data.name}' gives samples of shape {tuple(data.input_shape)} "
+                        f"but model '{model.name}' takes {tuple(model.input_shape)}; "
+                        "use data that fits the model")
+    try:
+        check_finite(model, data.example_inputs(2), f"model '{model.name}'")
+    except (RuntimeError, ValueError, IndexError) as exc:
+        raise ModelError(f"model '{model.name}' cannot run on data '{data.name}' (sample shape "
+                         f"{tuple(data.input_shape)}): {str(exc).splitlines()[0]}") from None
+    if model.num_classes and data.num_classes > model.num_classes:
+        raise DataError(f"data '{data.name}' has {data.num_classes} classes but model "
+                        f"'{model.name}' outputs {model.num_classes}")
+
+
 __all__ = [
     "accuracy",
     "check_finite",
+    "check_fits",
     "compare_latency",
     "count_flops",
     "count_params",

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from slimkit.core.errors import DataError, ModelError, OutputExistsError, ResumeError
+from slimkit.core.errors import OutputExistsError, ResumeError
 from slimkit.core.files import dir_size, write_json
 from slimkit.core.hashing import update_with_state, update_with_tensor
 from slimkit.core.seed import seed_everything
@@ -20,7 +20,14 @@ from slimkit.data.bundle import DataBundle
 from slimkit.export.onnx import check_parity, export_onnx
 from slimkit.io.artifact import library_versions, load_artifact, save_artifact
 from slimkit.io.model import SlimModel
-from slimkit.measure import check_finite, compare_latency, fidelity, measure_static, predict
+from slimkit.measure import (
+    check_finite,
+    check_fits,
+    compare_latency,
+    fidelity,
+    measure_static,
+    predict,
+)
 from slimkit.pipeline.recipe import recipe_to_dict
 from slimkit.pipeline.stages import STAGES, StageContext
 from slimkit.pipeline.verdict import judge
@@ -55,9 +62,18 @@ def fingerprint(model: SlimModel, data: DataBundle | None, recipe: dict) -> str:
     return h.hexdigest()
 
 
-def _prepare_out(paths: RunPaths, fp: str, overwrite: bool, resume: bool) -> dict:
-    """Decide between a fresh run and a resume; return the saved state (or a fresh one)."""
+def _prepare_out(paths: RunPaths, fp: str, overwrite: bool, resume: bool,
+                 source: str) -> dict:
+    """Decide between a fresh run and a resume; return the saved state (or a fresh one).
+
+    Only a directory this runner made (it holds ``.slimkit-run``) or an empty one is ever
+    deleted, and never one that holds the input model.
+    """
     state_file = paths.run / STATE
+    src = Path(source).resolve()
+    if src.exists() and (src == paths.out.resolve() or paths.out.resolve() in src.parents):
+        raise OutputExistsError(f"output '{paths.out}' would hold or replace the input model "
+                                f"'{source}'; choose another --out")
     if paths.out.exists():
         if resume and state_file.is_file():
             state = json.loads(state_file.read_text())
@@ -66,11 +82,14 @@ def _prepare_out(paths: RunPaths, fp: str, overwrite: bool, resume: bool) -> dic
                     f"'{paths.out}' holds a run of a different model, data or recipe; "
                     "refusing to resume it. Use another --out, or --overwrite to start over")
             return state
+        ours = paths.run.is_dir() or not any(paths.out.iterdir())
+        if not ours:
+            raise OutputExistsError(f"output '{paths.out}' exists and is not a slimkit run "
+                                    "directory; refusing to touch it, choose another --out")
         if not overwrite and not resume:
             raise OutputExistsError(f"output '{paths.out}' already exists; pass --overwrite "
                                     "to replace it or --resume to continue an interrupted run")
-        if overwrite:
-            shutil.rmtree(paths.out)
+        shutil.rmtree(paths.out)
     paths.run.mkdir(parents=True, exist_ok=True)
     return {"fingerprint": fp, "stages": []}
 
@@ -175,23 +194,6 @@ def _comparison(baseline: dict, final: dict) -> dict:
     return out
 
 
-def _check_fits(model: SlimModel, data: DataBundle | None) -> None:
-    if data is None:
-        return
-    if tuple(data.input_shape) != tuple(model.input_shape):
-        raise DataError(f"data '{data.name}' gives samples of shape {tuple(data.input_shape)} "
-                        f"but model '{model.name}' takes {tuple(model.input_shape)}; "
-                        "use data that fits the model")
-    try:
-        check_finite(model, data.example_inputs(2), f"model '{model.name}'")
-    except (RuntimeError, ValueError, IndexError) as exc:
-        raise ModelError(f"model '{model.name}' cannot run on data '{data.name}' (sample shape "
-                         f"{tuple(data.input_shape)}): {str(exc).splitlines()[0]}") from None
-    if model.num_classes and data.num_classes > model.num_classes:
-        raise DataError(f"data '{data.name}' has {data.num_classes} classes but model "
-                        f"'{model.name}' outputs {model.num_classes}")
-
-
 def compress(model: SlimModel, data: DataBundle | None, recipe: Any, out: str | Path, *,
              overwrite: bool = False, resume: bool = False, progress: bool = True,
              log: Any = print) -> dict[str, Any]:
@@ -210,12 +212,13 @@ def compress(model: SlimModel, data: DataBundle | None, recipe: Any, out: str | 
     from slimkit.report import write_report
 
     recipe_dict = recipe_to_dict(recipe)
-    _check_fits(model, data)
+    check_fits(model, data)
     paths = RunPaths(Path(out))
     rank = world()[0]
     baseline = model.copy()
     if rank == 0:
-        state = _prepare_out(paths, fingerprint(model, data, recipe_dict), overwrite, resume)
+        state = _prepare_out(paths, fingerprint(model, data, recipe_dict), overwrite, resume,
+                             model.source or model.name)
         if "baseline" not in state:
             ckpt = save_artifact(baseline, paths.checkpoint(-1), overwrite=True)
             state["baseline"] = _measure_checkpoint(baseline, data, ckpt, layers=True)
