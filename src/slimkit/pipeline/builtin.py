@@ -35,3 +35,7 @@ def _distill(model: SlimModel, cfg: DistillStageConfig,
     module, record = distill(model.module, teacher, ctx.data, cfg, assistant, ctx.progress,
                              checkpoint_dir=ctx.workdir)
     return model.copy(module), record
+
+
+# Technique packages that keep their stage adapters in their own modules.
+from slimkit.pipeline import builtin_encode, builtin_lowrank  # noqa: E402, F401

@@ -1,0 +1,58 @@
+"""The ``encode`` technique: prune -> **cluster -> code**, measured by really encoding.
+
+Clustering (k-means per layer, optional centroid fine-tuning) changes the model; coding does
+not, it only measures: the clustered model is encoded to ``.slim`` bytes in memory and the
+record carries the packed size per layer and in total. Nothing is written to disk here;
+:func:`slimkit.encode.pack` writes the file when asked.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from slimkit.core.record import Record
+from slimkit.data.bundle import DataBundle
+from slimkit.encode.cluster import cluster_weights
+from slimkit.encode.config import EncodeConfig
+from slimkit.encode.slimfile import pack_bytes
+from slimkit.io.model import SlimModel
+
+_SUMMARY = ("bytes", "header_bytes", "manifest_bytes", "payload_bytes", "breakdown", "layers",
+            "tensors",
+            "params", "float32_bytes", "ratio", "shared_weights", "shared_nonzero",
+            "bits_per_weight", "stream_bits_per_weight", "entropy_bits_per_weight")
+
+
+def encode(model: SlimModel, cfg: EncodeConfig, data: DataBundle | None = None,
+           teacher: nn.Module | None = None,
+           progress: bool = False) -> tuple[SlimModel, Record]:
+    """Cluster a copy of ``model`` and measure its packed size.
+
+    Args:
+        model: the (usually pruned) model; left untouched.
+        cfg: the encode config.
+        data: training data, needed only for ``cfg.finetune``.
+        teacher: for ``finetune.distill``; defaults to ``model.module``.
+
+    Returns:
+        The clustered model (plain modules; weights take the shared values) and a Record whose
+        ``details["packed"]`` holds the ``.slim`` size in bytes per layer and in total, bits per
+        weight and the entropy bound.
+
+    Raises:
+        ConfigError: fine-tuning without data, or no layer to cluster.
+
+    Example:
+        >>> clustered, rec = encode(pruned, EncodeConfig(conv_bits=8, fc_bits=5))  # doctest: +SKIP
+        >>> rec.details["packed"]["bytes"]  # doctest: +SKIP
+    """
+    module, record = cluster_weights(model.module, cfg, data, teacher, progress)
+    clustered = model.copy(module)
+    _, report = pack_bytes(clustered, cfg)
+    record.details["packed"] = {k: report[k] for k in _SUMMARY}
+    record.changed.append(
+        f"packed .slim: {report['bytes']:,} bytes ({report['ratio']:.1f}x smaller than "
+        f"float32), {report['bits_per_weight']:.3f} bits per clustered weight (streams "
+        f"{report['stream_bits_per_weight']:.3f}, entropy bound "
+        f"{report['entropy_bits_per_weight']:.3f})")
+    return clustered, record
