@@ -121,3 +121,18 @@ def test_published_schema_file_is_current():
     path = Path(__file__).parents[1] / "recipe.schema.json"
     assert json.loads(path.read_text()) == json.loads(proc.stdout), \
         "the published schema is stale: run slimkit schema --out recipe.schema.json"
+
+
+def test_pack_and_unpack_from_cli(trained: Path, capsys, tmp_path: Path):
+    slim = tmp_path / "m.slim"
+    code, out, err = run(capsys, "pack", str(trained), "--out", str(slim), "--json")
+    assert code == 0, err
+    assert slim.is_file() and slim.stat().st_size < (trained / "weights.safetensors").stat().st_size
+    code, _, err = run(capsys, "unpack", str(slim), "--out", str(tmp_path / "back"), "--json")
+    assert code == 0, err
+    code, out, _ = run(capsys, "eval", str(tmp_path / "back"), "--data", "builtin:digits",
+                       "--json")
+    assert code == 0 and json.loads(out)["top1"] > 0.5
+    slim.write_bytes(slim.read_bytes()[:-20])
+    code, _, err = run(capsys, "unpack", str(slim), "--out", str(tmp_path / "bad"))
+    assert code == 2 and "m.slim" in err

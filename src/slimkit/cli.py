@@ -232,6 +232,33 @@ def export(model: ModelArg,
 
 
 @app.command()
+def pack(model: ModelArg,
+         out: Annotated[Path, typer.Option("--out", help=".slim file to write.")],
+         bits: Annotated[int | None, typer.Option(
+             "--bits", min=1, max=8, help="Cluster bits for every layer (default conv 8, fc 5).")
+         ] = None,
+         data: DataOpt = None, overwrite: OverwriteOpt = False, as_json: JsonOpt = False) -> None:
+    """Pack a model into a .slim file: shared weights, relative indices, entropy coding."""
+    from slimkit.encode.cli import pack_command
+
+    result = pack_command(model, out, bits, overwrite, data)
+    if not _emit(result, as_json):
+        out_console.print(f"wrote {out} ({out.stat().st_size:,} bytes)")
+
+
+@app.command()
+def unpack(path: Annotated[Path, typer.Argument(help="A .slim file.")],
+           out: Annotated[Path, typer.Option("--out", help="Artifact directory to write.")],
+           overwrite: OverwriteOpt = False, as_json: JsonOpt = False) -> None:
+    """Unpack a .slim file into a slimkit artifact directory (checksums verified)."""
+    from slimkit.encode.cli import unpack_command
+
+    result = unpack_command(path, out, overwrite)
+    if not _emit(result, as_json):
+        out_console.print(f"wrote {out}")
+
+
+@app.command()
 def schema(out: Annotated[Path | None, typer.Option("--out", help="Write to a file.")] = None,
            ) -> None:
     """Print (or write) the recipe's JSON Schema."""
