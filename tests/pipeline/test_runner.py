@@ -153,3 +153,13 @@ def test_overwrite_and_resume_never_touch_foreign_directories(mlp, digits, tmp_p
     with pytest.raises(OutputExistsError, match="would hold or replace the input model"):
         compress(model, digits, _recipe(PRUNE), art, overwrite=True, progress=False)
     assert (art / "manifest.json").is_file()
+
+
+def test_stages_compose_after_a_structural_change(mlp, digits, tmp_path: Path):
+    recipe = _recipe({"kind": "lowrank", "linear": "svd", "rank": "ratio", "ratio": 0.5,
+                      "margin": 0.0}, {"kind": "magnitude_prune", "sparsity": 0.5})
+    report = compress(mlp, digits, recipe, tmp_path / "c", progress=False, log=lambda s: None)
+    assert [s["kind"] for s in report["stages"]] == ["lowrank", "magnitude_prune"]
+    assert report["stages"][1]["changed"], "pruning found the factorized Linear layers"
+    assert report["final"]["params"] < report["baseline"]["params"]
+    assert report["parity"]["ok"]

@@ -103,15 +103,17 @@ def _measure_checkpoint(model: SlimModel, data: DataBundle | None, ckpt: Path,
 
 def _run_stages(model: SlimModel, data: DataBundle | None, recipe: Any, paths: RunPaths,
                 state: dict, ctx: StageContext) -> list[SlimModel]:
-    """Apply each unfinished stage; every stage starts from the checkpoint the last one saved,
-    so a resumed run and an uninterrupted one see the same models."""
+    """Apply each unfinished stage; a resumed run starts from the checkpoint the last finished
+    stage saved (the same weights bit for bit), later stages from the model in memory, which
+    keeps its module structure for the next technique."""
     verify_inputs = data.example_inputs(2) if data is not None else model.example_inputs(2)
     done = len(state["stages"])
+    models: list[SlimModel] = []
     for i, cfg in enumerate(recipe.stages[:done]):
         ctx.log(f"stage {i + 1} {cfg.kind}: finished in an earlier run (resuming after it)")
     for i in range(done, len(recipe.stages)):
         cfg = recipe.stages[i]
-        if i > 0:
+        if i == done and i > 0:
             model = load_artifact(paths.checkpoint(i - 1), template=ctx.teacher.module)
         ctx.log(f"stage {i + 1}/{len(recipe.stages)} {cfg.kind} ...")
         ctx.workdir = paths.run / f"stage-{i:02d}-train"
@@ -134,8 +136,10 @@ def _run_stages(model: SlimModel, data: DataBundle | None, recipe: Any, paths: R
                     f"{len(record.skipped)} skipped, {seconds:.1f}s"
                     + (f", top-1 {acc['top1']:.2%}" if acc else ""))
         barrier()
-    return [load_artifact(paths.checkpoint(i), template=ctx.teacher.module)
-            for i in range(len(recipe.stages))]
+        models.append(model)
+    earlier = [load_artifact(paths.checkpoint(i), template=ctx.teacher.module)
+               for i in range(done)]
+    return earlier + models
 
 
 def environment(threads: int) -> dict[str, Any]:
