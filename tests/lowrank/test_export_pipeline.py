@@ -65,3 +65,27 @@ def test_factorized_zoo_model_drops_its_stale_spec():
     model = load_zoo("lenet5", input_shape=(1, 8, 8), num_classes=10)
     small, _ = lowrank(model.module, LowRankConfig(rank="ratio", include=["fc1"]))
     assert hasattr(model.module, "slimkit_spec") and not hasattr(small, "slimkit_spec")
+
+
+def test_factorized_zoo_artifact_rebuilds_from_spec_and_plan(tmp_path: Path):
+    from slimkit.io import load_artifact, save_artifact
+    from slimkit.io.transforms import record_transform
+
+    model = load_zoo("lenet5", input_shape=(1, 8, 8), num_classes=10)
+    small, rec = lowrank(model.module, LowRankConfig(rank="ratio", ratio=0.3, include=["fc1"]))
+    out = model.copy(small)
+    record_transform(out, "lowrank", "slimkit.lowrank.plan", rec.details["plan"])
+    save_artifact(out, tmp_path / "a")
+    assert not (tmp_path / "a" / "model.pt2").exists()
+    back = load_artifact(tmp_path / "a")
+    x = model.example_inputs(3)
+    torch.testing.assert_close(back.module(*x), small.eval()(*x), rtol=0, atol=0)
+    assert back.arch["transforms"][0]["kind"] == "lowrank"
+
+
+def test_artifact_refuses_a_transform_owned_outside_slimkit(tmp_path: Path):
+    from slimkit.core.errors import ModelLoadError
+    from slimkit.io.transforms import replay_transforms
+
+    with pytest.raises(ModelLoadError, match="outside slimkit"):
+        replay_transforms(torch.nn.Linear(2, 2), [{"kind": "x", "owner": "os", "plan": {}}])

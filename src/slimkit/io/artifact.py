@@ -24,6 +24,7 @@ from slimkit.core.errors import ModelLoadError
 from slimkit.core.files import atomic_dir, sha256_file, write_bytes, write_json
 from slimkit.io.model import SlimModel, set_mode
 from slimkit.io.safety import no_pickle
+from slimkit.io.transforms import replay_transforms
 from slimkit.io.weights import load_weights, save_weights
 
 FORMAT = "slimkit-artifact"
@@ -152,6 +153,7 @@ def load_artifact(path: str | Path, trust_pickle: bool = False,
 
         module = build_model(arch["zoo"], tuple(arch["input_shape"]), arch["num_classes"],
                              **arch.get("kwargs", {}))
+        module = replay_transforms(module, arch.get("transforms", []))
     elif "pt2" in arch and template is not None and _fits(template, state):
         module = copy.deepcopy(template)
         arch = None

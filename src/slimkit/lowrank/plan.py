@@ -19,6 +19,7 @@ from torch import nn
 
 from slimkit.core.errors import ConfigError, did_you_mean
 from slimkit.graph.select import select_layers
+from slimkit.io.transforms import register_rebuilder
 from slimkit.lowrank import matrix, tensor  # noqa: F401  (register the factorizers)
 from slimkit.lowrank.base import (
     CONV_TYPES,
@@ -330,3 +331,10 @@ def apply_lowrank(model: nn.Module, plan: dict) -> nn.Module:
     apply_in_place(model, plan)
     return model
 
+
+
+@register_rebuilder("lowrank")
+def _rebuild(model: nn.Module, plan: dict) -> nn.Module:
+    """Artifact loading: give a freshly built model the factorized structure of ``plan``."""
+    apply_in_place(model, plan)
+    return model

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from slimkit.core.record import Record
 from slimkit.io.model import SlimModel
+from slimkit.io.transforms import record_transform
 from slimkit.lowrank.config import LowRankConfig
 from slimkit.lowrank.run import lowrank
 from slimkit.pipeline.stages import StageContext, register_stage
@@ -16,7 +17,6 @@ def _lowrank(model: SlimModel, cfg: LowRankConfig,
                              progress=ctx.progress, example_inputs=model.example_inputs(1))
     out = model.copy(module)
     if record.details["layers"]:
-        # The architecture changed: a zoo spec would rebuild the dense layers, so the artifact
-        # must store the factorized graph instead (io saves a .pt2 graph when arch is None).
-        out.arch = None
+        # The architecture changed: the artifact rebuilds it by replaying the plan.
+        record_transform(out, "lowrank", "slimkit.lowrank.plan", record.details["plan"])
     return out, record
