@@ -157,3 +157,28 @@ def test_frozen_layer_stores_int8_codes_and_round_trips():
     fresh.load_state_dict(state)
     torch.testing.assert_close(fresh(x), before, rtol=0, atol=1e-6)
     assert 0 < (before - reference).abs().max() < 0.05
+
+
+def test_plan_wraps_layers_and_an_artifact_rebuilds_them(tmp_path):
+    from slimkit.io import load_artifact, save_artifact
+    from slimkit.io.loader import load_zoo
+    from slimkit.io.transforms import record_transform
+    from slimkit.quant.plan import freeze, wrap_layers
+
+    model = load_zoo("lenet5", input_shape=(1, 8, 8), num_classes=10)
+    plan = {"layers": {"conv1": {"weight": {"granularity": "channel", "narrow": True}},
+                       "fc1": {"weight": {"bits": 4, "granularity": "group:8"},
+                               "input": {"symmetric": False, "signed": False}}},
+            "frozen": True}
+    q = model.copy()
+    wrapped = wrap_layers(q.module, plan["layers"])
+    wrapped["fc1"].input_fq.set_range(torch.tensor(0.0), torch.tensor(4.0))
+    freeze(q.module)
+    record_transform(q, "quant_layers", "slimkit.quant.plan", plan)
+    save_artifact(q, tmp_path / "a")
+    back = load_artifact(tmp_path / "a")
+    x = model.example_inputs(4)
+    torch.testing.assert_close(back.module(*x), q.module.eval()(*x), rtol=0, atol=0)
+    assert back.module.fc1.weight_q.dtype == torch.int8
+    with pytest.raises(ConfigError, match="'conv9' is not in the model. Did you mean 'conv"):
+        wrap_layers(model.copy().module, {"conv9": {}})
