@@ -163,3 +163,32 @@ def test_stages_compose_after_a_structural_change(mlp, digits, tmp_path: Path):
     assert report["stages"][1]["changed"], "pruning found the factorized Linear layers"
     assert report["final"]["params"] < report["baseline"]["params"]
     assert report["parity"]["ok"]
+
+
+def test_a_failed_final_export_still_writes_the_report_and_misses_the_target(
+        mlp, digits, tmp_path: Path, monkeypatch):
+    from slimkit.core.errors import ExportError
+    from slimkit.pipeline import runner
+
+    real = runner.export_onnx
+
+    def export(model, path):
+        if Path(path).name == "model.onnx":
+            raise ExportError("ONNX export of 'mlp' failed: unsupported op 'aten::frobnicate'")
+        return real(model, path)
+
+    monkeypatch.setattr(runner, "export_onnx", export)
+    recipe = load_recipe({"stages": [{"kind": "test_boom"}], "measure": FAST,
+                          "target": {"max_accuracy_drop": 5.0}})
+    logs = []
+    report = compress(mlp, digits, recipe, tmp_path / "out", progress=False, log=logs.append)
+    assert report["verdict"]["met"] is False
+    failed = [c for c in report["verdict"]["criteria"] if c["name"] == "onnx_export"]
+    assert failed and "frobnicate" in failed[0]["note"]
+    assert report["parity"]["ok"] is False and report["final"]["onnx_size_bytes"] is None
+    assert report["final"]["latency"]["onnxruntime"] == {}
+    assert report["final"]["latency"]["torch"]["1"]["median_ms"] > 0
+    assert any("frobnicate" in line for line in logs)
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["export_errors"]["final"].endswith("'aten::frobnicate'")
+    assert (tmp_path / "out" / "report.html").is_file()

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from slimkit.core.errors import OutputExistsError, ResumeError
+from slimkit.core.errors import OutputExistsError, ResumeError, SlimkitError
 from slimkit.core.files import dir_size, write_json
 from slimkit.core.hashing import update_with_state, update_with_tensor
 from slimkit.core.seed import seed_everything
@@ -157,12 +157,13 @@ def environment(threads: int) -> dict[str, Any]:
             "platform": platform.platform(), **library_versions()}
 
 
-def _compare(models: dict[str, tuple[SlimModel, Path]], data: DataBundle | None,
+def _compare(models: dict[str, tuple[SlimModel, Path | None]], data: DataBundle | None,
              recipe: Any, progress: bool = False) -> tuple[dict, dict]:
     """Check the final model's ONNX parity and time every model interleaved in one process.
 
     Args:
-        models: label -> (model, its ONNX file), in order; the last one is the final model.
+        models: label -> (model, its ONNX file or None when export failed), in order; the
+            last one is the final model.
 
     Returns:
         ``(latency per label, parity of the final model)``.
@@ -173,27 +174,43 @@ def _compare(models: dict[str, tuple[SlimModel, Path]], data: DataBundle | None,
                                                   if recipe.target.min_speedup else set()))
     sample = (data.x_test[: max(batch_sizes)] if data is not None
               else final.example_inputs(max(batch_sizes))[0])
-    parity = check_parity(final, final_onnx, (sample[:8],), atol=opts.parity_atol)
+    parity = ({"ok": False, "error": "the final model could not be exported to ONNX"}
+              if final_onnx is None
+              else check_parity(final, final_onnx, (sample[:8],), atol=opts.parity_atol))
     lat = compare_latency({k: (m.module, p) for k, (m, p) in models.items()}, (sample,),
                           batch_sizes, threads=opts.threads, warmup=opts.warmup,
                           repeats=opts.repeats, progress=progress)
     latency = {label: {rt: {b: {k: r[label][k] for k in ("median_ms", "p90_ms")}
-                            for b, r in lat[rt].items()} for rt in ("torch", "onnxruntime")}
+                            for b, r in lat[rt].items() if label in r}
+                       for rt in ("torch", "onnxruntime")}
                for label in models}
     return latency, parity
+
+
+def _export(model: SlimModel, path: Path, errors: dict[str, str], label: str) -> Path | None:
+    """Export to ONNX; a failure is recorded under ``label`` instead of aborting the run."""
+    try:
+        return export_onnx(model, path)
+    except SlimkitError as exc:
+        errors[label] = str(exc)
+        return None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
 
 
 def _comparison(baseline: dict, final: dict) -> dict:
     """Ratios baseline / final: size on disk, ONNX size, latency per runtime and batch."""
     out: dict[str, Any] = {"size_ratio": baseline["size_bytes"] / final["size_bytes"],
-                           "onnx_size_ratio": baseline["onnx_size_bytes"]
-                           / final["onnx_size_bytes"]}
+                           "onnx_size_ratio": _ratio(baseline["onnx_size_bytes"],
+                                                     final["onnx_size_bytes"])}
     for rt in ("torch", "onnxruntime"):
         out[rt] = {b: {"baseline_ms": baseline["latency"][rt][b]["median_ms"],
                        "final_ms": final["latency"][rt][b]["median_ms"],
                        "speedup": baseline["latency"][rt][b]["median_ms"]
                        / final["latency"][rt][b]["median_ms"]}
-                   for b in baseline["latency"][rt]}
+                   for b in baseline["latency"][rt] if b in final["latency"][rt]}
     out["batch_sizes"] = [int(b) for b in baseline["latency"]["torch"]]
     return out
 
@@ -239,15 +256,20 @@ def compress(model: SlimModel, data: DataBundle | None, recipe: Any, out: str | 
     final.recipe = recipe_dict
     log("exporting ONNX and measuring baseline and final in one run ...")
     final_dir = save_artifact(final, paths.out / "model", overwrite=True)
-    models = {"baseline": (baseline, export_onnx(baseline, paths.run / "baseline.onnx"))}
+    errors: dict[str, str] = {}
+    models = {"baseline": (baseline, _export(baseline, paths.run / "baseline.onnx", errors,
+                                             "baseline"))}
     for i, m in enumerate(stage_models[:-1]):
-        models[f"stage-{i}"] = (m, export_onnx(m, paths.run / f"stage-{i:02d}.onnx"))
-    models["final"] = (final, export_onnx(final, paths.out / "model.onnx"))
+        models[f"stage-{i}"] = (m, _export(m, paths.run / f"stage-{i:02d}.onnx", errors,
+                                           f"stage-{i}"))
+    models["final"] = (final, _export(final, paths.out / "model.onnx", errors, "final"))
+    for label, err in errors.items():
+        log(f"ONNX export of {label} failed: {err}")
     latency, parity = _compare(models, data, recipe, progress)
     base_m = {**state["baseline"], "latency": latency["baseline"],
-              "onnx_size_bytes": models["baseline"][1].stat().st_size}
+              "onnx_size_bytes": _size(models["baseline"][1])}
     final_m = {**measure_static(final, data, layers=True), "size_bytes": dir_size(final_dir),
-               "latency": latency["final"], "onnx_size_bytes": models["final"][1].stat().st_size}
+               "latency": latency["final"], "onnx_size_bytes": _size(models["final"][1])}
     for i, st in enumerate(state["stages"]):
         st["measure"]["latency"] = latency.get(f"stage-{i}", latency["final"])
     comparison = _comparison(base_m, final_m)
@@ -256,16 +278,22 @@ def compress(model: SlimModel, data: DataBundle | None, recipe: Any, out: str | 
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "model": model.describe(), "data": _describe_data(data), "recipe": recipe_dict,
         "target": recipe_dict["target"],
-        "verdict": judge(recipe.target, base_m, final_m, comparison),
+        "verdict": judge(recipe.target, base_m, final_m, comparison, errors.get("final")),
         "baseline": base_m, "final": final_m, "stages": state["stages"],
         "comparison": comparison, "parity": parity,
         "fidelity": (fidelity(predict(baseline.module, data.x_test),
                               predict(final.module, data.x_test)) if data is not None else None),
         "environment": environment(recipe.measure.threads),
-        "outputs": {"artifact": str(final_dir), "onnx": str(models["final"][1])},
+        "outputs": {"artifact": str(final_dir),
+                    "onnx": str(models["final"][1]) if models["final"][1] else None},
+        "export_errors": errors,
     }
     write_report(report, paths.out)
     return report
+
+
+def _size(path: Path | None) -> int | None:
+    return None if path is None else path.stat().st_size
 
 
 def _describe_data(data: DataBundle | None) -> dict | None:

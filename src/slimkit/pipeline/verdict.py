@@ -15,13 +15,16 @@ def _criterion(name: str, asked: float, achieved: float | None, higher_is_better
             "margin": margin, "unit": unit}
 
 
-def judge(target: Any, baseline: dict, final: dict, comparison: dict) -> dict[str, Any]:
+def judge(target: Any, baseline: dict, final: dict, comparison: dict,
+          export_error: str | None = None) -> dict[str, Any]:
     """Compare the final model with the baseline on every criterion the target names.
 
     Args:
         target: a recipe ``Target``.
         baseline, final: measurements with ``accuracy`` and ``size_bytes``.
         comparison: latency ratios, ``{runtime: {batch: {"speedup"}}}``.
+        export_error: why the final model could not be exported to ONNX, if it could not;
+            the deliverable includes a runnable ONNX file, so that alone misses the target.
 
     Returns:
         ``{"met": bool, "criteria": [...]}``; an empty target is met trivially, and says so.
@@ -41,5 +44,9 @@ def judge(target: Any, baseline: dict, final: dict, comparison: dict) -> dict[st
         speed = comparison.get(t.runtime, {}).get(str(t.batch), {}).get("speedup")
         criteria.append(_criterion(f"min_speedup ({t.runtime}, batch {t.batch})", t.value,
                                    speed, True, "x"))
+    if export_error is not None:
+        criteria.append({"name": "onnx_export", "asked": "an ONNX file that runs in ONNX Runtime",
+                         "achieved": None, "met": False, "margin": None, "unit": "",
+                         "note": export_error})
     return {"met": all(c["met"] for c in criteria), "criteria": criteria,
             "note": None if criteria else "the recipe sets no target"}
