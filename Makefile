@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench-deps clean
 
 # torch is pinned for this environment: 2.13.0 is a CPU build on this machine's disk,
 # so the install never pulls a multi-GB CUDA build. The package itself allows a wide range.
@@ -19,6 +19,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# Benchmarks' peer packages, installed on demand only (make bench-deps).
+bench-deps: $(STAMP)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[data,dev,hf,bench]'
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
