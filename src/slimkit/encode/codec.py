@@ -9,7 +9,9 @@ A weight tensor whose non-zero values take few distinct values is stored as::
                rank in the codebook
     index_max  the same for entries at the largest offset: a rank, or K for a filler
 
-each stream entropy coded on its own (see streams.py).
+each stream entropy coded on its own (see streams.py). When it is smaller (``positions_mode``
+``mask``), the positions are instead the keep-mask coded under an adaptive per-column model
+(maskcode.py), and ``index`` holds the ranks of the non-zeros in order (no fillers).
 
 Decoding reproduces the tensor bit for bit (same float32 values at the same positions, +0.0
 elsewhere). Every other tensor (biases, BatchNorm statistics, integer buffers) is stored raw,
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from slimkit.encode.config import Coder
+from slimkit.encode.maskcode import decode_mask, encode_mask, mask_bound
 from slimkit.encode.sparse import from_relative, to_relative
 from slimkit.encode.streams import (
     decode_stream,
@@ -80,7 +83,8 @@ MAX_NUMEL = 1 << 34  # refuse to allocate more for one tensor (a damaged or craf
 
 
 def encode_shared(weight: torch.Tensor, index_bits: int, coder: Coder = "auto",
-                  codebook_dtype: str = "float32") -> tuple[bytes, dict[str, Any], dict]:
+                  codebook_dtype: str = "float32", positions_mode: str = "auto",
+                  ) -> tuple[bytes, dict[str, Any], dict]:
     """Encode a float32 tensor by its distinct non-zero values, positions and indices.
 
     Entries whose offset is the largest one (``2^index_bits - 1``) are the only ones that can
@@ -93,6 +97,9 @@ def encode_shared(weight: torch.Tensor, index_bits: int, coder: Coder = "auto",
         index_bits: bits per relative position offset.
         coder: ``auto``, ``huffman`` or ``ans``, for each symbol stream.
         codebook_dtype: ``float32`` or ``float16`` (used only when exact).
+        positions_mode: ``offsets`` (relative offsets with fillers, the paper's), ``mask``
+            (the keep-mask under an adaptive per-column model, see maskcode.py), or ``auto``
+            (whichever is smaller for this tensor).
 
     Returns:
         ``(payload, meta, stats)``: the bytes; what the decoder needs (JSON); sizes, bits per
@@ -103,22 +110,38 @@ def encode_shared(weight: torch.Tensor, index_bits: int, coder: Coder = "auto",
     values = w[positions]
     codebook = np.unique(values)
     k = len(codebook)
+    ranks = np.searchsorted(codebook, values)
     offsets, is_filler = to_relative(positions, index_bits)
     symbols = np.full(len(offsets), k, dtype=np.int64)
-    symbols[~is_filler] = np.searchsorted(codebook, values)
+    symbols[~is_filler] = ranks
     at_max = offsets == (1 << index_bits) - 1
     book_dtype, book = write_codebook(codebook, codebook_dtype)
     raw = {"positions": offsets, "index": symbols[~at_max], "index_max": symbols[at_max]}
     coded = {name: encode_stream(raw[name], coder) for name in STREAMS}
+    mode, extra = "offsets", {}
+    if len(positions) and (positions_mode == "mask" or (positions_mode == "auto"
+                                                       and coder != "huffman")):
+        mask_bytes, extra = encode_mask(w != 0, list(weight.shape))
+        index = encode_stream(ranks, coder)
+        if positions_mode == "mask" or len(mask_bytes) + len(index[1]) < sum(
+                len(d) for _, d in coded.values()):
+            mode = "mask"
+            coded = {"positions": ("ans", mask_bytes), "index": index,
+                     "index_max": ("none", b"")}
+            raw = {"positions": None, "index": ranks, "index_max": ranks[:0]}
+            offsets, is_filler = positions, np.zeros(len(positions), dtype=bool)
     payload = book + b"".join(coded[name][1] for name in STREAMS)
     meta = {"encoding": "shared", "shape": list(weight.shape), "clusters": k,
+            "positions_mode": mode, **({"mask_model": extra} if mode == "mask" else {}),
             "codebook": book_dtype, "codebook_bytes": len(book),
             "nonzero": int(len(positions)),
             "entries": int(len(offsets)), "index_bits": index_bits,
             **{name: {"coder": c, "bytes": len(d)} for name, (c, d) in coded.items()}}
     numel = max(1, w.size)
     streams = sum(len(d) for _, d in coded.values())
-    bound = sum(entropy_bits(v) for v in raw.values())
+    bound = sum(entropy_bits(v) for v in raw.values() if v is not None)
+    if mode == "mask":  # the positions' bound is the model's ideal code length
+        bound += mask_bound(w != 0, list(weight.shape), extra)
     stats = {"numel": int(w.size), "nonzero": int(len(positions)), "clusters": k,
              "fillers": int(is_filler.sum()), "bytes": len(payload),
              "codebook_bytes": len(book),
@@ -153,6 +176,22 @@ def decode_shared(payload: bytes, meta: dict[str, Any]) -> torch.Tensor:
     bounds = np.cumsum([book, *sizes]).tolist()
     data = {name: payload[lo:hi] for name, lo, hi in zip(STREAMS, bounds[:-1], bounds[1:],
                                                          strict=True)}
+    if meta.get("positions_mode", "offsets") == "mask":
+        positions, ranks = _decode_mask_streams(data, meta, numel, k)
+    else:
+        positions, ranks = _decode_offset_streams(data, meta, entries, span, k)
+    if len(positions) != int(meta["nonzero"]) or (positions.size and positions[-1] >= numel):
+        raise ValueError(f"decoded {len(positions)} positions (last "
+                         f"{positions[-1] if positions.size else '-'}) for a tensor of "
+                         f"{numel} with {meta['nonzero']} non-zeros")
+    dense = np.zeros(numel, dtype=np.float32)
+    dense[positions] = codebook[ranks]
+    return torch.from_numpy(dense).reshape(shape)
+
+
+def _decode_offset_streams(data: dict[str, bytes], meta: dict[str, Any], entries: int,
+                           span: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions and codebook ranks from the relative-offset streams (with fillers)."""
     offsets = decode_stream(data["positions"], meta["positions"]["coder"], entries)
     if offsets.size and offsets.max() >= span:
         raise ValueError("decoded offsets exceed the offset width")
@@ -165,22 +204,38 @@ def decode_shared(payload: bytes, meta: dict[str, Any]) -> torch.Tensor:
     if (symbols > k).any() or (symbols[~at_max] == k).any():
         raise ValueError("decoded symbols lie outside the codebook")
     is_filler = symbols == k
-    positions = from_relative(offsets, is_filler)
-    if len(positions) != int(meta["nonzero"]) or (positions.size and positions[-1] >= numel):
-        raise ValueError(f"decoded {len(positions)} positions (last "
-                         f"{positions[-1] if positions.size else '-'}) for a tensor of "
-                         f"{numel} with {meta['nonzero']} non-zeros")
-    dense = np.zeros(numel, dtype=np.float32)
-    dense[positions] = codebook[symbols[~is_filler]]
-    return torch.from_numpy(dense).reshape(shape)
+    return from_relative(offsets, is_filler), symbols[~is_filler]
+
+
+def _decode_mask_streams(data: dict[str, bytes], meta: dict[str, Any], numel: int,
+                         k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions and codebook ranks from the coded keep-mask and the index stream."""
+    nonzero = int(meta["nonzero"])
+    if data["index_max"] or meta["positions"]["coder"] != "ans":
+        raise ValueError("a mask-coded tensor has an ANS mask and no index_max stream")
+    mask = decode_mask(data["positions"], [int(s) for s in meta["shape"]], nonzero,
+                       meta["mask_model"])
+    ranks = decode_stream(data["index"], meta["index"]["coder"], nonzero)
+    if ranks.size and ranks.max() >= k:
+        raise ValueError("decoded symbols lie outside the codebook")
+    return np.flatnonzero(mask), ranks
 
 
 def encode_raw(tensor: torch.Tensor) -> tuple[bytes, dict[str, Any]]:
-    """The tensor's bytes as they are in memory (little-endian), with shape and dtype."""
+    """The tensor's bytes (little-endian), with shape and dtype.
+
+    A float32 tensor whose every value is exactly a float16 (biases rounded on purpose) is
+    stored as float16 (``"stored": "float16"``): half the bytes, and still bit-exact, because
+    float16 -> float32 is exact.
+    """
     t = tensor.detach().cpu().contiguous()
+    meta: dict[str, Any] = {"encoding": "raw", "shape": list(t.shape),
+                            "dtype": str(t.dtype).removeprefix("torch.")}
+    if t.dtype == torch.float32 and t.numel() and torch.equal(t.half().float(), t):
+        t = t.half()
+        meta["stored"] = "float16"
     data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    return data, {"encoding": "raw", "shape": list(t.shape),
-                  "dtype": str(t.dtype).removeprefix("torch.")}
+    return data, meta
 
 
 def decode_raw(payload: bytes, meta: dict[str, Any]) -> torch.Tensor:
@@ -190,17 +245,18 @@ def decode_raw(payload: bytes, meta: dict[str, Any]) -> torch.Tensor:
         ValueError: unknown dtype, or a payload size that does not fit shape and dtype.
     """
     dtype = getattr(torch, str(meta["dtype"]), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype '{meta['dtype']}'")
+    stored = getattr(torch, str(meta.get("stored", meta["dtype"])), None)
+    if not isinstance(dtype, torch.dtype) or not isinstance(stored, torch.dtype):
+        raise ValueError(f"unknown dtype '{meta['dtype']}' / '{meta.get('stored')}'")
     shape = [int(s) for s in meta["shape"]]
     numel = int(np.prod(shape)) if shape else 1
-    item = torch.empty((), dtype=dtype).element_size()
+    item = torch.empty((), dtype=stored).element_size()
     if len(payload) != numel * item:
-        raise ValueError(f"{len(payload)} bytes do not hold {numel} {meta['dtype']} values")
+        raise ValueError(f"{len(payload)} bytes do not hold {numel} {stored} values")
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
-    flat = torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(dtype)
-    return flat.reshape(shape).clone()
+    flat = torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(stored)
+    return flat.reshape(shape).to(dtype).clone()
 
 
 def decode_tensor(payload: bytes, meta: dict[str, Any]) -> torch.Tensor:

@@ -41,6 +41,11 @@ class EncodeConfig(SlimConfig):
     coder: Coder = Field(
         "auto", description="Entropy coder of the index and offset streams: huffman "
                             "(canonical), ans (constriction), or auto (the smaller one).")
+    positions: Literal["auto", "offsets", "mask"] = Field(
+        "auto", description="How the sparse positions are stored: offsets (relative, with "
+                            "fillers, as in the paper), mask (the keep-mask under an adaptive "
+                            "per-column model, ANS coded), or auto (the smaller per tensor; "
+                            "offsets only when coder is huffman).")
     codebook_dtype: CodebookDtype = Field(
         "float32", description="How the shared values are stored; with float16 the centroids "
                                "are rounded to float16 so the model and the file agree.")

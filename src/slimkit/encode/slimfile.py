@@ -87,7 +87,8 @@ def pack_bytes(model: SlimModel, cfg: EncodeConfig | None = None) -> tuple[bytes
             bits, index_bits = shared[name]
             weight, clustered_now = _ensure_shared(tensor.detach().cpu(), bits, cfg)
             late += [name] if clustered_now else []
-            data, meta, stats = encode_shared(weight, index_bits, cfg.coder, cfg.codebook_dtype)
+            data, meta, stats = encode_shared(weight, index_bits, cfg.coder, cfg.codebook_dtype,
+                                              cfg.positions)
         else:
             data, meta = encode_raw(tensor)
             stats = {"numel": tensor.numel(), "bytes": len(data)}

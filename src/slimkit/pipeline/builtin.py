@@ -38,4 +38,12 @@ def _distill(model: SlimModel, cfg: DistillStageConfig,
 
 
 # Technique packages that keep their stage adapters in their own modules.
-from slimkit.pipeline import builtin_encode, builtin_lowrank  # noqa: E402, F401
+from slimkit.pipeline import (  # noqa: E402, F401
+    builtin_encode,
+    builtin_lowrank,
+    builtin_prune,
+    builtin_quant,
+    builtin_quant_qat,
+    builtin_quant_wo,
+    builtin_structured,
+)

@@ -129,3 +129,65 @@ def magnitude_prune(model: nn.Module, cfg: MagnitudePruneConfig,
 
 def _sparsity(w: torch.Tensor) -> float:
     return 1.0 - int(torch.count_nonzero(w)) / w.numel()
+
+
+class MaskedWeights:
+    """Binary masks held on layer weights while the shared training loop runs.
+
+    :meth:`attach` registers a gradient hook per weight that keeps the dense gradient (for
+    criteria that need it, such as RigL's regrowth) in :attr:`dense_grad` and hands the
+    optimizer the masked gradient, so a pruned weight gets no gradient and no optimizer
+    momentum; :meth:`apply` (called after every optimizer step) zeroes the pruned weights
+    again, which undoes weight decay or leftover momentum. Masks may be replaced between
+    steps (schedules, regrowth): assign to ``masks[name]`` and call :meth:`apply`.
+
+    Args:
+        modules: ``{name: module}`` with a ``weight`` parameter each.
+        masks: ``{name: bool tensor shaped like the weight}``, True = kept.
+
+    Example:
+        >>> held = MaskedWeights(layers, masks)  # doctest: +SKIP
+        >>> held.attach()  # doctest: +SKIP
+        >>> fit(model, data, cfg, after_step=lambda m: held.apply())  # doctest: +SKIP
+        >>> held.detach()  # doctest: +SKIP
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], masks: dict[str, torch.Tensor]) -> None:
+        self.modules = modules
+        self.masks = masks
+        self.dense_grad: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+
+    def attach(self) -> None:
+        """Register the gradient hooks (idempotent)."""
+        self.detach()
+        for name, module in self.modules.items():
+            self._handles.append(module.weight.register_hook(self._hook(name)))
+
+    def _hook(self, name: str):  # noqa: ANN202
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            self.dense_grad[name] = grad.detach()
+            return grad * self.masks[name].to(grad.dtype)
+        return hook
+
+    def detach(self) -> None:
+        """Remove the gradient hooks and forget the stored gradients."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.dense_grad = {}
+
+    def apply(self) -> None:
+        """Zero every pruned weight (in place)."""
+        with torch.no_grad():
+            for name, mask in self.masks.items():
+                self.modules[name].weight.mul_(mask)
+
+    def density(self) -> dict[str, float]:
+        """Kept fraction of each mask."""
+        return {n: float(m.float().mean()) for n, m in self.masks.items()}
+
+
+def sparsity(w: torch.Tensor) -> float:
+    """Fraction of exact zeros in ``w``."""
+    return _sparsity(w)

@@ -80,6 +80,10 @@ class FakeQuant(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.granularity
+        if torch.compiler.is_exporting():
+            # torch.export has no fake-tensor kernel for the fused fake-quant ops (artifact .pt2
+            # graphs): trace the pure primitives, which compute the same values.
+            return self.dequantize(self.quantize(x))
         if g.kind == "tensor":
             return torch.fake_quantize_per_tensor_affine(
                 x, self.scale, self.zero_point, self.qmin, self.qmax)

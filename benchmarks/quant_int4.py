@@ -1,0 +1,153 @@
+"""Weight-only INT4 (packed, group-wise) on Linear-heavy zoo models: RTN against GPTQ.
+
+Models: zoo:lenet300, zoo:vit (dim 64, depth 4) and zoo:text_encoder (MNIST rows as tokens),
+and optionally ``vit_wide`` (zoo:vit with dim 128), each trained briefly on builtin:mnist.
+Every Linear layer is quantized to 4-bit symmetric codes with groups of at most ``--group``
+input columns (fp16 scales), once by round-to-nearest and once by GPTQ (Frantar et al. 2023)
+on 256 calibration samples. Convolutions, embeddings, LayerNorms and biases stay float.
+
+Reported per model: top-1 accuracy of FP32 / RTN / GPTQ; each layer's relative output error
+``||X W_q^T - X W^T|| / ||X W^T||`` on the calibration inputs for RTN and GPTQ and their
+totals; the artifact weight file (weights.safetensors), the ONNX file and its initializers
+(the weight payload) of FP32 and INT4 and their ratios (target >= 6x); ONNX Runtime parity
+of the INT4 model (``com.microsoft::MatMulNBits``). Prints JSON and saves it to
+benchmarks/results/quant_int4.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import emit  # noqa: I001
+
+from slimkit.core.files import write_json
+from slimkit.data import load_data
+from slimkit.data.bundle import DataBundle
+from slimkit.export.onnx import check_parity, export_onnx
+from slimkit.io import save_artifact
+from slimkit.io.loader import load_zoo
+from slimkit.io.model import SlimModel
+from slimkit.io.transforms import record_transform
+from slimkit.quant.weight_only import WeightOnlyConfig, weight_only_quant
+from slimkit.train import TrainConfig, evaluate, fit
+
+RESULTS = Path(__file__).parent / "results" / "quant_int4.json"
+#: benchmark name -> (zoo model, kwargs); vit_wide shows how the ratio grows with width
+MODELS = {"lenet300": ("lenet300", {}), "vit": ("vit", {}), "text_encoder": ("text_encoder", {}),
+          "vit_wide": ("vit", {"dim": 128})}
+
+
+def train(name: str, data: DataBundle, epochs: int, lr: float) -> SlimModel:
+    torch.manual_seed(0)
+    zoo, kwargs = MODELS[name]
+    model = load_zoo(zoo, data, **kwargs)
+    fit(model.module, data, TrainConfig(epochs=epochs, lr=lr), progress=False)
+    model.module.eval()
+    return model
+
+
+def sizes(model: SlimModel, out: Path, tag: str) -> dict[str, int]:
+    """Bytes of the artifact's weight file, of the ONNX export and of its initializers.
+
+    The initializers are the ONNX file's weight payload; the rest is the graph (node and
+    tensor names), about 60 KB for the small transformers here whatever their weights.
+    """
+    import onnx
+
+    art = save_artifact(model, out / f"{tag}-artifact")
+    onnx_path = export_onnx(model, out / f"{tag}.onnx")
+    inits = sum(i.ByteSize() for i in onnx.load(str(onnx_path)).graph.initializer)
+    return {"weights_bytes": (art / "weights.safetensors").stat().st_size,
+            "onnx_bytes": onnx_path.stat().st_size, "onnx_initializer_bytes": inits,
+            "onnx_path": str(onnx_path)}
+
+
+def quantize(model: SlimModel, data: DataBundle, cfg: WeightOnlyConfig) -> tuple[SlimModel, dict]:
+    start = time.perf_counter()
+    module, rec = weight_only_quant(model.module, cfg, data)
+    seconds = time.perf_counter() - start
+    out = model.copy(module)
+    record_transform(out, "weight_only_quant", "slimkit.quant.weight_only", rec.details["plan"])
+    return out, {"seconds": seconds, "record": rec}
+
+
+def model_case(name: str, data: DataBundle, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    epochs = args.epochs if name != "lenet300" else max(1, args.epochs // 2)
+    model = train(name, data, epochs, args.lr)
+    cfg = WeightOnlyConfig(bits=4, group_size=args.group, calib_samples=args.calib)
+    rtn, rtn_info = quantize(model, data, cfg)
+    gptq, gptq_info = quantize(model, data, cfg.model_copy(update={"method": "gptq"}))
+    layers = {}
+    for lname, e in gptq_info["record"].details["layers"].items():
+        layers[lname] = {"shape": [e["out_features"], e["in_features"]], "block": e["block"],
+                         "padded_columns": e["padded_columns"],
+                         "rtn_output_error": e["output_rel_error_rtn"],
+                         "gptq_output_error": e["output_rel_error"],
+                         "gptq_fallback": e["fallback"]}
+    rows = list(layers.values())
+    fp = sizes(model, tmp, f"{name}-fp32")
+    q = sizes(gptq, tmp, f"{name}-int4")
+    parity = check_parity(gptq, q.pop("onnx_path"), (data.x_test[:16],), atol=1e-4)
+    fp.pop("onnx_path")
+    x, y = data.x_test, data.y_test
+    return {
+        "epochs": epochs, "group_size": args.group,
+        "accuracy": {"fp32": evaluate(model.module, x, y), "rtn": evaluate(rtn.module, x, y),
+                     "gptq": evaluate(gptq.module, x, y)},
+        "output_error_total": {
+            "rtn_mean": sum(r["rtn_output_error"] for r in rows) / len(rows),
+            "gptq_mean": sum(r["gptq_output_error"] for r in rows) / len(rows),
+            "layers_where_gptq_lower": sum(r["gptq_output_error"] < r["rtn_output_error"]
+                                           for r in rows),
+            "layers": len(rows)},
+        "layers": layers,
+        "skipped": gptq_info["record"].skipped,
+        "fp32": fp, "int4": q,
+        "weights_ratio": fp["weights_bytes"] / q["weights_bytes"],
+        "onnx_ratio": fp["onnx_bytes"] / q["onnx_bytes"],
+        "onnx_initializer_ratio": fp["onnx_initializer_bytes"] / q["onnx_initializer_bytes"],
+        "ort_parity": parity,
+        "quantize_seconds": {"rtn": rtn_info["seconds"], "gptq": gptq_info["seconds"]},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--group", type=int, default=128, help="group size (<= 128)")
+    ap.add_argument("--calib", type=int, default=256)
+    ap.add_argument("--models", nargs="*", default=["lenet300", "vit", "text_encoder"],
+                    choices=list(MODELS))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-save", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    data = load_data("builtin:mnist")
+    result: dict[str, Any] = {"benchmark": "quant_int4", "data": data.name, "models": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            result["models"][name] = model_case(name, data, args, Path(tmp))
+    ms = result["models"].values()
+    result["criteria"] = {
+        "weights_6x_smaller": all(m["weights_ratio"] >= 6 for m in ms),
+        "onnx_6x_smaller": all(m["onnx_ratio"] >= 6 for m in ms),
+        "gptq_lower_error_total": all(m["output_error_total"]["gptq_mean"]
+                                      < m["output_error_total"]["rtn_mean"] for m in ms),
+        "gptq_lower_error_every_layer": all(
+            m["output_error_total"]["layers_where_gptq_lower"]
+            == m["output_error_total"]["layers"] for m in ms),
+        "ort_parity": all(m["ort_parity"]["ok"] for m in ms),
+    }
+    emit(result)
+    if not args.no_save:
+        write_json(RESULTS, result)
+
+
+if __name__ == "__main__":
+    main()

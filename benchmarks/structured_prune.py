@@ -1,0 +1,159 @@
+"""Structured pruning to 50% of the FLOPs, fine-tuned, side by side with torch-pruning.
+
+For each zoo CNN trained on builtin:mnist: slimkit's ``structured_prune`` with a measured
+FLOPs target (plain fine-tuning, and fine-tuning distilled from the unpruned model) and the
+``torch-pruning`` package (``make bench-deps``) pruned to the same FLOPs with its group L2
+magnitude importance, then fine-tuned with the same budget (same epochs, lr, seed). Latency of
+all models is timed interleaved in one process, in PyTorch and ONNX Runtime. Prints JSON.
+
+    python benchmarks/structured_prune.py --models resnet20 mobilenetv2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import emit  # noqa: I001
+from torch import nn
+
+from slimkit.data import load_data
+from slimkit.distill.config import DistillConfig, LogitKD
+from slimkit.distill.run import FinetuneConfig
+from slimkit.export.onnx import check_parity, export_onnx
+from slimkit.io.loader import load_zoo
+from slimkit.measure import count_flops, count_params
+from slimkit.measure.latency import compare_latency
+from slimkit.prune.structured import StructuredPruneConfig, structured_prune
+from slimkit.train import TrainConfig, evaluate, fit
+
+ZOO_KWARGS = {"mobilenetv2": {"width_mult": 0.5}}
+
+
+def _flops(model: nn.Module, x1: torch.Tensor) -> int:
+    return count_flops(model.eval(), (x1,))["flops"]
+
+
+def torch_pruning_to(model: nn.Module, x1: torch.Tensor, keep_flops: float,
+                     round_to: int | None, steps: int = 40) -> nn.Module:
+    """torch-pruning's MetaPruner with group L2 importance, stepped until FLOPs <= target."""
+    import torch_pruning as tp
+
+    model = copy.deepcopy(model).eval()
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    pruner = tp.pruner.MetaPruner(model, x1,
+                                  importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                  pruning_ratio=0.9, iterative_steps=steps, round_to=round_to,
+                                  ignored_layers=[last], global_pruning=False)
+    target = keep_flops * _flops(model, x1)
+    for _ in range(steps):
+        pruner.step()
+        if _flops(model, x1) <= target:
+            break
+    return model
+
+
+def run_model(name: str, data: Any, args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(0)
+    base = load_zoo(name, data, **ZOO_KWARGS.get(name, {}))
+    t0 = time.perf_counter()
+    fit(base.module, data, TrainConfig(epochs=args.epochs, lr=args.lr, seed=0), progress=False)
+    train_s = time.perf_counter() - t0
+    x1 = data.x_test[:1]
+    tune = FinetuneConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, seed=0)
+    variants: dict[str, nn.Module] = {}
+    timings: dict[str, float] = {}
+    for label, ft in (("slimkit", tune), ("slimkit_kd", tune.model_copy(update={
+            "distill": DistillConfig(logits=LogitKD(temperature=4.0, alpha=0.5))}))):
+        t0 = time.perf_counter()
+        cfg = StructuredPruneConfig(target={"flops": args.keep_flops}, criterion=args.criterion,
+                                    allocation=args.allocation, steps=args.steps,
+                                    round_to=args.round_to, finetune=ft)
+        variants[label], record = structured_prune(base.module, cfg, data=data,
+                                                   example_inputs=(x1,))
+        timings[label] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    peer_error = None
+    try:
+        tp_model = torch_pruning_to(base.module, x1, args.keep_flops,
+                                    args.round_to if args.round_to > 1 else None)
+        fit(tp_model, data, TrainConfig(epochs=args.finetune_epochs, lr=args.finetune_lr,
+                                        seed=0), progress=False)
+        variants["torch_pruning"] = tp_model
+        timings["torch_pruning"] = time.perf_counter() - t0
+    except Exception as exc:  # the peer cannot prune this model: say so, keep going
+        peer_error = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+
+    models = {"baseline": base.module.eval(), **{k: v.eval() for k, v in variants.items()}}
+    base_acc = evaluate(base.module, data.x_test, data.y_test)
+    rows: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
+        for label, m in models.items():
+            slim = base.copy(m)
+            paths[label] = export_onnx(slim, Path(tmp) / f"{label}.onnx")
+            parity = check_parity(slim, paths[label], (data.x_test[:8],))
+            acc = evaluate(m, data.x_test, data.y_test)
+            rows[label] = {"top1": acc, "drop_points": 100 * (base_acc - acc),
+                           "params": count_params(m)["params"], "flops": _flops(m, x1),
+                           "onnx_parity_ok": parity["ok"], "seconds": timings.get(label)}
+        lat = compare_latency({k: (m, paths[k]) for k, m in models.items()},
+                              (data.x_test[:32],), batch_sizes=[1, 32], threads=args.threads,
+                              warmup=5, repeats=args.repeats)
+    for label, row in rows.items():
+        row["flops_kept"] = row["flops"] / rows["baseline"]["flops"]
+        row["params_ratio"] = rows["baseline"]["params"] / row["params"]
+        row["speedup"] = {rt: {b: lat[rt][b]["baseline"]["median_ms"]
+                               / lat[rt][b][label]["median_ms"] for b in lat[rt]}
+                          for rt in ("torch", "onnxruntime")}
+        row["median_ms"] = {rt: {b: lat[rt][b][label]["median_ms"] for b in lat[rt]}
+                            for rt in ("torch", "onnxruntime")}
+    s = rows["slimkit"]
+    best = max(rows["slimkit"]["top1"], rows["slimkit_kd"]["top1"])
+    peer = rows.get("torch_pruning", {}).get("top1", float("-inf"))
+    checks = {
+        "accuracy_drop_le_0.5": s["drop_points"] <= 0.5,
+        "params_ge_2x_fewer": s["params_ratio"] >= 2.0,
+        "speedup_ge_1.6_all": all(v >= 1.6 for rt in s["speedup"].values() for v in rt.values()),
+        "slimkit_plain_ge_torch_pruning": s["top1"] >= peer,
+        "slimkit_best_ge_torch_pruning": best >= peer,
+    }
+    return {"model": name, "zoo_kwargs": ZOO_KWARGS.get(name, {}), "baseline_train_s": train_s,
+            "torch_pruning_error": peer_error,
+            "rows": rows, "checks": checks, "record": {
+                "achieved": record.details.get("target"), "layers": record.details.get("layers")}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["resnet20", "mobilenetv2"])
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--finetune-epochs", type=int, default=3)
+    ap.add_argument("--finetune-lr", type=float, default=1e-3)
+    ap.add_argument("--keep-flops", type=float, default=0.5)
+    ap.add_argument("--criterion", default="l2")
+    ap.add_argument("--allocation", default="uniform")
+    ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--round-to", type=int, default=8,
+                    help="Kept channel counts are multiples of this (both tools).")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=30)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    data = load_data("builtin:mnist", seed=0)
+    results = [run_model(n, data, args) for n in args.models]
+    emit({"benchmark": "structured_prune", "data": data.name, "settings": vars(args),
+          "peer": "torch-pruning " + __import__("torch_pruning").__version__,
+          "targets": {"accuracy_drop_points": 0.5, "params_ratio": 2.0, "speedup": 1.6},
+          "results": results,
+          "met": all(all(r["checks"].values()) for r in results)})
+
+
+if __name__ == "__main__":
+    main()

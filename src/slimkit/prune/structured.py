@@ -1,0 +1,523 @@
+"""Structured pruning through a dependency graph: physically smaller models, any architecture.
+
+API
+---
+``StructuredPruneConfig``  (kind ``structured_prune``) what to remove: ``ratio`` (share of the
+    channels of every prunable group) OR ``target`` (``{"flops": 0.5}`` = keep 50% of the
+    measured FLOPs; also ``params`` and ``latency``), ``criterion`` (``CRITERIA``: l1, l2,
+    taylor, bn_scale, fpgm, random), ``allocation`` (``ALLOCATORS``: uniform, global),
+    ``round_to``, ``max_layer_ratio``, ``include``/``exclude`` (names, ``re:``, ``type:``),
+    ``calib_batches``, ``finetune`` and ``steps`` (iterative prune -> fine-tune cycles).
+``structured_prune(model, cfg, data=None, teacher=None, progress=False, checkpoint_dir=None,
+    example_inputs=None) -> (pruned_copy, Record)``: the whole technique; the input model is
+    never modified.
+``plan_structured(model, cfg, data=None, example_inputs=None) -> plan``: JSON plan (per group
+    the kept channel indices; per tensor the kept indices along each dim; head counts).
+``apply_structured(model, plan) -> new model``: slices a copy by the plan (no graph needed, so
+    a saved plan replays on a freshly built model; the artifact rebuilder does exactly that).
+``slimkit.graph.dependency.analyze(model, example_inputs)``: what can and cannot be pruned,
+    and why, before any work starts.
+
+How it works: :mod:`slimkit.graph.dependency` captures the model with ``torch.export`` and
+groups coupled channels (conv -> BN -> next conv, residual adds, concat, split/chunk,
+flatten -> Linear, depthwise and grouped convs, attention heads, embeddings); a criterion scores
+each group's channels over all of its parameters; an allocator decides how many to keep; the
+slicer builds new, smaller ``nn.Parameter`` s and updates ``in_channels``/``out_features``/
+``num_features``/``normalized_shape``/``groups``/head counts. Nothing is masked.
+
+Example:
+    >>> cfg = StructuredPruneConfig(ratio=0.5, criterion="l2", round_to=8)
+    >>> small, record = structured_prune(model, cfg, example_inputs=(torch.randn(1, 3, 32, 32),))
+    >>> record.details["params"]        # {"before": ..., "after": ...}
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator, model_validator
+from torch import nn
+
+from slimkit.core.config import SlimConfig
+from slimkit.core.errors import ConfigError, ModelError
+from slimkit.core.record import Record
+from slimkit.data.bundle import DataBundle
+from slimkit.distill.run import FinetuneConfig, finetune
+from slimkit.graph.dependency import (
+    DependencyGraph,
+    Group,
+    build_dependency_graph,
+    module_in_traceback,
+)
+from slimkit.graph.select import select_layers
+from slimkit.io.transforms import register_rebuilder
+from slimkit.prune.allocate import ALLOCATORS, AllocRequest, search_ratio
+from slimkit.prune.criteria import CRITERIA, ScoreInputs, taylor_grads
+from slimkit.prune.slicer import apply_slices
+
+PLAN_FORMAT = "slimkit-structured-plan"
+TARGET_KEYS = ("flops", "params", "latency")
+
+
+def _known(registry: Any, name: str) -> str:
+    try:
+        registry.get(name)
+    except ConfigError as exc:  # a ValueError, so recipes report it under its key path
+        raise ValueError(str(exc)) from None
+    return name
+
+
+class StructuredPruneConfig(SlimConfig):
+    """Remove whole channels, heads and conv groups; the model gets physically smaller."""
+
+    kind: Literal["structured_prune"] = "structured_prune"
+    version: Literal[1] = Field(1, description="Config schema version.")
+    ratio: float | None = Field(
+        None, ge=0.0, lt=1.0, description="Share of the channels of the prunable groups to "
+                                          "remove (0 <= ratio < 1). Give ratio OR target.")
+    target: dict[str, float] | None = Field(
+        None, description="Measured goal instead of a ratio: {'flops': 0.5} keeps 50% of the "
+                          "FLOPs; also 'params' and 'latency' (torch, batch 1). Pruning grows "
+                          "until the measurement reaches it; the record says achieved vs asked.")
+    criterion: str = Field("l2", description="Importance criterion: l1, l2, taylor, bn_scale, "
+                                             "fpgm, random.")
+    allocation: str = Field("global", description="uniform: same ratio per group; global: one "
+                                                  "ranking across groups.")
+    round_to: int = Field(1, ge=1, description="Kept channel counts are a multiple of this "
+                                               "(e.g. 8 for fast kernels).")
+    max_layer_ratio: float = Field(0.9, gt=0.0, lt=1.0,
+                                   description="Never remove more than this share of a group.")
+    include: list[str] = Field(default_factory=list,
+                               description="Only prune groups rooted at these layers "
+                                           "(name, re:REGEX, type:Class).")
+    exclude: list[str] = Field(default_factory=list,
+                               description="Leave these layers' tensors untouched (name, "
+                                           "re:REGEX, type:Class).")
+    calib_batches: int = Field(4, ge=1, description="Batches of data for the taylor criterion.")
+    calib_batch_size: int = Field(32, ge=1, description="Samples per calibration batch.")
+    steps: int = Field(1, ge=1, description="Prune in this many equal steps, fine-tuning after "
+                                            "each one when finetune is set.")
+    seed: int = Field(0, description="Seed of the random criterion.")
+    finetune: FinetuneConfig | None = Field(
+        None, description="Fine-tune after pruning (after each step), optionally distilled from "
+                          "the unpruned model (finetune.distill).")
+
+    @field_validator("criterion")
+    @classmethod
+    def _known_criterion(cls, v: str) -> str:
+        return _known(CRITERIA, v)
+
+    @field_validator("allocation")
+    @classmethod
+    def _known_allocation(cls, v: str) -> str:
+        return _known(ALLOCATORS, v)
+
+    @field_validator("target")
+    @classmethod
+    def _valid_target(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is None:
+            return v
+        if len(v) != 1 or next(iter(v)) not in TARGET_KEYS:
+            raise ValueError(f"target must have exactly one key of {list(TARGET_KEYS)}, "
+                             f"got {sorted(v)}")
+        frac = next(iter(v.values()))
+        if not 0.0 < frac <= 1.0:
+            raise ValueError(f"target fraction must be in (0, 1] (share to keep), got {frac}")
+        return v
+
+    @model_validator(mode="after")
+    def _ratio_or_target(self) -> StructuredPruneConfig:
+        if (self.ratio is None) == (self.target is None):
+            raise ValueError("give exactly one of ratio (share of channels to remove) or "
+                             "target (e.g. {'flops': 0.5})")
+        return self
+
+
+def _example(model: nn.Module, data: DataBundle | None,
+             example_inputs: Sequence[torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
+    if example_inputs is not None:
+        return tuple(example_inputs)
+    if data is not None:
+        return (data.x_train[:2],)
+    raise ConfigError("structured_prune needs example_inputs (or data) to trace the model")
+
+
+def _selected_groups(model: nn.Module, graph: DependencyGraph,
+                     cfg: StructuredPruneConfig) -> tuple[list[Group], list[dict[str, str]]]:
+    """Prunable groups after include/exclude, and the skipped ones with the reason."""
+    types = {type(m).__name__ for m in model.modules()}
+    chosen, _ = select_layers(model, types, cfg.include, cfg.exclude)  # validates selectors
+    excluded = set()
+    if cfg.exclude:
+        _, skipped = select_layers(model, types, (), cfg.exclude)
+        excluded = {s["what"] for s in skipped}
+    skipped: list[dict[str, str]] = []
+    groups = []
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    for g in graph.groups:
+        if not g.param_names() & params:
+            continue  # index buffers (position ids...): not layers, nothing to report
+        what = f"group {g.id} ({g.root}, {g.size} channels)"
+        hit = sorted(m for m in g.modules()  # an excluded module covers its submodules
+                     if any(m == e or m.startswith(f"{e}.") for e in excluded))
+        if not g.prunable:
+            skipped.append({"what": what, "why": "; ".join(g.why)})
+        elif hit:
+            skipped.append({"what": what, "why": f"touches excluded layer {hit[0]}"})
+        elif cfg.include and g.root not in chosen:
+            skipped.append({"what": what, "why": "root not matched by include"})
+        else:
+            groups.append(g)
+    return groups, skipped
+
+
+def _calibration(model: nn.Module, data: DataBundle | None, cfg: StructuredPruneConfig,
+                 ) -> dict[str, torch.Tensor] | None:
+    if cfg.criterion != "taylor":
+        return None
+    if data is None:
+        raise ConfigError("structured_prune: criterion 'taylor' needs calibration data "
+                          "(give data / --data)")
+    n = cfg.calib_batches * cfg.calib_batch_size
+    x, y = data.x_train[:n], data.y_train[:n]
+    bs = cfg.calib_batch_size
+    batches = [(x[i:i + bs], y[i:i + bs]) for i in range(0, len(x), bs)]
+    return taylor_grads(model, batches)
+
+
+def score_groups(model: nn.Module, groups: list[Group], cfg: StructuredPruneConfig,
+                 data: DataBundle | None = None) -> dict[int, np.ndarray]:
+    """Importance of every channel of every group (higher = keep), by ``cfg.criterion``."""
+    grads = _calibration(model, data, cfg)
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    fn = CRITERIA.get(cfg.criterion)
+    return {g.id: np.asarray(fn(ScoreInputs(g, params, modules, grads, cfg.seed)))
+            for g in groups}
+
+
+def _plan_for_ratio(model: nn.Module, graph: DependencyGraph, groups: list[Group],
+                    scores: dict[int, np.ndarray], ratio: float, cfg: StructuredPruneConfig,
+                    skipped: list[dict[str, str]]) -> dict[str, Any]:
+    req = AllocRequest({g.id: g.size for g in groups}, scores, ratio, cfg.max_layer_ratio,
+                       cfg.round_to, {g.id: not g.heads and _one_index(g) for g in groups})
+    keep = ALLOCATORS.get(cfg.allocation)(req) if groups else {}
+    plan_groups = []
+    for g in groups:
+        order = np.argsort(-scores[g.id], kind="stable")[:keep[g.id]]
+        plan_groups.append({"id": g.id, "root": g.root, "size": g.size,
+                            "keep": sorted(int(i) for i in order), "heads": g.heads})
+    return build_plan(model, graph, plan_groups, skipped)
+
+
+def _one_index(g: Group) -> bool:
+    """Channels are single channels (not heads or conv groups spanning several indices)."""
+    return all(len(ix) == 1 for m in g.members if m.dim == 0 for ix in m.indices[:1])
+
+
+def build_plan(model: nn.Module, graph: DependencyGraph, plan_groups: list[dict[str, Any]],
+               skipped: list[dict[str, str]]) -> dict[str, Any]:
+    """The JSON plan: per group the kept channels, per tensor the kept indices per dim."""
+    by_id = {g.id: g for g in graph.groups}
+    removed: dict[tuple[str, int], set[int]] = {}
+    heads: dict[str, int] = {}
+    for pg in plan_groups:
+        g = by_id[pg["id"]]
+        gone = sorted(set(range(g.size)) - set(pg["keep"]))
+        if not gone:
+            continue
+        for m in g.members:
+            removed.setdefault((m.param, m.dim), set()).update(
+                i for c in gone for i in m.indices[c])
+        for mod in g.heads:
+            heads[mod] = len(pg["keep"])
+    shapes = {n: t.shape for n, t in [*model.named_parameters(remove_duplicate=False),
+                                      *model.named_buffers(remove_duplicate=False)]}
+    slices: dict[str, dict[str, list[int]]] = {}
+    for (param, dim), gone_ix in sorted(removed.items()):
+        keep = [i for i in range(shapes[param][dim]) if i not in gone_ix]
+        slices.setdefault(param, {})[str(dim)] = keep
+    return {"format": PLAN_FORMAT, "version": 1, "groups": plan_groups, "slices": slices,
+            "heads": heads, "skipped": skipped, "unsupported": graph.unsupported}
+
+
+def plan_structured(model: nn.Module, cfg: StructuredPruneConfig,
+                    data: DataBundle | None = None,
+                    example_inputs: Sequence[torch.Tensor] | None = None,
+                    ratio: float | None = None) -> dict[str, Any]:
+    """Plan which channels to keep, for ``cfg.ratio``, ``cfg.target`` or the given ``ratio``.
+
+    Args:
+        model: the model (not modified).
+        cfg: the config; with ``cfg.target`` the ratio is searched by measuring pruned copies
+            and the plan gets a ``target`` entry (ratio, achieved, asked, reached). ``steps``
+            and ``finetune`` are ignored here (see :func:`structured_prune`).
+        data: calibration data (needed by ``taylor``).
+        example_inputs: inputs to trace with (default: two training samples of ``data``).
+        ratio: overrides ``cfg.ratio``.
+
+    Returns:
+        ``{"format", "version", "groups": [{"id", "root", "size", "keep", "heads"}],
+        "slices": {tensor: {dim: kept indices}}, "heads": {module: count}, "skipped"}``.
+
+    Raises:
+        ConfigError: unknown layer names in include/exclude (naming the closest), taylor
+            without data.
+        ModelError: the model cannot be captured.
+
+    Example:
+        >>> plan = plan_structured(net, StructuredPruneConfig(ratio=0.3), example_inputs=(x,))
+        >>> small = apply_structured(net, plan)
+    """
+    example = _example(model, data, example_inputs)
+    if cfg.target is not None and ratio is None:
+        key, frac = next(iter(cfg.target.items()))
+        measure = _metric(key, example)
+        _, plan, found = _step(model, cfg, data, example, None,
+                               (measure, measure(model), frac))
+        return {**plan, "target": {"metric": key, **found}}
+    graph = build_dependency_graph(model, example)
+    groups, skipped = _selected_groups(model, graph, cfg)
+    scores = score_groups(model, groups, cfg, data)
+    r = cfg.ratio if ratio is None else ratio
+    return _plan_for_ratio(model, graph, groups, scores, r or 0.0, cfg, skipped)
+
+
+def apply_structured(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
+    """A physically smaller copy of ``model`` with only the planned channels.
+
+    Args:
+        model: the model the plan was made for (or a fresh build of its architecture).
+        plan: from :func:`plan_structured` (or ``record.details["plans"][i]``), possibly
+            after a JSON round trip.
+
+    Returns:
+        A new module with smaller parameters and updated size attributes.
+
+    Raises:
+        ConfigError: the plan is not a structured-prune plan or names missing tensors.
+
+    Example:
+        >>> plan = json.loads(Path("plan.json").read_text())
+        >>> small = apply_structured(build_model("resnet20", (3, 32, 32), 10), plan)
+    """
+    if plan.get("format") != PLAN_FORMAT:
+        raise ConfigError(f"not a structured-prune plan (format {plan.get('format')!r}, "
+                          f"expected {PLAN_FORMAT!r})")
+    new = apply_slices(copy.deepcopy(model), plan["slices"], plan.get("heads"))
+    if plan["slices"] and hasattr(new, "slimkit_spec"):
+        del new.slimkit_spec  # the zoo spec alone rebuilds the unpruned sizes: the plan is needed
+    return new
+
+
+@register_rebuilder("structured_prune")
+def _rebuild(model: nn.Module, plan: dict) -> nn.Module:
+    """Artifact loading: give a freshly built model the pruned structure of ``plan``."""
+    return apply_slices(model, plan["slices"], plan.get("heads"))
+
+
+def _metric(name: str, example: tuple[torch.Tensor, ...]) -> Any:
+    from slimkit.measure.counts import count_flops, count_params
+
+    if name == "flops":
+        return lambda m: float(count_flops(m, example)["flops"])
+    if name == "params":
+        return lambda m: float(count_params(m)["params"])
+
+    def latency(m: nn.Module) -> float:
+        from slimkit.measure.latency import time_interleaved, torch_runner
+
+        with torch.no_grad():
+            t = time_interleaved({"m": torch_runner(m, example)}, warmup=3, repeats=15)
+        return t["m"]["median_ms"]
+
+    return latency
+
+
+def _step(model: nn.Module, cfg: StructuredPruneConfig, data: DataBundle | None,
+          example: tuple[torch.Tensor, ...], ratio: float | None,
+          target: tuple[Any, float, float] | None) -> tuple[nn.Module, dict, dict | None]:
+    """One prune step: plan (for a ratio, or searching the ratio that meets a target), apply."""
+    graph = build_dependency_graph(model, example)
+    groups, skipped = _selected_groups(model, graph, cfg)
+    scores = score_groups(model, groups, cfg, data)
+
+    def make(r: float) -> tuple[nn.Module, dict]:
+        plan = _plan_for_ratio(model, graph, groups, scores, r, cfg, skipped)
+        return apply_structured(model, plan), plan
+
+    if target is None:
+        pruned, plan = make(ratio or 0.0)
+        return pruned, plan, None
+    measure, base, frac = target
+    result = search_ratio(lambda r: measure(make(r)[0]) / base, frac, cfg.max_layer_ratio)
+    pruned, plan = make(result.ratio)
+    return pruned, plan, {"ratio": result.ratio, "achieved": result.achieved,
+                          "asked": frac, "reached": result.reached, "trials": result.trials}
+
+
+def structured_prune(model: nn.Module, cfg: StructuredPruneConfig,
+                     data: DataBundle | None = None, teacher: nn.Module | None = None,
+                     progress: bool = False, checkpoint_dir: str | Path | None = None,
+                     example_inputs: Sequence[torch.Tensor] | None = None,
+                     ) -> tuple[nn.Module, Record]:
+    """Remove whole channels/heads/conv groups from a copy of ``model``; verify the result.
+
+    Args:
+        model: any ``torch.export``-able module (left untouched).
+        cfg: the config (ratio or target, criterion, allocation, rounding, selection...).
+        data: calibration data (``taylor``) and training data (``finetune``).
+        teacher: distillation teacher for ``finetune.distill``; default: the unpruned model.
+        progress: show fine-tuning progress.
+        checkpoint_dir: where fine-tuning checkpoints go.
+        example_inputs: inputs to trace and verify with (default: two samples of ``data``).
+
+    Returns:
+        The pruned copy and a Record: ``changed`` one line per resized layer; ``skipped`` the
+        groups left alone and why; ``details``: ``layers`` (per Conv/Linear/norm channels
+        before/after), ``params``/``flops`` before/after, ``unsupported_ops`` (ops without a
+        channel rule, by module; their channels were left alone), ``plans`` (one per step,
+        replayable with :func:`apply_structured`), ``target`` (asked, achieved, reached) in
+        target mode,
+        ``finetune`` (one training summary per step) when fine-tuning.
+
+    Raises:
+        ConfigError: bad selectors (naming the closest layer), taylor or finetune without data.
+        ModelError: the model cannot be captured, or the pruned model fails / gives NaN/Inf /
+            changes its output shape on the example inputs (naming the reason).
+
+    Example:
+        >>> small, rec = structured_prune(net, StructuredPruneConfig(target={"flops": 0.5}),
+        ...                               example_inputs=(torch.randn(1, 3, 32, 32),))
+        >>> rec.details["target"]["achieved"] <= 0.5
+        True
+    """
+    if cfg.finetune is not None and data is None:
+        raise ConfigError("structured_prune: finetune needs data (give --data)")
+    was_training = model.training
+    try:
+        return _structured_prune(model, cfg, data, teacher, progress, checkpoint_dir,
+                                 _example(model, data, example_inputs))
+    finally:
+        model.train(was_training)  # measuring switches modes; the user's model keeps its own
+
+
+def _structured_prune(model: nn.Module, cfg: StructuredPruneConfig, data: DataBundle | None,
+                      teacher: nn.Module | None, progress: bool,
+                      checkpoint_dir: str | Path | None,
+                      example: tuple[torch.Tensor, ...]) -> tuple[nn.Module, Record]:
+    teacher = model if teacher is None else teacher
+    ref_shape = _forward(model, example).shape
+    target = None
+    if cfg.target is not None:
+        key, frac = next(iter(cfg.target.items()))
+        measure = _metric(key, example)
+        target = (key, frac, measure, measure(model))
+    current, plans, steps, tuned = model, [], [], []
+    for s in range(1, cfg.steps + 1):
+        if target is None:
+            done = cfg.ratio * (s - 1) / cfg.steps  # share of the original channels removed
+            step_ratio = (cfg.ratio / cfg.steps) / (1.0 - done)
+            current, plan, tgt = _step(current, cfg, data, example, step_ratio, None)
+        else:
+            step_frac = 1.0 - (1.0 - target[1]) * s / cfg.steps
+            current, plan, tgt = _step(current, cfg, data, example, None,
+                                       (target[2], target[3], step_frac))
+            steps.append(tgt)
+        plans.append(plan)
+        if cfg.finetune is not None and cfg.finetune.epochs > 0:
+            tuned.append(finetune(current, data, cfg.finetune, teacher=teacher,
+                                  progress=progress, checkpoint_dir=checkpoint_dir,
+                                  label=f"structured fine-tune {s}"))
+    if current is model:
+        current = copy.deepcopy(model)
+    _verify(current, example, ref_shape)
+    record = _record(model, current, example, plans)
+    if tuned:
+        record.details["finetune"] = tuned
+    if target is not None:
+        _record_target(record, current, target, steps, cfg.max_layer_ratio)
+    return current, record
+
+
+def _record(original: nn.Module, pruned: nn.Module, example: tuple[torch.Tensor, ...],
+            plans: list[dict[str, Any]]) -> Record:
+    from slimkit.measure.counts import count_flops, count_params
+
+    skipped: list[dict[str, str]] = []
+    for plan in plans:
+        skipped += [k for k in plan["skipped"] if k not in skipped]
+    record = Record(skipped=skipped)
+    record.details["layers"] = _layer_sizes(original, pruned)
+    record.changed = [f"{n}: {v['before']} -> {v['after']} (out, in) channels"
+                      for n, v in record.details["layers"].items()]
+    record.details["params"] = {"before": count_params(original)["params"],
+                                "after": count_params(pruned)["params"]}
+    record.details["flops"] = {"before": count_flops(original, example)["flops"],
+                               "after": count_flops(pruned, example)["flops"]}
+    record.details["plans"] = plans
+    record.details["unsupported_ops"] = plans[0]["unsupported"] if plans else []
+    return record
+
+
+def _record_target(record: Record, pruned: nn.Module, target: tuple, steps: list[dict],
+                   max_layer_ratio: float) -> None:
+    key, frac, measure, base = target
+    # Latency is re-measured on the final model; counts are exact from the search.
+    achieved = measure(pruned) / base if key == "latency" else steps[-1]["achieved"]
+    reached = achieved <= frac + 1e-9
+    record.details["target"] = {"metric": key, "asked": frac, "achieved": achieved,
+                                "reached": reached, "steps": steps}
+    if not reached:
+        record.skipped.append({"what": f"target {key} {frac}",
+                               "why": f"not reachable: best achieved {achieved:.3f} "
+                                      f"(max_layer_ratio {max_layer_ratio}); kept the best"})
+
+
+def _forward(model: nn.Module, example: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(*example)
+    finally:
+        model.train(was)
+    if not isinstance(out, torch.Tensor):
+        raise ModelError(f"structured_prune needs a model returning one tensor, got "
+                         f"{type(out).__name__}")
+    return out
+
+
+def _verify(model: nn.Module, example: tuple[torch.Tensor, ...],
+            shape: torch.Size) -> None:
+    """Forward pass, NaN/Inf check, output shape unchanged."""
+    try:
+        out = _forward(model, example)
+    except Exception as exc:
+        where = module_in_traceback(model, exc)
+        name = where.split(" ")[0]
+        raise ModelError(f"the pruned model fails in module '{where}' on the example inputs "
+                         f"({type(exc).__name__}: {str(exc)[:200]}); it probably hard-codes a "
+                         f"channel count: leave it alone with exclude: ['{name}']") from exc
+    if out.shape != shape:
+        raise ModelError(f"pruning changed the output shape {tuple(shape)} -> "
+                         f"{tuple(out.shape)}")
+    if not torch.isfinite(out).all():
+        raise ModelError("the pruned model produced NaN/Inf on the example inputs")
+
+
+def _layer_sizes(before: nn.Module, after: nn.Module) -> dict[str, dict[str, list[int]]]:
+    """Per resized module: its (out, in) channel counts before and after."""
+    old = dict(before.named_modules())
+    out = {}
+    for name, m in after.named_modules():
+        w = getattr(m, "weight", None)
+        ow = getattr(old.get(name), "weight", None)
+        if isinstance(w, torch.Tensor) and isinstance(ow, torch.Tensor) and w.shape != ow.shape:
+            out[name] = {"before": list(ow.shape[:2]), "after": list(w.shape[:2])}
+    return out

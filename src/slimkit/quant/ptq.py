@@ -1,0 +1,319 @@
+"""Post-training static INT8 quantization (weights per-channel int8, activations per-tensor).
+
+The pipeline (each step a separate module, plan first, then apply):
+
+1. fold BatchNorm into the preceding Conv/Linear (:mod:`slimkit.quant.fold`);
+2. optionally equalize conv -> ReLU -> conv ranges (:mod:`slimkit.quant.equalize`) or smooth
+   transformer activations into weights (:mod:`slimkit.quant.smoothquant`);
+3. plan: which layers get which quantizers. Every layer quantizes its input; its output is
+   quantized with the *next* layer's input qparams when only max pooling, shape ops or a ReLU
+   lie between them (``Q(relu(maxpool(y))) == relu(maxpool(Q(y)))`` when the zero point is the
+   lowest code), otherwise with its own. In ONNX this gives ``DQ -> Conv -> Q`` groups that
+   ONNX Runtime fuses into integer kernels, with no float island between them;
+4. calibrate the float model with streaming observers (:mod:`slimkit.quant.observers`);
+5. wrap, set qparams, put biases on the int32 grid ``s_x * s_w`` the integer kernels use,
+   optionally correct the bias for the weight rounding error (:mod:`slimkit.quant.bias_correction`),
+   and freeze (int8 codes replace the float weights).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from slimkit.core.config import SlimConfig
+from slimkit.core.errors import ConfigError, DataError, ModelError, did_you_mean
+from slimkit.core.record import Record
+from slimkit.data.bundle import DataBundle
+from slimkit.data.split import calibration_subset
+from slimkit.graph.chains import output_links
+from slimkit.graph.select import select_layers
+from slimkit.io.model import set_mode
+from slimkit.quant.calibrate import collect
+from slimkit.quant.fold import fold_batchnorm
+from slimkit.quant.modules import QUANTIZABLE, QuantLayer
+from slimkit.quant.observers import CALIBRATORS, make_observer
+from slimkit.quant.plan import QuantSpec, freeze, wrap_layers
+from slimkit.quant.primitives import choose_qparams, qrange
+
+
+class PtqConfig(SlimConfig):
+    """Static post-training quantization to INT8 (integer kernels in ONNX Runtime).
+
+    Example:
+        >>> PtqConfig(calibration="percentile", percentile=99.99, num_samples=256)
+    """
+
+    kind: Literal["ptq"] = "ptq"
+    version: Literal[1] = Field(1, description="Config schema version.")
+    calibration: str = Field("percentile", description="Activation range method: minmax, "
+                             "percentile, mse or entropy (the CALIBRATORS registry).")
+    percentile: float = Field(99.99, gt=50.0, le=100.0,
+                              description="calibration=percentile: clip at this percentile.")
+    num_samples: int = Field(512, ge=1, description="Calibration samples (class-stratified "
+                                                    "from the training set).")
+    batch_size: int = Field(64, ge=1, description="Calibration batch size.")
+    weight_bits: int = Field(8, ge=2, le=8, description="Weight code width (ONNX Runtime's "
+                             "integer kernels need 8; fewer bits export as float weights).")
+    weight_granularity: Literal["channel", "tensor"] = Field(
+        "channel", description="Weight scales per output channel or per tensor.")
+    weight_narrow: bool = Field(True, description="Symmetric weights in [-127, 127] (no -128).")
+    reduce_range: bool = Field(
+        True, description="8-bit weights use 7 bits ([-63, 63], still stored as int8) so that "
+        "u8 x s8 products never saturate ONNX Runtime's AVX2 kernels (vpmaddubsw) on x86 CPUs "
+        "without VNNI; without it those CPUs compute wrong outputs. Turn off for VNNI or ARM "
+        "targets.")
+    activations: Literal["uint8", "int8"] = Field(
+        "uint8", description="Activation codes, asymmetric per tensor: uint8 (ORT's fast x86 "
+        "u8s8 path) or int8 (ORT 1.32 on x86 fuses no QLinearConv for int8 activations: convs "
+        "then run in float; the stage record's ort_int8 shows it).")
+    min_conv_reduction: int = Field(
+        64, ge=0, description="Convolutions whose reduction size (in_channels / groups x "
+        "kernel area) is below this stay float: ONNX Runtime's integer conv is slower than its "
+        "float conv there (measured with ORT 1.32 on x86 AVX2: 2.4x slower at 25 (a first conv "
+        "on 1-channel images), 3-5x at 27 (RGB 3x3), 1.1x faster at 72, 2.8x at 144). 0 "
+        "quantizes every conv.")
+    fold_bn: bool = Field(True, description="Fold BatchNorm into the preceding layer first.")
+    equalize: bool = Field(False, description="Cross-layer equalization of conv->relu->conv "
+                                              "pairs (Nagel et al. 2019) before quantizing.")
+    bias_correction: bool = Field(False, description="Subtract the mean output error caused by "
+                                                     "weight rounding (Nagel et al. 2019).")
+    smoothquant: bool = Field(False, description="Migrate activation outliers into the weights "
+                                                 "of LayerNorm->Linear pairs (Xiao et al. 2023).")
+    smoothquant_alpha: float = Field(0.5, ge=0.0, le=1.0, description="SmoothQuant strength.")
+    include: list[str] = Field(default_factory=list,
+                               description="Only these layers (name, re:REGEX or type:Class).")
+    exclude: list[str] = Field(default_factory=list,
+                               description="Leave these layers in float (name, re:, type:).")
+    seed: int = Field(0, description="Seed of the calibration subset.")
+
+    @field_validator("calibration")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in CALIBRATORS:
+            raise ValueError(f"unknown calibration method '{v}'; known: "
+                             f"{', '.join(CALIBRATORS.names())}.{did_you_mean(v, CALIBRATORS)}")
+        return v
+
+
+def _calibration_data(data: DataBundle | torch.Tensor | None, cfg: PtqConfig) -> torch.Tensor:
+    if data is None:
+        raise DataError("ptq needs calibration data: give a dataset (--data) or a tensor")
+    if isinstance(data, DataBundle):
+        return calibration_subset(data, cfg.num_samples, cfg.seed)
+    if len(data) == 0:
+        raise DataError("ptq: the calibration tensor is empty")
+    return data[: cfg.num_samples]
+
+
+def act_spec(cfg: PtqConfig) -> QuantSpec:
+    """The activation quantizer: 8-bit asymmetric per tensor, uint8 or int8 codes."""
+    return QuantSpec(bits=8, symmetric=False, signed=cfg.activations == "int8")
+
+
+def weight_spec(cfg: PtqConfig) -> QuantSpec:
+    """The weight quantizer: symmetric signed, per output channel or per tensor."""
+    bits = 7 if cfg.reduce_range and cfg.weight_bits == 8 else cfg.weight_bits
+    return QuantSpec(bits=bits, symmetric=True, signed=True,
+                     granularity=cfg.weight_granularity, narrow=cfg.weight_narrow)
+
+
+def _observer_kwargs(cfg: PtqConfig) -> dict[str, Any]:
+    a = act_spec(cfg)
+    kw: dict[str, Any] = {"bits": a.bits, "symmetric": a.symmetric, "signed": a.signed}
+    if cfg.calibration == "percentile":
+        kw["percentile"] = cfg.percentile
+    return kw
+
+
+def plan_ptq(model: nn.Module, cfg: PtqConfig) -> tuple[dict[str, dict], list[dict]]:
+    """Which layers are quantized and where their output quantizer comes from.
+
+    Returns:
+        ``(layers, skipped)``: ``layers[name] = {"consumer": layer or None, "through": [...],
+        "relu": bool}`` in model order; ``skipped`` lists ``{"what", "why"}``.
+
+    Raises:
+        ConfigError: no quantizable layer is selected.
+    """
+    chosen, skipped = select_layers(model, QUANTIZABLE, cfg.include, cfg.exclude)
+    for name, mod in list(chosen.items()):
+        if not isinstance(mod, nn.modules.conv._ConvNd):
+            continue
+        reduction = mod.weight[0].numel()  # in_channels / groups x kernel area
+        if mod.padding_mode != "zeros":
+            skipped.append({"what": name, "why": f"padding_mode '{mod.padding_mode}' has no "
+                                                 "integer kernel"})
+            del chosen[name]
+        elif reduction < cfg.min_conv_reduction:
+            skipped.append({"what": name, "why": f"reduction size {reduction} < "
+                            f"min_conv_reduction {cfg.min_conv_reduction}: the integer conv "
+                            "would run slower than float; kept float"})
+            del chosen[name]
+    if not chosen:
+        raise ConfigError("ptq: the model has no Linear/Conv layer left to quantize (check "
+                          "include/exclude)")
+    links = output_links(model, set(chosen))
+    if links is None:
+        skipped.append({"what": "output sharing", "why": "the model could not be traced; every "
+                        "layer quantizes its own output"})
+        links = {n: {"consumer": None, "through": [], "relu": False, "relu_module": None}
+                 for n in chosen}
+    return {n: links[n] for n in chosen}, skipped
+
+
+def _calibrate(model: nn.Module, layers: dict[str, dict], cfg: PtqConfig,
+               calib: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Observe every layer input, and the outputs not served by a consumer's input."""
+    points = {f"{n}:input": (n, "input") for n in layers}
+    # An output followed by a ReLU is observed after it: the range then starts at 0, the zero
+    # point is the lowest code, and the quantizer makes the ReLU a no-op the export drops.
+    points |= {f"{n}:output": (link.get("relu_module") or n, "output")
+               for n, link in layers.items() if link["consumer"] is None}
+    kw = _observer_kwargs(cfg)
+    obs = collect(model, points, lambda key: make_observer(cfg.calibration, key, **kw), calib,
+                  cfg.batch_size)
+    return {k: o.range() for k, o in obs.items()}
+
+
+def _output_range(name: str, link: dict, ranges: dict, spec: QuantSpec,
+                  notes: list[dict]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The output range of ``name``: its consumer's input range when that is exact."""
+    if link["consumer"] is None:
+        lo, hi = ranges[f"{name}:output"]
+        relu = link.get("relu_module") is not None
+    else:
+        lo, hi = ranges[f"{link['consumer']}:input"]
+        relu = link["relu"]
+    if relu:
+        qmin = qrange(spec.bits, spec.signed, spec.narrow)[0]
+        _, zero = choose_qparams(lo, hi, spec.bits, spec.symmetric, spec.signed, spec.narrow)
+        if int(zero.flatten()[0]) != qmin:
+            notes.append({"what": f"{name} output", "why": "a ReLU follows: quantizing before "
+                          "it needs the zero point at the lowest code; output left in float"})
+            return None
+    return lo, hi
+
+
+def snap_bias(ql: QuantLayer) -> bool:
+    """Round the bias to the int32 grid ``s_x * s_w`` that integer kernels accumulate on.
+
+    Returns:
+        True when some bias value had to be clipped to the int32 range (a tiny input scale,
+        e.g. from constant calibration data).
+    """
+    if ql.layer.bias is None or ql.input_fq is None or ql.weight_fq is None:
+        return False
+    if ql.input_fq.granularity.kind != "tensor" or ql.weight_fq.granularity.kind == "group":
+        return False
+    with torch.no_grad():
+        step = (ql.input_fq.scale.double() * ql.weight_fq.scale.double().flatten())
+        step = step.expand_as(ql.layer.bias)
+        q = torch.round(ql.layer.bias.double() / step)
+        clipped = bool((q.abs() > 2**31 - 1).any())
+        q = q.clamp(-(2**31), 2**31 - 1)
+        ql.layer.bias.copy_((q * step).to(ql.layer.bias.dtype))
+    return clipped
+
+
+def _describe(name: str, ql: QuantLayer, link: dict, cfg: PtqConfig) -> dict[str, Any]:
+    def rng(fq: Any) -> list[float] | None:
+        if fq is None:
+            return None
+        lo = (float(fq.qmin) - float(fq.zero_point)) * float(fq.scale)
+        return [lo, (float(fq.qmax) - float(fq.zero_point)) * float(fq.scale)]
+
+    return {"bits": ql.weight_fq.bits, "storage": "int8", "scheme": "symmetric", "granularity":
+            cfg.weight_granularity, "activation": f"{cfg.activations} asymmetric per-tensor",
+            "calibration": cfg.calibration, "input_range": rng(ql.input_fq),
+            "output_range": rng(ql.output_fq),
+            "output_shared_with": link["consumer"] if ql.output_fq is not None else None,
+            "through": link["through"]}
+
+
+def ptq(model: nn.Module, cfg: PtqConfig, data: DataBundle | torch.Tensor | None,
+        ) -> tuple[nn.Module, Record]:
+    """Quantize a copy of ``model`` to static INT8 with calibration data.
+
+    Args:
+        model: the float model (not modified).
+        cfg: the PTQ settings.
+        data: a DataBundle (a class-stratified calibration subset is drawn from its training
+            set) or a tensor of calibration inputs.
+
+    Returns:
+        The quantized model (frozen QuantLayers holding int8 codes) and a Record whose details
+        hold the replayable ``plan``, the folded ``bn_pairs`` and per-layer settings.
+
+    Raises:
+        ConfigError: nothing to quantize. DataError: no/empty/non-finite calibration data.
+        ModelError: the quantized model produces NaN/Inf.
+
+    Example:
+        >>> qmodel, record = ptq(model, PtqConfig(calibration="mse"), bundle)
+    """
+    calib = _calibration_data(data, cfg)
+    m = copy.deepcopy(model)
+    set_mode(m, False)
+    record = Record()
+    pairs = fold_batchnorm(m) if cfg.fold_bn else []
+    record.changed += [f"{bn}: folded into {layer}" for layer, bn in pairs]
+    record.details.update(_prepare(m, cfg, calib, record))
+    layers, skipped = plan_ptq(m, cfg)
+    record.skipped += skipped
+    ranges = _calibrate(m, layers, cfg, calib)
+    a_spec, w_spec = act_spec(cfg), weight_spec(cfg)
+    plan: dict[str, dict] = {}
+    outs = {}
+    for name, link in layers.items():
+        outs[name] = _output_range(name, link, ranges, a_spec, record.skipped)
+        plan[name] = {"weight": w_spec.model_dump(), "input": a_spec.model_dump(),
+                      "output": a_spec.model_dump() if outs[name] is not None else None}
+    wrapped = wrap_layers(m, plan)
+    for name, ql in wrapped.items():
+        ql.input_fq.set_range(*ranges[f"{name}:input"])
+        if ql.output_fq is not None:
+            ql.output_fq.set_range(*outs[name])
+    if cfg.bias_correction:
+        from slimkit.quant.bias_correction import correct_biases
+
+        record.details["bias_correction"] = correct_biases(m, wrapped, calib, cfg.batch_size)
+    record.skipped += [{"what": f"{n} bias", "why": "exceeds the int32 range of s_x * s_w "
+                        "(tiny input scale: constant calibration data?); clipped"}
+                       for n, ql in wrapped.items() if snap_bias(ql)]
+    freeze(m)
+    _verify(m, calib[: cfg.batch_size])
+    record.details["layers"] = {n: _describe(n, wrapped[n], layers[n], cfg) for n in wrapped}
+    record.changed += [f"{n}: int{wrapped[n].weight_fq.bits} weights ({cfg.weight_granularity}), "
+                       f"{cfg.activations} activations ({cfg.calibration})" for n in wrapped]
+    record.details.update({"plan": {"layers": plan, "frozen": True}, "bn_pairs": pairs,
+                           "calibration": cfg.calibration, "num_samples": len(calib)})
+    return m, record
+
+
+def _prepare(m: nn.Module, cfg: PtqConfig, calib: torch.Tensor, record: Record) -> dict:
+    """Float-equivalent rewrites before quantization (equalization, SmoothQuant)."""
+    details: dict[str, Any] = {}
+    if cfg.equalize:
+        from slimkit.quant.equalize import equalize
+
+        details["equalized"] = equalize(m)
+        record.changed += [f"{a} / {b}: equalized" for a, b in details["equalized"]]
+    if cfg.smoothquant:
+        from slimkit.quant.smoothquant import smooth
+
+        details["smoothed"] = smooth(m, calib, cfg.smoothquant_alpha, cfg.batch_size)
+        record.changed += [f"{n}: smoothed (alpha {cfg.smoothquant_alpha})"
+                           for n in details["smoothed"]]
+    return details
+
+
+def _verify(m: nn.Module, x: torch.Tensor) -> None:
+    with torch.inference_mode():
+        out = m(x)
+    if not torch.isfinite(out).all():
+        raise ModelError("ptq: the quantized model produces NaN/Inf on calibration inputs")

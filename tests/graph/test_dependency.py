@@ -1,0 +1,134 @@
+"""Dependency analysis: which slices are coupled, what is locked and why, what is reported."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tests.prune._structured_models import (
+    ConcatNet,
+    ConvNet,
+    GroupedNet,
+    MHANet,
+    Rolled,
+    SplitNet,
+)
+from torch import nn
+
+from slimkit.core.errors import ModelError
+from slimkit.graph.dependency import analyze, build_dependency_graph
+from slimkit.zoo import build_model
+
+X = (torch.randn(2, 3, 8, 8),)
+
+
+def _groups(model: nn.Module, x=X) -> dict:
+    return {g.root: g for g in build_dependency_graph(model, x).groups}
+
+
+def _member(group, param: str, dim: int):
+    return next(m for m in group.members if m.param == param and m.dim == dim)
+
+
+def test_flatten_into_linear_maps_a_channel_to_its_spatial_block():
+    g = _groups(ConvNet())["conv2"]
+    fc = _member(g, "fc.weight", 1)
+    assert fc.indices[3] == list(range(48, 64)) and g.size == 12
+    assert _member(g, "bn2.running_var", 0).indices[3] == [3]
+
+
+def test_concat_offsets_and_residual_add():
+    gs = _groups(ConcatNet())
+    assert _member(gs["a"], "mix.weight", 1).indices == [[i] for i in range(6)]
+    assert _member(gs["b"], "mix.weight", 1).indices == [[6 + i] for i in range(10)]
+    stem = gs["stem"]  # stem's output is added to mix's output: one group
+    assert {(m.param, m.dim) for m in stem.members} >= {
+        ("stem.weight", 0), ("mix.weight", 0), ("mix.bias", 0), ("a.weight", 1),
+        ("b.weight", 1), ("head.weight", 1)}
+
+
+def test_chunk_couples_the_same_position_of_every_piece():
+    g = _groups(SplitNet())["stem"]
+    assert g.size == 8 and _member(g, "stem.weight", 0).indices[2] == [2, 10]
+    assert _member(g, "gate.weight", 1).indices[2] == [10, 18]  # cat([y, a, b])
+
+
+def test_grouped_and_depthwise_convs_prune_whole_groups():
+    gs = _groups(GroupedNet())
+    # groups=4 conv: a unit is one conv group (4 in + 4 out channels); GroupNorm's 4 groups and
+    # the depthwise x2 conv (input c -> outputs 2c, 2c+1) line up with it: one group of 4.
+    g = gs["stem"]
+    assert g.size == 4 and g.prunable
+    assert _member(g, "stem.weight", 0).indices[1] == [4, 5, 6, 7]
+    assert _member(g, "grouped.weight", 0).indices[1] == [4, 5, 6, 7]
+    assert _member(g, "gn.weight", 0).indices[1] == [4, 5, 6, 7]
+    assert _member(g, "dw.weight", 0).indices[1] == list(range(8, 16))
+    assert _member(g, "pw.weight", 1).indices[1] == list(range(8, 16))
+    assert ("grouped.weight", 1) not in {(m.param, m.dim) for m in g.members}
+
+
+def test_resnet_padded_shortcut_is_locked_with_its_reason():
+    report = analyze(build_model("resnet20", (3, 8, 8), 10), X)
+    locked = {g["root"]: g["why"] for g in report["unprunable"]}
+    assert any("pad" in w for w in locked["conv1"])
+    assert len(report["prunable"]) == 9 and report["unsupported"] == []
+
+
+def test_attention_heads_and_module_attributes():
+    gs = _groups(build_model("vit", (3, 8, 8), 10, dim=32, depth=1, heads=4))
+    head = gs["blocks.0.attn.q"]
+    assert head.size == 4 and head.heads == ["blocks.0.attn"]
+    assert _member(head, "blocks.0.attn.out.weight", 1).indices[1] == list(range(8, 16))
+    assert _member(head, "blocks.0.attn.k.weight", 0).indices[1] == list(range(8, 16))
+
+
+def test_multihead_attention_module_is_locked_but_the_mlp_is_not():
+    report = analyze(MHANet(), (torch.randn(2, 5, 6),))
+    assert any("MultiheadAttention" in " ".join(g["why"]) for g in report["unprunable"])
+    assert [g["root"] for g in report["prunable"]] == ["fc1"]
+
+
+def test_unknown_ops_are_reported_by_module_and_op_and_lock_the_group():
+    report = analyze(Rolled(), X)
+    first = report["unsupported"][0]
+    assert (first["module"], first["op"]) == ("", "roll")
+    assert report["prunable"] == []
+    assert any("roll" in " ".join(g["why"]) for g in report["unprunable"])
+
+
+class Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if y.sum() > 0:  # data-dependent control flow: not capturable
+            return y
+        return -y
+
+
+def test_uncapturable_model_is_a_model_error_naming_the_module():
+    with pytest.raises(ModelError, match="Branchy"):
+        build_dependency_graph(Branchy(), X)
+
+
+def test_graph_is_json_serializable_and_leaves_the_model_alone():
+    net = ConvNet().train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    graph = build_dependency_graph(net, X)
+    assert json.loads(json.dumps(graph.to_dict()))["groups"][0]["root"] == "conv1"
+    assert net.training and all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_squeeze_excitation_gate_and_transposed_conv():
+    from tests.prune._structured_models import SEDecoderNet
+
+    gs = _groups(SEDecoderNet())
+    stem = gs["stem"]  # the gate multiplies the stem's channels: se_expand rows join them
+    assert {("se_expand.weight", 0), ("se_reduce.weight", 1), ("up.weight", 0)} <= \
+        {(m.param, m.dim) for m in stem.members}
+    up = gs["up"]  # a transposed conv's outputs are weight dim 1
+    assert {("up.weight", 1), ("up.bias", 0), ("bn.weight", 0), ("head.weight", 1)} <= \
+        {(m.param, m.dim) for m in up.members}

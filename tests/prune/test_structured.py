@@ -1,0 +1,400 @@
+"""Structured pruning against references: hand-restricted originals, identity, invariants."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from pydantic import ValidationError
+from tests.prune._structured_models import (
+    ConcatNet,
+    ConvNet,
+    DenseNet,
+    GroupedNet,
+    Rolled,
+    SEDecoderNet,
+    SplitNet,
+    init_bn,
+)
+from torch import nn
+
+from slimkit.core.errors import ConfigError, ModelError
+from slimkit.graph.dependency import build_dependency_graph
+from slimkit.prune.structured import (
+    StructuredPruneConfig,
+    apply_structured,
+    plan_structured,
+    structured_prune,
+)
+from slimkit.zoo import build_model
+
+X = (torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0)),)
+
+
+def _convnet() -> nn.Module:
+    torch.manual_seed(0)
+    return init_bn(ConvNet())
+
+
+def _out(m: nn.Module, x: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    with torch.no_grad():
+        return m.eval()(*x)
+
+
+def _group_keep(plan: dict, root: str) -> list[int]:
+    return next(g["keep"] for g in plan["groups"] if g["root"] == root)
+
+
+def test_pruned_equals_original_with_removed_channels_zeroed():
+    net = _convnet().double()
+    x = (X[0].double(),)
+    plan = plan_structured(net, StructuredPruneConfig(ratio=0.5, allocation="uniform"),
+                           example_inputs=x)
+    small = apply_structured(net, plan)
+    keep1, keep2 = _group_keep(plan, "conv1"), _group_keep(plan, "conv2")
+    assert len(keep1) == 8 and len(keep2) == 6
+    ref = init_bn(ConvNet()).double()
+    ref.load_state_dict(net.state_dict())
+    with torch.no_grad():  # the removed channels' contributions, zeroed by hand
+        gone1 = [c for c in range(16) if c not in keep1]
+        ref.conv2.weight[:, gone1] = 0
+        gone2 = [c for c in range(12) if c not in keep2]
+        cols = [c * 16 + i for c in gone2 for i in range(16)]  # flatten: 4x4 block per channel
+        ref.fc.weight[:, cols] = 0
+    torch.testing.assert_close(_out(small, x), _out(ref, x), rtol=1e-10, atol=1e-10)
+    assert small.conv1.weight.shape == (8, 3, 3, 3) and small.bn1.running_var.shape == (8,)
+    assert small.conv2.in_channels == 8 and small.fc.in_features == 6 * 16
+    torch.testing.assert_close(small.conv1.weight, net.conv1.weight[keep1])
+    torch.testing.assert_close(small.bn2.running_mean, net.bn2.running_mean[keep2])
+
+
+def test_concat_and_residual_keep_the_right_columns():
+    torch.manual_seed(0)
+    net = ConcatNet().double().eval()
+    x = (X[0].double(),)
+    plan = plan_structured(net, StructuredPruneConfig(ratio=0.5, allocation="uniform"),
+                           example_inputs=x)
+    small = apply_structured(net, plan)
+    ka, kb, ks = (_group_keep(plan, r) for r in ("a", "b", "stem"))
+    cols = ka + [6 + c for c in kb]
+    torch.testing.assert_close(small.mix.weight, net.mix.weight[ks][:, cols])
+    torch.testing.assert_close(small.head.weight, net.head.weight[:, ks])
+    ref = ConcatNet().double().eval()
+    ref.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        ref.mix.weight[:, [c for c in range(16) if c not in cols]] = 0
+        gone = [c for c in range(8) if c not in ks]
+        for t in (ref.stem.weight, ref.stem.bias, ref.mix.weight, ref.mix.bias):
+            t[gone] = 0
+        ref.head.weight[:, gone] = 0
+    torch.testing.assert_close(_out(small, x), _out(ref, x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_ratio_zero_is_the_identity(allocation: str):
+    net = _convnet()
+    small, rec = structured_prune(net, StructuredPruneConfig(ratio=0.0, allocation=allocation),
+                                  example_inputs=X)
+    torch.testing.assert_close(_out(small, X), _out(net, X), rtol=0, atol=0)
+    assert rec.details["params"]["before"] == rec.details["params"]["after"]
+    assert not rec.changed and small is not net
+
+
+def test_input_model_is_untouched():
+    net = _convnet().train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    structured_prune(net, StructuredPruneConfig(ratio=0.5), example_inputs=X)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert net.training
+
+
+def test_round_to_and_no_layer_goes_to_zero():
+    model = build_model("resnet20", (3, 8, 8), 10)
+    x = (torch.randn(2, 3, 8, 8),)
+    plan = plan_structured(model, StructuredPruneConfig(ratio=0.6, round_to=8,
+                                                        allocation="global"), example_inputs=x)
+    for g in plan["groups"]:
+        assert len(g["keep"]) % 8 == 0 or len(g["keep"]) == g["size"]
+    plan = plan_structured(model, StructuredPruneConfig(ratio=0.99, max_layer_ratio=0.99),
+                           example_inputs=x)
+    assert all(len(g["keep"]) >= 1 for g in plan["groups"])
+    small = apply_structured(model, plan)
+    assert all(m.weight.shape[0] >= 1 for m in small.modules() if isinstance(m, nn.Conv2d))
+    assert torch.isfinite(_out(small, x)).all()
+
+
+def test_max_layer_ratio_caps_every_group():
+    model = build_model("resnet20", (3, 8, 8), 10)
+    plan = plan_structured(model, StructuredPruneConfig(ratio=0.7, max_layer_ratio=0.5),
+                           example_inputs=(torch.randn(2, 3, 8, 8),))
+    assert all(len(g["keep"]) >= g["size"] * 0.5 for g in plan["groups"])
+
+
+def test_excluded_layers_are_untouched():
+    net = _convnet()
+    small, rec = structured_prune(net, StructuredPruneConfig(ratio=0.5, exclude=["conv1"]),
+                                  example_inputs=X)
+    # conv1's output channels also size conv2's input: that group stays whole.
+    assert torch.equal(small.conv1.weight, net.conv1.weight)
+    assert torch.equal(small.conv1.bias, net.conv1.bias)
+    assert small.conv2.in_channels == 16 and small.conv2.out_channels < 12
+    assert any("excluded layer conv1" in s["why"] for s in rec.skipped)
+
+
+def test_unknown_excluded_name_suggests_the_closest():
+    with pytest.raises(ConfigError, match="Did you mean 'conv2'"):
+        structured_prune(_convnet(), StructuredPruneConfig(ratio=0.5, exclude=["cnov2"]),
+                         example_inputs=X)
+
+
+def test_include_limits_the_roots():
+    small, _ = structured_prune(_convnet(), StructuredPruneConfig(ratio=0.5,
+                                                                  include=["re:conv1"]),
+                                example_inputs=X)
+    assert small.conv1.out_channels == 8 and small.conv2.out_channels == 12
+
+
+@pytest.mark.parametrize("bad", [{"ratio": 1.0}, {"ratio": -0.1}, {},
+                                 {"ratio": 0.3, "target": {"flops": 0.5}},
+                                 {"target": {"flop": 0.5}}, {"target": {"flops": 1.5}},
+                                 {"ratio": 0.3, "criterion": "l3"}])
+def test_config_rejects_bad_values(bad: dict):
+    with pytest.raises((ValidationError, ConfigError)):
+        StructuredPruneConfig(**bad)
+
+
+def test_plan_is_json_and_replays_on_a_fresh_model():
+    net = _convnet()
+    plan = plan_structured(net, StructuredPruneConfig(ratio=0.4, criterion="fpgm"),
+                           example_inputs=X)
+    again = json.loads(json.dumps(plan))
+    a, b = apply_structured(net, plan), apply_structured(_convnet(), again)
+    torch.testing.assert_close(_out(a, X), _out(b, X), rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="not a structured-prune plan"):
+        apply_structured(net, {"format": "other"})
+
+
+@pytest.mark.parametrize("metric", ["flops", "params"])
+def test_target_is_reached_by_measurement(metric: str):
+    small, rec = structured_prune(_convnet(), StructuredPruneConfig(target={metric: 0.5}),
+                                  example_inputs=X)
+    t = rec.details["target"]
+    assert t["reached"] and t["achieved"] <= 0.5 and t["asked"] == 0.5
+    measured = rec.details[metric]["after"] / rec.details[metric]["before"]
+    assert measured == pytest.approx(t["achieved"], rel=1e-9)
+    assert t["achieved"] > 0.3  # the search stops near the target, not far below it
+
+
+def test_unreachable_target_says_so_and_keeps_the_best():
+    small, rec = structured_prune(_convnet(), StructuredPruneConfig(target={"params": 0.01},
+                                                                    max_layer_ratio=0.5),
+                                  example_inputs=X)
+    assert not rec.details["target"]["reached"]
+    assert any("not reachable" in s["why"] for s in rec.skipped)
+    assert rec.details["params"]["after"] < rec.details["params"]["before"]
+
+
+def test_attention_heads_are_pruned_whole_and_counts_updated():
+    model = build_model("vit", (3, 8, 8), 10, dim=32, depth=1, heads=4)
+    x = (torch.randn(2, 3, 8, 8),)
+    graph = build_dependency_graph(model, x)
+    head_groups = [g for g in graph.groups if g.heads]
+    assert head_groups and head_groups[0].size == 4
+    plan = plan_structured(model, StructuredPruneConfig(ratio=0.5, allocation="uniform",
+                                                        include=["re:.*attn.*"]),
+                           example_inputs=x)
+    small = apply_structured(model, plan)
+    attn = small.blocks[0].attn
+    assert attn.num_heads == 2 and attn.q.out_features == 16 and attn.out.in_features == 16
+    kept = _group_keep(plan, "blocks.0.attn.q")
+    rows = [h * 8 + i for h in kept for i in range(8)]
+    torch.testing.assert_close(attn.v.weight, model.blocks[0].attn.v.weight[rows])
+    assert _out(small, x).shape == (2, 10)
+
+
+def test_taylor_needs_data_and_uses_it(mlp, digits):
+    with pytest.raises(ConfigError, match="taylor"):
+        structured_prune(mlp.module, StructuredPruneConfig(ratio=0.5, criterion="taylor"),
+                         example_inputs=mlp.example_inputs(2))
+    small, rec = structured_prune(mlp.module, StructuredPruneConfig(
+        ratio=0.5, criterion="taylor", calib_batches=2), data=digits)
+    assert rec.details["params"]["after"] < rec.details["params"]["before"]
+
+
+def test_iterative_steps_with_finetune_keep_accuracy(mlp, digits):
+    from slimkit.measure.quality import accuracy
+
+    cfg = StructuredPruneConfig(ratio=0.5, steps=2,
+                                finetune={"epochs": 1, "lr": 1e-3, "batch_size": 64})
+    small, rec = structured_prune(mlp.module, cfg, data=digits)
+    assert len(rec.details["plans"]) == 2
+    assert abs(small[1].out_features + small[3].out_features - 96) <= 2
+    assert accuracy(_out(small, (digits.x_test,)), digits.y_test)["top1"] > 0.85
+
+
+def test_grouped_conv_attributes_follow_the_kept_groups():
+    torch.manual_seed(0)
+    net = init_bn(GroupedNet())
+    plan = plan_structured(net, StructuredPruneConfig(ratio=0.5, allocation="uniform"),
+                           example_inputs=X)
+    small = apply_structured(net, plan)
+    assert (small.grouped.groups, small.grouped.in_channels, small.grouped.out_channels) == \
+        (2, 8, 8)
+    assert (small.gn.num_groups, small.gn.num_channels) == (2, 8)
+    assert (small.dw.groups, small.dw.in_channels, small.dw.out_channels) == (8, 8, 16)
+    keep = _group_keep(plan, "stem")
+    rows = [u * 4 + i for u in keep for i in range(4)]
+    torch.testing.assert_close(small.grouped.weight, net.grouped.weight[rows])
+    assert _out(small, X).shape == (3, 3)
+
+
+def test_latency_target_is_measured_and_reported():
+    net = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                        nn.Linear(512, 10))
+    x = (torch.randn(64, 64),)
+    small, rec = structured_prune(net, StructuredPruneConfig(target={"latency": 0.6}),
+                                  example_inputs=x)
+    t = rec.details["target"]
+    assert t["metric"] == "latency" and t["asked"] == 0.6 and t["achieved"] > 0
+    assert t["steps"][0]["trials"] and rec.details["flops"]["after"] < \
+        rec.details["flops"]["before"]
+    assert t["reached"] == (t["achieved"] <= 0.6)
+
+
+def test_plan_with_a_target_searches_the_ratio():
+    plan = plan_structured(_convnet(), StructuredPruneConfig(target={"params": 0.6}),
+                           example_inputs=X)
+    small = apply_structured(_convnet(), plan)
+    frac = sum(p.numel() for p in small.parameters()) / sum(
+        p.numel() for p in _convnet().parameters())
+    assert plan["target"]["reached"] and frac == pytest.approx(plan["target"]["achieved"])
+    assert 0.45 < frac <= 0.6
+
+
+@pytest.mark.slow
+def test_hf_bert_heads_and_hidden_size_are_pruned_consistently():
+    transformers = pytest.importorskip("transformers")
+    from slimkit.io.hf import HFLogits
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=64,
+                                  max_position_embeddings=32, num_labels=5)
+    model = HFLogits(transformers.BertForSequenceClassification(cfg).eval(), "input_ids")
+    x = (torch.randint(0, 100, (2, 16)),)
+    small, rec = structured_prune(model, StructuredPruneConfig(ratio=0.5, allocation="uniform"),
+                                  example_inputs=x)
+    attn = small.model.bert.encoder.layer[0].attention.self
+    assert attn.num_attention_heads == 2 and attn.all_head_size == 16
+    assert attn.query.weight.shape == (16, 16)  # 2 heads x 8, hidden 32 -> 16
+    assert small.model.bert.embeddings.word_embeddings.embedding_dim == 16
+    assert _out(small, x).shape == (2, 5)
+
+
+def test_squeeze_excite_and_transposed_conv_match_zeroed_consumers():
+    torch.manual_seed(0)
+    net = init_bn(SEDecoderNet()).double()
+    x = (X[0].double(),)
+    plan = plan_structured(net, StructuredPruneConfig(ratio=0.5, allocation="uniform"),
+                           example_inputs=x)
+    small = apply_structured(net, plan)
+    gone = {r: [c for c in range(g["size"]) if c not in g["keep"]]
+            for r, g in ((g["root"], g) for g in plan["groups"])}
+    assert set(gone) == {"stem", "se_reduce", "up"} and all(len(v) for v in gone.values())
+    ref = init_bn(SEDecoderNet()).double()
+    ref.load_state_dict(net.state_dict())
+    with torch.no_grad():  # a removed channel = its consumers' inputs zeroed
+        ref.se_reduce.weight[:, gone["stem"]] = 0
+        ref.up.weight[gone["stem"]] = 0  # transposed conv: inputs are weight dim 0
+        ref.se_expand.weight[:, gone["se_reduce"]] = 0
+        ref.head.weight[:, gone["up"]] = 0
+    torch.testing.assert_close(_out(small, x), _out(ref, x), rtol=1e-10, atol=1e-10)
+    assert (small.up.in_channels, small.up.out_channels) == (8, 6)
+
+
+def _zero_removed(model: nn.Module, x: tuple[torch.Tensor, ...], plan: dict) -> nn.Module:
+    """A second implementation of a plan: the original with every slice of every removed
+    channel set to zero (running_var to one), so removed channels contribute nothing."""
+    groups = {g.id: g for g in build_dependency_graph(model, x).groups}
+    ref = copy.deepcopy(model)
+    tensors = {**dict(ref.named_parameters()), **dict(ref.named_buffers())}
+    with torch.no_grad():
+        for pg in plan["groups"]:
+            gone = [c for c in range(pg["size"]) if c not in pg["keep"]]
+            for m in groups[pg["id"]].members:
+                ix = torch.tensor([i for c in gone for i in m.indices[c]], dtype=torch.long)
+                fill = 1.0 if m.param.endswith("running_var") else 0.0
+                tensors[m.param].index_fill_(m.dim, ix, fill)
+    return ref
+
+
+@pytest.mark.parametrize("make", [ConvNet, ConcatNet, SplitNet, GroupedNet, SEDecoderNet,
+                                  DenseNet, lambda: build_model("resnet20", (3, 8, 8), 10),
+                                  pytest.param(lambda: build_model("mobilenetv2", (3, 8, 8), 10,
+                                                                   width_mult=0.25),
+                                               marks=pytest.mark.slow)],
+                         ids=["conv", "concat", "split", "grouped", "se_transposed", "dense",
+                              "resnet20", "mobilenetv2"])
+def test_pruned_equals_original_with_removed_slices_zeroed(make):
+    torch.manual_seed(0)
+    net = init_bn(make()).double()
+    x = (X[0][:2].double(),)
+    plan = plan_structured(net, StructuredPruneConfig(ratio=0.5, allocation="uniform"),
+                           example_inputs=x)
+    small = apply_structured(net, plan)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in net.parameters())
+    torch.testing.assert_close(_out(small, x), _out(_zero_removed(net, x, plan), x),
+                               rtol=1e-9, atol=1e-9)
+
+
+def test_record_lists_layers_unsupported_ops_and_skips():
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rolled, self.a, self.b = Rolled(), nn.Linear(4, 32), nn.Linear(32, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.a(self.rolled(x))))
+
+    small, rec = structured_prune(Mixed(), StructuredPruneConfig(ratio=0.5, allocation="uniform"),
+                                  example_inputs=X)
+    assert [(u["module"], u["op"]) for u in rec.details["unsupported_ops"]] == [("rolled",
+                                                                                 "roll")]
+    layers = rec.details["layers"]
+    assert layers["b"] == {"before": [4, 32], "after": [4, 16]}
+    assert layers["a"] == {"before": [32, 4], "after": [16, 2]}
+    assert "rolled.conv" not in layers  # its channels pass through roll: left alone
+    assert any("roll" in s["why"] for s in rec.skipped)
+    assert small.rolled.conv.out_channels == 8
+
+
+class HardCoded(nn.Module):
+    """A head that hard-codes its input width in a view (pruning cannot rewrite that)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = Flat()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(x)))
+
+
+class Flat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8 * 64, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.reshape(-1, 8 * 64))
+
+
+def test_a_hard_coded_size_names_the_module_and_exclude_fixes_it():
+    with pytest.raises(ModelError, match=r"module 'head \(Flat.forward\)'.*exclude: \['head'\]"):
+        structured_prune(HardCoded(), StructuredPruneConfig(ratio=0.5), example_inputs=X)
+    small, rec = structured_prune(HardCoded(), StructuredPruneConfig(ratio=0.5,
+                                                                     exclude=["head"]),
+                                  example_inputs=X)
+    assert small.conv.out_channels == 8 and any("head.fc" in s["why"] for s in rec.skipped)

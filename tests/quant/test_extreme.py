@@ -1,0 +1,138 @@
+"""Binary (BWN) and ternary (TWN) weights: closed forms, STE, training, packed storage."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from slimkit.core.errors import ConfigError
+from slimkit.io.artifact import load_artifact, save_artifact
+from slimkit.io.loader import load_zoo
+from slimkit.io.transforms import record_transform
+from slimkit.quant.extreme import (
+    BinaryQuant,
+    PackedQuantLayer,
+    TernaryQuant,
+    pack_layer,
+    packed_bytes,
+)
+from slimkit.quant.plan import QuantSpec, wrap_layers
+from slimkit.quant.qat import QatConfig, qat
+
+FT = {"max_steps": 80, "lr": 2e-3}
+
+
+def _ternary_reference(w: torch.Tensor) -> torch.Tensor:
+    """TWN per output channel, one channel at a time in float64."""
+    out = torch.zeros_like(w)
+    for c in range(w.shape[0]):
+        row = w[c].flatten()
+        delta = 0.7 * row.abs().mean()
+        big = row.abs() > delta
+        alpha = row.abs()[big].mean()
+        out[c] = (alpha * torch.sign(row) * big).reshape(w[c].shape)
+    return out
+
+
+def test_binary_two_values_per_channel_and_closed_form_alpha():
+    torch.manual_seed(0)
+    w = torch.randn(5, 3, 3, 3, dtype=torch.float64)
+    wb = BinaryQuant(granularity="channel")(w)
+    for c in range(5):
+        alpha = w[c].abs().mean()
+        assert set(wb[c].unique().tolist()) == {alpha.item(), -alpha.item()}
+        torch.testing.assert_close(wb[c], alpha * torch.where(w[c] >= 0, 1.0, -1.0).double())
+    # Per tensor: one alpha for all.
+    wt = BinaryQuant(granularity="tensor")(w)
+    assert len(wt.unique()) == 2
+
+
+def test_ternary_three_values_per_channel_and_closed_form_alpha():
+    torch.manual_seed(1)
+    w = torch.randn(6, 20, dtype=torch.float64)
+    wt = TernaryQuant(granularity="channel")(w)
+    torch.testing.assert_close(wt, _ternary_reference(w), rtol=1e-12, atol=1e-12)
+    for c in range(6):
+        assert len(wt[c].unique()) == 3 and 0.0 in wt[c].tolist()
+
+
+def test_straight_through_gradients():
+    torch.manual_seed(0)
+    for quant in (BinaryQuant(), TernaryQuant()):
+        w = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+        go = torch.randn(4, 7, dtype=torch.float64)
+        (quant(w) * go).sum().backward()
+        torch.testing.assert_close(w.grad, go, rtol=0, atol=0)
+
+
+def test_group_granularity_refused():
+    with pytest.raises(ConfigError, match="tensor or channel"):
+        BinaryQuant(granularity="group:4")
+
+
+@pytest.mark.parametrize("kind,bits,ratio", [("binary", 1, 32), ("ternary", 2, 16)])
+def test_packed_layer_size_and_exact_codes(kind, bits, ratio):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 96))
+    wrap_layers(net, {"0": {"weight": QuantSpec(quantizer=kind, granularity="channel")}})
+    x = torch.randn(8, 64)
+    expected = net(x).detach()
+    codes = net[0].weight_fq.quantize(net[0].layer.weight.detach())
+    entry = pack_layer(net, "0")
+    layer = net[0]
+    assert isinstance(layer, PackedQuantLayer) and entry["code_bits"] == bits
+    assert entry["binary"] == (kind == "binary")
+    torch.testing.assert_close(layer.weight_q, codes, rtol=0, atol=0)
+    torch.testing.assert_close(net(x), expected, rtol=1e-6, atol=1e-6)
+    float_bytes = 64 * 96 * 4
+    assert layer.weight_packed.numel() == 64 * 96 * bits // 8
+    assert layer.weight_packed.numel() * ratio == float_bytes
+    assert packed_bytes(layer) == float_bytes // ratio + 96 * 4
+    assert "layer.weight" not in net.state_dict() and "0.weight_q" not in net.state_dict()
+
+
+@pytest.mark.parametrize("kind", ["binary", "ternary"])
+def test_extreme_qat_trains_on_digits(mlp, digits, kind):
+    q, rec = qat(mlp.module, QatConfig(weight_quantizer=kind, finetune=FT), digits)
+    acc = rec.details["accuracy"]
+    assert acc["after"] > 0.6, acc  # chance is 0.1
+    assert set(rec.details["packed_plan"]["layers"]) == {"1", "3", "5"}
+    row = rec.details["layers"]["3"]
+    assert row["bits"] == (1 if kind == "binary" else 2)
+    assert row["bytes"] < row["float_bytes"] / (12 if kind == "binary" else 8)
+    for m in q.modules():
+        if isinstance(m, PackedQuantLayer):
+            values = m.weight()
+            n = 2 if kind == "binary" else 3
+            assert all(len(values[c].unique()) <= n for c in range(values.shape[0]))
+
+
+def test_first_last_layers_kept_at_8_bits(mlp, digits):
+    cfg = QatConfig(weight_quantizer="binary", first_last_bits=8, finetune={"max_steps": 5})
+    q, rec = qat(mlp.module, cfg, digits)
+    assert set(rec.details["plan"]["layers"]) == {"1", "5"}
+    assert set(rec.details["packed_plan"]["layers"]) == {"3"}
+    assert rec.details["layers"]["1"]["bits"] == 8 and rec.details["layers"]["3"]["bits"] == 1
+
+
+@pytest.mark.parametrize("kind", ["binary", "ternary"])
+def test_packed_artifact_round_trip_and_shrinks(digits, tmp_path, kind):
+    zoo = load_zoo("lenet300", digits)
+    cfg = QatConfig(weight_quantizer=kind, first_last_bits=8, finetune={"max_steps": 5})
+    q, rec = qat(zoo.module, cfg, digits)
+    out = zoo.copy(q)
+    record_transform(out, "quant_layers", "slimkit.quant.plan", rec.details["plan"])
+    record_transform(out, "packed_quant", "slimkit.quant.extreme", rec.details["packed_plan"])
+    save_artifact(out, tmp_path / "q")
+    save_artifact(zoo, tmp_path / "f")
+    back = load_artifact(tmp_path / "q")
+    x = digits.x_test[:32]
+    q.eval()
+    torch.testing.assert_close(back.module(x), q(x), rtol=0, atol=0)
+    size_q = (tmp_path / "q" / "weights.safetensors").stat().st_size
+    size_f = (tmp_path / "f" / "weights.safetensors").stat().st_size
+    assert size_q < size_f / 3.5, (size_q, size_f)
+    assert copy.deepcopy(back.module) is not None
