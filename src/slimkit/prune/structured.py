@@ -59,6 +59,7 @@ from slimkit.io.transforms import register_rebuilder
 from slimkit.prune.allocate import ALLOCATORS, AllocRequest, search_ratio
 from slimkit.prune.criteria import CRITERIA, ScoreInputs, taylor_grads
 from slimkit.prune.slicer import apply_slices
+from slimkit.prune.slimming import SlimmingConfig, slimming_train
 
 PLAN_FORMAT = "slimkit-structured-plan"
 TARGET_KEYS = ("flops", "params", "latency")
@@ -106,6 +107,9 @@ class StructuredPruneConfig(SlimConfig):
     finetune: FinetuneConfig | None = Field(
         None, description="Fine-tune after pruning (after each step), optionally distilled from "
                           "the unpruned model (finetune.distill).")
+    slimming: SlimmingConfig | None = Field(
+        None, description="Network Slimming: first train with an L1 penalty on the "
+                          "normalization scales, then prune (pair with criterion bn_scale).")
 
     @field_validator("criterion")
     @classmethod
@@ -419,6 +423,10 @@ def _structured_prune(model: nn.Module, cfg: StructuredPruneConfig, data: DataBu
         measure = _metric(key, example)
         target = (key, frac, measure, measure(model))
     current, plans, steps, tuned = model, [], [], []
+    slimmed = None
+    if cfg.slimming is not None:
+        current = copy.deepcopy(model)
+        slimmed = slimming_train(current, cfg.slimming, data, progress)
     for s in range(1, cfg.steps + 1):
         if target is None:
             done = cfg.ratio * (s - 1) / cfg.steps  # share of the original channels removed
@@ -440,6 +448,8 @@ def _structured_prune(model: nn.Module, cfg: StructuredPruneConfig, data: DataBu
     record = _record(model, current, example, plans)
     if tuned:
         record.details["finetune"] = tuned
+    if slimmed is not None:
+        record.details["slimming"] = slimmed
     if target is not None:
         _record_target(record, current, target, steps, cfg.max_layer_ratio)
     return current, record
