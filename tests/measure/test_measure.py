@@ -85,3 +85,38 @@ def test_compare_latency_in_both_runtimes(tmp_path):
     assert res["threads"] == 1
     for rt in ("torch", "onnxruntime"):
         assert set(res[rt]) == {"1", "8"} and res[rt]["8"]["m"]["median_ms"] > 0
+
+
+def test_layer_latency_times_each_module_per_forward():
+    import time as _time
+
+    from slimkit.measure.latency import layer_latency
+
+    class Sleep(torch.nn.Module):
+        def forward(self, x):
+            _time.sleep(0.004)
+            return x
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.once, self.twice, self.unused = Sleep(), Sleep(), torch.nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.twice(self.twice(self.once(x)))
+
+    got = layer_latency(Net(), (torch.zeros(1),), ["once", "twice", "unused"], repeats=5)
+    assert 4.0 <= got["once"] < 8.0
+    assert 8.0 <= got["twice"] < 14.0
+    assert got["unused"] is None
+
+
+def test_layer_table_has_shapes_and_latency():
+    from slimkit.io.loader import load_zoo
+    from slimkit.measure.counts import layer_table
+
+    model = load_zoo("lenet5", input_shape=(1, 28, 28), num_classes=10)
+    rows = {r["name"]: r for r in layer_table(model.module, model.example_inputs(1))}
+    assert rows["conv2"]["weight_shape"] == [50, 20, 5, 5]
+    assert rows["fc1"]["macs"] == 800 * 500
+    assert all(r["latency_ms"] > 0 for r in rows.values())

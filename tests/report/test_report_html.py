@@ -334,3 +334,20 @@ def test_text_is_escaped(sample_report: dict, stub_png: None) -> None:
 def test_rejects_a_non_mapping() -> None:
     with pytest.raises(TypeError, match="report dict"):
         render_html(["not", "a", "report"])  # type: ignore[arg-type]
+
+
+def test_layers_table_shows_channels_sparsity_and_latency(sample_report: dict,
+                                                           stub_png: None) -> None:
+    import copy
+
+    report = copy.deepcopy(sample_report)
+    base = {r["name"]: r for r in report["baseline"]["layers"]}
+    final = {r["name"]: r for r in report["final"]["layers"]}
+    base["conv2"].update(weight_shape=[16, 6, 5, 5], latency_ms=0.5)
+    final["conv2"].update(weight_shape=[8, 6, 5, 5], latency_ms=0.25, params=1208,
+                          nonzero_params=302)
+    report["final"]["layers"] = [r for r in report["final"]["layers"] if r["name"] != "fc3"]
+    layers = tables_of(render_html(report))["layers"]
+    assert row(layers, "conv2") == ["conv2", "Conv2d", "16×6×5×5 → 8×6×5×5", "2,416 → 1,208",
+                                    "75.00%", row(layers, "conv2")[5], "0.500 ms → 0.250 ms"]
+    assert row(layers, "fc3")[2].endswith("removed")

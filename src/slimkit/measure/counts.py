@@ -54,17 +54,34 @@ def count_flops(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> dic
     return {"flops": total, "macs": total // 2, "per_layer": per_layer}
 
 
-def layer_table(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> list[dict]:
-    """Per leaf layer: type, params, non-zero params and MACs (for the report's bars)."""
+def layer_table(model: nn.Module, example_inputs: Sequence[torch.Tensor],
+                latency_repeats: int = 10) -> list[dict]:
+    """Per leaf layer: type, weight shape, params, non-zero params, MACs and measured latency.
+
+    Latency is each layer's median eager-PyTorch time at batch 1 on one thread, timed inside
+    whole forward passes (``latency_ms``; None for a layer that isn't called as a module).
+    """
+    from slimkit.measure.latency import layer_latency
+
     flops = count_flops(model, example_inputs)["per_layer"]
+    leaves = _leaf_layers(model)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        latency = layer_latency(model, example_inputs, list(leaves), repeats=latency_repeats)
+    finally:
+        torch.set_num_threads(prev)
     rows = []
-    for name, mod in _leaf_layers(model).items():
+    for name, mod in leaves.items():
         params = list(mod.parameters(recurse=False))
+        weight = getattr(mod, "weight", None)
         rows.append({
             "name": name,
             "type": type(mod).__name__,
+            "weight_shape": list(weight.shape) if isinstance(weight, torch.Tensor) else None,
             "params": sum(p.numel() for p in params),
             "nonzero_params": sum(int(torch.count_nonzero(p.detach())) for p in params),
             "macs": flops.get(name, {}).get("macs", 0),
+            "latency_ms": latency[name],
         })
     return rows

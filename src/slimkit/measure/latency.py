@@ -131,3 +131,46 @@ def _take(t: torch.Tensor, batch: int) -> torch.Tensor:
         return t[:batch].contiguous()
     reps = (batch + t.shape[0] - 1) // t.shape[0]
     return t.repeat(reps, *([1] * (t.dim() - 1)))[:batch].contiguous()
+
+
+def layer_latency(model: nn.Module, inputs: Sequence[torch.Tensor], names: Sequence[str],
+                  repeats: int = 10, warmup: int = 2) -> dict[str, float | None]:
+    """Median wall time (ms) of each named submodule's forward, timed inside whole forwards.
+
+    Forward pre/post hooks time each call of the named modules while the whole model runs in
+    PyTorch eager, ``repeats`` times, at the current thread setting. A module that isn't
+    called as a module (for example a Linear whose weight a wrapper uses directly) gets None.
+    """
+    modules = dict(model.named_modules())
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    starts: dict[str, float] = {}
+    handles = []
+    for name in names:
+        mod = modules[name]
+
+        def pre(_m: nn.Module, _a: Any, name: str = name) -> None:
+            starts[name] = time.perf_counter()
+
+        def post(_m: nn.Module, _a: Any, _o: Any, name: str = name) -> None:
+            samples[name].append((time.perf_counter() - starts.pop(name)) * 1e3)
+
+        handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+    run = torch_runner(model, inputs)
+    try:
+        for _ in range(warmup):
+            run()
+        for s in samples.values():
+            s.clear()
+        for _ in range(repeats):
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    # A module called k times per forward holds k consecutive samples per repeat: report the
+    # median over repeats of their sum.
+    out: dict[str, float | None] = {}
+    for n, s in samples.items():
+        k = len(s) // repeats
+        out[n] = (statistics.median(sum(s[i * k:(i + 1) * k]) for i in range(repeats))
+                  if k else None)
+    return out

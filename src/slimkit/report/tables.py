@@ -225,3 +225,48 @@ def stages(report: Mapping[str, Any]) -> str:
         'params</th><th class="num">Time</th></tr></thead><tbody>'
         f"{''.join(rows)}</tbody></table></section>"
     )
+
+
+def _shape(layer: Any) -> str:
+    shape = as_list(dig(layer, "weight_shape"))
+    return "×".join(str(d) for d in shape) if shape else DASH
+
+
+def _sparsity(layer: Any) -> str:
+    params, nonzero = finite(dig(layer, "params")), finite(dig(layer, "nonzero_params"))
+    return fmt_pct(1.0 - nonzero / params) if params and nonzero is not None else DASH
+
+
+def layers(report: Mapping[str, Any]) -> str:
+    """Per layer, baseline -> final: weight shape (channels), params, sparsity, MACs, latency."""
+    base = {str(dig(r, "name")): r for r in as_list(dig(report, "baseline", "layers"))}
+    final = {str(dig(r, "name")): r for r in as_list(dig(report, "final", "layers"))}
+    names = list(base) + [n for n in final if n not in base]
+    if not names:
+        return ""
+
+    def pair(b: Any, f: Any, fmt: Callable[[Any], str]) -> str:
+        return f'<td class="num">{esc(fmt(b))} → {esc(fmt(f))}</td>'
+
+    rows = []
+    for name in names:
+        b, f = base.get(name), final.get(name)
+        rows.append(
+            f"<tr><td><code>{esc(name)}</code></td>"
+            f"<td>{esc(fmt_value(dig(f or b, 'type')))}</td>"
+            f'<td class="num">{esc(_shape(b) if b else DASH)} → '
+            f"{esc(_shape(f) if f else 'removed')}</td>"
+            f"{pair(dig(b, 'params'), dig(f, 'params'), fmt_int)}"
+            f'<td class="num">{esc(_sparsity(f) if f else DASH)}</td>'
+            f"{pair(dig(b, 'macs'), dig(f, 'macs'), fmt_int)}"
+            f"{pair(dig(b, 'latency_ms'), dig(f, 'latency_ms'), fmt_ms)}</tr>")
+    return (
+        '<section id="layers"><h2>Layers</h2><p class="small">Baseline → final. Shapes are '
+        "weight shapes (output, input channels first); sparsity is the share of zeros in the "
+        "final layer's parameters; latency is each layer's median time in PyTorch eager at "
+        "batch 1 on one thread, measured inside whole forward passes.</p>"
+        "<table class=\"layers\"><thead><tr><th>Layer</th><th>Type</th><th>Weight shape</th>"
+        "<th>Parameters</th>"
+        "<th>Sparsity</th><th>MACs</th><th>Latency</th></tr></thead><tbody>"
+        + "".join(rows) + "</tbody></table></section>"
+    )
