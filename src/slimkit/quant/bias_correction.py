@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimkit.io.model import set_mode
+from slimkit.quant.calibrate import batches_of, hooked_passes
 from slimkit.quant.modules import QuantLayer
 
 
@@ -52,14 +52,7 @@ def correct_biases(model: nn.Module, layers: dict[str, QuantLayer], data: torch.
             counts[name] = counts.get(name, 0) + n
 
         handles.append(ql.register_forward_pre_hook(hook))
-    set_mode(model, False)
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(data), batch_size):
-                model(data[start:start + batch_size])
-    finally:
-        for h in handles:
-            h.remove()
+    hooked_passes(model, handles, batches_of(data, batch_size))
     out = {}
     with torch.no_grad():
         for name, total in sums.items():

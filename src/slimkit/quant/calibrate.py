@@ -5,7 +5,7 @@ Statistics only: nothing here changes the model. The hooks are removed even when
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -13,6 +13,31 @@ from torch import nn
 from slimkit.core.errors import ConfigError, DataError, did_you_mean
 from slimkit.io.model import set_mode
 from slimkit.quant.observers import Observer
+
+
+def batches_of(data: torch.Tensor, batch_size: int) -> Iterable[tuple[torch.Tensor]]:
+    """``data`` in consecutive batches along dim 0, as 1-tuples of model inputs."""
+    return ((data[i:i + batch_size],) for i in range(0, len(data), batch_size))
+
+
+def hooked_passes(model: nn.Module, handles: list, batches: Iterable[tuple[torch.Tensor, ...]],
+                  ) -> None:
+    """Run ``batches`` through ``model`` in eval + inference mode with hooks already attached.
+
+    The hooks are removed and every module's train/eval flag restored afterwards, even when a
+    batch fails.
+    """
+    flags = {m: m.training for m in model.modules()}
+    try:
+        set_mode(model, False)
+        with torch.inference_mode():
+            for batch in batches:
+                model(*batch)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in flags.items():
+            m.training = training
 
 
 def collect(model: nn.Module, points: dict[str, tuple[str, str]],
@@ -56,12 +81,5 @@ def collect(model: nn.Module, points: dict[str, tuple[str, str]],
         else:
             handles.append(modules[name].register_forward_hook(
                 lambda _m, _a, out, o=obs: o.update(out)))
-    set_mode(model, False)
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(data), batch_size):
-                model(data[start:start + batch_size])
-    finally:
-        for h in handles:
-            h.remove()
+    hooked_passes(model, handles, batches_of(data, batch_size))
     return observers

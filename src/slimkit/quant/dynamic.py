@@ -42,6 +42,7 @@ from slimkit.data.split import calibration_subset
 from slimkit.graph.select import select_layers
 from slimkit.io.model import set_mode
 from slimkit.io.transforms import register_rebuilder
+from slimkit.quant.calibrate import hooked_passes
 from slimkit.quant.plan import replace_module
 from slimkit.quant.weight_only import OTHER_TYPES, check_calibration, verify_model
 
@@ -246,18 +247,7 @@ def layer_errors(model: nn.Module, layers: dict[str, nn.Linear], activations: st
             sums[name][1] += float(out.double().pow(2).sum())
         return fn
 
-    flags = {m: m.training for m in model.modules()}
-    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
-    try:
-        set_mode(model, False)
-        with torch.inference_mode():
-            for batch in batches:
-                model(*batch)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training in flags.items():
-            m.training = training
+    hooked_passes(model, [m.register_forward_hook(hook(n)) for n, m in layers.items()], batches)
     return {n: (num / den) ** 0.5 if den > 0 else 0.0 for n, (num, den) in sums.items()}
 
 

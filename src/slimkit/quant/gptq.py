@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from slimkit.core.errors import DataError
-from slimkit.io.model import set_mode
+from slimkit.quant.calibrate import hooked_passes
 from slimkit.quant.weight_only import group_qparams, pad_columns, quantize_codes, rtn_quantize
 
 
@@ -74,18 +74,7 @@ def collect_hessians(model: nn.Module, names: Iterable[str],
             acc.setdefault(name, HessianAccumulator(mod.in_features)).add(args[0])
         return fn
 
-    flags = {m: m.training for m in model.modules()}
-    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        set_mode(model, False)
-        with torch.inference_mode():
-            for batch in batches:
-                model(*batch)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training in flags.items():
-            m.training = training
+    hooked_passes(model, [modules[n].register_forward_pre_hook(hook(n)) for n in names], batches)
     return acc
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from slimkit.graph.chains import norm_consumers
-from slimkit.io.model import set_mode
+from slimkit.quant.calibrate import batches_of, hooked_passes
 
 
 def channel_absmax(model: nn.Module, names: list[str], data: torch.Tensor,
@@ -29,14 +29,7 @@ def channel_absmax(model: nn.Module, names: list[str], data: torch.Tensor,
         return run
 
     handles = [modules[n].register_forward_hook(hook(n)) for n in names]
-    set_mode(model, False)
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(data), batch_size):
-                model(data[start:start + batch_size])
-    finally:
-        for h in handles:
-            h.remove()
+    hooked_passes(model, handles, batches_of(data, batch_size))
     return stats
 
 
