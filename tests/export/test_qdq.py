@@ -126,3 +126,18 @@ def test_float_first_conv_keeps_its_pool_in_float(digits, tmp_path):
     assert info["op_counts"].get("Clip") == 1  # the float pool was not moved after Q
     par = check_parity(m, path, (digits.x_test,))
     assert par["ok"] and par["exact_fraction"] >= 0.95, par
+
+
+def test_layers_sharing_an_equal_bias_export_and_match(digits, tmp_path):
+    """The exporter merges equal biases (all zeros after BN folding): each consumer keeps its own
+    int32 bias and scale."""
+    torch.manual_seed(0)
+    # fresh BatchNorms after bias-free convs fold into two equal all-zero biases
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(8 * 64, 10))
+    net.eval()
+    q, _ = ptq(net, PtqConfig(calibration="minmax", min_conv_reduction=1), digits)
+    model = SlimModel(module=q, input_shape=(1, 8, 8), name="shared-bias")
+    path = export_onnx(model, tmp_path / "q.onnx")
+    assert check_parity(model, path, (digits.x_test[:16],))["ok"]

@@ -101,6 +101,9 @@ def test_round_keep():
     assert round_keep(2.0, 32, 8) == 8  # never below round_to
     assert round_keep(0.2, 5, 8) == 1  # smaller than round_to: at least one
     assert round_keep(31.0, 30, 8) == 30
+    # a layer left whole stays whole, and rounding never removes more than asked
+    assert round_keep(27.0, 27, 8) == 27 and round_keep(50.0, 50, 8) == 50
+    assert round_keep(17.0, 50, 8) == 24 and round_keep(16.0, 50, 8) == 16
 
 
 def test_global_removes_the_lowest_scores_across_groups():

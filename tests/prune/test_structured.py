@@ -398,3 +398,14 @@ def test_a_hard_coded_size_names_the_module_and_exclude_fixes_it():
                                                                      exclude=["head"]),
                                   example_inputs=X)
     assert small.conv.out_channels == 8 and any("head.fc" in s["why"] for s in rec.skipped)
+
+
+def test_ratio_zero_with_round_to_is_the_identity():
+    from slimkit.io.loader import load_zoo
+
+    model = load_zoo("lenet5", input_shape=(1, 28, 28), num_classes=10)
+    x = model.example_inputs(2)
+    same, rec = structured_prune(model.module, StructuredPruneConfig(ratio=0.0, round_to=8),
+                                 example_inputs=x)
+    assert rec.details["params"]["after"] == rec.details["params"]["before"]
+    torch.testing.assert_close(same(*x), model.module(*x), rtol=0, atol=0)

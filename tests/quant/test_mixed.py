@@ -108,10 +108,12 @@ def test_fallback_keeps_sensitive_layers_in_float(mlp, digits):
     cfg = MixedPrecisionConfig(policy="fallback", bits=[2], max_accuracy_drop=3.0, act_bits=8)
     q, rec = mixed_precision(mlp.module, cfg, digits)
     ach, trail = rec.details["achieved"], rec.details["trail"]
-    assert ach["met"] and ach["accuracy_drop"] <= 3.0
+    # chosen on a validation slice of the training split; the test split only reports
+    assert ach["met"] and ach["validation_accuracy_drop"] <= 3.0
+    assert ach["accuracy_drop"] < 10.0
     assert trail[0]["float_layers"] == [] and trail[0]["accuracy_drop"] > 3.0
     assert len(trail) < 4  # some layers stay quantized
-    assert trail[-1]["accuracy_drop"] == pytest.approx(ach["accuracy_drop"])
+    assert trail[-1]["accuracy_drop"] == pytest.approx(ach["validation_accuracy_drop"])
     floats = [n for n, r in rec.details["layers"].items() if r["bits"] is None]
     assert sorted(floats) == sorted(trail[-1]["float_layers"])
     # The layers moved first are the most sensitive at 2 bits.

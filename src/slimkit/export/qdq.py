@@ -284,12 +284,15 @@ def _quantize_biases(g: _Graph) -> int:
                                     or _attr(n, "beta", 1.0) != 1.0 or bias.ndim != 1):
             continue
         s_x, s_w = x[1][0].astype(np.float32), w[1][0].astype(np.float32)
-        if s_x.size != 1 or (s_w.size > 1 and w[1][2] % 2 != 0):
+        w_ndim = g.const(w[0].input[0]).ndim
+        if s_x.size != 1 or (s_w.size > 1 and w[1][2] % w_ndim != 0):
             continue  # per-channel activations or weights not per output channel
         scale = (s_x.reshape(()) * s_w.reshape(-1)).astype(np.float32)
         scale = np.broadcast_to(scale, bias.shape).copy()
         q = np.clip(np.rint(bias.astype(np.float64) / scale), -(2**31), 2**31 - 1)
-        base = n.input[2]
+        # Named after the consuming node: the exporter merges equal bias tensors (all-zero
+        # biases after BN folding, a layer called twice), and each consumer gets its own scale.
+        base = f"{n.output[0]}_bias"
         g.set_init(base + "_int32", q.astype(np.int32))
         g.set_init(base + "_scale", scale)
         g.set_init(base + "_zero", np.zeros(bias.shape, np.int32))

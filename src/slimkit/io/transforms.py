@@ -75,5 +75,9 @@ def replay_transforms(module: nn.Module, transforms: list[dict]) -> nn.Module:
         except (ImportError, ConfigError) as exc:
             raise ModelLoadError(f"cannot replay artifact transform '{t.get('kind')}': {exc}; "
                                  "was it written by a newer slimkit?") from None
-        module = fn(module, t["plan"])
+        try:
+            module = fn(module, t["plan"])
+        except (KeyError, TypeError, ValueError, ConfigError) as exc:
+            raise ModelLoadError(f"artifact transform '{t.get('kind')}' does not fit the "
+                                 f"architecture: {exc}; re-create the artifact") from None
     return module

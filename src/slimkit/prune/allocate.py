@@ -51,8 +51,11 @@ def round_keep(keep: float, size: int, round_to: int) -> int:
         >>> round_keep(13.2, 32, 8)
         16
     """
+    if keep >= size:
+        return size  # nothing to remove: rounding must never prune a layer left whole
     if round_to > 1 and size >= round_to:
-        k = max(round_to, int(round_to * math.floor(keep / round_to + 0.5)))
+        # Round up, so rounding never removes more channels than the allocation asked for.
+        k = max(round_to, round_to * math.ceil(keep / round_to - 1e-9))
         return min(k, size)
     return int(min(size, max(1, round(keep))))
 

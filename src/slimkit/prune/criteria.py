@@ -122,13 +122,14 @@ def taylor_grads(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tenso
                  ) -> dict[str, torch.Tensor]:
     """``sum over batches |grad * w|`` for every parameter (cross-entropy loss on the labels).
 
-    The model is used in eval mode (BatchNorm statistics are not updated) and its gradients are
-    cleared afterwards; its weights are not changed.
+    The model is used in eval mode (BatchNorm statistics are not updated); its weights and any
+    gradients it held before are left as they were.
     """
     was_training = model.training
     model.eval()
     params = dict(model.named_parameters())
     acc = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
+    saved = {n: p.grad for n, p in params.items()}  # the caller's gradients survive
     try:
         for x, y in batches:
             model.zero_grad(set_to_none=True)
@@ -140,6 +141,7 @@ def taylor_grads(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tenso
                 if p.grad is not None:
                     acc[n] += (p.grad.detach() * p.detach()).abs().to(torch.float64)
     finally:
-        model.zero_grad(set_to_none=True)
+        for n, p in params.items():
+            p.grad = saved[n]
         model.train(was_training)
     return acc

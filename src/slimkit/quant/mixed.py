@@ -36,7 +36,7 @@ from slimkit.core.config import SlimConfig
 from slimkit.core.errors import ConfigError
 from slimkit.core.record import Record
 from slimkit.data.bundle import DataBundle
-from slimkit.data.split import calibration_subset
+from slimkit.data.split import calibration_subset, split_indices
 from slimkit.graph.select import select_layers
 from slimkit.io.model import set_mode
 from slimkit.measure.quality import predict
@@ -86,9 +86,10 @@ class MixedPrecisionConfig(SlimConfig):
                                description="Keep these layers in float (name, re:, type:).")
     calib_samples: int = Field(256, ge=1, description="Training samples for sensitivities and "
                                                       "activation ranges.")
-    eval_samples: int | None = Field(None, ge=1, description="Held-out (test split) samples "
-                                                             "used to measure accuracy; all "
-                                                             "by default.")
+    eval_samples: int | None = Field(None, ge=1, description="Samples of the validation "
+                                 "slice (20% of the training split) that choices are made on, "
+                                 "and of the test split the result is reported on; all by "
+                                 "default.")
 
     @field_validator("bits")
     @classmethod
@@ -258,7 +259,8 @@ def mixed_precision(model: nn.Module, cfg: MixedPrecisionConfig, data: DataBundl
     Args:
         model: a float model with Linear/Conv layers (left untouched).
         cfg: the mixed-precision config.
-        data: training split (calibration) and test split (accuracy, held out).
+        data: training split (calibration, and a 20% validation slice the choices are made
+            on) and test split (the reported accuracy, never used for choosing).
 
     Returns:
         The frozen copy and a Record: per layer bits, sensitivity per width, bytes; what was
@@ -282,8 +284,12 @@ def mixed_precision(model: nn.Module, cfg: MixedPrecisionConfig, data: DataBundl
                           "(check include/exclude)")
     calib = calibration_subset(data, min(cfg.calib_samples, len(data.x_train)))
     check_calibration(calib)
-    n_eval = cfg.eval_samples or len(data.x_test)
-    ev = (data.x_test[:n_eval], data.y_test[:n_eval])
+    # Choices are made on a validation slice of the training split; the test split only
+    # reports the outcome (selecting on it would make the reported drop optimistic).
+    val = split_indices(data.y_train, 0.2, seed=0)[1][: cfg.eval_samples]
+    ev = (data.x_train[val], data.y_train[val])
+    n_test = cfg.eval_samples or len(data.x_test)
+    test = (data.x_test[:n_test], data.y_test[:n_test])
     base = 100 * evaluate(ref, *ev)
     sens = layer_sensitivity(ref, chosen, cfg.bits, calib, cfg.sensitivity, ev)
     sizes = {n: {b: weight_bytes(m.weight, b) for b in [FLOAT, *cfg.bits]}
@@ -300,10 +306,12 @@ def mixed_precision(model: nn.Module, cfg: MixedPrecisionConfig, data: DataBundl
         assign, met, method = allocate_bits(sens, sizes, budget)
         trail = []
     work, plan, packed_plan = build_mixed(ref, assign, cfg.act_bits, calib)
+    test_float = 100 * evaluate(ref, *test)
     achieved = {"weight_bytes": sum(sizes[n][b] for n, b in assign.items()),
                 "float_weight_bytes": float_bytes,
-                "accuracy_float": base, "accuracy": 100 * evaluate(work, *ev)}
-    achieved["accuracy_drop"] = base - achieved["accuracy"]
+                "validation_accuracy_drop": base - 100 * evaluate(work, *ev),
+                "accuracy_float": test_float, "accuracy": 100 * evaluate(work, *test)}
+    achieved["accuracy_drop"] = test_float - achieved["accuracy"]
     achieved["met"] = met
     return work, _record(assign, sens, sizes, skipped, {
         "asked": asked, "achieved": achieved, "method": method, "trail": trail,
