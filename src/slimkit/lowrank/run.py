@@ -9,13 +9,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimkit.core.errors import ConfigError, ModelError
+from slimkit.core.errors import ConfigError
 from slimkit.core.record import Record
 from slimkit.data.bundle import DataBundle
 from slimkit.distill.run import finetune
 from slimkit.io.model import set_mode
 from slimkit.lowrank.config import LowRankConfig
 from slimkit.lowrank.plan import apply_in_place, build_plan
+from slimkit.measure import verify_finite
 from slimkit.measure.counts import count_flops, count_params
 
 
@@ -31,20 +32,6 @@ def _layer_flops(counts: dict | None, name: str) -> int | None:
     if name in per:
         return per[name]["flops"]
     return sum(v["flops"] for k, v in per.items() if k.startswith(name + "."))
-
-
-def _verify(model: nn.Module, example: Sequence[torch.Tensor] | None) -> None:
-    """Forward pass on the example inputs; NaN/Inf in weights or outputs is an error."""
-    for name, p in model.state_dict().items():
-        if p.is_floating_point() and not torch.isfinite(p).all():
-            raise ModelError(f"lowrank: parameter '{name}' holds NaN/Inf after factorization")
-    if example is None:
-        return
-    set_mode(model, False)
-    with torch.inference_mode():
-        out = model(*example)
-    if not torch.isfinite(out).all():
-        raise ModelError("lowrank: the factorized model's output holds NaN/Inf")
 
 
 def _record(plan: dict, before: dict | None, after: dict | None) -> Record:
@@ -122,7 +109,7 @@ def lowrank(model: nn.Module, cfg: LowRankConfig, data: DataBundle | None = None
     if apply_in_place(work, plan, factors) and hasattr(work, "slimkit_spec"):
         del work.slimkit_spec  # a zoo spec rebuilds the dense layers: it no longer fits
     after = _flops(work, example)
-    _verify(work, example)
+    verify_finite(work, tuple(example) if example is not None else None, "lowrank")
     record = _record(plan, before, after)
     record.details["totals"] = _totals(record, model, work, before, after)
     if cfg.finetune is not None and cfg.finetune.epochs > 0:

@@ -35,18 +35,32 @@ def measure_static(model: SlimModel, data: DataBundle | None = None,
     return out
 
 
-def check_finite(model: SlimModel, inputs: tuple[torch.Tensor, ...], where: str) -> None:
-    """Raise ModelError when parameters or outputs hold NaN/Inf (naming the tensor)."""
+def verify_finite(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...] | None, where: str,
+                  hint: str = "") -> torch.Tensor | None:
+    """A stage's self-check: NaN/Inf in any float tensor of the state, or in the output of a
+    forward pass on ``inputs`` (eval mode), is a ModelError naming ``where`` and the tensor.
+
+    Returns:
+        The output on ``inputs`` (None when no inputs are given).
+    """
     from slimkit.core.errors import ModelError
 
-    for name, p in model.module.state_dict().items():
+    for name, p in module.state_dict().items():
         if p.is_floating_point() and not torch.isfinite(p).all():
-            raise ModelError(f"{where}: parameter '{name}' holds NaN/Inf")
-    set_mode(model.module, False)
+            raise ModelError(f"{where}: parameter '{name}' holds NaN/Inf{hint}")
+    if inputs is None:
+        return None
+    set_mode(module, False)
     with torch.inference_mode():
-        out = model.module(*inputs)
+        out = module(*inputs)
     if not torch.isfinite(out).all():
-        raise ModelError(f"{where}: the model's output holds NaN/Inf")
+        raise ModelError(f"{where}: the model's output holds NaN/Inf{hint}")
+    return out
+
+
+def check_finite(model: SlimModel, inputs: tuple[torch.Tensor, ...], where: str) -> None:
+    """Raise ModelError when parameters or outputs hold NaN/Inf (naming the tensor)."""
+    verify_finite(model.module, inputs, where)
 
 
 def check_fits(model: SlimModel, data: DataBundle | None) -> None:

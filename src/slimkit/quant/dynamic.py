@@ -42,9 +42,10 @@ from slimkit.data.split import calibration_subset
 from slimkit.graph.select import select_layers
 from slimkit.io.model import set_mode
 from slimkit.io.transforms import register_rebuilder
+from slimkit.measure import verify_finite
 from slimkit.quant.calibrate import hooked_passes
 from slimkit.quant.plan import replace_module
-from slimkit.quant.weight_only import OTHER_TYPES, check_calibration, verify_model
+from slimkit.quant.weight_only import OTHER_TYPES, check_calibration
 
 PLAN_FORMAT = "slimkit-dynamic-quant-plan"
 ACTIVATIONS = ("token", "tensor")
@@ -327,7 +328,7 @@ def dynamic_quant(model: nn.Module, cfg: DynamicQuantConfig, data: DataBundle | 
             "bytes_after": n * k + 8 * n + 4 * n * b, "output_rel_error": errors.get(name)}
     if plan["layers"] and hasattr(work, "slimkit_spec"):
         del work.slimkit_spec
-    verify_model(work, (calib_x[:2],) if calib_x is not None else example_inputs,
+    verify_finite(work, (calib_x[:2],) if calib_x is not None else example_inputs,
                  "dynamic_quant")
     set_mode(work, model.training)
     return work, _record(plan, skipped)

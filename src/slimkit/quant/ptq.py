@@ -26,13 +26,14 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from slimkit.core.config import SlimConfig
-from slimkit.core.errors import ConfigError, DataError, ModelError, did_you_mean
+from slimkit.core.errors import ConfigError, DataError, did_you_mean
 from slimkit.core.record import Record
 from slimkit.data.bundle import DataBundle
 from slimkit.data.split import calibration_subset
 from slimkit.graph.chains import output_links
 from slimkit.graph.select import select_layers
 from slimkit.io.model import set_mode
+from slimkit.measure import verify_finite
 from slimkit.quant.calibrate import collect
 from slimkit.quant.fold import fold_batchnorm
 from slimkit.quant.modules import QUANTIZABLE, QuantLayer
@@ -286,7 +287,7 @@ def ptq(model: nn.Module, cfg: PtqConfig, data: DataBundle | torch.Tensor | None
                         "(tiny input scale: constant calibration data?); clipped"}
                        for n, ql in wrapped.items() if snap_bias(ql)]
     freeze(m)
-    _verify(m, calib[: cfg.batch_size])
+    verify_finite(m, (calib[: cfg.batch_size],), "ptq")
     record.details["layers"] = {n: _describe(n, wrapped[n], layers[n], cfg) for n in wrapped}
     record.changed += [f"{n}: int{wrapped[n].weight_fq.bits} weights ({cfg.weight_granularity}), "
                        f"{cfg.activations} activations ({cfg.calibration})" for n in wrapped]
@@ -310,10 +311,3 @@ def _prepare(m: nn.Module, cfg: PtqConfig, calib: torch.Tensor, record: Record) 
         record.changed += [f"{n}: smoothed (alpha {cfg.smoothquant_alpha})"
                            for n in details["smoothed"]]
     return details
-
-
-def _verify(m: nn.Module, x: torch.Tensor) -> None:
-    with torch.inference_mode():
-        out = m(x)
-    if not torch.isfinite(out).all():
-        raise ModelError("ptq: the quantized model produces NaN/Inf on calibration inputs")

@@ -34,13 +34,14 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from slimkit.core.config import SlimConfig
-from slimkit.core.errors import ConfigError, DataError, ModelError
+from slimkit.core.errors import ConfigError, DataError
 from slimkit.core.record import Record
 from slimkit.data.bundle import DataBundle
 from slimkit.data.split import calibration_subset
 from slimkit.distill.run import FinetuneConfig, finetune
 from slimkit.graph.select import select_layers
 from slimkit.io.model import set_mode
+from slimkit.measure import verify_finite
 from slimkit.quant.calibrate import collect
 from slimkit.quant.extreme import SignQuant, pack_layer, packed_bytes, spec_of
 from slimkit.quant.modules import QUANTIZABLE, FakeQuant, QuantLayer
@@ -340,15 +341,6 @@ def _convert(model: nn.Module, layers: dict[str, QuantLayer], cfg: QatConfig,
             {"layers": packed} if packed else {}, rows)
 
 
-def _verify(model: nn.Module, x: torch.Tensor) -> None:
-    set_mode(model, False)
-    with torch.inference_mode():
-        out = model(x)
-    if not torch.isfinite(out).all():
-        raise ModelError("qat: the quantized model's output holds NaN/Inf; lower the learning "
-                         "rate or use more bits")
-
-
 def qat(model: nn.Module, cfg: QatConfig, data: DataBundle,
         teacher: nn.Module | None = None, progress: bool = False,
         checkpoint_dir: str | Path | None = None) -> tuple[nn.Module, Record]:
@@ -401,7 +393,7 @@ def qat(model: nn.Module, cfg: QatConfig, data: DataBundle,
                        label="qat", checkpoint_dir=checkpoint_dir)
     acc["trained_fake_quant"] = evaluate(work, data.x_test, data.y_test)
     plan, packed_plan, rows = _convert(work, layers, cfg)
-    _verify(work, calib[:8])
+    verify_finite(work, (calib[:8],), "qat", hint="; lower the learning rate or use more bits")
     acc["after"] = evaluate(work, data.x_test, data.y_test)
     record = Record(skipped=skipped, details={"plan": plan, "packed_plan": packed_plan,
                                               "accuracy": acc, "finetune": history})

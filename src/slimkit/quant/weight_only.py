@@ -31,13 +31,14 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from slimkit.core.config import SlimConfig
-from slimkit.core.errors import ConfigError, DataError, ModelError, did_you_mean
+from slimkit.core.errors import ConfigError, DataError, did_you_mean
 from slimkit.core.record import Record
 from slimkit.data.bundle import DataBundle
 from slimkit.data.split import calibration_subset
 from slimkit.graph.select import select_layers
 from slimkit.io.model import set_mode
 from slimkit.io.transforms import register_rebuilder
+from slimkit.measure import verify_finite
 from slimkit.quant.plan import replace_module
 from slimkit.quant.primitives import choose_qparams, pack, qrange, unpack
 
@@ -496,23 +497,9 @@ def weight_only_quant(model: nn.Module, cfg: WeightOnlyConfig, data: DataBundle 
     if plan["layers"] and hasattr(work, "slimkit_spec"):
         del work.slimkit_spec  # the zoo spec alone rebuilds float layers: the plan is needed
     example = (calib[:2],) if calib is not None else example_inputs
-    verify_model(work, example, "weight_only_quant")
+    verify_finite(work, example, "weight_only_quant")
     set_mode(work, model.training)
     return work, _record(plan, skipped)
-
-
-def verify_model(model: nn.Module, example: Sequence[torch.Tensor] | None, where: str) -> None:
-    """NaN/Inf in the state or (given inputs) in the output is a ModelError."""
-    for name, t in model.state_dict().items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise ModelError(f"{where}: tensor '{name}' holds NaN/Inf after quantization")
-    if example is None:
-        return
-    set_mode(model, False)
-    with torch.inference_mode():
-        out = model(*example)
-    if not torch.isfinite(out).all():
-        raise ModelError(f"{where}: the quantized model's output holds NaN/Inf")
 
 
 def _record(plan: dict, skipped: list[dict]) -> Record:
