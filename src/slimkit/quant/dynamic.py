@@ -45,7 +45,7 @@ from slimkit.io.transforms import register_rebuilder
 from slimkit.measure import verify_finite
 from slimkit.quant.calibrate import hooked_passes
 from slimkit.quant.plan import replace_module
-from slimkit.quant.weight_only import OTHER_TYPES, check_calibration
+from slimkit.quant.weight_only import OTHER_TYPES, byte_totals, check_calibration
 
 PLAN_FORMAT = "slimkit-dynamic-quant-plan"
 ACTIVATIONS = ("token", "tensor")
@@ -343,10 +343,7 @@ def _record(plan: dict, skipped: list[dict]) -> Record:
         record.changed.append(f"{name}: {e['weights']}, uint8 activations per "
                               f"{e['activations']}, {e['bytes_before']} -> {e['bytes_after']} B"
                               f"{err}")
-    before = sum(e["bytes_before"] for e in layers.values())
-    after = sum(e["bytes_after"] for e in layers.values())
-    record.details["totals"] = {"layers": len(layers), "bytes_before": before,
-                                "bytes_after": after, "ratio": before / after if after else 1.0}
+    record.details["totals"] = byte_totals(layers)
     return record
 
 

@@ -502,6 +502,14 @@ def weight_only_quant(model: nn.Module, cfg: WeightOnlyConfig, data: DataBundle 
     return work, _record(plan, skipped)
 
 
+def byte_totals(layers: dict[str, dict]) -> dict[str, float]:
+    """Layers quantized, their weight bytes before and after, and the ratio."""
+    before = sum(e["bytes_before"] for e in layers.values())
+    after = sum(e["bytes_after"] for e in layers.values())
+    return {"layers": len(layers), "bytes_before": before, "bytes_after": after,
+            "ratio": before / after if after else 1.0}
+
+
 def _record(plan: dict, skipped: list[dict]) -> Record:
     layers = plan["layers"]
     record = Record(skipped=skipped, details={"plan": plan, "layers": layers})
@@ -514,10 +522,7 @@ def _record(plan: dict, skipped: list[dict]) -> Record:
         record.changed.append(f"{name}: int{e['bits']} {scheme} group {e['block']} "
                               f"{e['method']}{pad}, {e['bytes_before']} -> {e['bytes_after']} B"
                               f"{err}{fb}")
-    before = sum(e["bytes_before"] for e in layers.values())
-    after = sum(e["bytes_after"] for e in layers.values())
-    record.details["totals"] = {"layers": len(layers), "bytes_before": before,
-                                "bytes_after": after, "ratio": before / after if after else 1.0}
+    record.details["totals"] = byte_totals(layers)
     return record
 
 
