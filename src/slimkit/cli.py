@@ -303,10 +303,13 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:
-        from slimkit.train.distributed import init_from_env
+        from slimkit.train.distributed import init_from_env, shutdown
 
         init_from_env()  # under torchrun: join the process group (gloo on CPU, NCCL on GPU)
-        app(args=args, prog_name="slimkit")  # typer's standalone mode ends in SystemExit
+        try:
+            app(args=args, prog_name="slimkit")  # typer's standalone mode ends in SystemExit
+        finally:
+            shutdown()
         return 0
     except SystemExit as exc:  # usage errors exit 2, --help 0
         return exc.code if isinstance(exc.code, int) else 0

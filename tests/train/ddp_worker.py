@@ -9,7 +9,7 @@ from torch import nn
 
 from slimkit.data.bundle import DataBundle
 from slimkit.train import TrainConfig, fit
-from slimkit.train.distributed import init_from_env, world
+from slimkit.train.distributed import barrier, init_from_env, shutdown, world
 from slimkit.train.objective import Objective
 
 
@@ -46,6 +46,8 @@ def main(out: str, uneven: bool = False) -> None:
             state["objective.scale"] = objective.scale.detach().reshape(1)
         save_file(state, out)
         print(f"world={size} steps={hist['steps']} world_size={hist['world_size']}")
+    barrier()
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -12,13 +12,20 @@ from safetensors.torch import load_file
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
+def _children_errors(stderr: str) -> str:
+    """The workers' own error lines first (torchrun's traceback about them comes last)."""
+    lines = [ln for ln in stderr.splitlines()
+             if any(k in ln for k in ("Error", "error", "terminate", "abort", "Exception"))]
+    return "\n".join(lines[:30]) + "\n...\n" + stderr[-1500:]
+
+
 def _run(tmp_path: Path, nproc: int, *extra: str) -> dict[str, torch.Tensor]:
     out = tmp_path / f"w{nproc}{''.join(extra)}.safetensors"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", str(WORKER), str(out), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, _children_errors(proc.stderr)
     assert f"world={nproc}" in proc.stdout
     return load_file(out)
 
@@ -55,7 +62,7 @@ def test_compress_under_torchrun_fine_tunes_on_two_ranks(tmp_path: Path):
            "-m", "slimkit.cli", "compress", str(tmp_path / "base"), "--data", "builtin:digits",
            "--recipe", str(recipe), "--out", str(tmp_path / "out"), "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, _children_errors(proc.stderr)
     import json
 
     report = json.loads((tmp_path / "out" / "report.json").read_text())

@@ -32,6 +32,16 @@ def init_from_env() -> bool:
     return True
 
 
+def shutdown() -> None:
+    """Leave the process group cleanly (no-op when not distributed).
+
+    Exiting with a live gloo group lets its destructor race the peer's teardown at
+    interpreter exit, which can abort the process; destroying it explicitly avoids that.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def shard(indices: torch.Tensor, rank: int, size: int) -> torch.Tensor:
     """This rank's contiguous slice of a global batch."""
     per = (len(indices) + size - 1) // size
