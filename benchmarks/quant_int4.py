@@ -82,8 +82,12 @@ def model_case(name: str, data: DataBundle, args: argparse.Namespace, tmp: Path)
     cfg = WeightOnlyConfig(bits=4, group_size=args.group, calib_samples=args.calib)
     rtn, rtn_info = quantize(model, data, cfg)
     gptq, gptq_info = quantize(model, data, cfg.model_copy(update={"method": "gptq"}))
-    layers = {}
+    layers, rounded = {}, {}
     for lname, e in gptq_info["record"].details["layers"].items():
+        if e["method"] != "gptq":  # convs / embedding tables: round to nearest only
+            rounded[lname] = {"type": e["type"], "shape": [e["out_features"], e["in_features"]],
+                              "weight_error": e["weight_rel_error"]}
+            continue
         layers[lname] = {"shape": [e["out_features"], e["in_features"]], "block": e["block"],
                          "padded_columns": e["padded_columns"],
                          "rtn_output_error": e["output_rel_error_rtn"],
@@ -105,7 +109,7 @@ def model_case(name: str, data: DataBundle, args: argparse.Namespace, tmp: Path)
             "layers_where_gptq_lower": sum(r["gptq_output_error"] < r["rtn_output_error"]
                                            for r in rows),
             "layers": len(rows)},
-        "layers": layers,
+        "layers": layers, "rounded_to_nearest": rounded,
         "skipped": gptq_info["record"].skipped,
         "fp32": fp, "int4": q,
         "weights_ratio": fp["weights_bytes"] / q["weights_bytes"],

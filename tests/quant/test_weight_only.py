@@ -84,7 +84,7 @@ def test_stage_records_padding_skips_and_leaves_input_alone():
         assert torch.equal(v, before[k])
     assert isinstance(small[2], PackedLinear) and isinstance(small[4], PackedLinear)
     why = {s["what"]: s["why"] for s in rec.skipped}
-    assert "Linear layers only" in why["0"] and "would not be smaller" in why["5"]
+    assert "not in layer_types" in why["0"] and "would not be smaller" in why["5"]
     assert "padded by 16" in next(c for c in rec.changed if c.startswith("2:"))
     assert rec.details["totals"]["ratio"] > 4
 
@@ -118,7 +118,10 @@ def test_bad_configs_and_bad_calibration(mlp):
     with pytest.raises(ValidationError, match="power of two"):
         WeightOnlyConfig(group_size=24)
     with pytest.raises(ConfigError, match="no Linear layer"):
-        weight_only_quant(nn.Sequential(nn.Conv2d(1, 2, 3)), WeightOnlyConfig())
+        weight_only_quant(nn.Sequential(nn.Conv2d(1, 2, 3)),
+                          WeightOnlyConfig(layer_types=["Linear"]))
+    with pytest.raises(ValidationError):
+        WeightOnlyConfig(layer_types=["LSTM"])
     with pytest.raises(ConfigError, match="needs calibration data"):
         weight_only_quant(mlp.module, WeightOnlyConfig(method="gptq"))
     for bad, msg in [(torch.zeros(8, 1, 8, 8), "constant"), (torch.full((8, 1, 8, 8), 3.0),
@@ -193,3 +196,66 @@ def test_zoo_vit_onnx_keeps_a_dynamic_batch(tmp_path: Path):
     path = export_onnx(q, tmp_path / "v.onnx")
     for batch in (1, 3):
         assert check_parity(q, path, q.example_inputs(batch), atol=1e-4)["ok"]
+
+
+@pytest.mark.parametrize(("bits", "symmetric"), [(4, True), (4, False), (8, True), (2, True)])
+def test_convs_and_embeddings_pack_and_unpack_in_onnx_runtime(bits: int, symmetric: bool,
+                                                             tmp_path: Path):
+    """Packed conv / embedding weights equal group fake-quantization of the matrix view; the
+    ONNX file keeps the packed bytes and ONNX Runtime (which unpacks them at load) agrees."""
+    from slimkit.quant.weight_only import PackedConv, PackedEmbedding
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(50, 40, padding_idx=0)
+            self.conv = nn.Conv1d(40, 24, 3, padding=1, groups=2)
+            self.dw = nn.Conv1d(24, 24, 5, padding="same", groups=24, bias=False)
+            self.head = nn.Linear(24, 5)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            h = self.dw(torch.relu(self.conv(self.emb(ids).transpose(1, 2))))
+            return self.head(h.mean(2))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    model = SlimModel(net, (12,), name="ids", input_dtype="int64")
+    cfg = WeightOnlyConfig(bits=bits, symmetric=symmetric, group_size=16, scale_dtype="float32",
+                           layer_types=["Linear", "Conv", "Embedding"])
+    small, rec = weight_only_quant(net, cfg, example_inputs=(torch.randint(0, 50, (2, 12)),))
+    assert isinstance(small.emb, PackedEmbedding) and isinstance(small.conv, PackedConv)
+    assert isinstance(small.head, PackedLinear)
+    packed_dw = bits < 8  # 8-bit codes of 5-wide rows padded to 16 would not be smaller
+    assert isinstance(small.dw, PackedConv) == packed_dw
+    assert packed_dw or "would not be smaller" in {s["what"]: s["why"] for s in rec.skipped}["dw"]
+    for name in ("emb", "conv", "dw")[:3 if packed_dw else 2]:
+        w = getattr(net, name).weight.detach()
+        flat = w.reshape(w.shape[0], -1)
+        padded = torch.nn.functional.pad(flat, (0, (-flat.shape[1]) % 16))
+        ref = fake_quantize(padded, bits, symmetric, signed=symmetric, granularity="group:16")
+        got = getattr(small, name).weight()
+        torch.testing.assert_close(got, ref[:, :flat.shape[1]], rtol=0, atol=1e-6, msg=name)
+        assert getattr(small, name).weight_packed.dtype == torch.uint8
+    assert rec.details["layers"]["conv"]["method"] == "rtn"
+    ids = torch.randint(0, 50, (3, 12))
+    path = export_onnx(model.copy(small), tmp_path / "ids.onnx")
+    inits = {i.name: i for i in onnx.load(str(path)).graph.initializer}
+    assert inits["emb.weight_packed"].data_type == onnx.TensorProto.UINT8
+    assert not any(i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2
+                   and i.dims[0] * i.dims[1] >= 50 * 40 for i in inits.values())
+    parity = check_parity(model.copy(small), path, (ids,), atol=1e-5)
+    assert parity["ok"], parity
+    with torch.no_grad():
+        assert float((small(ids) - net(ids)).abs().max()) < (0.05 if bits >= 4 else 1.0)
+
+
+def test_gptq_covers_linears_and_rounds_convs_to_nearest(digits):
+    model = load_zoo("lenet5", digits)
+    cfg = WeightOnlyConfig(method="gptq", group_size=16, layer_types=["Conv", "Linear"])
+    small, rec = weight_only_quant(model.module, cfg, digits)
+    layers = rec.details["layers"]
+    conv = next(n for n, e in layers.items() if e["type"] == "Conv2d")
+    lin = next(n for n, e in layers.items() if e["type"] == "Linear")
+    assert layers[conv]["method"] == "rtn" and "gptq covers Linear" in layers[conv]["method_note"]
+    assert layers[lin]["method"] == "gptq" and "output_rel_error_rtn" in layers[lin]
+    assert any("gptq covers Linear" in c for c in rec.changed)

@@ -17,7 +17,7 @@ def _weight_only_quant(model: SlimModel, cfg: WeightOnlyConfig,
                                        example_inputs=model.example_inputs(2))
     out = model.copy(module)
     if record.details["layers"]:
-        # Linear layers became PackedLinear: the artifact rebuilds them by replaying the plan.
+        # layers became packed ones: the artifact rebuilds them by replaying the plan.
         record_transform(out, "weight_only_quant", "slimkit.quant.weight_only",
                          record.details["plan"])
     return out, record

@@ -22,6 +22,7 @@ registers the rebuilder that lets artifacts of zoo models replay the packed stru
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -177,46 +178,202 @@ class _MatMulNBits(torch.autograd.Function):
         return _typed_like(out, x, n)
 
 
-class PackedLinear(nn.Module):
-    """A Linear layer whose weight is stored as packed low-bit group-quantized codes.
+class _DequantizePacked(torch.autograd.Function):
+    """ONNX export hook: the dequantized weight as standard ops on the packed bytes.
 
-    Buffers: ``weight_packed`` (uint8 ``[N, n_blocks, block * storage_bits / 8]``),
-    ``scales`` (fp16 or fp32 ``[N, n_blocks]``), ``zero_points`` (uint8, packed per row);
-    ``bias`` (float, optional). The forward dequantizes and runs ``F.linear``; ONNX export
-    emits ``com.microsoft::MatMulNBits`` over the same bytes.
-
-    Args:
-        in_features, out_features: as in ``nn.Linear``.
-        bits: code width, 2..8.
-        block: group size along the input dimension (power of two >= 16).
-        symmetric: zero point fixed at ``2**(bits-1)``.
-        scale_dtype: ``float16`` or ``float32``.
-        bias: whether the layer has a bias.
+    The nodes (BitShift / Cast / Sub / Mul / Reshape) read the packed initializers, so the
+    file keeps 2/4-bit codes; ONNX Runtime folds them into a float constant when it loads the
+    session (the layer then runs at float speed). The TorchScript exporter does not fold
+    BitShift, so it cannot undo the packing at export time.
     """
 
-    def __init__(self, in_features: int, out_features: int, bits: int = 4, block: int = 128,
-                 symmetric: bool = True, scale_dtype: str = "float16", bias: bool = True) -> None:
-        super().__init__()
+    @staticmethod
+    def forward(ctx, packed, scales, zero_points, rows, cols, sb, block, zero):  # noqa: ANN001, ANN205
+        return _dequantize_packed(packed, scales, zero_points, rows, cols, sb, zero)
+
+    @staticmethod
+    def symbolic(g, packed, scales, zero_points, rows, cols, sb, block, zero):  # noqa: ANN001, ANN205
+        nb = scales.type().sizes()[1]
+        codes = _onnx_unpack(g, packed, sb, [rows, nb, block])
+        if zero_points is None:
+            zeros = g.op("Constant", value_t=torch.tensor(float(zero)))
+        else:
+            per = 8 // sb
+            flat = _onnx_unpack(g, zero_points, sb, [rows, -(-nb // per) * per])
+            zeros = g.op("Slice", flat, _const(g, [0]), _const(g, [nb]), _const(g, [1]))
+            zeros = g.op("Unsqueeze", zeros, _const(g, [2]))
+        # Expand (which the exporter does not fold) keeps fp16 scales stored as fp16
+        sc = g.op("Unsqueeze", scales, _const(g, [2]))
+        sc = g.op("Cast", g.op("Expand", sc, _const(g, [1, 1, 1])), to_i=1)
+        w = g.op("Mul", g.op("Sub", codes, zeros), sc)
+        w = g.op("Reshape", w, _const(g, [rows, nb * block]))
+        return g.op("Slice", w, _const(g, [0]), _const(g, [cols]), _const(g, [1]))
+
+
+class _CastAtLoad(torch.autograd.Function):
+    """ONNX export hook: a float16 constant cast to float32 behind an Expand, which the
+    exporter does not fold (the file keeps float16) and ONNX Runtime folds at load."""
+
+    @staticmethod
+    def forward(ctx, t):  # noqa: ANN001, ANN205
+        return t.float()
+
+    @staticmethod
+    def symbolic(g, t):  # noqa: ANN001, ANN205
+        return g.op("Cast", g.op("Expand", t, _const(g, [1])), to_i=1)
+
+
+def _unpack_rows(t: torch.Tensor, sb: int, rows: int) -> torch.Tensor:
+    """The uint8 codes of a per-row packed buffer, ``(rows, -1)``."""
+    if sb == 8:
+        return t.reshape(rows, -1)
+    return unpack(t.flatten(), sb, t.numel() * (8 // sb)).view(rows, -1)
+
+
+def _dequantize_packed(packed: torch.Tensor, scales: torch.Tensor,
+                       zero_points: torch.Tensor | None, rows: int, cols: int, sb: int,
+                       zero: int) -> torch.Tensor:
+    """``(u - z) * s`` from the packed buffers, cropped to ``cols`` columns (float32)."""
+    nb = scales.shape[1]
+    zeros = (torch.full((rows, nb), zero, dtype=torch.uint8, device=scales.device)
+             if zero_points is None else _unpack_rows(zero_points, sb, rows)[:, :nb])
+    return dequantize_codes(_unpack_rows(packed, sb, rows), scales, zeros, cols)
+
+
+def _const(g, values: list[int]):  # noqa: ANN001, ANN202
+    return g.op("Constant", value_t=torch.tensor(values, dtype=torch.int64))
+
+
+def _onnx_unpack(g, packed, sb: int, shape: list[int]):  # noqa: ANN001, ANN202
+    """Float codes of a uint8 tensor holding ``8 // sb`` codes per byte (low bits first).
+
+    Every path starts with a BitShift, which the exporter's constant folding leaves alone.
+    """
+    per = 8 // sb
+    width = g.op("Constant", value_t=torch.tensor(sb % 8, dtype=torch.uint8))
+    parts = []
+    for i in range(per):
+        shift = g.op("Constant", value_t=torch.tensor(sb * i, dtype=torch.uint8))
+        hi = g.op("BitShift", packed, shift, direction_s="RIGHT")  # codes i.. of each byte
+        code = g.op("Cast", hi, to_i=1)
+        if i < per - 1:  # drop the codes above: hi - ((hi >> sb) << sb)
+            top = g.op("BitShift", g.op("BitShift", hi, width, direction_s="RIGHT"), width,
+                       direction_s="LEFT")
+            code = g.op("Sub", code, g.op("Cast", top, to_i=1))
+        parts.append(g.op("Unsqueeze", code, _const(g, [-1])))
+    out = parts[0] if per == 1 else g.op("Concat", *parts, axis_i=-1)
+    return g.op("Reshape", out, _const(g, shape))
+
+
+class PackedWeight(nn.Module):
+    """A module whose weight is stored as packed low-bit group-quantized codes.
+
+    The weight is seen as a matrix ``(rows, cols)`` (a Linear's ``(out, in)``, a conv's
+    ``(out, in / groups * kernel)``, an embedding table's ``(tokens, dim)``) cut into groups of
+    ``block`` columns. Buffers: ``weight_packed`` (uint8 ``[rows, n_blocks, block *
+    storage_bits / 8]``), ``scales`` (fp16 or fp32 ``[rows, n_blocks]``), ``zero_points``
+    (uint8, packed per row; only when not the default ``2**(bits-1)``). Subclasses hold the
+    layer's own arguments and an optional float ``bias``.
+    """
+
+    def _init_packed(self, rows: int, cols: int, bits: int, block: int, symmetric: bool,
+                     scale_dtype: str) -> None:
         check_group_size(block)
         if scale_dtype not in SCALE_DTYPES:
             raise ConfigError(f"scale_dtype '{scale_dtype}' is not one of {list(SCALE_DTYPES)}")
-        self.in_features, self.out_features = in_features, out_features
+        self.rows, self.cols = rows, cols
         self.bits, self.block, self.symmetric = bits, block, symmetric
         self.storage_bits = storage_bits(bits)
         self.scale_dtype = scale_dtype
-        self.n_blocks = -(-in_features // block)
+        self.n_blocks = -(-cols // block)
         per = 8 // self.storage_bits
         self.register_buffer("weight_packed", torch.zeros(
-            out_features, self.n_blocks, block // per, dtype=torch.uint8))
-        self.register_buffer("scales", torch.ones(out_features, self.n_blocks,
+            rows, self.n_blocks, block // per, dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(rows, self.n_blocks,
                                                   dtype=SCALE_DTYPES[scale_dtype]))
         # symmetric codes filling their container use the runtime's default zero point
         # 2**(bits-1): nothing to store
         self.stores_zeros = not (symmetric and bits == self.storage_bits)
         if self.stores_zeros:
             self.register_buffer("zero_points", torch.zeros(
-                out_features, -(-self.n_blocks // per), dtype=torch.uint8))
-        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+                rows, -(-self.n_blocks // per), dtype=torch.uint8))
+
+    def _init_bias(self, present: bool) -> None:
+        """A frozen bias stored in ``scale_dtype`` (its rounding is far below the codes')."""
+        self.bias = (nn.Parameter(torch.zeros(self.rows, dtype=SCALE_DTYPES[self.scale_dtype]),
+                                  requires_grad=False) if present else None)
+
+    def _float_bias(self) -> torch.Tensor | None:
+        """The bias in float32; under ONNX export a Cast that ONNX Runtime folds at load."""
+        if self.bias is None or self.bias.dtype == torch.float32:
+            return self.bias
+        if torch.onnx.is_in_onnx_export():
+            return _CastAtLoad.apply(self.bias)
+        return self.bias.float()
+
+    def load_codes(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   bias: torch.Tensor | None) -> PackedWeight:
+        """Store codes/scales/zeros as :func:`rtn_quantize` returns them, and the bias."""
+        sb = self.storage_bits
+        self.weight_packed.copy_(pack(codes, sb).view_as(self.weight_packed))
+        self.scales.copy_(scales.to(self.scales.dtype))
+        if self.stores_zeros:
+            self.zero_points.copy_(_pack_rows(zeros, sb))
+        elif not bool((zeros == 1 << (self.bits - 1)).all()):
+            raise ConfigError("symmetric codes must have the zero point 2**(bits-1)")
+        if bias is not None:
+            self.bias.data.copy_(round_scale(bias.detach().float(), self.scale_dtype))
+        return self
+
+    def _packed_repr(self) -> str:
+        kind = "sym" if self.symmetric else "asym"
+        return f"int{self.bits} {kind} group={self.block}, scales={self.scale_dtype}"
+
+    def codes(self) -> torch.Tensor:
+        """Unsigned codes ``(rows, n_blocks * block)`` (uint8)."""
+        return _unpack_rows(self.weight_packed, self.storage_bits, self.rows)
+
+    def zeros(self) -> torch.Tensor:
+        """Zero points ``(rows, n_blocks)`` (uint8)."""
+        if not self.stores_zeros:
+            return torch.full((self.rows, self.n_blocks), 1 << (self.bits - 1),
+                              dtype=torch.uint8, device=self.scales.device)
+        return _unpack_rows(self.zero_points, self.storage_bits, self.rows)[:, : self.n_blocks]
+
+    def weight(self) -> torch.Tensor:
+        """The dequantized float32 weight matrix ``(rows, cols)`` (not cached).
+
+        Under ONNX export this is one node whose symbolic unpacks the stored bytes.
+        """
+        zp, zero = (self.zero_points if self.stores_zeros else None), 1 << (self.bits - 1)
+        args = (self.weight_packed, self.scales, zp, self.rows, self.cols, self.storage_bits)
+        if torch.onnx.is_in_onnx_export():
+            return _DequantizePacked.apply(*args, self.block, zero)
+        return _dequantize_packed(*args, zero)
+
+    def nbytes(self) -> int:
+        """Bytes of the state (packed codes, scales, zero points, bias)."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+
+class PackedLinear(PackedWeight):
+    """A Linear layer with packed low-bit weights; ONNX export emits ``MatMulNBits``.
+
+    Args:
+        in_features, out_features: as in ``nn.Linear``.
+        bits: code width, 2..8.
+        block: group size along the input dimension (power of two >= 16).
+        symmetric: zero point fixed at ``2**(bits-1)``.
+        scale_dtype: ``float16`` or ``float32``, for the scales and the bias.
+        bias: whether the layer has a bias.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int = 4, block: int = 128,
+                 symmetric: bool = True, scale_dtype: str = "float16", bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_packed(out_features, in_features, bits, block, symmetric, scale_dtype)
+        self._init_bias(bias)
 
     @classmethod
     def from_codes(cls, layer: nn.Linear, codes: torch.Tensor, scales: torch.Tensor,
@@ -225,69 +382,92 @@ class PackedLinear(nn.Module):
         """Build from ``layer`` (for its bias) and codes/scales/zeros as :func:`rtn_quantize`."""
         new = cls(layer.in_features, layer.out_features, bits, block, symmetric, scale_dtype,
                   layer.bias is not None)
-        sb = new.storage_bits
-        new.weight_packed.copy_(pack(codes, sb).view_as(new.weight_packed))
-        new.scales.copy_(scales.to(new.scales.dtype))
-        if new.stores_zeros:
-            new.zero_points.copy_(_pack_rows(zeros, sb))
-        elif not bool((zeros == 1 << (bits - 1)).all()):
-            raise ConfigError("symmetric codes must have the zero point 2**(bits-1)")
-        if layer.bias is not None:
-            new.bias.data.copy_(layer.bias.detach().float())
-        return new
+        return new.load_codes(codes, scales, zeros, layer.bias)
 
     def extra_repr(self) -> str:
-        kind = "sym" if self.symmetric else "asym"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"int{self.bits} {kind} group={self.block}, scales={self.scale_dtype}")
-
-    def codes(self) -> torch.Tensor:
-        """Unsigned codes ``(N, n_blocks * block)`` (uint8)."""
-        return unpack(self.weight_packed.flatten(), self.storage_bits,
-                      self.weight_packed.numel() * (8 // self.storage_bits)
-                      ).view(self.out_features, -1)
-
-    def zeros(self) -> torch.Tensor:
-        """Zero points ``(N, n_blocks)`` (uint8)."""
-        if not self.stores_zeros:
-            return torch.full((self.out_features, self.n_blocks), 1 << (self.bits - 1),
-                              dtype=torch.uint8, device=self.scales.device)
-        per = 8 // self.storage_bits
-        z = unpack(self.zero_points.flatten(), self.storage_bits, self.zero_points.numel() * per)
-        return z.view(self.out_features, -1)[:, : self.n_blocks]
-
-    def weight(self) -> torch.Tensor:
-        """The dequantized float32 weight ``(out_features, in_features)`` (not cached)."""
-        return dequantize_codes(self.codes(), self.scales, self.zeros(), self.in_features)
-
-    def _traceable_weight(self) -> torch.Tensor:
-        """:meth:`weight` in float arithmetic only (exportable ops; the exporter drops it)."""
-        sb, per = self.storage_bits, 8 // self.storage_bits
-
-        def split(packed: torch.Tensor) -> torch.Tensor:
-            p = packed.to(torch.float32).unsqueeze(-1)
-            div = torch.tensor([float(1 << (sb * i)) for i in range(per + 1)])
-            levels = torch.floor(p / div)
-            return (levels[..., :-1] - levels[..., 1:] * float(1 << sb)).flatten(-2)
-
-        codes = split(self.weight_packed).flatten(1)
-        zeros = (split(self.zero_points)[:, : self.n_blocks] if self.stores_zeros
-                 else self.zeros())
-        return dequantize_codes(codes, self.scales, zeros, self.in_features)
-
-    def nbytes(self) -> int:
-        """Bytes of the state (packed codes, scales, zero points, bias)."""
-        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+                f"{self._packed_repr()}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.onnx.is_in_onnx_export():
+        if torch.onnx.is_in_onnx_export():  # the dequantized weight is dead in the graph
             y = _MatMulNBits.apply(x, self.weight_packed, self.scales.float().flatten(),
                                    self.zero_points.flatten() if self.stores_zeros else None,
-                                   self._traceable_weight(),
-                                   self.in_features,
+                                   self.weight(), self.in_features,
                                    self.out_features, self.storage_bits, self.block)
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight().to(x.dtype), self.bias)
+            return y if self.bias is None else y + self._float_bias()
+        bias = self._float_bias()
+        return F.linear(x, self.weight().to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+class PackedConv(PackedWeight):
+    """A Conv1d/2d/3d (zero padding) with packed weights: rows = output channels, columns =
+    ``in_channels / groups * prod(kernel_size)``. ONNX: the dequantized weight feeds a Conv.
+
+    Args:
+        spec: the conv's arguments (``dim``, channels, kernel_size, stride, padding,
+            dilation, groups, bias), as :meth:`spec_of` gives them.
+        bits, block, symmetric, scale_dtype: as in :class:`PackedLinear`.
+    """
+
+    def __init__(self, spec: dict[str, Any], bits: int = 4, block: int = 128,
+                 symmetric: bool = True, scale_dtype: str = "float16") -> None:
+        super().__init__()
+        self.spec = dict(spec)
+        shape = self.weight_shape
+        self._init_packed(shape[0], math.prod(shape[1:]), bits, block, symmetric, scale_dtype)
+        self._init_bias(spec["bias"])
+
+    @staticmethod
+    def spec_of(conv: nn.modules.conv._ConvNd) -> dict[str, Any]:
+        """The JSON-able arguments that rebuild ``conv``'s computation."""
+        return {"dim": conv.weight.dim() - 2, "in_channels": conv.in_channels,
+                "out_channels": conv.out_channels, "kernel_size": list(conv.kernel_size),
+                "stride": list(conv.stride), "padding": conv.padding if isinstance(
+                    conv.padding, str) else list(conv.padding),
+                "dilation": list(conv.dilation), "groups": conv.groups,
+                "bias": conv.bias is not None}
+
+    @property
+    def weight_shape(self) -> list[int]:
+        s = self.spec
+        return [s["out_channels"], s["in_channels"] // s["groups"], *s["kernel_size"]]
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (f"{s['in_channels']}, {s['out_channels']}, kernel_size={tuple(s['kernel_size'])}"
+                f", stride={tuple(s['stride'])}, groups={s['groups']}, {self._packed_repr()}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.spec
+        w = self.weight().reshape(self.weight_shape).to(x.dtype)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[s["dim"] - 1]
+        padding = s["padding"] if isinstance(s["padding"], str) else tuple(s["padding"])
+        bias = self._float_bias()
+        bias = None if bias is None else bias.to(x.dtype)
+        return conv(x, w, bias, tuple(s["stride"]), padding, tuple(s["dilation"]),
+                    s["groups"])
+
+
+class PackedEmbedding(PackedWeight):
+    """An Embedding whose table is packed row-wise (groups along the embedding dimension).
+
+    ONNX: the dequantized table feeds a Gather.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
+                 bits: int = 4, block: int = 128, symmetric: bool = True,
+                 scale_dtype: str = "float16") -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.padding_idx = padding_idx
+        self._init_packed(num_embeddings, embedding_dim, bits, block, symmetric, scale_dtype)
+        self.bias = None
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self._packed_repr()}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.embedding(x, self.weight(), self.padding_idx)
 
 
 def packed_nbytes(in_features: int, out_features: int, bits: int, block: int,
@@ -298,22 +478,27 @@ def packed_nbytes(in_features: int, out_features: int, bits: int, block: int,
     zeros = 0 if symmetric and bits == sb else out_features * -(-nb // per)
     return (out_features * nb * (block // per)
             + out_features * nb * SCALE_DTYPES[scale_dtype].itemsize + zeros
-            + 4 * out_features * int(bias))
+            + SCALE_DTYPES[scale_dtype].itemsize * out_features * int(bias))
 
 
 # ----------------------------------------------------------------------------- the technique
 
 PLAN_FORMAT = "slimkit-weight-only-plan"
-OTHER_TYPES = ("Conv1d", "Conv2d", "Conv3d", "Embedding")
+OTHER_TYPES = ("Conv1d", "Conv2d", "Conv3d", "Embedding")  # what Linear-only techniques skip
+LAYER_TYPES = {"Linear": ("Linear",), "Conv": ("Conv1d", "Conv2d", "Conv3d"),
+               "Embedding": ("Embedding",)}
 
 
 class WeightOnlyConfig(SlimConfig):
-    """Weight-only quantization of Linear layers to packed 2..8-bit group-wise codes.
+    """Weight-only quantization to packed 2..8-bit group-wise codes.
 
     Activations stay float; each weight row is cut into groups of ``group_size`` input
     columns with their own scale (and zero point). ``method="rtn"`` rounds to nearest;
     ``method="gptq"`` (Frantar et al. 2023) compensates each column's rounding error on the
-    remaining columns using the layer's input Hessian from calibration data.
+    remaining columns using the layer's input Hessian from calibration data (Linear layers;
+    convolutions and embedding tables are rounded to nearest, and the record says so).
+    Linear layers run as ONNX Runtime's ``MatMulNBits``; packed convs and embedding tables
+    are unpacked by ONNX Runtime once, when the session loads.
 
     Example:
         >>> WeightOnlyConfig(bits=4, group_size=128, method="gptq", exclude=["head"])
@@ -332,7 +517,13 @@ class WeightOnlyConfig(SlimConfig):
     method: Literal["rtn", "gptq"] = Field("rtn", description="rtn: round to nearest; gptq: "
                                            "second-order error compensation (needs data).")
     scale_dtype: Literal["float16", "float32"] = Field(
-        "float16", description="Storage type of the per-group scales.")
+        "float16", description="Storage type of the per-group scales and of the layer's "
+        "bias (computed in float32 either way).")
+    layer_types: list[Literal["Linear", "Conv", "Embedding"]] = Field(
+        default_factory=lambda: ["Linear"], min_length=1,
+        description="Kinds of layers to pack: Linear, Conv (1/2/3-d, weight seen as "
+        "out x in*kernel) and Embedding (tables packed row-wise). Linear only by default: "
+        "a 4-bit input layer (a ViT's patch embedding) can cost accuracy; opt in per model.")
     include: list[str] = Field(default_factory=list,
                                description="Only these layers (name, re:REGEX or type:Class).")
     exclude: list[str] = Field(default_factory=list,
@@ -378,30 +569,55 @@ def check_calibration(x: torch.Tensor, where: str) -> torch.Tensor:
     return x
 
 
-def _entry(name: str, layer: nn.Linear, cfg: WeightOnlyConfig) -> dict[str, Any]:
-    block = block_for(layer.in_features, cfg.group_size)
-    k, n = layer.in_features, layer.out_features
-    before = 4 * (n * k + (n if layer.bias is not None else 0))
-    after = packed_nbytes(k, n, cfg.bits, block, cfg.scale_dtype, layer.bias is not None,
-                          cfg.symmetric)
-    return {"in_features": k, "out_features": n, "bias": layer.bias is not None,
-            "bits": cfg.bits, "storage_bits": storage_bits(cfg.bits), "block": block,
-            "symmetric": cfg.symmetric, "scale_dtype": cfg.scale_dtype, "method": cfg.method,
+def _shape(layer: nn.Module) -> tuple[int, int]:
+    """(rows, columns) of a layer's weight seen as a matrix."""
+    w = layer.weight
+    return w.shape[0], w[0].numel()
+
+
+def _entry(name: str, layer: nn.Module, cfg: WeightOnlyConfig) -> dict[str, Any]:
+    n, k = _shape(layer)
+    bias = getattr(layer, "bias", None) is not None
+    block = block_for(k, cfg.group_size)
+    linear = isinstance(layer, nn.Linear)
+    e: dict[str, Any] = {"type": type(layer).__name__, "in_features": k, "out_features": n,
+                         "bias": bias}
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        e["conv"] = PackedConv.spec_of(layer)
+    elif isinstance(layer, nn.Embedding):
+        e["padding_idx"] = layer.padding_idx
+    method = cfg.method if linear else "rtn"
+    if method != cfg.method:
+        e["method_note"] = f"gptq covers Linear layers; {e['type']} rounded to nearest"
+    return {**e, "bits": cfg.bits, "storage_bits": storage_bits(cfg.bits), "block": block,
+            "symmetric": cfg.symmetric, "scale_dtype": cfg.scale_dtype, "method": method,
             "granularity": f"group:{block}", "padded_columns": (-k) % block,
-            "bytes_before": before, "bytes_after": after}
+            "bytes_before": 4 * (n * k + n * bias),
+            "bytes_after": packed_nbytes(k, n, cfg.bits, block, cfg.scale_dtype, bias,
+                                         cfg.symmetric)}
 
 
-def _quantize_layer(layer: nn.Linear, e: dict, cfg: WeightOnlyConfig,
-                    hess: Any) -> tuple[PackedLinear, dict[str, Any]]:
+def _empty_packed(e: dict[str, Any]) -> PackedWeight:
+    """An empty packed layer of the planned type and shape."""
+    args = (e["bits"], e["block"], e["symmetric"], e["scale_dtype"])
+    if "conv" in e:
+        return PackedConv(e["conv"], *args)
+    if e.get("type") == "Embedding":
+        return PackedEmbedding(e["out_features"], e["in_features"], e["padding_idx"], *args)
+    return PackedLinear(e["in_features"], e["out_features"], *args, e["bias"])
+
+
+def _quantize_layer(layer: nn.Module, e: dict, cfg: WeightOnlyConfig,
+                    hess: Any) -> tuple[PackedWeight, dict[str, Any]]:
     """Codes for one layer (RTN or GPTQ) and its error statistics."""
     from slimkit.quant.gptq import gptq_quantize, output_error
 
-    w = layer.weight.detach().float()
+    w = layer.weight.detach().float().reshape(e["out_features"], -1)
     args = (cfg.bits, e["block"], cfg.symmetric, cfg.scale_dtype)
     stats: dict[str, Any] = {}
     rtn = rtn_quantize(w, *args)
     codes, scales, zeros = rtn
-    if cfg.method == "gptq":
+    if e["method"] == "gptq":
         if hess is None:
             stats["fallback"] = "not called on the calibration inputs: rounded to nearest"
         else:
@@ -415,10 +631,10 @@ def _quantize_layer(layer: nn.Linear, e: dict, cfg: WeightOnlyConfig,
     stats["weight_rel_error"] = float((w_hat - w).norm() / w.norm().clamp(min=1e-12))
     if hess is not None:
         stats["output_rel_error"] = output_error(w, w_hat, hess.h)
-        if cfg.method == "gptq":
+        if e["method"] == "gptq":
             w_rtn = dequantize_codes(*rtn, w.shape[1])
             stats["output_rel_error_rtn"] = output_error(w, w_rtn, hess.h)
-    packed = PackedLinear.from_codes(layer, codes, scales, zeros, *args)
+    packed = _empty_packed(e).load_codes(codes, scales, zeros, getattr(layer, "bias", None))
     return packed, stats
 
 
@@ -435,24 +651,32 @@ def _calibration(cfg: WeightOnlyConfig, data: DataBundle | None,
 
 
 def _select(model: nn.Module, cfg: WeightOnlyConfig) -> tuple[dict[str, nn.Module], list]:
-    chosen, skipped = select_layers(model, ["Linear"], cfg.include, cfg.exclude)
+    types = [t for kind in cfg.layer_types for t in LAYER_TYPES[kind]]
+    chosen, skipped = select_layers(model, types, cfg.include, cfg.exclude)
+    for name, mod in list(chosen.items()):
+        if getattr(mod, "padding_mode", "zeros") != "zeros":
+            del chosen[name]
+            skipped.append({"what": name, "why": f"padding_mode '{mod.padding_mode}': packed "
+                            "convs support zero padding only; left float"})
+    left = {t for kind, ts in LAYER_TYPES.items() if kind not in cfg.layer_types for t in ts}
     for name, mod in model.named_modules():
-        if type(mod).__name__ in OTHER_TYPES:
-            skipped.append({"what": name, "why": f"{type(mod).__name__}: weight-only packing "
-                                                 "covers Linear layers only; left float"})
+        if type(mod).__name__ in left:
+            skipped.append({"what": name, "why": f"{type(mod).__name__}: not in layer_types "
+                            f"{cfg.layer_types}; left float"})
     if not chosen:
-        raise ConfigError("weight_only_quant: the model has no Linear layer to quantize "
-                          f"(after include={cfg.include}, exclude={cfg.exclude})")
+        raise ConfigError(f"weight_only_quant: the model has no {'/'.join(cfg.layer_types)} "
+                          f"layer to quantize (after include={cfg.include}, "
+                          f"exclude={cfg.exclude})")
     return chosen, skipped
 
 
 def weight_only_quant(model: nn.Module, cfg: WeightOnlyConfig, data: DataBundle | None = None,
                       example_inputs: Sequence[torch.Tensor] | None = None,
                       calib_x: torch.Tensor | None = None) -> tuple[nn.Module, Record]:
-    """Replace a copy's Linear layers by :class:`PackedLinear` (``model`` is left untouched).
+    """Replace a copy's Linear / Conv / Embedding layers by packed ones (``model`` untouched).
 
     Args:
-        model: any module with Linear layers.
+        model: any module with layers of ``cfg.layer_types``.
         cfg: the weight-only config.
         data: calibration data (``cfg.calib_samples`` stratified training samples); needed by
             GPTQ, optional for RTN (then used to report each layer's output error).
@@ -465,7 +689,7 @@ def weight_only_quant(model: nn.Module, cfg: WeightOnlyConfig, data: DataBundle 
         skipped layers with the reason; ``details["plan"]`` rebuilds the structure.
 
     Raises:
-        ConfigError: no Linear layer selected, bad selectors, GPTQ without data.
+        ConfigError: no layer selected, bad selectors, GPTQ without data.
         DataError: calibration inputs empty, constant or non-finite.
         ModelError: the quantized model produces NaN/Inf.
 
@@ -479,16 +703,17 @@ def weight_only_quant(model: nn.Module, cfg: WeightOnlyConfig, data: DataBundle 
     chosen, skipped = _select(work, cfg)
     calib = _calibration(cfg, data, calib_x)
     hess = {}
-    if calib is not None:
+    linears = [n for n, m in chosen.items() if isinstance(m, nn.Linear)]
+    if calib is not None and linears:
         batches = [(calib[i:i + cfg.calib_batch],) for i in range(0, len(calib), cfg.calib_batch)]
-        hess = collect_hessians(work, list(chosen), batches)
+        hess = collect_hessians(work, linears, batches)
     plan = {"format": PLAN_FORMAT, "version": 1, "layers": {}}
     for name, layer in chosen.items():
         e = _entry(name, layer, cfg)
         if e["bytes_after"] >= e["bytes_before"]:
             skipped.append({"what": name, "why": f"packed form ({e['bytes_after']} B) would not "
-                            f"be smaller than float ({e['bytes_before']} B): in_features "
-                            f"{e['in_features']} pads to a block of {e['block']}"})
+                            f"be smaller than float ({e['bytes_before']} B): rows of "
+                            f"{e['in_features']} pad to a block of {e['block']}"})
             continue
         packed, stats = _quantize_layer(layer, e, cfg, hess.get(name))
         replace_module(work, name, packed)
@@ -518,7 +743,7 @@ def _record(plan: dict, skipped: list[dict]) -> Record:
         pad = f", last group padded by {e['padded_columns']}" if e["padded_columns"] else ""
         err = (f", output error {e['output_rel_error']:.4f}" if "output_rel_error" in e
                else f", weight error {e['weight_rel_error']:.4f}")
-        fb = f" [{e['fallback']}]" if e.get("fallback") else ""
+        fb = "".join(f" [{e[k]}]" for k in ("fallback", "method_note") if e.get(k))
         record.changed.append(f"{name}: int{e['bits']} {scheme} group {e['block']} "
                               f"{e['method']}{pad}, {e['bytes_before']} -> {e['bytes_after']} B"
                               f"{err}{fb}")
@@ -527,26 +752,23 @@ def _record(plan: dict, skipped: list[dict]) -> Record:
 
 
 def apply_plan(model: nn.Module, plan: dict) -> list[str]:
-    """Put an empty :class:`PackedLinear` of the planned shape at every planned layer.
+    """Put an empty packed layer of the planned type and shape at every planned layer.
 
     Raises:
-        ConfigError: not a weight-only plan, or a layer missing / of another shape.
+        ConfigError: not a weight-only plan, or a layer missing / of another type or shape.
     """
     if plan.get("format") != PLAN_FORMAT:
         raise ConfigError(f"not a weight-only quantization plan (format {plan.get('format')!r})")
     modules = dict(model.named_modules())
     for name, e in plan["layers"].items():
-        layer = modules.get(name)
-        if not isinstance(layer, nn.Linear):
-            raise ConfigError(f"weight-only plan: layer '{name}' is not a Linear of the model."
+        layer, kind = modules.get(name), e.get("type", "Linear")
+        if type(layer).__name__ != kind:
+            raise ConfigError(f"weight-only plan: layer '{name}' is not a {kind} of the model."
                               f"{did_you_mean(name, modules)}")
-        if (layer.in_features, layer.out_features) != (e["in_features"], e["out_features"]):
-            raise ConfigError(f"weight-only plan: layer '{name}' is {layer.in_features}->"
-                              f"{layer.out_features}, the plan expects {e['in_features']}->"
-                              f"{e['out_features']}")
-        replace_module(model, name, PackedLinear(
-            e["in_features"], e["out_features"], e["bits"], e["block"], e["symmetric"],
-            e["scale_dtype"], e["bias"]))
+        if _shape(layer) != (e["out_features"], e["in_features"]):
+            raise ConfigError(f"weight-only plan: layer '{name}' has a {_shape(layer)} weight "
+                              f"matrix, the plan expects {(e['out_features'], e['in_features'])}")
+        replace_module(model, name, _empty_packed(e))
     return list(plan["layers"])
 
 
