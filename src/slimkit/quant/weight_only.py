@@ -1,4 +1,4 @@
-"""Packed low-bit weights: group-wise qparams, round-to-nearest codes and ``PackedLinear``.
+"""Packed low-bit weights: group-wise qparams, round-to-nearest codes and packed layers.
 
 A weight ``W`` of shape ``(N, K)`` is cut along its input dimension into blocks of ``block``
 columns (the last block zero-padded when ``K`` is not a multiple); each row of each block has
@@ -16,6 +16,8 @@ bias, so files really shrink.
 
 :func:`weight_only_quant` (stage kind ``weight_only_quant``) replaces a model's Linear layers
 by ``PackedLinear`` with codes from round-to-nearest or GPTQ (:mod:`slimkit.quant.gptq`), and
+optionally its convs and embedding tables by ``PackedConv`` / ``PackedEmbedding`` (their ONNX
+graph unpacks the stored bytes with standard ops that ONNX Runtime folds at load); it
 registers the rebuilder that lets artifacts of zoo models replay the packed structure.
 """
 
