@@ -16,7 +16,7 @@ from tests.prune._structured_models import (
 )
 from torch import nn
 
-from slimkit.core.errors import ModelError
+from slimkit.core.errors import ConfigError, ModelError
 from slimkit.graph.dependency import analyze, build_dependency_graph
 from slimkit.zoo import build_model
 
@@ -132,3 +132,57 @@ def test_squeeze_excitation_gate_and_transposed_conv():
     up = gs["up"]  # a transposed conv's outputs are weight dim 1
     assert {("up.weight", 1), ("up.bias", 0), ("bn.weight", 0), ("head.weight", 1)} <= \
         {(m.param, m.dim) for m in up.members}
+
+
+class _SDPAttention(nn.Module):
+    """q/k/v/out attention through SDPA; ``v_dim`` may differ from the q/k head size."""
+
+    def __init__(self, scaling: float | None, v_dim: int = 16) -> None:
+        super().__init__()
+        self.q, self.k = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.v, self.out = nn.Linear(16, v_dim), nn.Linear(v_dim, 4)
+        if scaling is not None:
+            self.scaling = scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(*t.shape[:2], 2, -1).transpose(1, 2)
+
+        ctx = nn.functional.scaled_dot_product_attention(
+            split(self.q(x)), split(self.k(x)), split(self.v(x)),
+            scale=getattr(self, "scaling", None))
+        return self.out(ctx.transpose(1, 2).flatten(2)).mean(1)
+
+
+def test_head_dims_group_inner_positions_across_heads_and_couple_q_k_v():
+    model = build_model("vit", (3, 8, 8), 10, dim=32, depth=1, heads=4)
+    gs = {g.root: g for g in build_dependency_graph(model, X, "head_dims").groups}
+    g = gs["blocks.0.attn.q"]
+    assert (g.size, g.heads, g.head_dims, g.prunable) == (8, [], ["blocks.0.attn"], True)
+    for param, dim in [("q.weight", 0), ("k.bias", 0), ("v.weight", 0), ("out.weight", 1)]:
+        assert _member(g, f"blocks.0.attn.{param}", dim).indices[1] == [1, 9, 17, 25]
+    # the zoo derives its scale from the run-time head size: q's rows carry the fix
+    assert g.queries == ["blocks.0.attn.q.weight", "blocks.0.attn.q.bias"]
+
+
+def test_head_dims_scale_fix_only_where_the_module_has_no_scaling():
+    x = (torch.randn(2, 5, 16),)
+    fixed = build_dependency_graph(_SDPAttention(0.25), x, "head_dims").groups
+    derived = build_dependency_graph(_SDPAttention(None), x, "head_dims").groups
+    (a,), (b,) = [g for g in fixed if g.head_dims], [g for g in derived if g.head_dims]
+    assert a.size == b.size == 8 and a.prunable and b.prunable
+    assert a.queries == [] and b.queries == ["q.weight", "q.bias"]
+
+
+def test_head_dims_lock_splits_of_different_sizes_in_one_module():
+    x = (torch.randn(2, 5, 16),)
+    report = analyze(_SDPAttention(0.25, v_dim=8), x, attention="head_dims")
+    assert any("head splits of different sizes" in " ".join(g["why"])
+               for g in report["unprunable"])
+    heads = analyze(_SDPAttention(0.25, v_dim=8), x)  # whole heads: still prunable
+    assert any(g["heads"] == [""] for g in heads["prunable"])
+
+
+def test_unknown_attention_mode_names_the_known_ones():
+    with pytest.raises(ConfigError, match="head_dims"):
+        build_dependency_graph(ConvNet(), X, "dims")

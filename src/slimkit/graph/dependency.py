@@ -10,6 +10,11 @@ parameters form a *group*. Removing channel ``i`` of a group removes, for every 
 BatchNorm entries and running stats, the next conv's input column, both sides of a residual
 add, ``H*W`` columns of a Linear after ``flatten``, a whole attention head of q/k/v/out...
 
+With ``attention="head_dims"`` a split ``E -> (heads, head_dim)`` is pruned by inner position
+instead: channel ``j`` is position ``j`` of every head (q and k rows, contracted together by
+``q @ k^T``; v rows and the out-projection columns they feed), and all splits inside one module
+(q, k, v reshaped with one head-size attribute) are coupled so that every head keeps one size.
+
 Read-only: the model is captured in eval mode and its mode is restored; nothing is mutated.
 
 Example:
@@ -20,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import operator
 import traceback
 from collections import defaultdict
@@ -31,9 +37,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from slimkit.core.errors import ModelError
+from slimkit.core.errors import ConfigError, ModelError
 from slimkit.graph.labels import STATIC, Labels, LabelSet, static
-from slimkit.graph.ops import OP_RULES, OpContext, unknown_rule
+from slimkit.graph.ops import OP_RULES, OpContext, SplitLog, unknown_rule
+
+#: ``attention`` modes: the prunable unit of a dim split into (heads, head_dim).
+ATTENTION_UNITS = {"heads": "heads", "head_dims": "inner"}
+#: Float attributes holding an attention module's softmax scale.
+SCALE_ATTRS = ("scaling", "scale")
+#: Int attributes holding an attention module's head size (what its reshapes read).
+HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim", "head_size", "dim_head", "d_head")
+#: Ops between a query projection and its use that keep its rows (walked back to find it).
+_QUERY_PATH = {"view", "reshape", "_unsafe_view", "unflatten", "transpose", "permute", "clone",
+               "contiguous", "mul", "div", "_to_copy", "alias", "expand", "dropout"}
 
 PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -66,6 +82,12 @@ class Group:
         size: number of channels (or heads, or conv groups) that can be removed one by one.
         members: coupled slices; ``members[k].indices[i]`` is channel ``i`` in member ``k``.
         heads: modules whose head-count attribute equals this group's kept channel count.
+        head_dims: modules whose head-size attribute equals this group's kept channel count
+            (``attention="head_dims"``).
+        queries: query-projection tensors (weight, bias) whose rows are scaled by
+            ``sqrt(kept / size)`` when this group shrinks, because the module's softmax scale
+            follows its head size (:func:`scale_follows_head_size`): the pruned model then
+            still computes ``q . k / sqrt(original head size)``.
         prunable: False when some op ties the group to a fixed size.
         why: the reasons it is not prunable.
     """
@@ -75,6 +97,8 @@ class Group:
     size: int
     members: list[Member]
     heads: list[str] = field(default_factory=list)
+    head_dims: list[str] = field(default_factory=list)
+    queries: list[str] = field(default_factory=list)
     prunable: bool = True
     why: list[str] = field(default_factory=list)
 
@@ -155,20 +179,18 @@ def _shape(node: torch.fx.Node) -> list[int]:
     return [int(s) for s in val.shape] if isinstance(val, torch.Tensor) else []
 
 
-def _walk(ep: Any) -> tuple[LabelSet, dict[str, Labels], set[int], list, list[dict]]:
-    """Propagate labels through the exported graph.
+def _walk(ep: Any, log: SplitLog) -> tuple[LabelSet, dict[str, Labels], set[int], list[dict]]:
+    """Propagate labels through the exported graph (head splits are noted in ``log``).
 
     Returns:
         The label store, the labels of each parameter/buffer, the labels seen on activations,
-        the (module, labels) of head splits, and the ops without a rule that met a channel.
+        and the ops without a rule that met a channel.
     """
-    sig = ep.graph_signature
-    names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+    names = _tensor_names(ep)
     ls = LabelSet()
     env: dict[torch.fx.Node, Any] = {}
     params: dict[str, Labels] = {}
     seen: set[int] = set()
-    heads: list = []
     unsupported: list[dict[str, str]] = []
     for node in ep.graph.nodes:
         if node.op == "placeholder":
@@ -181,21 +203,27 @@ def _walk(ep: Any) -> tuple[LabelSet, dict[str, Labels], set[int], list, list[di
                 env[node] = static(shape) if shape or isinstance(node.meta.get("val"),
                                                                  torch.Tensor) else None
         elif node.op == "call_function":
-            env[node] = _apply_rule(ls, node, env, heads, unsupported)
+            env[node] = _apply_rule(ls, node, env, log, unsupported)
             for arr in _arrays(env[node]):
                 seen.update(arr[arr >= 0].tolist())
         elif node.op == "output":
             for arr in _arrays(_sub(node.args, env)):
                 ls.lock(arr, "", "output", "model output")
-    return ls, params, seen, heads, unsupported
+    return ls, params, seen, unsupported
 
 
-def _apply_rule(ls: LabelSet, node: torch.fx.Node, env: dict, heads: list,
+def _tensor_names(ep: Any) -> dict[str, str]:
+    """Placeholder node name -> parameter/buffer name."""
+    sig = ep.graph_signature
+    return {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+
+
+def _apply_rule(ls: LabelSet, node: torch.fx.Node, env: dict, log: SplitLog,
                 unsupported: list[dict[str, str]]) -> Any:
     op = _op_name(node.target)
     if op not in OP_RULES and op.endswith("_") and op[:-1] in OP_RULES:
         op = op[:-1]  # in-place variants (dropout_, relu_) move labels like the originals
-    ctx = OpContext(ls, node, _module_of(node), op, heads)
+    ctx = OpContext(ls, node, _module_of(node), op, log)
     args = list(_sub(node.args, env))
     known = op in OP_RULES
     before = len(ls.locks)
@@ -228,22 +256,31 @@ def _arrays(x: Any) -> list[np.ndarray]:
     return []
 
 
-def build_dependency_graph(model: nn.Module,
-                           example_inputs: Sequence[torch.Tensor]) -> DependencyGraph:
+def build_dependency_graph(model: nn.Module, example_inputs: Sequence[torch.Tensor],
+                           attention: str = "heads") -> DependencyGraph:
     """Capture ``model`` and group its coupled channels.
 
     Args:
         model: any ``torch.export``-able module (not modified).
         example_inputs: one batch of inputs, as the model's forward takes them.
+        attention: ``"heads"``: attention is pruned by whole heads; ``"head_dims"``: by
+            position inside every head (all heads keep one, smaller, head size).
 
     Returns:
         A :class:`DependencyGraph`; ``graph.to_dict()`` is JSON-serializable.
 
     Raises:
+        ConfigError: an unknown ``attention`` mode.
         ModelError: the model cannot be captured (naming the module and the complaint).
     """
+    if attention not in ATTENTION_UNITS:
+        raise ConfigError(f"unknown attention pruning mode {attention!r}; known: "
+                          f"{sorted(ATTENTION_UNITS)}")
     ep = capture(model, example_inputs)
-    ls, params, seen, heads, unsupported = _walk(ep)
+    log = SplitLog(ATTENTION_UNITS[attention])
+    ls, params, seen, unsupported = _walk(ep, log)
+    if attention == "head_dims":
+        _couple_module_splits(ls, log.splits)
     _lock_fixed_modules(model, ls, params)
     seen_roots = {ls.find(v) for v in seen}
     locked: dict[int, list[str]] = defaultdict(list)
@@ -259,8 +296,25 @@ def build_dependency_graph(model: nn.Module,
                 if r >= 0 and r in seen_roots:
                     comps[r][(name, d)].append(i)
     groups, roots = _make_groups(model, comps, locked)
-    _attach_heads(ls, groups, roots, heads)
+    index = {r: g for g in groups for r in roots[id(g)]}
+    _attach_splits(ls, index, log.splits, "heads" if attention == "heads" else "head_dims")
+    _attach_queries(model, ls, index, log.queries, _tensor_names(ep))
     return DependencyGraph(groups, _dedupe(unsupported))
+
+
+def _couple_module_splits(ls: LabelSet, splits: list[tuple[str, np.ndarray]]) -> None:
+    """One module reshapes q, k and v with one head size: their inner positions go together."""
+    by_module: dict[str, list[np.ndarray]] = defaultdict(list)
+    for module, labels in splits:
+        by_module[module].append(labels)
+    for module, arrays in by_module.items():
+        if len({len(a) for a in arrays}) > 1:
+            for a in arrays:
+                ls.lock(a, module, "view", "head splits of different sizes in one module "
+                                           f"({sorted({len(a) for a in arrays})})")
+            continue
+        for a in arrays[1:]:
+            ls.unite(arrays[0], a, module, "view")
 
 
 def _lock_fixed_modules(model: nn.Module, ls: LabelSet, params: dict[str, Labels]) -> None:
@@ -314,15 +368,76 @@ def _root(members: list[Member], modules: dict[str, nn.Module]) -> str:
     return first.rsplit(".", 1)[0] if "." in first else first
 
 
-def _attach_heads(ls: LabelSet, groups: list[Group], roots: dict[int, list[int]],
-                  heads: list) -> None:
-    """Name, on each group, the modules whose head count is that group's channel count."""
-    index = {r: g for g in groups for r in roots[id(g)]}
-    for module, labels in heads:
-        found = {id(index[r]): index[r] for r in ls.roots(labels).tolist() if r in index}
-        for g in found.values():
-            if module not in g.heads:
-                g.heads.append(module)
+def _groups_of(ls: LabelSet, index: dict[int, Group], labels: np.ndarray) -> list[Group]:
+    found = {id(index[r]): index[r] for r in ls.roots(labels).tolist() if r in index}
+    return list(found.values())
+
+
+def _attach_splits(ls: LabelSet, index: dict[int, Group], splits: list, attr: str) -> None:
+    """Name, on each group, the modules whose head count (or head size) is its channel count."""
+    for module, labels in splits:
+        for g in _groups_of(ls, index, labels):
+            if module not in getattr(g, attr):
+                getattr(g, attr).append(module)
+
+
+def _first_attr(module: nn.Module | None, attrs: tuple[str, ...], kind: type) -> str | None:
+    return next((a for a in attrs if type(getattr(module, a, None)) is kind), None)
+
+
+def scale_follows_head_size(module: nn.Module | None, head_size: int) -> bool:
+    """Whether ``module``'s softmax scale is ``1/sqrt(head size)`` and follows that size.
+
+    True when it has no float scale attribute (the scale is then taken from the run-time
+    head size, ``q.shape[-1] ** -0.5`` as the SDPA default), or when its ``scaling`` equals
+    ``head_size ** -0.5`` and a head-size attribute holds ``head_size`` (Hugging Face: both
+    come from the config, so a model rebuilt from the pruned config computes the new size's
+    scale). A scale of any other value is a constant of the module and stays as it is.
+    """
+    scale = _first_attr(module, SCALE_ATTRS, float)
+    if scale is None:
+        return True
+    size = _first_attr(module, HEAD_SIZE_ATTRS, int)
+    return size is not None and getattr(module, size) == head_size and \
+        math.isclose(getattr(module, scale), head_size ** -0.5, rel_tol=1e-9)
+
+
+def _attach_queries(model: nn.Module, ls: LabelSet, index: dict[int, Group],
+                    queries: list, names: dict[str, str]) -> None:
+    """Name the query projections that carry the original softmax scale (Group.queries).
+
+    Where the scale follows the head size, the query projection found by walking back from
+    the contraction is rescaled by the plan. A group whose query projection cannot be found is
+    locked: its scale could not be kept.
+    """
+    modules = dict(model.named_modules())
+    for module, node, labels in queries:
+        groups = [g for g in _groups_of(ls, index, labels)  # head dims, not token dims
+                  if g.head_dims and scale_follows_head_size(modules.get(module), g.size)]
+        if not groups:
+            continue
+        params = _query_projection(node, names)
+        for g in groups:
+            if params:
+                g.queries += [p for p in params if p not in g.queries]
+            else:
+                g.prunable = False
+                g.why.append(f"{module or '<root>'}: the attention scale follows the head size "
+                             "and its query projection was not found; give the module a float "
+                             "`scaling` attribute that is not 1/sqrt(head size)")
+
+
+def _query_projection(node: torch.fx.Node, names: dict[str, str]) -> list[str]:
+    """The weight (and bias) of the Linear that produced ``node``, through reshapes."""
+    while isinstance(node, torch.fx.Node) and node.op == "call_function":
+        op = _op_name(node.target)
+        if op == "linear":
+            return [names[a.name] for a in node.args[1:3]
+                    if isinstance(a, torch.fx.Node) and a.name in names]
+        if op.rstrip("_") not in _QUERY_PATH or not node.args:
+            return []
+        node = node.args[0]
+    return []
 
 
 def _dedupe(rows: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -335,11 +450,18 @@ def _dedupe(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     return out
 
 
-def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> dict[str, Any]:
+def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor],
+            attention: str = "heads") -> dict[str, Any]:
     """What structured pruning could do to ``model``, before any work starts.
 
+    Args:
+        model: the model (not modified).
+        example_inputs: one batch of inputs.
+        attention: ``"heads"`` or ``"head_dims"`` (see :func:`build_dependency_graph`).
+
     Returns:
-        ``{"prunable": [{"root", "size", "members"}], "unprunable": [{"root", "size", "why"}],
+        ``{"prunable": [{"root", "size", "members", "heads", "head_dims"}],
+        "unprunable": [{"root", "size", "why"}],
         "unsupported": [{"module", "op", "why"}]}``: ops without a channel rule (by module name
         and aten op) and groups that are tied to a fixed size, with the reason.
 
@@ -351,16 +473,18 @@ def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> dict[st
         >>> report["unsupported"]
         []
     """
-    graph = build_dependency_graph(model, example_inputs)
+    graph = build_dependency_graph(model, example_inputs, attention)
     names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     return {
         "prunable": [{"root": g.root, "size": g.size, "members": len(g.members),
-                      "heads": g.heads} for g in graph.groups if g.prunable],
+                      "heads": g.heads, "head_dims": g.head_dims}
+                     for g in graph.groups if g.prunable],
         "unprunable": [{"root": g.root, "size": g.size, "why": g.why}
                        for g in graph.groups if not g.prunable and g.param_names() & names],
         "unsupported": graph.unsupported,
     }
 
 
-__all__ = ["STATIC", "DependencyGraph", "Group", "Member", "analyze", "build_dependency_graph",
-           "capture", "module_in_traceback"]
+__all__ = ["HEAD_SIZE_ATTRS", "SCALE_ATTRS", "STATIC", "DependencyGraph", "Group", "Member",
+           "analyze", "build_dependency_graph", "capture", "module_in_traceback",
+           "scale_follows_head_size"]

@@ -103,7 +103,7 @@ def static(shape: tuple[int, ...] | list[int]) -> Labels:
 
 
 def reshape(ls: LabelSet, labels: Labels, out_shape: list[int], module: str, op: str,
-            coarsened: list[np.ndarray] | None = None) -> Labels:
+            coarsened: list[np.ndarray] | None = None, unit: str = "heads") -> Labels:
     """Labels after a view/reshape/flatten/unflatten.
 
     Dimensions are matched in runs whose sizes multiply to the same number. Within a run, each
@@ -111,7 +111,10 @@ def reshape(ls: LabelSet, labels: Labels, out_shape: list[int], module: str, op:
     ``[C, H, W]`` gives every ``(c, h, w)`` column the label of channel ``c``). Splitting a
     labelled dimension into several (``E -> (heads, head_dim)``) coarsens onto the outermost
     dimension the labels vary along: every position of one head becomes one prunable unit, so
-    heads are removed whole and the inner size stays fixed.
+    heads are removed whole and the inner size stays fixed. With ``unit="inner"`` it coarsens
+    onto the innermost varying dimension instead: index ``j`` of every head is one unit, so the
+    same position goes from every head and all heads keep one (smaller) head size. The labels
+    of each coarsened dimension are appended to ``coarsened``.
     """
     in_shape = [len(a) for a in labels]
     out: Labels = []
@@ -128,12 +131,12 @@ def reshape(ls: LabelSet, labels: Labels, out_shape: list[int], module: str, op:
                 pj, j = pj * out_shape[j], j + 1
             else:
                 break
-        out += _reshape_run(ls, labels[i0:i], out_shape[j0:j], module, op, coarsened)
+        out += _reshape_run(ls, labels[i0:i], out_shape[j0:j], module, op, coarsened, unit)
     return out[:len(out_shape)]
 
 
 def _reshape_run(ls: LabelSet, parts: Labels, out_sizes: list[int], module: str,
-                 op: str, coarsened: list[np.ndarray] | None) -> Labels:
+                 op: str, coarsened: list[np.ndarray] | None, unit: str = "heads") -> Labels:
     if not out_sizes:
         for p in parts:
             ls.lock(p, module, op, "dimension dropped by a reshape")
@@ -149,11 +152,12 @@ def _reshape_run(ls: LabelSet, parts: Labels, out_sizes: list[int], module: str,
     if not varying:
         ls.lock(flat[:1], module, op, "one label spread over a whole reshaped dimension")
         return result
-    d = varying[0]
+    d = varying[-1] if unit == "inner" else varying[0]
     moved = np.moveaxis(grid, d, 0).reshape(out_sizes[d], -1)
     if len(varying) == 1:
         result[d] = moved[:, 0].copy()
-    else:  # labels vary along d and inner dims: one unit per index of d (whole heads)
+    else:  # labels vary along several dims: one unit per index of d (whole heads, or one
+        # inner position across all heads); the other dims keep their sizes
         result[d] = np.array([ls.unite_all(row) for row in moved], dtype=np.int64)
         if coarsened is not None:
             coarsened.append(result[d])

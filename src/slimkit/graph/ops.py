@@ -20,6 +20,24 @@ from slimkit.graph.labels import Labels, LabelSet, reshape, static
 
 
 @dataclass
+class SplitLog:
+    """What the walk notes about attention-like splits (shared by every rule of one walk).
+
+    Attributes:
+        unit: ``"heads"``: a labelled dim split into (units, inner) is pruned by whole units
+            (heads); ``"inner"``: by inner position, the same one in every unit (head dims).
+        splits: ``(module, labels of the coarsened dim)`` per split: the module may hold that
+            size in an attribute (a head count, or a head size).
+        queries: ``(module, node, labels)``: the left operand of a contraction of two labelled
+            dims (the queries of ``q @ k^T`` / SDPA) and the contracted labels; ``inner`` mode.
+    """
+
+    unit: str = "heads"
+    splits: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    queries: list[tuple[str, torch.fx.Node, np.ndarray]] = field(default_factory=list)
+
+
+@dataclass
 class OpContext:
     """What a rule may use: the label store, the node's module and op names, and its shapes."""
 
@@ -27,7 +45,7 @@ class OpContext:
     node: torch.fx.Node
     module: str
     op: str
-    heads: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    log: SplitLog = field(default_factory=SplitLog)
 
     def out_shape(self, i: int | None = None) -> list[int]:
         val = self.node.meta.get("val")
@@ -152,6 +170,7 @@ def _matmul(ctx: OpContext, args: list[Any]) -> Labels:
             for lab in t:
                 ctx.lock(lab, "matmul with a vector")
         return static(ctx.out_shape())
+    _note_query(ctx, a[-1], b[-2])
     ctx.unite(a[-1], b[-2])
     shape = ctx.out_shape()
     batch = _align(ctx, [a[:-2], b[:-2]], shape[:-2])
@@ -221,6 +240,7 @@ def _embedding(ctx: OpContext, args: list[Any]) -> Labels:
 @rule("scaled_dot_product_attention")
 def _sdpa(ctx: OpContext, args: list[Any]) -> Labels:
     q, k, v = args[0], args[1], args[2]
+    _note_query(ctx, q[-1], k[-1])
     ctx.unite(q[-1], k[-1])
     for t in (k, v):
         for d in range(len(q) - 2):
@@ -230,6 +250,14 @@ def _sdpa(ctx: OpContext, args: list[Any]) -> Labels:
         for lab in args[3]:
             ctx.lock(lab, "attention mask")
     return [a.copy() for a in q[:-1]] + [v[-1].copy()]
+
+
+def _note_query(ctx: OpContext, a: np.ndarray, b: np.ndarray) -> None:
+    """In ``inner`` mode, note the left operand of a contraction of two labelled dims."""
+    if ctx.log.unit == "inner" and (a >= 0).any() and (b >= 0).any():
+        node = ctx.node.args[0]
+        if isinstance(node, torch.fx.Node):
+            ctx.log.queries.append((ctx.module, node, a.copy()))
 
 
 @rule("mean", "sum", "amax", "amin", "max", "min", "var", "std", "prod", "logsumexp", "norm",
@@ -280,9 +308,11 @@ def _pool(ctx: OpContext, args: list[Any]) -> Any:
 @rule("view", "reshape", "_unsafe_view", "flatten", "unflatten", "view_as", "reshape_as")
 def _view(ctx: OpContext, args: list[Any]) -> Labels:
     coarsened: list[np.ndarray] = []
-    out = reshape(ctx.ls, args[0], ctx.out_shape(), ctx.module, ctx.op, coarsened)
-    # A labelled dim split into (units, inner) (heads): the module may hard-code the unit count.
-    ctx.heads += [(ctx.module, lab) for lab in coarsened]
+    out = reshape(ctx.ls, args[0], ctx.out_shape(), ctx.module, ctx.op, coarsened,
+                  ctx.log.unit)
+    # A labelled dim split into (units, inner): the module may hold the unit count (heads) or
+    # the inner size (head size) in an attribute.
+    ctx.log.splits += [(ctx.module, lab) for lab in coarsened]
     return out
 
 

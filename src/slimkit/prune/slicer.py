@@ -1,8 +1,11 @@
 """Physically slice a model by a structured-pruning plan (new, smaller nn.Parameters; no masks).
 
 A plan's ``slices`` say, per parameter/buffer name, which indices to keep along which dims;
-``heads`` give the new head count of attention modules. Applying them needs no graph, so the
-same plan rebuilds the pruned architecture on a freshly built model (artifact loading).
+``heads`` give the new head count of attention modules, ``head_dims`` their new head size, and
+``scale`` factors for query projections whose attention derives the softmax scale from the
+head size (so that the pruned model keeps the original ``1/sqrt(head_dim)``). Applying them
+needs no graph, so the same plan rebuilds the pruned architecture on a freshly built model
+(artifact loading).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from torch import nn
 
 from slimkit.core.errors import ConfigError
 from slimkit.core.registry import Registry
+from slimkit.graph.dependency import HEAD_SIZE_ATTRS, SCALE_ATTRS, scale_follows_head_size
 
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads")
 
@@ -75,13 +79,16 @@ def _updater_for(m: nn.Module) -> str | None:
 
 
 def apply_slices(model: nn.Module, slices: dict[str, dict[str, list[int]]],
-                 heads: dict[str, int] | None = None) -> nn.Module:
+                 heads: dict[str, int] | None = None, head_dims: dict[str, int] | None = None,
+                 scale: dict[str, float] | None = None) -> nn.Module:
     """Replace every planned tensor by its kept slice, in place; update size attributes.
 
     Args:
         model: the module to shrink (callers pass a copy).
         slices: ``{"layer.weight": {"0": [kept indices], "1": [...]}}``.
         heads: ``{"attention module": new head count}``.
+        head_dims: ``{"attention module": new head size}``.
+        scale: ``{"tensor": factor}``: the kept slice is multiplied by it.
 
     Returns:
         ``model``, with smaller parameters and buffers.
@@ -103,6 +110,8 @@ def apply_slices(model: nn.Module, slices: dict[str, dict[str, list[int]]],
         for d, keep in dims.items():
             new = new.index_select(int(d), torch.as_tensor(keep, dtype=torch.long,
                                                            device=new.device))
+        if name in (scale or {}):
+            new = new * scale[name]
         mod_name, _, attr = name.rpartition(".")
         old_shapes.setdefault(mod_name, {})[attr] = tuple(t.shape)
         if isinstance(t, nn.Parameter):
@@ -119,8 +128,17 @@ def apply_slices(model: nn.Module, slices: dict[str, dict[str, list[int]]],
         if kind is not None:
             ATTR_UPDATERS.get(kind)(modules[mod_name], old)
     for mod_name, count in (heads or {}).items():
-        set_heads(modules[mod_name], count)
+        set_heads(modules[_module(modules, mod_name)], count)
+    for mod_name, size in (head_dims or {}).items():
+        set_head_dim(modules[_module(modules, mod_name)], size)
     return model
+
+
+def _module(modules: dict[str, nn.Module], name: str) -> str:
+    if name not in modules:
+        raise ConfigError(f"structured-prune plan names attention module '{name}' that the "
+                          "model does not have; was the plan made for another model?")
+    return name
 
 
 def set_heads(module: nn.Module, count: int) -> None:
@@ -128,6 +146,33 @@ def set_heads(module: nn.Module, count: int) -> None:
     for attr in HEAD_ATTRS:
         if isinstance(getattr(module, attr, None), int):
             setattr(module, attr, count)
-    size = getattr(module, "attention_head_size", None) or getattr(module, "head_dim", None)
-    if isinstance(size, int) and isinstance(getattr(module, "all_head_size", None), int):
+    _sync_all_head_size(module)
+
+
+def set_head_dim(module: nn.Module, size: int) -> None:
+    """Set the head-size attributes of an attention module (and ``all_head_size``).
+
+    A ``scaling`` that follows the head size becomes ``size ** -0.5``, as a module built for
+    that size computes it; the plan's query scale factor keeps the product equal to the
+    original ``q . k / sqrt(original head size)``. Any other scale is left alone.
+    """
+    old = next((getattr(module, a) for a in HEAD_SIZE_ATTRS
+                if isinstance(getattr(module, a, None), int)), None)
+    if old is not None and scale_follows_head_size(module, old):
+        for attr in SCALE_ATTRS:
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, size ** -0.5)
+    for attr in HEAD_SIZE_ATTRS:
+        if isinstance(getattr(module, attr, None), int):
+            setattr(module, attr, size)
+    _sync_all_head_size(module)
+
+
+def _sync_all_head_size(module: nn.Module) -> None:
+    count = next((getattr(module, a) for a in HEAD_ATTRS
+                  if isinstance(getattr(module, a, None), int)), None)
+    size = next((getattr(module, a) for a in HEAD_SIZE_ATTRS
+                 if isinstance(getattr(module, a, None), int)), None)
+    if count is not None and size is not None and \
+            isinstance(getattr(module, "all_head_size", None), int):
         module.all_head_size = count * size

@@ -7,12 +7,16 @@ API
     measured FLOPs; also ``params`` and ``latency``), ``criterion`` (``CRITERIA``: l1, l2,
     taylor, bn_scale, fpgm, random), ``allocation`` (``ALLOCATORS``: uniform, global),
     ``round_to``, ``max_layer_ratio``, ``include``/``exclude`` (names, ``re:``, ``type:``),
-    ``calib_batches``, ``finetune`` and ``steps`` (iterative prune -> fine-tune cycles).
+    ``calib_batches``, ``finetune`` and ``steps`` (iterative prune -> fine-tune cycles),
+    ``attention`` (``heads``: remove whole attention heads; ``head_dims``: remove positions
+    inside every head, so all heads keep one smaller head size and the softmax scale stays
+    ``1/sqrt(original head size)``).
 ``structured_prune(model, cfg, data=None, teacher=None, progress=False, checkpoint_dir=None,
     example_inputs=None) -> (pruned_copy, Record)``: the whole technique; the input model is
     never modified.
 ``plan_structured(model, cfg, data=None, example_inputs=None) -> plan``: JSON plan (per group
-    the kept channel indices; per tensor the kept indices along each dim; head counts).
+    the kept channel indices; per tensor the kept indices along each dim; head counts, head
+    sizes, query scale factors).
 ``apply_structured(model, plan) -> new model``: slices a copy by the plan (no graph needed, so
     a saved plan replays on a freshly built model; the artifact rebuilder does exactly that).
 ``slimkit.graph.dependency.analyze(model, example_inputs)``: what can and cannot be pruned,
@@ -23,7 +27,9 @@ groups coupled channels (conv -> BN -> next conv, residual adds, concat, split/c
 flatten -> Linear, depthwise and grouped convs, attention heads, embeddings); a criterion scores
 each group's channels over all of its parameters; an allocator decides how many to keep; the
 slicer builds new, smaller ``nn.Parameter`` s and updates ``in_channels``/``out_features``/
-``num_features``/``normalized_shape``/``groups``/head counts. Nothing is masked.
+``num_features``/``normalized_shape``/``groups``/head counts/head sizes. Nothing is masked.
+A Hugging Face model's ``config`` is updated to the pruned sizes where it can describe them
+(:func:`slimkit.io.hf.sync_hf_config`); what it cannot describe is listed in ``skipped``.
 
 Example:
     >>> cfg = StructuredPruneConfig(ratio=0.5, criterion="l2", round_to=8)
@@ -55,6 +61,7 @@ from slimkit.graph.dependency import (
     module_in_traceback,
 )
 from slimkit.graph.select import select_layers
+from slimkit.io.hf import sync_hf_config
 from slimkit.io.transforms import register_rebuilder
 from slimkit.prune.allocate import ALLOCATORS, AllocRequest, search_ratio
 from slimkit.prune.criteria import CRITERIA, ScoreInputs, taylor_grads
@@ -104,6 +111,11 @@ class StructuredPruneConfig(SlimConfig):
     steps: int = Field(1, ge=1, description="Prune in this many equal steps, fine-tuning after "
                                             "each one when finetune is set.")
     seed: int = Field(0, description="Seed of the random criterion.")
+    attention: Literal["heads", "head_dims"] = Field(
+        "heads", description="How attention shrinks: 'heads' removes whole heads; 'head_dims' "
+                             "removes the same positions inside every head of q/k/v (and the "
+                             "out-projection inputs they feed), so all heads keep one smaller "
+                             "head size; the softmax scale stays 1/sqrt(original head size).")
     finetune: FinetuneConfig | None = Field(
         None, description="Fine-tune after pruning (after each step), optionally distilled from "
                           "the unpruned model (finetune.distill).")
@@ -161,6 +173,10 @@ def _selected_groups(model: nn.Module, graph: DependencyGraph,
         _, skipped = select_layers(model, types, (), cfg.exclude)
         excluded = {s["what"] for s in skipped}
     skipped: list[dict[str, str]] = []
+    if cfg.attention == "head_dims" and not any(g.head_dims for g in graph.groups):
+        skipped.append({"what": "attention head_dims",
+                        "why": "no attention head split (a dim reshaped into heads x head_dim "
+                               "inside q/k/v attention) was found; no head dims were pruned"})
     groups = []
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     for g in graph.groups:
@@ -209,13 +225,15 @@ def _plan_for_ratio(model: nn.Module, graph: DependencyGraph, groups: list[Group
                     scores: dict[int, np.ndarray], ratio: float, cfg: StructuredPruneConfig,
                     skipped: list[dict[str, str]]) -> dict[str, Any]:
     req = AllocRequest({g.id: g.size for g in groups}, scores, ratio, cfg.max_layer_ratio,
-                       cfg.round_to, {g.id: not g.heads and _one_index(g) for g in groups})
+                       cfg.round_to, {g.id: bool(g.head_dims) or (not g.heads and _one_index(g))
+                                      for g in groups})
     keep = ALLOCATORS.get(cfg.allocation)(req) if groups else {}
     plan_groups = []
     for g in groups:
         order = np.argsort(-scores[g.id], kind="stable")[:keep[g.id]]
         plan_groups.append({"id": g.id, "root": g.root, "size": g.size,
-                            "keep": sorted(int(i) for i in order), "heads": g.heads})
+                            "keep": sorted(int(i) for i in order), "heads": g.heads,
+                            "head_dims": g.head_dims})
     return build_plan(model, graph, plan_groups, skipped)
 
 
@@ -230,6 +248,8 @@ def build_plan(model: nn.Module, graph: DependencyGraph, plan_groups: list[dict[
     by_id = {g.id: g for g in graph.groups}
     removed: dict[tuple[str, int], set[int]] = {}
     heads: dict[str, int] = {}
+    head_dims: dict[str, int] = {}
+    scale: dict[str, float] = {}
     for pg in plan_groups:
         g = by_id[pg["id"]]
         gone = sorted(set(range(g.size)) - set(pg["keep"]))
@@ -240,6 +260,10 @@ def build_plan(model: nn.Module, graph: DependencyGraph, plan_groups: list[dict[
                 i for c in gone for i in m.indices[c])
         for mod in g.heads:
             heads[mod] = len(pg["keep"])
+        for mod in g.head_dims:
+            head_dims[mod] = len(pg["keep"])
+        for param in g.queries:  # q' * sqrt(d'/d) / sqrt(d') == q / sqrt(d): the scale stays
+            scale[param] = float(np.sqrt(len(pg["keep"]) / g.size))
     shapes = {n: t.shape for n, t in [*model.named_parameters(remove_duplicate=False),
                                       *model.named_buffers(remove_duplicate=False)]}
     slices: dict[str, dict[str, list[int]]] = {}
@@ -247,7 +271,8 @@ def build_plan(model: nn.Module, graph: DependencyGraph, plan_groups: list[dict[
         keep = [i for i in range(shapes[param][dim]) if i not in gone_ix]
         slices.setdefault(param, {})[str(dim)] = keep
     return {"format": PLAN_FORMAT, "version": 1, "groups": plan_groups, "slices": slices,
-            "heads": heads, "skipped": skipped, "unsupported": graph.unsupported}
+            "heads": heads, "head_dims": head_dims, "scale": scale, "skipped": skipped,
+            "unsupported": graph.unsupported}
 
 
 def plan_structured(model: nn.Module, cfg: StructuredPruneConfig,
@@ -266,8 +291,9 @@ def plan_structured(model: nn.Module, cfg: StructuredPruneConfig,
         ratio: overrides ``cfg.ratio``.
 
     Returns:
-        ``{"format", "version", "groups": [{"id", "root", "size", "keep", "heads"}],
-        "slices": {tensor: {dim: kept indices}}, "heads": {module: count}, "skipped"}``.
+        ``{"format", "version", "groups": [{"id", "root", "size", "keep", "heads",
+        "head_dims"}], "slices": {tensor: {dim: kept indices}}, "heads": {module: count},
+        "head_dims": {module: head size}, "scale": {query tensor: factor}, "skipped"}``.
 
     Raises:
         ConfigError: unknown layer names in include/exclude (naming the closest), taylor
@@ -285,7 +311,7 @@ def plan_structured(model: nn.Module, cfg: StructuredPruneConfig,
         _, plan, found = _step(model, cfg, data, example, None,
                                (measure, measure(model), frac))
         return {**plan, "target": {"metric": key, **found}}
-    graph = build_dependency_graph(model, example)
+    graph = build_dependency_graph(model, example, cfg.attention)
     groups, skipped = _selected_groups(model, graph, cfg)
     scores = score_groups(model, groups, cfg, data)
     r = cfg.ratio if ratio is None else ratio
@@ -313,16 +339,22 @@ def apply_structured(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
     if plan.get("format") != PLAN_FORMAT:
         raise ConfigError(f"not a structured-prune plan (format {plan.get('format')!r}, "
                           f"expected {PLAN_FORMAT!r})")
-    new = apply_slices(copy.deepcopy(model), plan["slices"], plan.get("heads"))
+    new = replay_plan(copy.deepcopy(model), plan)
     if plan["slices"] and hasattr(new, "slimkit_spec"):
         del new.slimkit_spec  # the zoo spec alone rebuilds the unpruned sizes: the plan is needed
     return new
 
 
+def replay_plan(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
+    """Slice ``model`` in place by ``plan`` (tensors, head counts, head sizes, query scales)."""
+    return apply_slices(model, plan["slices"], plan.get("heads"), plan.get("head_dims"),
+                        plan.get("scale"))
+
+
 @register_rebuilder("structured_prune")
 def _rebuild(model: nn.Module, plan: dict) -> nn.Module:
     """Artifact loading: give a freshly built model the pruned structure of ``plan``."""
-    return apply_slices(model, plan["slices"], plan.get("heads"))
+    return replay_plan(model, plan)
 
 
 def _metric(name: str, example: tuple[torch.Tensor, ...]) -> Any:
@@ -347,7 +379,7 @@ def _step(model: nn.Module, cfg: StructuredPruneConfig, data: DataBundle | None,
           example: tuple[torch.Tensor, ...], ratio: float | None,
           target: tuple[Any, float, float] | None) -> tuple[nn.Module, dict, dict | None]:
     """One prune step: plan (for a ratio, or searching the ratio that meets a target), apply."""
-    graph = build_dependency_graph(model, example)
+    graph = build_dependency_graph(model, example, cfg.attention)
     groups, skipped = _selected_groups(model, graph, cfg)
     scores = score_groups(model, groups, cfg, data)
 
@@ -382,13 +414,14 @@ def structured_prune(model: nn.Module, cfg: StructuredPruneConfig,
         example_inputs: inputs to trace and verify with (default: two samples of ``data``).
 
     Returns:
-        The pruned copy and a Record: ``changed`` one line per resized layer; ``skipped`` the
-        groups left alone and why; ``details``: ``layers`` (per Conv/Linear/norm channels
-        before/after), ``params``/``flops`` before/after, ``unsupported_ops`` (ops without a
-        channel rule, by module; their channels were left alone), ``plans`` (one per step,
-        replayable with :func:`apply_structured`), ``target`` (asked, achieved, reached) in
-        target mode,
-        ``finetune`` (one training summary per step) when fine-tuning.
+        The pruned copy and a Record: ``changed`` one line per resized layer (and per updated
+        Hugging Face config key); ``skipped`` the groups left alone and why (and the config
+        keys that cannot express per-layer sizes); ``details``: ``layers`` (per
+        Conv/Linear/norm channels before/after), ``params``/``flops`` before/after,
+        ``unsupported_ops`` (ops without a channel rule, by module; their channels were left
+        alone), ``plans`` (one per step, replayable with :func:`apply_structured`),
+        ``target`` (asked, achieved, reached) in target mode, ``finetune`` (one training
+        summary per step) when fine-tuning.
 
     Raises:
         ConfigError: bad selectors (naming the closest layer), taylor or finetune without data.
@@ -446,6 +479,7 @@ def _structured_prune(model: nn.Module, cfg: StructuredPruneConfig, data: DataBu
         current = copy.deepcopy(model)
     _verify(current, example, ref_shape)
     record = _record(model, current, example, plans)
+    _sync_configs(model, current, record)
     if tuned:
         record.details["finetune"] = tuned
     if slimmed is not None:
@@ -473,6 +507,13 @@ def _record(original: nn.Module, pruned: nn.Module, example: tuple[torch.Tensor,
     record.details["plans"] = plans
     record.details["unsupported_ops"] = plans[0]["unsupported"] if plans else []
     return record
+
+
+def _sync_configs(original: nn.Module, pruned: nn.Module, record: Record) -> None:
+    """Hugging Face configs follow the pruned sizes; what they cannot say goes to skipped."""
+    changed, skipped = sync_hf_config(original, pruned)
+    record.changed += changed
+    record.skipped += [s for s in skipped if s not in record.skipped]
 
 
 def _record_target(record: Record, pruned: nn.Module, target: tuple, steps: list[dict],
