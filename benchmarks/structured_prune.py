@@ -118,6 +118,7 @@ def run_model(name: str, data: Any, args: argparse.Namespace) -> dict[str, Any]:
     peer = rows.get("torch_pruning", {}).get("top1", float("-inf"))
     checks = {
         "accuracy_drop_le_0.5": s["drop_points"] <= 0.5,
+        "accuracy_drop_le_0.5_distilled": rows["slimkit_kd"]["drop_points"] <= 0.5,
         "params_ge_2x_fewer": s["params_ratio"] >= 2.0,
         "speedup_ge_1.6_all": all(v >= 1.6 for rt in s["speedup"].values() for v in rt.values()),
         "slimkit_plain_ge_torch_pruning": s["top1"] >= peer,
