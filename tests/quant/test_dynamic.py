@@ -155,3 +155,84 @@ def test_zoo_vit_onnx_keeps_a_dynamic_batch(activations: str, tmp_path: Path):
     path = export_onnx(q, tmp_path / "v.onnx")
     for batch in (1, 3):
         assert check_parity(q, path, q.example_inputs(batch), atol=1e-4)["ok"]
+
+
+class _Siblings(nn.Module):
+    """q/k/v-style linears reading one tensor (one without bias), plus one reading another."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(32, 16), nn.Linear(32, 16), nn.Linear(32, 24)
+        self.nb1, self.nb2 = nn.Linear(32, 8, bias=False), nn.Linear(32, 8, bias=False)
+        self.other = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(x)
+        q, k, v = self.q(h), self.k(h), self.v(h)
+        att = (q @ k.transpose(-1, -2)).softmax(-1) @ v
+        return torch.cat([att, self.nb1(h) * self.nb2(h), self.other(q)], dim=-1)
+
+
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_siblings_share_one_integer_matmul_bit_exactly(reduce_range: bool, tmp_path: Path):
+    import onnxruntime as ort
+
+    from slimkit.export.fuse import fuse_sibling_matmul_integer
+
+    torch.manual_seed(0)
+    model = SlimModel(_Siblings(), (5, 32), name="siblings")
+    cfg = DynamicQuantConfig(activations="tensor", reduce_range=reduce_range)
+    small, _ = dynamic_quant(model.module, cfg, example_inputs=model.example_inputs(2))
+    q = model.copy(small)
+    path = export_onnx(q, tmp_path / "q.onnx")  # export fuses
+    fused = onnx.load(str(path))
+    ops = [n.op_type for n in fused.graph.node]
+    # q/k/v and nb1/nb2 (no bias) -> one; other (reads q) alone
+    assert ops.count("MatMulInteger") == 2 and ops.count("DynamicQuantizeLinear") == 2
+    assert ops.count("Split") == 1
+    for batch in (1, 4):
+        parity = check_parity(q, path, q.example_inputs(batch), atol=1e-5)
+        assert parity["ok"], parity
+    # the unfused export gives exactly the same numbers in ONNX Runtime
+    import slimkit.export.onnx as exp
+
+    plain = tmp_path / "plain.onnx"
+    orig = exp.fuse_file
+    exp.fuse_file = lambda p: []
+    try:
+        export_onnx(q, plain)
+    finally:
+        exp.fuse_file = orig
+    assert [n.op_type for n in onnx.load(str(plain)).graph.node].count("MatMulInteger") == 6
+    x = {"input": q.example_inputs(3)[0].numpy()}
+    a = ort.InferenceSession(str(plain), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    b = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    np.testing.assert_array_equal(a, b)
+    assert fuse_sibling_matmul_integer(fused) == []  # nothing left to merge
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    optimized = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert optimized.count("DynamicQuantizeMatMul") == 2  # one fused kernel per group
+    assert "MatMulInteger" not in optimized and "DynamicQuantizeLinear" not in optimized
+
+
+def test_parity_of_a_dynamic_model_is_relative_and_still_catches_a_wrong_export(
+        tmp_path: Path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    model = SlimModel(net, (16,), name="mlp")
+    small, _ = dynamic_quant(net, DynamicQuantConfig(activations="token"),
+                             example_inputs=model.example_inputs(2))
+    q = model.copy(small)
+    path = export_onnx(q, tmp_path / "q.onnx")
+    x = q.example_inputs(8, seed=1)
+    parity = check_parity(q, path, x, atol=1e-6)
+    with torch.no_grad():
+        top = float(q.module(*x).abs().max())
+    assert parity["ok"] and parity["exact_fraction"] == 1.0
+    assert parity["rtol"] == 0.01 and parity["atol"] == pytest.approx(0.01 * top)
+    with torch.no_grad():  # the file no longer matches the model: 3% of the output range off
+        q.module[2].bias += 0.03 * top
+    wrong = check_parity(q, path, x, atol=1e-6)
+    assert not wrong["ok"] and wrong["max_abs_diff"] == pytest.approx(0.03 * top, rel=1e-3)

@@ -14,10 +14,13 @@ import torch
 
 from slimkit.core.errors import ExportError
 from slimkit.core.files import atomic_path
+from slimkit.export.fuse import fuse_file
 from slimkit.export.qdq import export_module, has_quant_layers, output_step, postprocess_qdq
 from slimkit.io.model import SlimModel, set_mode
 
 OPSET = 17
+#: Parity tolerance of dynamically quantized models, relative to the output's largest magnitude.
+DYNAMIC_RTOL = 0.01
 
 
 def export_onnx(model: SlimModel, path: str | Path, opset: int = OPSET) -> Path:
@@ -26,7 +29,8 @@ def export_onnx(model: SlimModel, path: str | Path, opset: int = OPSET) -> Path:
     The TorchScript-based exporter is used for plain modules (fast, and it keeps Conv/Gemm as
     single nodes); graphs that came from ``torch.export`` go through the dynamo exporter.
     Models holding QuantLayers are written in ONNX Runtime's QDQ form with int8 weight
-    initializers (:mod:`slimkit.export.qdq`).
+    initializers (:mod:`slimkit.export.qdq`); dynamically quantized linears that read the same
+    tensor share one integer matmul (:mod:`slimkit.export.fuse`).
 
     Raises:
         ExportError: naming the model and the first line of the exporter's complaint.
@@ -54,12 +58,20 @@ def export_onnx(model: SlimModel, path: str | Path, opset: int = OPSET) -> Path:
                                   dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
                 if quantized:
                     postprocess_qdq(tmp)
+                if _has_dynamic_quant(module):
+                    fuse_file(tmp)
     except ExportError:
         raise
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"ONNX export of '{model.name}' failed: {first}") from exc
     return path
+
+
+def _has_dynamic_quant(module: torch.nn.Module) -> bool:
+    from slimkit.quant.dynamic import DynamicQuantLinear
+
+    return any(isinstance(m, DynamicQuantLinear) for m in module.modules())
 
 
 @contextlib.contextmanager
@@ -80,7 +92,11 @@ def check_parity(model: SlimModel, onnx_path: str | Path, inputs: tuple[torch.Te
 
     A quantized model's output is on a grid of step ``s``: the runtime's integer kernels may
     round a value on the other side of a rounding boundary than the float simulation, so the
-    tolerance is at least two output steps there (``quant_step`` in the result).
+    tolerance is at least two output steps there (``quant_step`` in the result). A dynamically
+    quantized model rounds its activations at run time: a last-bit difference upstream (ONNX
+    Runtime's LayerNorm against PyTorch's) can move one code, so the tolerance there is
+    ``DYNAMIC_RTOL`` of the output's largest magnitude (``rtol``); ``exact_fraction`` says how
+    many outputs match to 1e-6.
 
     Returns:
         ``{"max_abs_diff", "atol", "ok", "batch"}``; ``ok`` is False when the difference
@@ -100,8 +116,12 @@ def check_parity(model: SlimModel, onnx_path: str | Path, inputs: tuple[torch.Te
     diff = float((got - ref).abs().max())
     out = {"max_abs_diff": diff, "atol": atol, "ok": diff <= atol, "batch": len(inputs[0])}
     step = output_step(model.module)
+    exact = float(((got - ref).abs() <= 1e-6).float().mean())
     if step is not None:
         atol = max(atol, 2 * step)
-        out.update({"quant_step": step, "atol": atol, "ok": diff <= atol,
-                    "exact_fraction": float(((got - ref).abs() <= 1e-6).float().mean())})
+        out.update({"quant_step": step, "atol": atol, "ok": diff <= atol, "exact_fraction": exact})
+    elif _has_dynamic_quant(model.module):
+        atol = max(atol, DYNAMIC_RTOL * float(ref.abs().max()))
+        out.update({"rtol": DYNAMIC_RTOL, "atol": atol, "ok": diff <= atol,
+                    "exact_fraction": exact})
     return out
