@@ -56,8 +56,11 @@ PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 #: Modules whose forward checks sizes against attributes the slicer does not rewrite: all
 #: their tensors keep their sizes (the channels around them stay prunable where not coupled).
 FIXED_MODULES: dict[type[nn.Module], str] = {
-    nn.MultiheadAttention: "nn.MultiheadAttention checks embed_dim/num_heads itself; write "
-                           "attention with q/k/v/out nn.Linear layers to prune its heads",
+    # structured_prune unfuses every one it can first (slimkit.prune.unfuse); these are the
+    # ones analyze() sees, and those left fused (excluded, add_bias_kv, add_zero_attn).
+    nn.MultiheadAttention: "nn.MultiheadAttention checks embed_dim/num_heads itself (pruning "
+                           "unfuses it into q/k/v/out nn.Linear unless it is excluded or uses "
+                           "add_bias_kv/add_zero_attn)",
     nn.RNNBase: "recurrent layers keep their sizes",
 }
 

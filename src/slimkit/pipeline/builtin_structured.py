@@ -17,7 +17,7 @@ def _structured_prune(model: SlimModel, cfg: StructuredPruneConfig,
                                       example_inputs=model.example_inputs(2))
     out = model.copy(module)
     for plan in record.details["plans"]:
-        if plan["slices"]:
+        if plan["slices"] or plan.get("unfused_mha"):
             # The architecture changed: the artifact rebuilds it by replaying each plan.
             record_transform(out, "structured_prune", "slimkit.prune.structured", plan)
     return out, record

@@ -28,6 +28,11 @@ flatten -> Linear, depthwise and grouped convs, attention heads, embeddings); a 
 each group's channels over all of its parameters; an allocator decides how many to keep; the
 slicer builds new, smaller ``nn.Parameter`` s and updates ``in_channels``/``out_features``/
 ``num_features``/``normalized_shape``/``groups``/head counts/head sizes. Nothing is masked.
+``nn.MultiheadAttention`` modules are first swapped, on the copy, for the equivalent
+:class:`~slimkit.prune.unfuse.UnfusedMultiheadAttention` (q/k/v/out ``nn.Linear``), so that their
+heads and head dims can be pruned; the plan lists them (``unfused_mha``) and replays the swap
+first. Those it cannot represent (``add_bias_kv``, ``add_zero_attn``) or that are excluded stay
+fused with their sizes, and are listed in ``skipped``.
 A Hugging Face model's ``config`` is updated to the pruned sizes where it can describe them
 (:func:`slimkit.io.hf.sync_hf_config`); what it cannot describe is listed in ``skipped``.
 
@@ -67,6 +72,7 @@ from slimkit.prune.allocate import ALLOCATORS, AllocRequest, search_ratio
 from slimkit.prune.criteria import CRITERIA, ScoreInputs, taylor_grads
 from slimkit.prune.slicer import apply_slices
 from slimkit.prune.slimming import SlimmingConfig, slimming_train
+from slimkit.prune.unfuse import unfuse_mha
 
 PLAN_FORMAT = "slimkit-structured-plan"
 TARGET_KEYS = ("flops", "params", "latency")
@@ -166,12 +172,7 @@ def _example(model: nn.Module, data: DataBundle | None,
 def _selected_groups(model: nn.Module, graph: DependencyGraph,
                      cfg: StructuredPruneConfig) -> tuple[list[Group], list[dict[str, str]]]:
     """Prunable groups after include/exclude, and the skipped ones with the reason."""
-    types = {type(m).__name__ for m in model.modules()}
-    chosen, _ = select_layers(model, types, cfg.include, cfg.exclude)  # validates selectors
-    excluded = set()
-    if cfg.exclude:
-        _, skipped = select_layers(model, types, (), cfg.exclude)
-        excluded = {s["what"] for s in skipped}
+    chosen, excluded = _selection(model, cfg)
     skipped: list[dict[str, str]] = []
     if cfg.attention == "head_dims" and not any(g.head_dims for g in graph.groups):
         skipped.append({"what": "attention head_dims",
@@ -183,8 +184,7 @@ def _selected_groups(model: nn.Module, graph: DependencyGraph,
         if not g.param_names() & params:
             continue  # index buffers (position ids...): not layers, nothing to report
         what = f"group {g.id} ({g.root}, {g.size} channels)"
-        hit = sorted(m for m in g.modules()  # an excluded module covers its submodules
-                     if any(m == e or m.startswith(f"{e}.") for e in excluded))
+        hit = sorted(m for m in g.modules() if _covered(m, excluded))
         if not g.prunable:
             skipped.append({"what": what, "why": "; ".join(g.why)})
         elif hit:
@@ -194,6 +194,45 @@ def _selected_groups(model: nn.Module, graph: DependencyGraph,
         else:
             groups.append(g)
     return groups, skipped
+
+
+def _selection(model: nn.Module, cfg: StructuredPruneConfig,
+               ) -> tuple[dict[str, nn.Module], set[str]]:
+    """The layers ``include`` chooses, and the names ``exclude`` matches (selectors checked)."""
+    types = {type(m).__name__ for m in model.modules()}
+    chosen, _ = select_layers(model, types, cfg.include, cfg.exclude)  # validates selectors
+    if not cfg.exclude:
+        return chosen, set()
+    _, skipped = select_layers(model, types, (), cfg.exclude)
+    return chosen, {s["what"] for s in skipped}
+
+
+def _covered(name: str, excluded: set[str]) -> bool:
+    """An excluded module covers its submodules."""
+    return any(name == e or name.startswith(f"{e}.") for e in excluded)
+
+
+def _unfused_copy(model: nn.Module, cfg: StructuredPruneConfig,
+                  ) -> tuple[nn.Module, list[str], list[dict[str, str]]]:
+    """A copy whose ``nn.MultiheadAttention`` modules are unfused, so their heads can be pruned.
+
+    Excluded ones stay fused (and fixed). Returns the copy (``model`` itself when it has no
+    ``nn.MultiheadAttention``), the swapped names, and those left fused with the reason.
+    """
+    mhas = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    if not mhas:
+        return model, [], []
+    _, excluded = _selection(model, cfg)
+    work = copy.deepcopy(model)
+    swapped, skipped = unfuse_mha(work, skip={n for n in mhas if _covered(n, excluded)})
+    return work, swapped, skipped
+
+
+def _with_unfused(plan: dict[str, Any], unfused: list[str],
+                  skipped: list[dict[str, str]]) -> dict[str, Any]:
+    """The plan, replaying the attention swap first (every plan: any one may be replayed)."""
+    return {**plan, "unfused_mha": unfused,
+            "skipped": skipped + [k for k in plan["skipped"] if k not in skipped]}
 
 
 def _calibration(model: nn.Module, data: DataBundle | None, cfg: StructuredPruneConfig,
@@ -293,7 +332,8 @@ def plan_structured(model: nn.Module, cfg: StructuredPruneConfig,
     Returns:
         ``{"format", "version", "groups": [{"id", "root", "size", "keep", "heads",
         "head_dims"}], "slices": {tensor: {dim: kept indices}}, "heads": {module: count},
-        "head_dims": {module: head size}, "scale": {query tensor: factor}, "skipped"}``.
+        "head_dims": {module: head size}, "scale": {query tensor: factor}, "skipped",
+        "unfused_mha": [attention modules swapped for UnfusedMultiheadAttention first]}``.
 
     Raises:
         ConfigError: unknown layer names in include/exclude (naming the closest), taylor
@@ -305,17 +345,20 @@ def plan_structured(model: nn.Module, cfg: StructuredPruneConfig,
         >>> small = apply_structured(net, plan)
     """
     example = _example(model, data, example_inputs)
+    work, unfused, unfuse_skipped = _unfused_copy(model, cfg)
     if cfg.target is not None and ratio is None:
         key, frac = next(iter(cfg.target.items()))
         measure = _metric(key, example)
-        _, plan, found = _step(model, cfg, data, example, None,
-                               (measure, measure(model), frac))
-        return {**plan, "target": {"metric": key, **found}}
-    graph = build_dependency_graph(model, example, cfg.attention)
-    groups, skipped = _selected_groups(model, graph, cfg)
-    scores = score_groups(model, groups, cfg, data)
+        _, plan, found = _step(work, cfg, data, example, None,
+                               (measure, measure(work), frac))
+        return _with_unfused({**plan, "target": {"metric": key, **found}}, unfused,
+                             unfuse_skipped)
+    graph = build_dependency_graph(work, example, cfg.attention)
+    groups, skipped = _selected_groups(work, graph, cfg)
+    scores = score_groups(work, groups, cfg, data)
     r = cfg.ratio if ratio is None else ratio
-    return _plan_for_ratio(model, graph, groups, scores, r or 0.0, cfg, skipped)
+    plan = _plan_for_ratio(work, graph, groups, scores, r or 0.0, cfg, skipped)
+    return _with_unfused(plan, unfused, unfuse_skipped)
 
 
 def apply_structured(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
@@ -340,13 +383,18 @@ def apply_structured(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
         raise ConfigError(f"not a structured-prune plan (format {plan.get('format')!r}, "
                           f"expected {PLAN_FORMAT!r})")
     new = replay_plan(copy.deepcopy(model), plan)
-    if plan["slices"] and hasattr(new, "slimkit_spec"):
+    if (plan["slices"] or plan.get("unfused_mha")) and hasattr(new, "slimkit_spec"):
         del new.slimkit_spec  # the zoo spec alone rebuilds the unpruned sizes: the plan is needed
     return new
 
 
 def replay_plan(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
-    """Slice ``model`` in place by ``plan`` (tensors, head counts, head sizes, query scales)."""
+    """Slice ``model`` in place by ``plan`` (tensors, head counts, head sizes, query scales).
+
+    The plan's ``nn.MultiheadAttention`` modules are first unfused (:mod:`slimkit.prune.unfuse`).
+    """
+    if plan.get("unfused_mha"):
+        unfuse_mha(model, only=plan["unfused_mha"])
     return apply_slices(model, plan["slices"], plan.get("heads"), plan.get("head_dims"),
                         plan.get("scale"))
 
@@ -450,15 +498,18 @@ def _structured_prune(model: nn.Module, cfg: StructuredPruneConfig, data: DataBu
                       example: tuple[torch.Tensor, ...]) -> tuple[nn.Module, Record]:
     teacher = model if teacher is None else teacher
     ref_shape = _forward(model, example).shape
+    # Pruned from here on: the unfused copy (its FLOPs are also the base of a target, as the
+    # counter does not see inside the fused nn.MultiheadAttention kernels).
+    work, unfused, unfuse_skipped = _unfused_copy(model, cfg)
     target = None
     if cfg.target is not None:
         key, frac = next(iter(cfg.target.items()))
         measure = _metric(key, example)
-        target = (key, frac, measure, measure(model))
-    current, plans, steps, tuned = model, [], [], []
+        target = (key, frac, measure, measure(work))
+    current, plans, steps, tuned = work, [], [], []
     slimmed = None
     if cfg.slimming is not None:
-        current = copy.deepcopy(model)
+        current = copy.deepcopy(model) if work is model else work
         slimmed = slimming_train(current, cfg.slimming, data, progress)
     for s in range(1, cfg.steps + 1):
         if target is None:
@@ -470,7 +521,7 @@ def _structured_prune(model: nn.Module, cfg: StructuredPruneConfig, data: DataBu
             current, plan, tgt = _step(current, cfg, data, example, None,
                                        (target[2], target[3], step_frac))
             steps.append(tgt)
-        plans.append(plan)
+        plans.append(_with_unfused(plan, unfused, unfuse_skipped))
         if cfg.finetune is not None and cfg.finetune.epochs > 0:
             tuned.append(finetune(current, data, cfg.finetune, teacher=teacher,
                                   progress=progress, checkpoint_dir=checkpoint_dir,
@@ -478,7 +529,10 @@ def _structured_prune(model: nn.Module, cfg: StructuredPruneConfig, data: DataBu
     if current is model:
         current = copy.deepcopy(model)
     _verify(current, example, ref_shape)
-    record = _record(model, current, example, plans)
+    record = _record(work, current, example, plans)
+    record.changed = [f"{n}: nn.MultiheadAttention -> UnfusedMultiheadAttention (q/k/v/out "
+                      "nn.Linear, same outputs)" for n in unfused] + record.changed
+    record.details["unfused_mha"] = unfused
     _sync_configs(model, current, record)
     if tuned:
         record.details["finetune"] = tuned
