@@ -163,3 +163,14 @@ def init_bn(model: nn.Module, seed: int = 0) -> nn.Module:
             m.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
             m.bias.data.copy_(torch.randn(n, generator=gen) * 0.1)
     return model.eval()
+
+
+def eval_out(model: nn.Module, x: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """``model(*x)`` in eval mode without gradients."""
+    model.eval()
+    with torch.no_grad():
+        return model(*x)
+
+
+def n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from pydantic import ValidationError
-from tests.prune._structured_models import ConvNet, init_bn
+from tests.prune._structured_models import ConvNet, eval_out, init_bn, n_params
 from torch import nn
 
 from slimkit.export.onnx import check_parity, export_onnx
@@ -38,16 +38,6 @@ def _vit() -> nn.Module:
     for p in model.parameters():  # larger weights than the init, so that errors show
         p.data.normal_(0, 0.3)
     return model
-
-
-def _out(model: nn.Module, x: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(*x)
-
-
-def _params(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
 
 
 def _zeroed(model: nn.Module, plan: dict, attn_of, head_size: int, heads: int,
@@ -75,7 +65,7 @@ def test_ratio_zero_changes_nothing():
     plan = plan_structured(model, StructuredPruneConfig(ratio=0.0, attention="head_dims"),
                            example_inputs=X)
     assert plan["slices"] == {} and plan["head_dims"] == {} and plan["scale"] == {}
-    torch.testing.assert_close(_out(apply_structured(model, plan), X), _out(model, X),
+    torch.testing.assert_close(eval_out(apply_structured(model, plan), X), eval_out(model, X),
                                rtol=0, atol=0)
 
 
@@ -98,8 +88,8 @@ def test_zoo_vit_head_dims_equal_the_zeroed_original_with_the_original_scale():
         torch.testing.assert_close(attn.v.weight, model.blocks[i].attn.v.weight[rows])
         torch.testing.assert_close(attn.out.weight, model.blocks[i].attn.out.weight[:, rows])
     ref = _zeroed(model, plan, _module, 8, 4, ("q", "k", "v"))
-    torch.testing.assert_close(_out(small, x), _out(ref, x), rtol=0, atol=1e-5)
-    assert (_out(small, x) - _out(model, x)).abs().max() > 1e-3  # pruning did change it
+    torch.testing.assert_close(eval_out(small, x), eval_out(ref, x), rtol=0, atol=1e-5)
+    assert (eval_out(small, x) - eval_out(model, x)).abs().max() > 1e-3  # pruning did change it
 
 
 def test_zoo_vit_head_dims_prune_export_and_replay(tmp_path: Path):
@@ -108,21 +98,21 @@ def test_zoo_vit_head_dims_prune_export_and_replay(tmp_path: Path):
                      arch=None)
     small, rec = structured_prune(model, StructuredPruneConfig(ratio=0.4, attention="head_dims"),
                                   example_inputs=X)
-    out = _out(small, X)
+    out = eval_out(small, X)
     assert out.shape == (3, 10) and torch.isfinite(out).all()
-    assert _params(small) < 0.8 * _params(model) and rec.details["params"]["after"] == \
-        _params(small)
+    assert n_params(small) < 0.8 * n_params(model) and rec.details["params"]["after"] == \
+        n_params(small)
     attn = small.blocks[0].attn
     assert attn.num_heads == 4 and attn.q.out_features % 4 == 0 and attn.q.out_features < 32
     assert attn.q.out_features == attn.k.out_features == attn.v.out_features == \
         attn.out.in_features
     plan = json.loads(json.dumps(rec.details["plans"][0]))
-    torch.testing.assert_close(_out(apply_structured(_vit(), plan), X), out, rtol=0, atol=1e-6)
+    torch.testing.assert_close(eval_out(apply_structured(_vit(), plan), X), out, rtol=0, atol=1e-6)
     # artifact loading: a fresh build, the plan replayed, then the saved weights
     fresh = replay_transforms(build_model("vit", (3, 8, 8), 10, dim=32, depth=2, heads=4), [
         {"kind": "structured_prune", "owner": "slimkit.prune.structured", "plan": plan}])
     fresh.load_state_dict(small.state_dict())
-    torch.testing.assert_close(_out(fresh, X), out, rtol=0, atol=1e-6)
+    torch.testing.assert_close(eval_out(fresh, X), out, rtol=0, atol=1e-6)
     path = export_onnx(slim.copy(small), tmp_path / "vit.onnx")
     parity = check_parity(slim.copy(small), path, X, atol=1e-4)
     assert parity["ok"], parity
@@ -172,7 +162,7 @@ def _rebuilds_from_config(small: nn.Module, x: tuple[torch.Tensor, ...]) -> None
     """The synced config alone builds the pruned architecture: strict load, same outputs."""
     rebuilt = type(small.model)(small.model.config).eval()
     rebuilt.load_state_dict(small.model.state_dict(), strict=True)
-    torch.testing.assert_close(_out(rebuilt, x).logits, _out(small, x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(eval_out(rebuilt, x).logits, eval_out(small, x), rtol=0, atol=1e-6)
 
 
 def _bert_self(model: nn.Module, name: str) -> nn.Module:
@@ -198,16 +188,16 @@ def test_bert_head_dims_match_the_zeroed_original_and_keep_the_scale():
         assert attn.query.weight.shape == (16, 32)
         assert layer.attention.output.dense.weight.shape == (32, 16)
     ref = _zeroed(model, plan, _bert_self, 8, 4, ("query", "key", "value"))
-    torch.testing.assert_close(_out(small, TOKENS), _out(ref, TOKENS), rtol=0, atol=1e-5)
+    torch.testing.assert_close(eval_out(small, TOKENS), eval_out(ref, TOKENS), rtol=0, atol=1e-5)
 
 
 def test_bert_head_dims_config_sync_and_onnx(tmp_path: Path):
     model = _bert()
     small, rec = structured_prune(model, StructuredPruneConfig(
         ratio=0.5, attention="head_dims", allocation="uniform"), example_inputs=TOKENS)
-    out = _out(small, TOKENS)
+    out = eval_out(small, TOKENS)
     assert out.shape == (2, 5) and torch.isfinite(out).all()
-    assert _params(small) < 0.5 * _params(model)
+    assert n_params(small) < 0.5 * n_params(model)
     cfg = small.model.config
     attn = small.model.bert.encoder.layer[0].attention.self
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads) == (16, 32, 4)
@@ -283,13 +273,13 @@ def test_artifact_round_trip_of_two_head_dims_steps(tmp_path: Path):
                                                              {"blocks.0.attn": 4}]
     overall = {"groups": [{"head_dims": ["blocks.0.attn"], "keep": _kept_overall(rec)}]}
     ref = _zeroed(model.module, overall, _module, 8, 4, ("q", "k", "v"))
-    torch.testing.assert_close(_out(small, x), _out(ref, x), rtol=0, atol=1e-5)
+    torch.testing.assert_close(eval_out(small, x), eval_out(ref, x), rtol=0, atol=1e-5)
     out = model.copy(small)
     for plan in rec.details["plans"]:
         record_transform(out, "structured_prune", "slimkit.prune.structured", plan)
     save_artifact(out, tmp_path / "a")
     back = load_artifact(tmp_path / "a")
-    torch.testing.assert_close(_out(back.module, x), _out(small, x), rtol=0, atol=0)
+    torch.testing.assert_close(eval_out(back.module, x), eval_out(small, x), rtol=0, atol=0)
 
 
 def _kept_overall(rec) -> list[int]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.prune._structured_models import eval_out, n_params
 from torch import nn
 
 from slimkit.core.errors import ConfigError, ModelError
@@ -215,16 +216,6 @@ X = (torch.randn(3, L, 6, generator=_gen(6)),)
 ATTN_ONLY = [r"re:.*self_attn\..*"]
 
 
-def _out(model: nn.Module, x: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(*x)
-
-
-def _params(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
-
-
 def _zeroed(model: nn.Module, plan: dict, rows_of) -> nn.Module:
     """The original (fused) model with the pruned rows of each in_proj zeroed."""
     ref = copy.deepcopy(model)
@@ -249,7 +240,7 @@ def test_heads_pruned_equal_the_original_with_those_heads_zeroed():
     # a removed head contributes nothing once its value rows are zero (v: rows 64..95)
     ref = _zeroed(model, plan, lambda keep: [64 + h * 8 + j for h in range(4) if h not in keep
                                              for j in range(8)])
-    torch.testing.assert_close(_out(small, x), _out(ref, x), rtol=0, atol=1e-10)
+    torch.testing.assert_close(eval_out(small, x), eval_out(ref, x), rtol=0, atol=1e-10)
     assert isinstance(model.encoder.layers[0].self_attn, nn.MultiheadAttention)  # untouched
 
 
@@ -269,7 +260,7 @@ def test_head_dims_pruned_equal_the_zeroed_original_with_the_original_scale():
     ref = _zeroed(model, plan, lambda keep: [p * 32 + h * 8 + j for p in range(3)
                                              for h in range(4) for j in range(8)
                                              if j not in keep])
-    torch.testing.assert_close(_out(small, x), _out(ref, x), rtol=0, atol=1e-10)
+    torch.testing.assert_close(eval_out(small, x), eval_out(ref, x), rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("attention", ["heads", "head_dims"])
@@ -277,9 +268,9 @@ def test_prune_encoder_export_and_replay(attention: str, tmp_path: Path):
     model = _net()
     small, rec = structured_prune(model, StructuredPruneConfig(
         ratio=0.5, allocation="uniform", attention=attention), example_inputs=X)
-    out = _out(small, X)
+    out = eval_out(small, X)
     assert out.shape == (3, 3) and torch.isfinite(out).all()
-    assert rec.details["params"]["after"] == _params(small) < 0.6 * _params(model)
+    assert rec.details["params"]["after"] == n_params(small) < 0.6 * n_params(model)
     assert rec.details["unfused_mha"] == ["encoder.layers.0.self_attn",
                                           "encoder.layers.1.self_attn"]
     assert rec.changed[0].startswith("encoder.layers.0.self_attn: nn.MultiheadAttention -> "
@@ -287,11 +278,11 @@ def test_prune_encoder_export_and_replay(attention: str, tmp_path: Path):
     attn = small.encoder.layers[1].self_attn
     assert (attn.num_heads, attn.head_dim) == ((2, 8) if attention == "heads" else (4, 4))
     plan = json.loads(json.dumps(rec.details["plans"][0]))
-    torch.testing.assert_close(_out(apply_structured(_net(), plan), X), out, rtol=0, atol=1e-6)
+    torch.testing.assert_close(eval_out(apply_structured(_net(), plan), X), out, rtol=0, atol=1e-6)
     fresh = replay_transforms(_net(), [  # artifact loading: fresh build, plan, saved weights
         {"kind": "structured_prune", "owner": "slimkit.prune.structured", "plan": plan}])
     fresh.load_state_dict(small.state_dict())
-    torch.testing.assert_close(_out(fresh, X), out, rtol=0, atol=1e-6)
+    torch.testing.assert_close(eval_out(fresh, X), out, rtol=0, atol=1e-6)
     slim = SlimModel(module=small, input_shape=(L, 6), input_dtype="float32", name="enc",
                      arch=None)
     path = export_onnx(slim, tmp_path / "enc.onnx")
@@ -306,7 +297,7 @@ def test_plan_structured_swaps_and_apply_replays_it_on_the_fused_model():
     assert plan["unfused_mha"] == ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn"]
     assert isinstance(model.encoder.layers[0].self_attn, nn.MultiheadAttention)  # untouched
     small, _ = structured_prune(model, cfg, example_inputs=X)
-    torch.testing.assert_close(_out(apply_structured(model, plan), X), _out(small, X),
+    torch.testing.assert_close(eval_out(apply_structured(model, plan), X), eval_out(small, X),
                                rtol=0, atol=0)
 
 
@@ -371,4 +362,4 @@ def test_two_steps_replay_in_order_on_a_fresh_model():
         {"kind": "structured_prune", "owner": "slimkit.prune.structured", "plan": plan}
         for plan in json.loads(json.dumps(rec.details["plans"]))])
     fresh.load_state_dict(small.state_dict())
-    torch.testing.assert_close(_out(fresh, X), _out(small, X), rtol=0, atol=1e-6)
+    torch.testing.assert_close(eval_out(fresh, X), eval_out(small, X), rtol=0, atol=1e-6)
