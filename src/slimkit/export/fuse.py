@@ -83,9 +83,10 @@ def _chain(g: _Graph, dql: onnx.NodeProto) -> _Chain | None:
     if mmi is None or mmi.input[2] != z or len(g.consumers[z]) != 1:
         return None
     weight = g.const(mmi.input[1])
-    wzero = g.const(mmi.input[3]) if len(mmi.input) > 3 and mmi.input[3] else None
-    if weight is None or weight.ndim != 2 or (len(mmi.input) > 3 and mmi.input[3]
-                                              and (wzero is None or wzero.ndim != 1)):
+    has_wzero = len(mmi.input) > 3 and bool(mmi.input[3])
+    wzero = g.const(mmi.input[3]) if has_wzero else None
+    if weight is None or weight.ndim != 2 or (
+            has_wzero and (wzero is None or wzero.shape != (weight.shape[1],))):
         return None
     cast = g.only(mmi.output[0], "Cast")
     mul = g.only(cast.output[0], "Mul") if cast is not None else None
