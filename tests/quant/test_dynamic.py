@@ -194,15 +194,10 @@ def test_siblings_share_one_integer_matmul_bit_exactly(reduce_range: bool, tmp_p
         parity = check_parity(q, path, q.example_inputs(batch), atol=1e-5)
         assert parity["ok"], parity
     # the unfused export gives exactly the same numbers in ONNX Runtime
-    import slimkit.export.onnx as exp
-
     plain = tmp_path / "plain.onnx"
-    orig = exp.fuse_file
-    exp.fuse_file = lambda p: []
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("slimkit.export.onnx.fuse_file", lambda p: [])
         export_onnx(q, plain)
-    finally:
-        exp.fuse_file = orig
     assert [n.op_type for n in onnx.load(str(plain)).graph.node].count("MatMulInteger") == 6
     x = {"input": q.example_inputs(3)[0].numpy()}
     a = ort.InferenceSession(str(plain), providers=["CPUExecutionProvider"]).run(None, x)[0]
