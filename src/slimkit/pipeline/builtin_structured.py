@@ -6,7 +6,7 @@ from slimkit.core.record import Record
 from slimkit.io.model import SlimModel
 from slimkit.io.transforms import record_transform
 from slimkit.pipeline.stages import StageContext, register_stage
-from slimkit.prune.structured import StructuredPruneConfig, structured_prune
+from slimkit.prune.structured import StructuredPruneConfig, changes_structure, structured_prune
 
 
 @register_stage(StructuredPruneConfig)
@@ -17,7 +17,7 @@ def _structured_prune(model: SlimModel, cfg: StructuredPruneConfig,
                                       example_inputs=model.example_inputs(2))
     out = model.copy(module)
     for plan in record.details["plans"]:
-        if plan["slices"] or plan.get("unfused_mha"):
+        if changes_structure(plan):
             # The architecture changed: the artifact rebuilds it by replaying each plan.
             record_transform(out, "structured_prune", "slimkit.prune.structured", plan)
     return out, record

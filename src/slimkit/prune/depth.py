@@ -1,0 +1,144 @@
+"""Depth pruning: remove whole residual branches, least important first.
+
+Channel pruning shrinks every op but keeps their number; on CPU at small batch a model's time is
+largely per op (kernel launch, im2col, normalization passes), so halving the FLOPs of a
+ResNet-20 makes PyTorch eager only ~1.3x faster at batch 1. Removing a residual branch
+``y = g(s + f(s)) -> g(s)`` deletes all of its ops (Elkerdawy et al., "To filter prune, or to
+layer prune, that is the question", ACCV 2020). :mod:`slimkit.graph.branches` finds the
+branches; here they are scored, chosen and removed.
+
+Importance of a branch: how much the model's output changes without it, on calibration inputs,
+``||y_without - y||^2 / ||y||^2`` (the lesion measure of Veit et al. 2016; label-free).
+
+Removal rewrites only the module that holds the add: its forward is re-traced with ``torch.fx``
+and becomes a ``GraphModule`` with the same class name, the same child module names (so
+``state_dict`` keys are unchanged) and without the branch nodes and modules. A plan names the
+branches by module and node; replaying it on a freshly built model re-traces and checks them.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimkit.core.errors import ConfigError
+from slimkit.graph.branches import Branch, find_branches, trace_module
+
+
+def _shallow(module: nn.Module, branches: Sequence[dict[str, Any]], where: str) -> nn.Module:
+    """A new GraphModule computing ``module`` without ``branches`` (``module`` is untouched)."""
+    gm = trace_module(module)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for b in branches:
+        wanted = [b["add"], b["shortcut"], *b["nodes"]]
+        if any(n not in nodes for n in wanted):
+            raise ConfigError(f"depth plan: module '{where or '(model)'}' has no residual add "
+                              f"'{b['add']}' with that branch; the plan was made for another "
+                              "architecture")
+        add = nodes[b["add"]]
+        add.replace_all_uses_with(nodes[b["shortcut"]])
+        gm.graph.erase_node(add)
+        for name in reversed(b["nodes"]):
+            gm.graph.erase_node(nodes[name])
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    gm.train(module.training)
+    return gm
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at ``name``; returns the (possibly new) root."""
+    if not name:
+        return new
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+    return model
+
+
+def remove_branches(model: nn.Module, branches: Sequence[dict[str, Any]]) -> nn.Module:
+    """Remove the given branches from ``model`` in place.
+
+    Args:
+        model: the model (its block modules are replaced).
+        branches: :class:`~slimkit.graph.branches.Branch` dicts (a plan's ``blocks``).
+
+    Returns:
+        The model; a new object only when a branch sits in the model's own forward.
+
+    Raises:
+        ConfigError: a branch the model does not have (a plan for another architecture).
+    """
+    by_module: dict[str, list[dict[str, Any]]] = {}
+    for b in branches:
+        by_module.setdefault(b["module"], []).append(b)
+    # Innermost first, so an outer module's re-trace sees its already-rewritten children.
+    for name in sorted(by_module, key=lambda n: -n.count(".") - bool(n)):
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ConfigError(f"depth plan: the model has no module '{name}'; the plan was "
+                              "made for another architecture") from None
+        model = _swap(model, name, _shallow(module, by_module[name], name))
+    return model
+
+
+def score_branches(model: nn.Module, branches: Sequence[Branch],
+                   inputs: tuple[torch.Tensor, ...]) -> list[float]:
+    """Relative output change ``||y_without - y||^2 / ||y||^2`` of removing each branch alone."""
+    was = model.training
+    model.eval()
+    scores = []
+    try:
+        with torch.no_grad():
+            ref = model(*inputs).double()
+            norm = float((ref ** 2).sum()) or 1.0
+            for b in branches:
+                module = model.get_submodule(b.module)
+                trial = _swap(model, b.module, _shallow(module, [b.as_dict()], b.module))
+                try:
+                    out = trial(*inputs).double()
+                finally:
+                    _swap(model, b.module, module)
+                scores.append(float(((out - ref) ** 2).sum()) / norm)
+    finally:
+        model.train(was)
+    return scores
+
+
+def rank_branches(model: nn.Module, example: tuple[torch.Tensor, ...],
+                  inputs: tuple[torch.Tensor, ...], excluded: Any = None,
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Removable branches, least important first, each with its ``score``; and what was skipped.
+
+    Args:
+        model: the model (not modified).
+        example: inputs to find the branches with.
+        inputs: calibration inputs to score them on.
+        excluded: ``name -> bool``: branches touching such a module are kept (and reported).
+    """
+    found, skipped = find_branches(model, example)
+    keep = []
+    for b in found:
+        hit = [m for m in b.modules if excluded and excluded(m)]
+        if hit:
+            skipped.append({"what": f"block {b.module}/{b.add}",
+                            "why": f"its branch holds excluded layer {hit[0]}"})
+        else:
+            keep.append(b)
+    scores = score_branches(model, keep, inputs)
+    ranked = sorted(({**b.as_dict(), "score": s} for b, s in zip(keep, scores, strict=True)),
+                    key=lambda d: d["score"])
+    return ranked, skipped
+
+
+def without_branches(model: nn.Module, branches: Sequence[dict[str, Any]]) -> nn.Module:
+    """A copy of ``model`` without ``branches`` (``model`` itself is left alone)."""
+    return remove_branches(copy.deepcopy(model), branches) if branches else model
+
+
+__all__ = ["rank_branches", "remove_branches", "score_branches", "without_branches"]
