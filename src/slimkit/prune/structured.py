@@ -4,7 +4,9 @@ API
 ---
 ``StructuredPruneConfig``  (kind ``structured_prune``) what to remove: ``ratio`` (share of the
     channels of every prunable group) OR ``target`` (``{"flops": 0.5}`` = keep 50% of the
-    measured FLOPs; also ``params`` and ``latency``), ``criterion`` (``CRITERIA``: l1, l2,
+    measured FLOPs; also ``params`` and ``latency``, together if wanted), ``blocks`` (depth
+    pruning first: a share of the removable residual branches, or ``auto``; see
+    :mod:`slimkit.prune.depth`), ``criterion`` (``CRITERIA``: l1, l2,
     taylor, bn_scale, fpgm, random), ``allocation`` (``ALLOCATORS``: uniform, global),
     ``round_to``, ``max_layer_ratio``, ``include``/``exclude`` (names, ``re:``, ``type:``),
     ``calib_batches``, ``finetune`` and ``steps`` (iterative prune -> fine-tune cycles),
@@ -124,6 +126,8 @@ class StructuredPruneConfig(SlimConfig):
     exclude: list[str] = Field(default_factory=list,
                                description="Leave these layers' tensors untouched (name, "
                                            "re:REGEX, type:Class).")
+    latency_threads: int = Field(1, ge=1, description="Threads when timing a latency target "
+                                                      "(1 gives the steadiest measurement).")
     calib_batches: int = Field(4, ge=1, description="Batches of data for the taylor criterion.")
     calib_batch_size: int = Field(32, ge=1, description="Samples per calibration batch.")
     steps: int = Field(1, ge=1, description="Prune in this many equal steps, fine-tuning after "
@@ -371,7 +375,8 @@ def plan_structured(model: nn.Module, cfg: StructuredPruneConfig,
     work, unfused, unfuse_skipped = _unfused_copy(model, cfg)
     target = None
     if cfg.target is not None and ratio is None:
-        target = (_fractions(list(cfg.target), example, work), dict(cfg.target))
+        target = (_fractions(list(cfg.target), example, work, cfg.latency_threads),
+                  dict(cfg.target))
     blocks: list[dict[str, Any]] = []
     if cfg.blocks:
         work, blocks, _ = _depth(work, cfg, data, example, target)
@@ -438,8 +443,8 @@ def _rebuild(model: nn.Module, plan: dict) -> nn.Module:
 Fractions = dict[str, Callable[[nn.Module], float]]
 
 
-def _fractions(keys: Sequence[str], example: tuple[torch.Tensor, ...],
-               base: nn.Module) -> Fractions:
+def _fractions(keys: Sequence[str], example: tuple[torch.Tensor, ...], base: nn.Module,
+               threads: int = 1) -> Fractions:
     """Per target key: ``model -> measured(model) / measured(base)``.
 
     Latency is timed interleaved with ``base`` every time, so the ratio is from one window.
@@ -449,13 +454,18 @@ def _fractions(keys: Sequence[str], example: tuple[torch.Tensor, ...],
 
     def latency(m: nn.Module) -> float:
         fns = {"base": torch_runner(base, example), "m": torch_runner(m, example)}
-        with torch.no_grad():
-            start = time.perf_counter()
-            for fn in fns.values():
-                fn()
-            pair = time.perf_counter() - start  # a window of ~0.5 s, 15..200 rounds
-            repeats = int(min(200, max(15, 0.5 / max(pair, 1e-6))))
-            t = time_interleaved(fns, warmup=3, repeats=repeats)
+        prev = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with torch.no_grad():
+                start = time.perf_counter()
+                for fn in fns.values():
+                    fn()
+                pair = time.perf_counter() - start  # a window of ~0.5 s, 15..200 rounds
+                repeats = int(min(200, max(15, 0.5 / max(pair, 1e-6))))
+                t = time_interleaved(fns, warmup=3, repeats=repeats)
+        finally:
+            torch.set_num_threads(prev)
         return t["m"]["median_ms"] / t["base"]["median_ms"]
 
     def count(fn: Callable[[nn.Module], float]) -> Callable[[nn.Module], float]:
@@ -598,7 +608,8 @@ def _structured_prune(model: nn.Module, cfg: StructuredPruneConfig, data: DataBu
     work, unfused, unfuse_skipped = _unfused_copy(model, cfg)
     target = None
     if cfg.target is not None:
-        target = (_fractions(list(cfg.target), example, work), dict(cfg.target))
+        target = (_fractions(list(cfg.target), example, work, cfg.latency_threads),
+                  dict(cfg.target))
     current, plans, steps, tuned = work, [], [], []
     slimmed, blocks, depth = None, [], None
     if cfg.slimming is not None:
