@@ -26,6 +26,8 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from slimkit.io.model import modes_kept
+
 ADDS = {operator.add, operator.iadd, torch.add}
 PASS_THROUGH = (nn.Identity, nn.Dropout)
 
@@ -100,10 +102,13 @@ def _branch(gm: fx.GraphModule, add: fx.Node, branch: fx.Node,
             shortcut: fx.Node) -> list[fx.Node] | None:
     """The branch's nodes when ``branch`` can go and ``shortcut`` stay, else None."""
     keep = _ancestors(shortcut)
-    nodes = [n for n in _ancestors(branch) - keep if n.op != "placeholder"]
+    upstream = _ancestors(branch)
+    nodes = [n for n in upstream - keep if n.op != "placeholder"]
     inside = set(nodes) | {add}
     if not nodes or any(u not in inside for n in nodes for u in n.users):
         return None  # the branch feeds something else too: not removable on its own
+    if not any(n.op == "placeholder" for n in upstream):
+        return None  # a constant (x + position table): no f(x) to remove
     pure = all(isinstance(_called(gm, n), PASS_THROUGH) for n in keep - _ancestors(branch)
                if n.op != "placeholder")
     holds = any(n.op == "get_attr" or (n.op == "call_module"
@@ -151,13 +156,9 @@ def find_branches(model: nn.Module, example: tuple[torch.Tensor, ...],
         >>> [b.module for b in find_branches(resnet20((1, 28, 28), 10), (x,))[0]][:2]
         ['layer1.0', 'layer1.1']
     """
-    was = model.training
-    model.eval()  # shape propagation runs the modules: no BN statistics may move
-    try:
-        with torch.no_grad():
-            return _find(model, example)
-    finally:
-        model.train(was)
+    with modes_kept(model), torch.no_grad():
+        model.eval()  # shape propagation runs the modules: no BN statistics may move
+        return _find(model, example)
 
 
 def _find(model: nn.Module, example: tuple[torch.Tensor, ...],
@@ -194,10 +195,21 @@ def _find(model: nn.Module, example: tuple[torch.Tensor, ...],
                                    if n.op == "call_module"})
                     if any(p in shared for m in mods for p in _param_ids(params_of[m])):
                         continue
+                    params = sum(_n_params(params_of[m]) for m in mods) + sum(
+                        gm.get_parameter(str(n.target)).numel() for n in nodes
+                        if n.op == "get_attr" and _is_param(gm, str(n.target)))
                     found.append(Branch(name, add.name, short.name, [n.name for n in nodes],
-                                        mods, sum(_n_params(params_of[m]) for m in mods)))
+                                        mods, params))
                     break
     return found, skipped
+
+
+def _is_param(gm: fx.GraphModule, target: str) -> bool:
+    try:
+        gm.get_parameter(target)
+    except AttributeError:
+        return False
+    return True
 
 
 def _same_shapes(*nodes: fx.Node) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,17 @@ def set_mode(module: nn.Module, train: bool) -> nn.Module:
     with contextlib.suppress(NotImplementedError):
         module.train(train)
     return module
+
+
+@contextlib.contextmanager
+def modes_kept(module: nn.Module) -> Iterator[nn.Module]:
+    """Restore every submodule's own train/eval flag on exit (a frozen BN stays frozen)."""
+    flags = [(m, m.training) for m in module.modules()]
+    try:
+        yield module
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 
 @dataclass

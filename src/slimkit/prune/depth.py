@@ -27,20 +27,26 @@ from torch import nn
 
 from slimkit.core.errors import ConfigError
 from slimkit.graph.branches import Branch, find_branches, trace_module
+from slimkit.io.model import modes_kept
 
 
 def _shallow(module: nn.Module, branches: Sequence[dict[str, Any]], where: str) -> nn.Module:
     """A new GraphModule computing ``module`` without ``branches`` (``module`` is untouched)."""
     gm = trace_module(module)
     nodes = {n.name: n for n in gm.graph.nodes}
+    gone: dict[str, str] = {}  # removed add -> its shortcut (a later branch's shortcut may be it)
     for b in branches:
         wanted = [b["add"], b["shortcut"], *b["nodes"]]
         if any(n not in nodes for n in wanted):
             raise ConfigError(f"depth plan: module '{where or '(model)'}' has no residual add "
                               f"'{b['add']}' with that branch; the plan was made for another "
                               "architecture")
+        short = b["shortcut"]
+        while short in gone:
+            short = gone[short]
+        gone[b["add"]] = short
         add = nodes[b["add"]]
-        add.replace_all_uses_with(nodes[b["shortcut"]])
+        add.replace_all_uses_with(nodes[short])
         gm.graph.erase_node(add)
         for name in reversed(b["nodes"]):
             gm.graph.erase_node(nodes[name])
@@ -90,23 +96,19 @@ def remove_branches(model: nn.Module, branches: Sequence[dict[str, Any]]) -> nn.
 def score_branches(model: nn.Module, branches: Sequence[Branch],
                    inputs: tuple[torch.Tensor, ...]) -> list[float]:
     """Relative output change ``||y_without - y||^2 / ||y||^2`` of removing each branch alone."""
-    was = model.training
-    model.eval()
     scores = []
-    try:
-        with torch.no_grad():
-            ref = model(*inputs).double()
-            norm = float((ref ** 2).sum()) or 1.0
-            for b in branches:
-                module = model.get_submodule(b.module)
-                trial = _swap(model, b.module, _shallow(module, [b.as_dict()], b.module))
-                try:
-                    out = trial(*inputs).double()
-                finally:
-                    _swap(model, b.module, module)
-                scores.append(float(((out - ref) ** 2).sum()) / norm)
-    finally:
-        model.train(was)
+    with modes_kept(model), torch.no_grad():
+        model.eval()
+        ref = model(*inputs).double()
+        norm = float((ref ** 2).sum()) or 1.0
+        for b in branches:
+            module = model.get_submodule(b.module)
+            trial = _swap(model, b.module, _shallow(module, [b.as_dict()], b.module))
+            try:
+                out = trial(*inputs).double()
+            finally:
+                _swap(model, b.module, module)
+            scores.append(float(((out - ref) ** 2).sum()) / norm)
     return scores
 
 

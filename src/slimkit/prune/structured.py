@@ -70,6 +70,7 @@ from slimkit.graph.dependency import (
 )
 from slimkit.graph.select import select_layers
 from slimkit.io.hf import sync_hf_config
+from slimkit.io.model import modes_kept
 from slimkit.io.transforms import register_rebuilder
 from slimkit.prune.allocate import ALLOCATORS, AllocRequest, search_ratio
 from slimkit.prune.criteria import CRITERIA, ScoreInputs, taylor_grads
@@ -589,12 +590,9 @@ def structured_prune(model: nn.Module, cfg: StructuredPruneConfig,
     """
     if cfg.finetune is not None and data is None:
         raise ConfigError("structured_prune: finetune needs data (give --data)")
-    was_training = model.training
-    try:
+    with modes_kept(model):  # measuring switches modes; the user's model keeps its own
         return _structured_prune(model, cfg, data, teacher, progress, checkpoint_dir,
                                  _example(model, data, example_inputs))
-    finally:
-        model.train(was_training)  # measuring switches modes; the user's model keeps its own
 
 
 def _structured_prune(model: nn.Module, cfg: StructuredPruneConfig, data: DataBundle | None,

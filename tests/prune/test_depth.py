@@ -1,0 +1,243 @@
+"""Depth pruning against hand-written references: removed branches, scores, plans, targets."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+from tests.prune._structured_models import eval_out, init_bn, n_params
+from torch import fx, nn
+
+from slimkit.core.errors import ConfigError
+from slimkit.export.onnx import check_parity, export_onnx
+from slimkit.graph.branches import find_branches
+from slimkit.io.model import SlimModel
+from slimkit.prune.depth import rank_branches, remove_branches, score_branches, without_branches
+from slimkit.prune.structured import (
+    StructuredPruneConfig,
+    apply_structured,
+    changes_structure,
+    structured_prune,
+)
+from slimkit.zoo import build_model
+
+SHAPE = (1, 28, 28)
+X = (torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(0)),)
+
+
+def _resnet20(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return init_bn(build_model("resnet20", SHAPE, 10))
+
+
+def _branch(model: nn.Module, module: str, x: tuple[torch.Tensor, ...] = X) -> dict:
+    return next(b.as_dict() for b in find_branches(model, x)[0] if b.module == module)
+
+
+def _replaced(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """A copy of ``model`` with the submodule ``name`` swapped for ``new``."""
+    ref = copy.deepcopy(model)
+    parent, _, child = name.rpartition(".")
+    setattr(ref.get_submodule(parent), child, new)
+    return ref
+
+
+def _removed_blocks(record) -> list[str]:
+    return [b["module"] for b in record.details["plans"][0]["blocks"]]
+
+
+def test_removing_a_basic_block_branch_leaves_relu_of_the_input():
+    model = _resnet20().double()
+    x = (X[0].double(),)
+    small = without_branches(model, [_branch(model, "layer1.1", x)])
+    ref = _replaced(model, "layer1.1", nn.ReLU())  # relu2(shortcut(x)), shortcut = Identity
+    torch.testing.assert_close(eval_out(small, x), eval_out(ref, x), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(eval_out(small, x), eval_out(model, x))  # something did change
+    assert type(model.layer1[1]) is not fx.GraphModule  # the copy was changed, not the model
+    assert without_branches(model, []) is model
+
+
+def test_removing_an_inverted_residual_branch_is_the_identity():
+    torch.manual_seed(0)
+    model = init_bn(build_model("mobilenetv2", SHAPE, 10, width_mult=0.5)).double()
+    x = (X[0].double(),)
+    branch = find_branches(model, x)[0][1]
+    small = remove_branches(copy.deepcopy(model), [branch.as_dict()])
+    ref = _replaced(model, branch.module, nn.Identity())
+    torch.testing.assert_close(eval_out(small, x), eval_out(ref, x), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(eval_out(small, x), eval_out(model, x))
+
+
+def test_removal_drops_exactly_the_branch_state_and_keeps_names():
+    model = _resnet20()
+    branch = _branch(model, "layer2.1")
+    small = without_branches(model, [branch])
+    gone = {k for k in model.state_dict() if any(k.startswith(f"{m}.") for m in branch["modules"])}
+    assert gone and {k.split(".")[2] for k in gone} == {"conv1", "bn1", "conv2", "bn2"}
+    assert list(small.state_dict()) == [k for k in model.state_dict() if k not in gone]
+    block = small.layer2[1]
+    assert isinstance(block, fx.GraphModule) and type(block).__name__ == "BasicBlock"
+    assert sorted(n for n, _ in block.named_children()) == ["relu2", "shortcut"]
+    assert n_params(model) - n_params(small) == branch["params"]
+
+
+def test_a_plan_for_another_architecture_is_refused():
+    model = _resnet20()
+    branch = _branch(model, "layer1.1")
+    with pytest.raises(ConfigError, match="no module 'layer9.1'"):
+        remove_branches(copy.deepcopy(model), [{**branch, "module": "layer9.1"}])
+    with pytest.raises(ConfigError, match="another architecture"):
+        remove_branches(copy.deepcopy(model), [{**branch, "nodes": ["conv7"]}])
+
+
+def test_score_is_the_relative_output_change_and_zero_for_a_dead_branch():
+    model = _resnet20().double().train()
+    x = (X[0].double(),)
+    branches = [b for b in find_branches(model, x)[0] if b.module in ("layer1.1", "layer3.2")]
+    with torch.no_grad():
+        model.layer3[2].bn2.weight.zero_()
+        model.layer3[2].bn2.bias.zero_()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = score_branches(model, branches, x)
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    y = eval_out(model, x)
+    y_without = eval_out(_replaced(model, "layer1.1", nn.ReLU()), x)
+    expected = float(((y_without - y) ** 2).sum() / (y ** 2).sum())
+    assert expected > 1e-6 and scores[0] == pytest.approx(expected, rel=1e-9)
+    assert scores[1] == 0.0  # its branch outputs exactly zero: removing it changes nothing
+
+
+def test_rank_orders_by_score_and_reports_excluded_branches():
+    model = _resnet20()
+    ranked, skipped = rank_branches(model, X, X, lambda m: m == "layer3.1.bn2")
+    scores = [b["score"] for b in ranked]
+    assert scores == sorted(scores) and len(ranked) == 6
+    assert "layer3.1" not in [b["module"] for b in ranked]
+    assert skipped == [{"what": "block layer3.1/add",
+                        "why": "its branch holds excluded layer layer3.1.bn2"}]
+
+
+def test_blocks_share_removes_the_least_important_and_the_plan_replays(tmp_path: Path):
+    model = _resnet20()
+    small, rec = structured_prune(model, StructuredPruneConfig(ratio=0.0, blocks=0.5),
+                                  example_inputs=X)
+    info = rec.details["blocks"]
+    assert (info["removable"], info["removed"], info["asked"]) == (7, round(0.5 * 7), 0.5)
+    removed = _removed_blocks(rec)
+    by_score = sorted(info["scores"], key=info["scores"].get)
+    assert sorted(removed) == sorted(k.split("/")[0] for k in by_score[:4])
+    assert max(info["scores"][f"{m}/add"] for m in removed) <= min(
+        info["scores"][k] for k in by_score[4:])
+    assert sum("residual branch removed" in c for c in rec.changed) == 4
+    assert all(any(c.startswith(f"{m}: residual branch removed") for c in rec.changed)
+               for m in removed)
+    assert rec.details["params"]["after"] == n_params(small) < n_params(model)
+    assert eval_out(small, X).shape == eval_out(model, X).shape
+    plan = json.loads(json.dumps(rec.details["plans"][0]))
+    assert changes_structure(plan)
+    fresh = _resnet20(seed=1)  # other weights: only the structure comes from the plan
+    replayed = apply_structured(fresh, plan)
+    assert not hasattr(replayed, "slimkit_spec")  # the zoo spec alone would rebuild 20 layers
+    shapes = {k: v.shape for k, v in small.state_dict().items()}
+    assert {k: v.shape for k, v in replayed.state_dict().items()} == shapes
+    replayed.load_state_dict(small.state_dict())
+    torch.testing.assert_close(eval_out(replayed, X), eval_out(small, X), rtol=0, atol=0)
+
+
+def test_blocks_with_a_flops_target_reaches_it_and_exports(tmp_path: Path):
+    model = _resnet20()
+    small, rec = structured_prune(model, StructuredPruneConfig(
+        target={"flops": 0.5}, blocks=0.3, round_to=1), example_inputs=X)
+    assert rec.details["blocks"]["removed"] == round(0.3 * 7) == len(_removed_blocks(rec))
+    t = rec.details["target"]
+    assert t["reached"] and t["metric"] == "flops"
+    flops = t["by_metric"]["flops"]
+    assert flops["achieved"] <= 0.5 and flops["reached"] and flops["asked"] == 0.5
+    measured = rec.details["flops"]["after"] / rec.details["flops"]["before"]
+    assert measured == pytest.approx(flops["achieved"], rel=1e-9)
+    assert rec.details["plans"][0]["slices"]  # channels were pruned after the blocks
+    slim = SlimModel(module=small, input_shape=SHAPE, input_dtype="float32", name="r20",
+                     arch=None)
+    path = export_onnx(slim, tmp_path / "r20.onnx")
+    parity = check_parity(slim, path, slim.example_inputs(2, seed=2), atol=1e-4)
+    assert parity["ok"], parity
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    ({"ratio": 0.0, "blocks": 1.5}, "blocks must be a share"),
+    ({"ratio": 0.0, "blocks": -0.1}, "blocks must be a share"),
+    ({"ratio": 0.0, "blocks": "half"}, "blocks"),
+    ({"target": {"flops": 0.5}, "blocks": "auto"}, "latency"),
+    ({"target": {"latency": 0.5}, "blocks": "auto"}, "latency"),
+    ({"ratio": 0.3, "blocks": "auto"}, "latency"),
+    ({"target": {"flops": 0.5, "bogus": 1.0}}, "['flops', 'params', 'latency']"),
+])
+def test_config_rejects_bad_blocks_and_targets(bad: dict, message: str):
+    with pytest.raises(ValidationError, match=message.replace("[", r"\[")):
+        StructuredPruneConfig(**bad)
+
+
+def test_multi_key_target_is_accepted_in_a_fixed_order():
+    cfg = StructuredPruneConfig(target={"latency": 0.9, "params": 0.5, "flops": 0.6},
+                                blocks="auto")
+    assert list(cfg.target) == ["flops", "params", "latency"] and cfg.blocks == "auto"
+    again = StructuredPruneConfig.model_validate(json.loads(cfg.model_dump_json()))
+    assert again.target == cfg.target and again.blocks == "auto"
+
+
+def test_auto_blocks_takes_the_fewest_that_meet_the_latency():
+    model = _resnet20()
+    small, rec = structured_prune(model, StructuredPruneConfig(
+        target={"flops": 0.6, "latency": 0.99}, blocks="auto"), example_inputs=X)
+    info = rec.details["blocks"]
+    trials = info["trials"]
+    assert trials and [t["blocks"] for t in trials] == list(range(len(trials)))
+    assert all(t["flops"] <= 0.6 + 1e-9 for t in trials)  # every trial met the count target
+    met = [t for t in trials if t["latency"] <= 0.99]
+    if met:  # stops at the first trial that meets the latency
+        assert met == [trials[-1]] and info["removed"] == trials[-1]["blocks"]
+    else:  # none did: every count was tried and the fastest kept
+        assert len(trials) == info["removable"] + 1
+        assert info["removed"] == min(trials, key=lambda t: t["latency"])["blocks"]
+    assert len(_removed_blocks(rec)) == info["removed"] and info["asked"] == "auto"
+    assert set(rec.details["target"]["by_metric"]) == {"flops", "latency"}
+    assert rec.details["target"]["by_metric"]["flops"]["achieved"] <= 0.6
+
+
+def test_excluded_layer_keeps_its_block():
+    model = _resnet20()
+    small, rec = structured_prune(model, StructuredPruneConfig(
+        ratio=0.0, blocks=1.0, exclude=["layer1.1.conv1"]), example_inputs=X)
+    removed = _removed_blocks(rec)
+    assert "layer1.1" not in removed and len(removed) == 6
+    assert type(small.layer1[1].conv1) is nn.Conv2d and not hasattr(small.layer1[0], "conv1")
+    assert {"what": "block layer1.1/add",
+            "why": "its branch holds excluded layer layer1.1.conv1"} in rec.skipped
+
+
+def test_input_model_is_untouched_by_depth_pruning():
+    model = _resnet20().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    types = [(n, type(m)) for n, m in model.named_modules()]
+    small, _ = structured_prune(model, StructuredPruneConfig(ratio=0.2, blocks=0.5),
+                                example_inputs=X)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert list(model.state_dict()) == list(before)
+    assert [(n, type(m)) for n, m in model.named_modules()] == types
+    assert model.training and small is not model
+
+
+def test_both_branches_of_one_transformer_block_can_be_removed():
+    torch.manual_seed(0)
+    model = build_model("vit", SHAPE, 10, dim=32, depth=1, heads=4).eval()
+    branches = [b.as_dict() for b in find_branches(model, X)[0]]
+    assert [(b["module"], b["nodes"]) for b in branches] == [
+        ("blocks.0", ["norm1", "attn"]), ("blocks.0", ["norm2", "mlp"])]
+    ref = _replaced(model, "blocks.0", nn.Identity())
+    for order in (branches, branches[::-1]):  # a ranking may put either one first
+        small = without_branches(model, order)
+        torch.testing.assert_close(eval_out(small, X), eval_out(ref, X), rtol=0, atol=0)
