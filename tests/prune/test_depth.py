@@ -189,7 +189,7 @@ def test_multi_key_target_is_accepted_in_a_fixed_order():
     assert again.target == cfg.target and again.blocks == "auto"
 
 
-def test_auto_blocks_takes_the_fewest_that_meet_the_latency():
+def test_auto_blocks_search_is_recorded_and_meets_the_target():
     model = _resnet20()
     small, rec = structured_prune(model, StructuredPruneConfig(
         target={"flops": 0.6, "latency": 0.99}, blocks="auto"), example_inputs=X)
@@ -197,15 +197,41 @@ def test_auto_blocks_takes_the_fewest_that_meet_the_latency():
     trials = info["trials"]
     assert trials and [t["blocks"] for t in trials] == list(range(len(trials)))
     assert all(t["flops"] <= 0.6 + 1e-9 for t in trials)  # every trial met the count target
-    met = [t for t in trials if t["latency"] <= 0.99]
-    if met:  # stops at the first trial that meets the latency
-        assert met == [trials[-1]] and info["removed"] == trials[-1]["blocks"]
-    else:  # none did: every count was tried and the fastest kept
-        assert len(trials) == info["removable"] + 1
+    # The search stops at the first count that needs no extra channel pruning.
+    assert [t["extra_channels"] for t in trials[:-1]] == [True] * (len(trials) - 1)
+    reached = [t for t in trials if t["reached"]]
+    if reached:  # the one keeping the most FLOPs (fewer blocks on a tie)
+        best = max(reached, key=lambda t: (t["flops"], -t["blocks"]))
+        assert info["removed"] == best["blocks"]
+    else:
         assert info["removed"] == min(trials, key=lambda t: t["latency"])["blocks"]
     assert len(_removed_blocks(rec)) == info["removed"] and info["asked"] == "auto"
     assert set(rec.details["target"]["by_metric"]) == {"flops", "latency"}
     assert rec.details["target"]["by_metric"]["flops"]["achieved"] <= 0.6
+
+
+def _convs(m: nn.Module) -> int:
+    return sum(isinstance(x, nn.Conv2d) for x in m.modules())
+
+
+@pytest.mark.parametrize(("latency", "blocks", "extra"), [
+    (0.7, 3, [True, True, True, False]),  # 19 convs -> 13: three blocks, none reached before
+    (1.0, 0, [False]),  # channels alone are fast enough: no block goes
+])
+def test_auto_blocks_picks_the_count_that_keeps_the_most_flops(latency, blocks, extra):
+    # A deterministic stand-in for latency: the share of conv layers left (channel pruning
+    # cannot lower it; only removing blocks can).
+    from slimkit.prune.structured import _auto_blocks, _fractions
+
+    model = _resnet20().eval()
+    cfg = StructuredPruneConfig(target={"flops": 0.6, "latency": latency}, blocks="auto")
+    fractions = {**_fractions(["flops"], X, model), "latency": lambda m: _convs(m) / 19}
+    ranked, _ = rank_branches(model, X, X)
+    trials: list[dict] = []
+    k = _auto_blocks(model, cfg, None, X, ranked, (fractions, dict(cfg.target)), trials)
+    assert k == blocks and [t["extra_channels"] for t in trials] == extra
+    assert [t["reached"] for t in trials] == [False] * (len(extra) - 1) + [True]
+    assert trials[-1]["latency"] == pytest.approx((19 - 2 * blocks) / 19)
 
 
 def test_excluded_layer_keeps_its_block():

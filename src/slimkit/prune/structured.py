@@ -109,10 +109,10 @@ class StructuredPruneConfig(SlimConfig):
                          "residual blocks (y = x + f(x), identity shortcut) whose branch f is "
                          "removed whole, those the output depends on least first. 'auto' "
                          "(with a target holding 'latency' and 'flops' or 'params'): the "
-                         "fewest blocks for which channel pruning to the flops/params target "
-                         "also meets the latency target. Removing blocks cuts latency where "
-                         "channel pruning cannot: small convolutions on CPU cost per op, not "
-                         "per FLOP.")
+                         "number of blocks with which channel pruning meets every target "
+                         "while keeping the most FLOPs (params). Removing blocks cuts "
+                         "latency where channel pruning cannot: small convolutions on CPU "
+                         "cost per op, not per FLOP.")
     criterion: str = Field("l2", description="Importance criterion: l1, l2, taylor, bn_scale, "
                                              "fpgm, random.")
     allocation: str = Field("global", description="uniform: same ratio per group; global: one "
@@ -361,7 +361,8 @@ def plan_structured(model: nn.Module, cfg: StructuredPruneConfig,
         ``{"format", "version", "groups": [{"id", "root", "size", "keep", "heads",
         "head_dims"}], "slices": {tensor: {dim: kept indices}}, "heads": {module: count},
         "head_dims": {module: head size}, "scale": {query tensor: factor}, "skipped",
-        "unfused_mha": [attention modules swapped for UnfusedMultiheadAttention first]}``.
+        "unfused_mha": [attention modules swapped for UnfusedMultiheadAttention first],
+        "blocks": [residual branches removed before slicing (module, add, nodes, score)]}``.
 
     Raises:
         ConfigError: unknown layer names in include/exclude (naming the closest), taylor
@@ -382,7 +383,7 @@ def plan_structured(model: nn.Module, cfg: StructuredPruneConfig,
     if cfg.blocks:
         work, blocks, _ = _depth(work, cfg, data, example, target)
     r = cfg.ratio if ratio is None else ratio
-    _, plan, found = _step(work, cfg, data, example, r, _width_target(cfg, target))
+    _, plan, found = _step(work, cfg, data, example, r, target)
     if found is not None:
         plan["target"] = _target_summary(found, [found])
     return _with_unfused({**plan, "blocks": blocks}, unfused, unfuse_skipped)
@@ -536,19 +537,36 @@ def _depth(model: nn.Module, cfg: StructuredPruneConfig, data: DataBundle | None
 def _auto_blocks(model: nn.Module, cfg: StructuredPruneConfig, data: DataBundle | None,
                  example: tuple[torch.Tensor, ...], ranked: list[dict[str, Any]],
                  target: tuple[Fractions, dict[str, float]], trials: list[dict]) -> int:
-    """Fewest blocks for which channel pruning to the count targets also meets the latency."""
+    """How many blocks to remove: the way to meet every target that keeps the most compute.
+
+    For k = 0, 1, ... blocks (least important first), channels are pruned to the flops/params
+    target; where that is not fast enough, further, until the latency is met too. The k whose
+    result keeps the largest share of the first count metric wins (fewer blocks on a tie);
+    the search stops at the first k that needs no extra channel pruning.
+    """
     fractions, asked = target
     counts = {k: f for k, f in fractions.items() if k != "latency"}
+    first = next(iter(counts))
     for k in range(len(ranked) + 1):
         shallow = without_branches(model, ranked[:k])
         pruned, _, found = _step(shallow, cfg, data, example, None,
                                  (counts, {c: asked[c] for c in counts}))
         assert found is not None
         lat = fractions["latency"](pruned)
-        trials.append({"blocks": k, "latency": lat, **found["achieved"]})
-        if lat <= asked["latency"]:
-            return k
-    return min(trials, key=lambda t: t["latency"])["blocks"]  # none made it: the fastest
+        fast = lat <= asked["latency"]
+        if not fast:  # prune channels further until the latency is met as well
+            _, _, found = _step(shallow, cfg, data, example, None, target)
+            assert found is not None
+        achieved = found["achieved"]
+        trials.append({"blocks": k, "extra_channels": not fast, **achieved,
+                       "latency": lat if fast else achieved["latency"],
+                       "reached": fast or found["reached"]})
+        if fast:
+            break
+    ok = [t for t in trials if t["reached"]]
+    if not ok:
+        return min(trials, key=lambda t: t["latency"])["blocks"]  # none made it: the fastest
+    return max(ok, key=lambda t: (t[first], -t["blocks"]))["blocks"]
 
 
 def structured_prune(model: nn.Module, cfg: StructuredPruneConfig,
@@ -615,16 +633,15 @@ def _structured_prune(model: nn.Module, cfg: StructuredPruneConfig, data: DataBu
         slimmed = slimming_train(current, cfg.slimming, data, progress)
     if cfg.blocks:
         current, blocks, depth = _depth(current, cfg, data, example, target)
-    width = _width_target(cfg, target)
     for s in range(1, cfg.steps + 1):
-        if width is None:
+        if target is None:
             done = cfg.ratio * (s - 1) / cfg.steps  # share of the original channels removed
             step_ratio = (cfg.ratio / cfg.steps) / (1.0 - done)
             current, plan, tgt = _step(current, cfg, data, example, step_ratio, None)
         else:
-            step_asked = {k: 1.0 - (1.0 - f) * s / cfg.steps for k, f in width[1].items()}
+            step_asked = {k: 1.0 - (1.0 - f) * s / cfg.steps for k, f in target[1].items()}
             current, plan, tgt = _step(current, cfg, data, example, None,
-                                       (width[0], step_asked))
+                                       (target[0], step_asked))
             steps.append(tgt)
         plans.append(_with_unfused({**plan, "blocks": blocks if s == 1 else []}, unfused,
                                    unfuse_skipped))
@@ -649,16 +666,6 @@ def _structured_prune(model: nn.Module, cfg: StructuredPruneConfig, data: DataBu
     if target is not None:
         _record_target(record, current, target, steps, cfg.max_layer_ratio)
     return current, record
-
-
-def _width_target(cfg: StructuredPruneConfig, target: tuple[Fractions, dict[str, float]] | None,
-                  ) -> tuple[Fractions, dict[str, float]] | None:
-    """What channel pruning aims at: the whole target, or (blocks 'auto') its counts only."""
-    if target is None or cfg.blocks != "auto":
-        return target
-    fractions, asked = target
-    return ({k: f for k, f in fractions.items() if k != "latency"},
-            {k: f for k, f in asked.items() if k != "latency"})
 
 
 def _record_depth(record: Record, blocks: list[dict[str, Any]], depth: dict[str, Any]) -> None:
