@@ -267,3 +267,15 @@ def test_both_branches_of_one_transformer_block_can_be_removed():
     for order in (branches, branches[::-1]):  # a ranking may put either one first
         small = without_branches(model, order)
         torch.testing.assert_close(eval_out(small, X), eval_out(ref, X), rtol=0, atol=0)
+
+
+def test_latency_is_timed_at_every_asked_batch_size():
+    from slimkit.prune.structured import _fractions
+
+    model = _resnet20().eval()
+    seen: set[int] = set()
+    model.register_forward_pre_hook(lambda m, args: seen.add(args[0].shape[0]))
+    same = _fractions(["latency"], X, model, batches=[1, 5])["latency"](copy.deepcopy(model))
+    assert seen == {1, 5} and 0.5 < same < 2.0  # the model against itself: a ratio near 1
+    with pytest.raises(ValidationError, match="latency_batches"):
+        StructuredPruneConfig(target={"latency": 0.5}, latency_batches=[0])

@@ -44,12 +44,18 @@ def test_recipe_on_a_zoo_convnet_rebuilds_from_spec_and_plan(digits, tmp_path: P
     assert target["reached"] and target["achieved"] <= 0.5
 
 
-@pytest.mark.parametrize("name,kw", [("resnet20", {}), ("vit", {"dim": 32, "depth": 1})])
-def test_artifact_round_trip_gives_identical_outputs(name: str, kw: dict, tmp_path: Path):
+@pytest.mark.parametrize("name,kw,blocks", [
+    ("resnet20", {}, 0.0), ("vit", {"dim": 32, "depth": 1}, 0.0),
+    ("resnet20", {}, 0.5), ("vit", {"dim": 32, "depth": 2}, 0.5),  # residual branches go too
+])
+def test_artifact_round_trip_gives_identical_outputs(name: str, kw: dict, blocks: float,
+                                                     tmp_path: Path):
     model = load_zoo(name, input_shape=(3, 8, 8), num_classes=10, **kw)
     x = model.example_inputs(3)
-    small, rec = structured_prune(model.module, StructuredPruneConfig(ratio=0.4),
+    small, rec = structured_prune(model.module, StructuredPruneConfig(ratio=0.4, blocks=blocks),
                                   example_inputs=x)
+    assert len(rec.details["plans"][0]["blocks"]) == round(blocks * (7 if name == "resnet20"
+                                                                      else 4))
     out = model.copy(small)
     for plan in rec.details["plans"]:
         record_transform(out, "structured_prune", "slimkit.prune.structured", plan)

@@ -129,6 +129,10 @@ class StructuredPruneConfig(SlimConfig):
                                            "re:REGEX, type:Class).")
     latency_threads: int = Field(1, ge=1, description="Threads when timing a latency target "
                                                       "(1 gives the steadiest measurement).")
+    latency_batches: list[int] | None = Field(
+        None, description="Batch sizes a latency target is timed at (the example inputs "
+                          "cycled to each size); the slowest ratio counts. Default: the "
+                          "example inputs as given.")
     calib_batches: int = Field(4, ge=1, description="Batches of data for the taylor criterion.")
     calib_batch_size: int = Field(32, ge=1, description="Samples per calibration batch.")
     steps: int = Field(1, ge=1, description="Prune in this many equal steps, fine-tuning after "
@@ -167,6 +171,13 @@ class StructuredPruneConfig(SlimConfig):
             if not 0.0 < frac <= 1.0:
                 raise ValueError(f"target {key} must be in (0, 1] (share to keep), got {frac}")
         return {k: v[k] for k in TARGET_KEYS if k in v}  # primary metric first
+
+    @field_validator("latency_batches")
+    @classmethod
+    def _positive_batches(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or min(v) < 1):
+            raise ValueError(f"latency_batches must be positive batch sizes, got {v}")
+        return v
 
     @field_validator("blocks")
     @classmethod
@@ -375,10 +386,7 @@ def plan_structured(model: nn.Module, cfg: StructuredPruneConfig,
     """
     example = _example(model, data, example_inputs)
     work, unfused, unfuse_skipped = _unfused_copy(model, cfg)
-    target = None
-    if cfg.target is not None and ratio is None:
-        target = (_fractions(list(cfg.target), example, work, cfg.latency_threads),
-                  dict(cfg.target))
+    target = _target(cfg, example, work) if ratio is None else None
     blocks: list[dict[str, Any]] = []
     if cfg.blocks:
         work, blocks, _ = _depth(work, cfg, data, example, target)
@@ -445,17 +453,32 @@ def _rebuild(model: nn.Module, plan: dict) -> nn.Module:
 Fractions = dict[str, Callable[[nn.Module], float]]
 
 
+def _target(cfg: StructuredPruneConfig, example: tuple[torch.Tensor, ...],
+            base: nn.Module) -> tuple[Fractions, dict[str, float]] | None:
+    """The measurements of ``cfg.target`` (fractions of ``base``) and the asked shares."""
+    if cfg.target is None:
+        return None
+    return (_fractions(list(cfg.target), example, base, cfg.latency_threads,
+                       cfg.latency_batches), dict(cfg.target))
+
+
 def _fractions(keys: Sequence[str], example: tuple[torch.Tensor, ...], base: nn.Module,
-               threads: int = 1) -> Fractions:
+               threads: int = 1, batches: Sequence[int] | None = None) -> Fractions:
     """Per target key: ``model -> measured(model) / measured(base)``.
 
-    Latency is timed interleaved with ``base`` every time, so the ratio is from one window.
+    Latency is timed interleaved with ``base`` every time, so the ratio is from one window;
+    with ``batches``, at each batch size, and the slowest ratio counts.
     """
     from slimkit.measure.counts import count_flops, count_params
     from slimkit.measure.latency import time_interleaved, torch_runner
 
+    inputs = [tuple(t[torch.arange(b) % len(t)] for t in example) for b in batches or []]
+
     def latency(m: nn.Module) -> float:
-        fns = {"base": torch_runner(base, example), "m": torch_runner(m, example)}
+        return max(_latency(m, x) for x in inputs or [example])
+
+    def _latency(m: nn.Module, x: tuple[torch.Tensor, ...]) -> float:
+        fns = {"base": torch_runner(base, x), "m": torch_runner(m, x)}
         prev = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
@@ -622,10 +645,7 @@ def _structured_prune(model: nn.Module, cfg: StructuredPruneConfig, data: DataBu
     # Pruned from here on: the unfused copy (its FLOPs are also the base of a target, as the
     # counter does not see inside the fused nn.MultiheadAttention kernels).
     work, unfused, unfuse_skipped = _unfused_copy(model, cfg)
-    target = None
-    if cfg.target is not None:
-        target = (_fractions(list(cfg.target), example, work, cfg.latency_threads),
-                  dict(cfg.target))
+    target = _target(cfg, example, work)
     current, plans, steps, tuned = work, [], [], []
     slimmed, blocks, depth = None, [], None
     if cfg.slimming is not None:
