@@ -149,8 +149,9 @@ def find_branches(model: nn.Module, example: tuple[torch.Tensor, ...],
         example: inputs of one forward pass (shapes decide which adds are residual).
 
     Returns:
-        ``(branches, skipped)``; ``skipped`` names modules holding an add that ``torch.fx``
-        could not trace, with the reason.
+        ``(branches, skipped)``; ``skipped`` names the modules that could not be searched
+        (a forward ``torch.fx`` cannot trace, or adds whose shapes could not be measured),
+        with the reason.
 
     Example:
         >>> [b.module for b in find_branches(resnet20((1, 28, 28), 10), (x,))[0]][:2]
@@ -173,7 +174,7 @@ def _find(model: nn.Module, example: tuple[torch.Tensor, ...],
         try:
             gm = trace_module(module)
         except Exception as exc:  # noqa: BLE001 - fx raises many types; report, go on
-            if any(m is not module for m in module.children()):
+            if next(module.children(), None) is not None:  # leaves hold no blocks
                 skipped.append({"what": f"module {name or '(model)'}",
                                 "why": f"not traceable by torch.fx ({type(exc).__name__}: "
                                        f"{str(exc).splitlines()[0][:120]}); its residual "
@@ -184,7 +185,10 @@ def _find(model: nn.Module, example: tuple[torch.Tensor, ...],
             continue
         try:
             ShapeProp(gm).propagate(*inputs[name][0])
-        except Exception:  # noqa: BLE001 - keyword-only inputs etc.: not searched
+        except Exception as exc:  # noqa: BLE001 - keyword-only inputs etc.: not searched
+            skipped.append({"what": f"module {name or '(model)'}",
+                            "why": f"its adds' shapes could not be measured ({type(exc).__name__}"
+                                   "); its residual blocks, if any, were not searched"})
             continue
         for add in adds:
             a, b = _add_operands(add)
