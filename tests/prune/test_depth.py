@@ -200,9 +200,8 @@ def test_auto_blocks_search_is_recorded_and_meets_the_target():
     # The search stops at the first count that needs no extra channel pruning.
     assert [t["extra_channels"] for t in trials[:-1]] == [True] * (len(trials) - 1)
     reached = [t for t in trials if t["reached"]]
-    assert all(t["output_change"] >= 0 for t in trials)
-    if reached:  # the one changing the output least
-        best = min(reached, key=lambda t: (t["output_change"], t["blocks"]))
+    if reached:  # the one keeping the most FLOPs (fewer blocks on a tie)
+        best = max(reached, key=lambda t: (t["flops"], -t["blocks"]))
         assert info["removed"] == best["blocks"]
     else:
         assert info["removed"] == min(trials, key=lambda t: t["latency"])["blocks"]
@@ -229,7 +228,7 @@ def test_auto_blocks_picks_a_count_that_meets_the_latency(latency, blocks, extra
     fractions = {**_fractions(["flops"], X, model), "latency": lambda m: _convs(m) / 19}
     ranked, _ = rank_branches(model, X, X)
     trials: list[dict] = []
-    k = _auto_blocks(model, cfg, None, X, X, ranked, (fractions, dict(cfg.target)), trials)
+    k = _auto_blocks(model, cfg, None, X, ranked, (fractions, dict(cfg.target)), trials)
     assert k == blocks and [t["extra_channels"] for t in trials] == extra
     assert [t["reached"] for t in trials] == [False] * (len(extra) - 1) + [True]
     assert trials[-1]["latency"] == pytest.approx((19 - 2 * blocks) / 19)
