@@ -19,7 +19,7 @@ branches by module and node; replaying it on a freshly built model re-traces and
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -113,7 +113,8 @@ def score_branches(model: nn.Module, branches: Sequence[Branch],
 
 
 def rank_branches(model: nn.Module, example: tuple[torch.Tensor, ...],
-                  inputs: tuple[torch.Tensor, ...], excluded: Any = None,
+                  inputs: tuple[torch.Tensor, ...],
+                  excluded: Callable[[str], bool] | None = None,
                   ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Removable branches, least important first, each with its ``score``; and what was skipped.
 
