@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from slimkit.core.errors import DataError
-from slimkit.data import allocate, batches, build_bundle, calibration_subset, load_data, split
+from slimkit.data import (
+    allocate,
+    batches,
+    build_bundle,
+    calibration_indices,
+    calibration_subset,
+    load_data,
+    split,
+)
 
 
 def test_allocate_is_exact_and_proportional():
@@ -73,6 +81,19 @@ def test_calibration_subset_deterministic_stratified_clipped(mnist):
     assert mnist.y_train[idx].bincount(minlength=10).tolist() == [5] * 10
     a.zero_()  # a copy: mutating it leaves the bundle intact
     assert mnist.x_train.abs().sum() > 0
+
+
+def test_calibration_indices_mix_classes_from_the_first_batch(mnist):
+    # The built-in training set is sorted by label: a prefix of 128 is one class. The
+    # calibration indices are stratified and shuffled, so even their first 32 mix classes.
+    assert mnist.y_train[:128].unique().numel() == 1
+    idx = calibration_indices(mnist, 128, seed=0)
+    assert idx.dtype == torch.int64 and len(idx) == len(set(idx.tolist())) == 128
+    counts = mnist.y_train[idx].bincount(minlength=10)
+    assert counts.min() >= 12 and counts.max() <= 13  # 128 over 10 classes of ~400
+    assert mnist.y_train[idx[:32]].unique().numel() >= 6
+    torch.testing.assert_close(calibration_subset(mnist, 128, seed=0), mnist.x_train[idx],
+                               rtol=0, atol=0)
 
 
 def test_calibration_subset_clips_n_and_rejects_zero(small_xy):

@@ -13,16 +13,25 @@ from tests.prune._structured_models import eval_out, init_bn, n_params
 from torch import fx, nn
 
 from slimkit.core.errors import ConfigError
+from slimkit.data import build_bundle, calibration_subset
 from slimkit.export.onnx import check_parity, export_onnx
 from slimkit.graph.branches import find_branches
 from slimkit.io.model import SlimModel
-from slimkit.prune.depth import rank_branches, remove_branches, score_branches, without_branches
+from slimkit.measure.relative import fractions_of
+from slimkit.prune.depth import (
+    output_change,
+    rank_branches,
+    remove_branches,
+    score_branches,
+    without_branches,
+)
 from slimkit.prune.structured import (
     StructuredPruneConfig,
     apply_structured,
     changes_structure,
     structured_prune,
 )
+from slimkit.train import recalibrate_batchnorm
 from slimkit.zoo import build_model
 
 SHAPE = (1, 28, 28)
@@ -200,8 +209,9 @@ def test_auto_blocks_search_is_recorded_and_meets_the_target():
     # The search stops at the first count that needs no extra channel pruning.
     assert [t["extra_channels"] for t in trials[:-1]] == [True] * (len(trials) - 1)
     reached = [t for t in trials if t["reached"]]
-    if reached:  # the one keeping the most FLOPs (fewer blocks on a tie)
-        best = max(reached, key=lambda t: (t["flops"], -t["blocks"]))
+    assert all(t["output_change"] is None for t in trials if not t["reached"])
+    if reached:  # the one whose output moved least (fewer blocks on a tie)
+        best = min(reached, key=lambda t: (t["output_change"], t["blocks"]))
         assert info["removed"] == best["blocks"]
     else:
         assert info["removed"] == min(trials, key=lambda t: t["latency"])["blocks"]
@@ -221,17 +231,54 @@ def _convs(m: nn.Module) -> int:
 def test_auto_blocks_picks_a_count_that_meets_the_latency(latency, blocks, extra):
     # A deterministic stand-in for latency: the share of conv layers left (channel pruning
     # cannot lower it; only removing blocks can).
-    from slimkit.prune.structured import _auto_blocks, _fractions
+    from slimkit.prune.structured import _auto_blocks
 
     model = _resnet20().eval()
     cfg = StructuredPruneConfig(target={"flops": 0.6, "latency": latency}, blocks="auto")
-    fractions = {**_fractions(["flops"], X, model), "latency": lambda m: _convs(m) / 19}
+    fractions = {**fractions_of(model, ["flops"], X), "latency": lambda m: _convs(m) / 19}
     ranked, _ = rank_branches(model, X, X)
     trials: list[dict] = []
-    k = _auto_blocks(model, cfg, None, X, ranked, (fractions, dict(cfg.target)), trials)
+    k, _ = _auto_blocks(model, cfg, None, X, ranked, (fractions, dict(cfg.target)), trials, X)
     assert k == blocks and [t["extra_channels"] for t in trials] == extra
     assert [t["reached"] for t in trials] == [False] * (len(extra) - 1) + [True]
     assert trials[-1]["latency"] == pytest.approx((19 - 2 * blocks) / 19)
+
+
+def test_auto_blocks_keeps_the_candidate_whose_output_moves_least():
+    # Latency stands in as the FLOPs share (deterministic): every count reaches 0.8 by
+    # pruning more channels, until removing blocks alone gets there.
+    from slimkit.prune.structured import _auto_blocks
+
+    model = _resnet20().eval()
+    cfg = StructuredPruneConfig(target={"flops": 0.9, "latency": 0.8}, blocks="auto",
+                                calib_batch_size=32)
+    flops = fractions_of(model, ["flops"], X)["flops"]
+    g = torch.Generator().manual_seed(1)
+    data = build_bundle("t", torch.randn(80, *SHAPE, generator=g), torch.arange(80) % 4, seed=0)
+    inputs = (calibration_subset(data, 64),)
+    ranked, _ = rank_branches(model, X, inputs)
+    trials: list[dict] = []
+    k, (pruned, plan, found) = _auto_blocks(
+        model, cfg, data, X, ranked, ({"flops": flops, "latency": flops}, dict(cfg.target)),
+        trials, inputs)
+    assert [t["blocks"] for t in trials] == list(range(len(trials))) and len(trials) >= 2
+    assert all(t["reached"] and t["latency"] <= 0.8 + 1e-9 for t in trials)
+    changes = [t["output_change"] for t in trials]
+    assert all(isinstance(c, float) and c > 0 for c in changes) and len(set(changes)) > 1
+    assert k == min(trials, key=lambda t: (t["output_change"], t["blocks"]))["blocks"]
+    assert type(model.layer1[1]) is not fx.GraphModule  # candidates were copies
+    # The winner's width step comes back as searched: its plan replays to the same model, its
+    # record is the trial's, and its change was judged on re-estimated BatchNorm statistics
+    # (of a copy: the returned model keeps the statistics it was pruned with).
+    assert found["asked"] == dict(cfg.target) and found["achieved"] == {
+        "flops": trials[k]["flops"], "latency": trials[k]["latency"]}
+    replayed = apply_structured(without_branches(model, ranked[:k]), plan)
+    torch.testing.assert_close(eval_out(replayed, inputs), eval_out(pruned, inputs))
+    ref = eval_out(model, inputs)
+    again = copy.deepcopy(pruned)
+    recalibrate_batchnorm(again, inputs, batch_size=32)
+    assert output_change(again, inputs, ref) == pytest.approx(trials[k]["output_change"])
+    assert output_change(pruned, inputs, ref) != pytest.approx(trials[k]["output_change"])
 
 
 def test_excluded_layer_keeps_its_block():
@@ -270,12 +317,11 @@ def test_both_branches_of_one_transformer_block_can_be_removed():
 
 
 def test_latency_is_timed_at_every_asked_batch_size():
-    from slimkit.prune.structured import _fractions
 
     model = _resnet20().eval()
     seen: set[int] = set()
     model.register_forward_pre_hook(lambda m, args: seen.add(args[0].shape[0]))
-    same = _fractions(["latency"], X, model, batches=[1, 5])["latency"](copy.deepcopy(model))
+    same = fractions_of(model, ["latency"], X, batches=[1, 5])["latency"](copy.deepcopy(model))
     assert seen == {1, 5} and 0.5 < same < 2.0  # the model against itself: a ratio near 1
     with pytest.raises(ValidationError, match="latency_batches"):
         StructuredPruneConfig(target={"latency": 0.5}, latency_batches=[0])

@@ -8,7 +8,13 @@ from slimkit.data.assemble import build_bundle
 from slimkit.data.builtin import BUILTIN
 from slimkit.data.bundle import DataBundle
 from slimkit.data.load import accepted_forms, load_data
-from slimkit.data.split import allocate, batches, calibration_subset, split
+from slimkit.data.split import (
+    allocate,
+    batches,
+    calibration_indices,
+    calibration_subset,
+    split,
+)
 from slimkit.data.validate import (
     check_inputs,
     check_label_range,
@@ -25,6 +31,7 @@ __all__ = [
     "allocate",
     "batches",
     "build_bundle",
+    "calibration_indices",
     "calibration_subset",
     "check_inputs",
     "check_label_range",

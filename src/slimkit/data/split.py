@@ -105,34 +105,45 @@ def split(x: torch.Tensor, y: torch.Tensor, test_fraction: float = 0.2, seed: in
     return x[tr], y[tr], x[te], y[te]
 
 
-def calibration_subset(bundle: DataBundle, n: int, seed: int = 0) -> torch.Tensor:
-    """A seed-determined, class-stratified sample of ``n`` training inputs.
+def calibration_indices(bundle: DataBundle, n: int, seed: int = 0) -> torch.Tensor:
+    """Indices into ``bundle``'s training set of a seed-determined, class-stratified sample.
 
-    Calibration (quantization observers, activation statistics) should see every class
-    in its natural proportion; stratifying keeps small subsets from missing classes.
+    Calibration (quantization observers, activation statistics, importance scores) should see
+    every class in its natural proportion; a prefix of the training set may hold a single
+    class (built-in datasets come sorted by label), and stratifying keeps small subsets from
+    missing classes.
 
     Args:
-        bundle: the dataset; samples come from ``bundle.x_train``.
+        bundle: the dataset; indices point into ``bundle.x_train`` / ``bundle.y_train``.
         n: how many samples; clipped to the training set size.
         seed: same seed, same subset.
 
     Returns:
-        A new tensor of shape ``(min(n, N_train), ...)``, in shuffled order.
+        ``min(n, N_train)`` int64 indices in shuffled order, so that any prefix (a first
+        calibration batch) also mixes classes.
 
     Raises:
         DataError: ``n`` is not positive.
 
     Example:
-        >>> calib = calibration_subset(bundle, 256, seed=0)  # doctest: +SKIP
+        >>> idx = calibration_indices(bundle, 128, seed=0)  # doctest: +SKIP
+        >>> x, y = bundle.x_train[idx], bundle.y_train[idx]  # doctest: +SKIP
     """
     if n < 1:
         raise DataError(f"calibration subset size must be at least 1, got {n}.")
     n = min(n, len(bundle.x_train))
     rng = _rng(seed)
     picked = _stratified_pick(bundle.y_train.cpu().numpy(), n, rng)
-    # Shuffle so that any prefix (a first calibration batch) also mixes classes.
-    order = torch.from_numpy(rng.permutation(picked))
-    return bundle.x_train[order].clone()
+    return torch.from_numpy(rng.permutation(picked))
+
+
+def calibration_subset(bundle: DataBundle, n: int, seed: int = 0) -> torch.Tensor:
+    """The training inputs at :func:`calibration_indices` (a new tensor, shuffled order).
+
+    Example:
+        >>> calib = calibration_subset(bundle, 256, seed=0)  # doctest: +SKIP
+    """
+    return bundle.x_train[calibration_indices(bundle, n, seed)].clone()
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,

@@ -12,6 +12,7 @@ from torch import nn
 from slimkit.core.errors import ConfigError
 from slimkit.core.record import Record
 from slimkit.data.bundle import DataBundle
+from slimkit.data.split import calibration_subset
 from slimkit.distill.run import finetune
 from slimkit.io.model import set_mode
 from slimkit.lowrank.config import LowRankConfig
@@ -101,7 +102,7 @@ def lowrank(model: nn.Module, cfg: LowRankConfig, data: DataBundle | None = None
         raise ConfigError("lowrank: finetune needs data (give --data)")
     teacher = model if teacher is None else teacher
     work = copy.deepcopy(model)
-    calib = data.x_train[: cfg.calib_samples] if data is not None else None
+    calib = calibration_subset(data, cfg.calib_samples, cfg.seed) if data is not None else None
     example = data.example_inputs(1) if data is not None else example_inputs
     timing = calib if calib is not None else (example[0] if example is not None else None)
     plan, factors = build_plan(work, cfg, calib, timing)

@@ -93,22 +93,28 @@ def remove_branches(model: nn.Module, branches: Sequence[dict[str, Any]]) -> nn.
     return model
 
 
+def output_change(model: nn.Module, inputs: tuple[torch.Tensor, ...],
+                  reference: torch.Tensor) -> float:
+    """``||model(inputs) - reference||^2 / ||reference||^2`` in float64, in eval mode."""
+    with modes_kept(model), torch.no_grad():
+        out = model.eval()(*inputs).double()
+    ref = reference.double()
+    return float(((out - ref) ** 2).sum()) / (float((ref ** 2).sum()) or 1.0)
+
+
 def score_branches(model: nn.Module, branches: Sequence[Branch],
                    inputs: tuple[torch.Tensor, ...]) -> list[float]:
     """Relative output change ``||y_without - y||^2 / ||y||^2`` of removing each branch alone."""
     scores = []
     with modes_kept(model), torch.no_grad():
-        model.eval()
-        ref = model(*inputs).double()
-        norm = float((ref ** 2).sum()) or 1.0
+        ref = model.eval()(*inputs)
         for b in branches:
             module = model.get_submodule(b.module)
             trial = _swap(model, b.module, _shallow(module, [b.as_dict()], b.module))
             try:
-                out = trial(*inputs).double()
+                scores.append(output_change(trial, inputs, ref))
             finally:
                 _swap(model, b.module, module)
-            scores.append(float(((out - ref) ** 2).sum()) / norm)
     return scores
 
 
@@ -144,4 +150,5 @@ def without_branches(model: nn.Module, branches: Sequence[dict[str, Any]]) -> nn
     return remove_branches(copy.deepcopy(model), branches) if branches else model
 
 
-__all__ = ["rank_branches", "remove_branches", "score_branches", "without_branches"]
+__all__ = ["output_change", "rank_branches", "remove_branches", "score_branches",
+           "without_branches"]

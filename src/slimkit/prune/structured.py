@@ -47,8 +47,7 @@ Example:
 from __future__ import annotations
 
 import copy
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,6 +60,7 @@ from slimkit.core.config import SlimConfig
 from slimkit.core.errors import ConfigError, ModelError
 from slimkit.core.record import Record
 from slimkit.data.bundle import DataBundle
+from slimkit.data.split import calibration_indices, calibration_subset
 from slimkit.distill.run import FinetuneConfig, finetune
 from slimkit.graph.dependency import (
     DependencyGraph,
@@ -72,12 +72,19 @@ from slimkit.graph.select import select_layers
 from slimkit.io.hf import sync_hf_config
 from slimkit.io.model import modes_kept
 from slimkit.io.transforms import register_rebuilder
+from slimkit.measure.relative import Fractions, fractions_of
 from slimkit.prune.allocate import ALLOCATORS, AllocRequest, search_ratio
 from slimkit.prune.criteria import CRITERIA, ScoreInputs, taylor_grads
-from slimkit.prune.depth import rank_branches, remove_branches, without_branches
+from slimkit.prune.depth import (
+    output_change,
+    rank_branches,
+    remove_branches,
+    without_branches,
+)
 from slimkit.prune.slicer import apply_slices
 from slimkit.prune.slimming import SlimmingConfig, slimming_train
 from slimkit.prune.unfuse import unfuse_mha
+from slimkit.train.bn import recalibrate_batchnorm
 
 PLAN_FORMAT = "slimkit-structured-plan"
 TARGET_KEYS = ("flops", "params", "latency")
@@ -282,7 +289,8 @@ def _calibration(model: nn.Module, data: DataBundle | None, cfg: StructuredPrune
         raise ConfigError("structured_prune: criterion 'taylor' needs calibration data "
                           "(give data / --data)")
     n = cfg.calib_batches * cfg.calib_batch_size
-    x, y = data.x_train[:n], data.y_train[:n]
+    idx = calibration_indices(data, n, cfg.seed)  # every class, not a sorted prefix
+    x, y = data.x_train[idx], data.y_train[idx]
     bs = cfg.calib_batch_size
     batches = [(x[i:i + bs], y[i:i + bs]) for i in range(0, len(x), bs)]
     return taylor_grads(model, batches)
@@ -450,7 +458,7 @@ def _rebuild(model: nn.Module, plan: dict) -> nn.Module:
     return replay_plan(model, plan)
 
 
-Fractions = dict[str, Callable[[nn.Module], float]]
+Step = tuple[nn.Module, dict[str, Any], dict[str, Any]]  # pruned model, plan, target record
 
 
 def _target(cfg: StructuredPruneConfig, example: tuple[torch.Tensor, ...],
@@ -458,48 +466,8 @@ def _target(cfg: StructuredPruneConfig, example: tuple[torch.Tensor, ...],
     """The measurements of ``cfg.target`` (fractions of ``base``) and the asked shares."""
     if cfg.target is None:
         return None
-    return (_fractions(list(cfg.target), example, base, cfg.latency_threads,
-                       cfg.latency_batches), dict(cfg.target))
-
-
-def _fractions(keys: Sequence[str], example: tuple[torch.Tensor, ...], base: nn.Module,
-               threads: int = 1, batches: Sequence[int] | None = None) -> Fractions:
-    """Per target key: ``model -> measured(model) / measured(base)``.
-
-    Latency is timed interleaved with ``base`` every time, so the ratio is from one window;
-    with ``batches``, at each batch size, and the slowest ratio counts.
-    """
-    from slimkit.measure.counts import count_flops, count_params
-    from slimkit.measure.latency import time_interleaved, torch_runner
-
-    inputs = [tuple(t[torch.arange(b) % len(t)] for t in example) for b in batches or []]
-
-    def latency(m: nn.Module) -> float:
-        return max(_latency(m, x) for x in inputs or [example])
-
-    def _latency(m: nn.Module, x: tuple[torch.Tensor, ...]) -> float:
-        fns = {"base": torch_runner(base, x), "m": torch_runner(m, x)}
-        prev = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            with torch.no_grad():
-                start = time.perf_counter()
-                for fn in fns.values():
-                    fn()
-                pair = time.perf_counter() - start  # a window of ~0.5 s, 15..200 rounds
-                repeats = int(min(200, max(15, 0.5 / max(pair, 1e-6))))
-                t = time_interleaved(fns, warmup=3, repeats=repeats)
-        finally:
-            torch.set_num_threads(prev)
-        return t["m"]["median_ms"] / t["base"]["median_ms"]
-
-    def count(fn: Callable[[nn.Module], float]) -> Callable[[nn.Module], float]:
-        b = fn(base)
-        return lambda m: fn(m) / b
-
-    counters = {"flops": lambda m: float(count_flops(m, example)["flops"]),
-                "params": lambda m: float(count_params(m)["params"])}
-    return {k: latency if k == "latency" else count(counters[k]) for k in keys}
+    return (fractions_of(base, list(cfg.target), example, cfg.latency_threads,
+                         cfg.latency_batches), dict(cfg.target))
 
 
 def _step(model: nn.Module, cfg: StructuredPruneConfig, data: DataBundle | None,
@@ -539,59 +507,84 @@ def _worst(model: nn.Module, fractions: Fractions, asked: dict[str, float]) -> f
 
 def _depth(model: nn.Module, cfg: StructuredPruneConfig, data: DataBundle | None,
            example: tuple[torch.Tensor, ...], target: tuple[Fractions, dict[str, float]] | None,
-           ) -> tuple[nn.Module, list[dict[str, Any]], dict[str, Any]]:
-    """Remove the chosen residual branches (``cfg.blocks``); returns model, branches, details."""
+           ) -> tuple[nn.Module, list[dict[str, Any]], dict[str, Any], Step | None]:
+    """Remove the chosen residual branches (``cfg.blocks``).
+
+    Returns the model, the branches, the details and, with ``auto``, the width step that the
+    winning candidate already took (model, plan, target record), so it is not searched again.
+    """
     _, excluded = _selection(model, cfg)
     n = cfg.calib_batches * cfg.calib_batch_size
-    inputs = (data.x_train[:n],) if data is not None else example
+    inputs = (calibration_subset(data, n, cfg.seed),) if data is not None else example
     ranked, skipped = rank_branches(model, example, inputs, lambda m: _covered(m, excluded))
     trials: list[dict[str, Any]] = []
+    step = None
     if cfg.blocks == "auto":
         assert target is not None  # the config validator guarantees it
-        k = _auto_blocks(model, cfg, data, example, ranked, target, trials)
+        k, step = _auto_blocks(model, cfg, data, example, ranked, target, trials, inputs)
     else:
         k = round(float(cfg.blocks) * len(ranked))
     chosen = ranked[:k]
     return without_branches(model, chosen), chosen, {
         "removable": len(ranked), "removed": len(chosen), "asked": cfg.blocks,
         "scores": {f"{b['module']}/{b['add']}": b["score"] for b in ranked},
-        "trials": trials, "skipped": skipped}
+        "trials": trials, "skipped": skipped}, step
 
 
 def _auto_blocks(model: nn.Module, cfg: StructuredPruneConfig, data: DataBundle | None,
                  example: tuple[torch.Tensor, ...], ranked: list[dict[str, Any]],
-                 target: tuple[Fractions, dict[str, float]], trials: list[dict]) -> int:
-    """How many blocks to remove: the way to meet every target that keeps the most compute.
+                 target: tuple[Fractions, dict[str, float]], trials: list[dict],
+                 inputs: tuple[torch.Tensor, ...]) -> tuple[int, Step]:
+    """How many blocks to remove: of the ways to meet every target, the one that changes least.
 
     For k = 0, 1, ... blocks (least important first), channels are pruned to the flops/params
     target, and further where that is not fast enough, until the latency is met too; stops
-    at the first k that needs no extra channel pruning. The k whose result keeps the largest
-    share of the first count metric wins (fewer blocks on a tie). (The output change before
-    fine-tuning was tried as the judge instead: at these ratios it is ~1 for every candidate
-    and does not tell them apart.)
+    at the first k that needs no extra channel pruning. Of the candidates meeting every
+    target, the one whose output on the calibration ``inputs`` moves least from the
+    original's wins (fewer blocks on a tie; if none meets them, the fastest). With data, each
+    candidate is judged after its BatchNorm statistics are re-estimated on those inputs
+    (on a copy): with the stale ones every candidate's output is about 100% off and the
+    measure cannot tell them apart (adaptive-BN candidate evaluation, EagleEye, ECCV 2020).
+
+    Returns:
+        The block count and the winner's width step (pruned model, plan, target record).
     """
     fractions, asked = target
     counts = {k: f for k, f in fractions.items() if k != "latency"}
-    first = next(iter(counts))
+    with modes_kept(model), torch.no_grad():
+        reference = model.eval()(*inputs)
+
+    def change(candidate: nn.Module) -> float:
+        if data is not None:
+            candidate = copy.deepcopy(candidate)
+            recalibrate_batchnorm(candidate, inputs, cfg.calib_batch_size)
+        return output_change(candidate, inputs, reference)
+
+    best: tuple[tuple, int, Step] | None = None
     for k in range(len(ranked) + 1):
         shallow = without_branches(model, ranked[:k])
-        pruned, _, found = _step(shallow, cfg, data, example, None,
-                                 (counts, {c: asked[c] for c in counts}))
+        pruned, plan, found = _step(shallow, cfg, data, example, None,
+                                    (counts, {c: asked[c] for c in counts}))
         assert found is not None
         lat = fractions["latency"](pruned)
         fast = lat <= asked["latency"]
-        if not fast:  # prune channels further until the latency is met as well
-            _, _, found = _step(shallow, cfg, data, example, None, target)
+        if fast:
+            found = {**found, "asked": dict(asked), "achieved": {**found["achieved"],
+                                                                 "latency": lat}}
+        else:  # prune channels further until the latency is met as well
+            pruned, plan, found = _step(shallow, cfg, data, example, None, target)
             assert found is not None
+        reached = fast or found["reached"]
         trials.append({"blocks": k, "extra_channels": not fast, **found["achieved"],
-                       "latency": lat if fast else found["achieved"]["latency"],
-                       "reached": fast or found["reached"]})
+                       "reached": reached, "output_change": change(pruned) if reached else None})
+        t = trials[-1]
+        rank = (0, t["output_change"], k) if reached else (1, t["latency"], k)
+        if best is None or rank < best[0]:
+            best = (rank, k, (pruned, plan, found))
         if fast:
             break
-    ok = [t for t in trials if t["reached"]]
-    if not ok:
-        return min(trials, key=lambda t: t["latency"])["blocks"]  # none made it: the fastest
-    return max(ok, key=lambda t: (t[first], -t["blocks"]))["blocks"]
+    assert best is not None
+    return best[1], best[2]
 
 
 def structured_prune(model: nn.Module, cfg: StructuredPruneConfig,
@@ -649,14 +642,17 @@ def _structured_prune(model: nn.Module, cfg: StructuredPruneConfig, data: DataBu
     work, unfused, unfuse_skipped = _unfused_copy(model, cfg)
     target = _target(cfg, example, work)
     current, plans, steps, tuned = work, [], [], []
-    slimmed, blocks, depth = None, [], None
+    slimmed, blocks, depth, searched = None, [], None, None
     if cfg.slimming is not None:
         current = copy.deepcopy(model) if work is model else work
         slimmed = slimming_train(current, cfg.slimming, data, progress)
     if cfg.blocks:
-        current, blocks, depth = _depth(current, cfg, data, example, target)
+        current, blocks, depth, searched = _depth(current, cfg, data, example, target)
     for s in range(1, cfg.steps + 1):
-        if target is None:
+        if searched is not None and cfg.steps == 1:  # blocks: auto took this step already
+            current, plan, tgt = searched
+            steps.append(tgt)
+        elif target is None:
             done = cfg.ratio * (s - 1) / cfg.steps  # share of the original channels removed
             step_ratio = (cfg.ratio / cfg.steps) / (1.0 - done)
             current, plan, tgt = _step(current, cfg, data, example, step_ratio, None)
