@@ -14,7 +14,10 @@ Latency of all models is timed interleaved in one process, in PyTorch and ONNX R
 variant meets the goal when its accuracy drop, parameter ratio and every speedup do; slimkit's
 plain row is compared with the peer's. Prints JSON.
 
-    python benchmarks/structured_prune.py --models resnet20 mobilenetv2
+    python benchmarks/structured_prune.py --models resnet20 --allocation global \
+        --epochs 6 --finetune-epochs 6            # results/structured_prune.json
+    python benchmarks/structured_prune.py --models mobilenetv2 --allocation global \
+        --epochs 10 --finetune-epochs 10          # results/structured_prune_mobilenetv2.json
 """
 
 from __future__ import annotations
@@ -162,10 +165,11 @@ def main() -> None:
     ap.add_argument("--finetune-epochs", type=int, default=3)
     ap.add_argument("--finetune-lr", type=float, default=1e-3)
     ap.add_argument("--keep-flops", type=float, default=0.5)
-    ap.add_argument("--keep-latency", type=float, default=0.6,
+    ap.add_argument("--keep-latency", type=float, default=0.58,
                     help="slimkit_depth's latency target (PyTorch, batch 1 and 32): under 1/1.6 = "
                          "0.625 by a margin for the noise between the search's timing and "
-                         "the final one.")
+                         "the final one (a search keeps the first ratio timed under target, "
+                         "so it lands on the lucky side of the noise).")
     ap.add_argument("--params-ratio", type=float, default=2.0,
                     help="slimkit_depth's parameter target: at least this many times fewer.")
     ap.add_argument("--criterion", default="l2")
