@@ -8,6 +8,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from slimkit.core.errors import ConfigError
+from slimkit.data import DataBundle
 from slimkit.distill.config import DistillConfig
 from slimkit.distill.run import FinetuneConfig
 from slimkit.lowrank import LowRankConfig, apply_lowrank, lowrank, plan_lowrank
@@ -64,8 +65,9 @@ def test_input_model_is_untouched(small: nn.Module):
     types = [type(m) for m in small.modules()]
     cfg = LowRankConfig(rank="sensitivity", tolerance=0.3, check_latency=True,
                         latency_repeats=3)
-    data_like = type("D", (), {"x_train": X, "example_inputs": lambda self, b=1: (X[:b],)})()
-    lowrank(small, cfg, data=data_like)
+    y = torch.arange(len(X)) % 2
+    data = DataBundle("test", X, y, X, y, num_classes=2)
+    lowrank(small, cfg, data=data)
     plan_lowrank(small, cfg, calib_x=X)
     assert [type(m) for m in small.modules()] == types
     assert all(m.training for m in small.modules())
