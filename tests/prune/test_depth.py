@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from tests.prune._structured_models import eval_out, init_bn, n_params
 from torch import fx, nn
 
-from slimkit.core.errors import ConfigError
+from slimkit.core.errors import ConfigError, ModelError
 from slimkit.data import build_bundle, calibration_subset
 from slimkit.export.onnx import check_parity, export_onnx
 from slimkit.graph.branches import find_branches
@@ -29,6 +29,7 @@ from slimkit.prune.structured import (
     StructuredPruneConfig,
     apply_structured,
     changes_structure,
+    plan_structured,
     structured_prune,
 )
 from slimkit.train import recalibrate_batchnorm
@@ -120,6 +121,20 @@ def test_score_is_the_relative_output_change_and_zero_for_a_dead_branch():
     assert scores[1] == 0.0  # its branch outputs exactly zero: removing it changes nothing
 
 
+def test_output_change_of_a_broken_model_is_infinite_and_non_tensors_are_named():
+    ref = torch.ones(2, 3)
+    nan = nn.Sequential(nn.Linear(3, 3), nn.Hardtanh())
+    nan[0].weight.data.fill_(float("nan"))
+    assert output_change(nan, (torch.ones(2, 3),), ref) == float("inf")
+
+    class Pair(nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return x, x
+
+    with pytest.raises(ModelError, match="returns one tensor; Pair returned tuple"):
+        output_change(Pair(), (ref,), ref)
+
+
 def test_rank_orders_by_score_and_reports_excluded_branches():
     model = _resnet20()
     ranked, skipped = rank_branches(model, X, X, lambda m: m == "layer3.1.bn2")
@@ -209,15 +224,46 @@ def test_auto_blocks_search_is_recorded_and_meets_the_target():
     # The search stops at the first count that needs no extra channel pruning.
     assert [t["extra_channels"] for t in trials[:-1]] == [True] * (len(trials) - 1)
     reached = [t for t in trials if t["reached"]]
-    assert all(t["output_change"] is None for t in trials if not t["reached"])
-    if reached:  # the one whose output moved least (fewer blocks on a tie)
-        best = min(reached, key=lambda t: (t["output_change"], t["blocks"]))
-        assert info["removed"] == best["blocks"]
+    # Without data there are no outputs to judge: the candidate keeping the most FLOPs wins
+    # (fewer blocks on a tie); if none meets the latency, the fastest.
+    assert info["judge"] == "most flops kept (no data to judge outputs on)"
+    assert all("output_change" not in t for t in trials)
+    if reached:
+        best = min(reached, key=lambda t: (-t["flops"], t["blocks"]))
     else:
-        assert info["removed"] == min(trials, key=lambda t: t["latency"])["blocks"]
+        best = min(trials, key=lambda t: (t["latency"], t["blocks"]))
+    assert info["removed"] == best["blocks"]
     assert len(_removed_blocks(rec)) == info["removed"] and info["asked"] == "auto"
     assert set(rec.details["target"]["by_metric"]) == {"flops", "latency"}
     assert rec.details["target"]["by_metric"]["flops"]["achieved"] <= 0.6
+    # The winner's width step is the recorded step, and the plan replays to the result.
+    assert rec.details["target"]["steps"][0]["achieved"] == {
+        "flops": best["flops"], "latency": best["latency"]}
+    replayed = apply_structured(_resnet20(seed=1), json.loads(json.dumps(
+        rec.details["plans"][0])))
+    replayed.load_state_dict(small.state_dict())
+    torch.testing.assert_close(eval_out(replayed, X), eval_out(small, X), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("blocks", [0.5, "auto"])
+def test_plan_structured_with_blocks_replays(blocks):
+    model = _resnet20()
+    g = torch.Generator().manual_seed(2)
+    data = build_bundle("t", torch.randn(48, *SHAPE, generator=g), torch.arange(48) % 4, seed=0)
+    target = {"flops": 0.6, "latency": 1.0} if blocks == "auto" else {"flops": 0.6}
+    cfg = StructuredPruneConfig(target=target, blocks=blocks, calib_batch_size=8,
+                                calib_batches=2)
+    plan = plan_structured(model, cfg, data=data, example_inputs=X)
+    assert set(plan["target"]["by_metric"]) == set(target)
+    if blocks == 0.5:
+        assert len(plan["blocks"]) == round(0.5 * 7)
+    small = apply_structured(model, json.loads(json.dumps(plan)))
+    kept = fractions_of(model, ["flops"], X)["flops"](small)
+    assert kept == pytest.approx(plan["target"]["achieved"]) and kept <= 0.6 + 1e-9
+    assert n_params(small) < n_params(model)
+    with pytest.raises(ConfigError, match="cannot be combined with a fixed ratio"):
+        plan_structured(model, cfg.model_copy(update={"blocks": "auto"}), data=data,
+                        example_inputs=X, ratio=0.3)
 
 
 def _convs(m: nn.Module) -> int:
@@ -238,7 +284,8 @@ def test_auto_blocks_picks_a_count_that_meets_the_latency(latency, blocks, extra
     fractions = {**fractions_of(model, ["flops"], X), "latency": lambda m: _convs(m) / 19}
     ranked, _ = rank_branches(model, X, X)
     trials: list[dict] = []
-    k, _ = _auto_blocks(model, cfg, None, X, ranked, (fractions, dict(cfg.target)), trials, X)
+    k, _, _ = _auto_blocks(model, cfg, None, X, ranked, (fractions, dict(cfg.target)), trials,
+                           X)
     assert k == blocks and [t["extra_channels"] for t in trials] == extra
     assert [t["reached"] for t in trials] == [False] * (len(extra) - 1) + [True]
     assert trials[-1]["latency"] == pytest.approx((19 - 2 * blocks) / 19)
@@ -258,7 +305,7 @@ def test_auto_blocks_keeps_the_candidate_whose_output_moves_least():
     inputs = (calibration_subset(data, 64),)
     ranked, _ = rank_branches(model, X, inputs)
     trials: list[dict] = []
-    k, (pruned, plan, found) = _auto_blocks(
+    k, (pruned, plan, found), judge = _auto_blocks(
         model, cfg, data, X, ranked, ({"flops": flops, "latency": flops}, dict(cfg.target)),
         trials, inputs)
     assert [t["blocks"] for t in trials] == list(range(len(trials))) and len(trials) >= 2
@@ -266,6 +313,7 @@ def test_auto_blocks_keeps_the_candidate_whose_output_moves_least():
     changes = [t["output_change"] for t in trials]
     assert all(isinstance(c, float) and c > 0 for c in changes) and len(set(changes)) > 1
     assert k == min(trials, key=lambda t: (t["output_change"], t["blocks"]))["blocks"]
+    assert judge == "least output change after BatchNorm re-estimation"
     assert type(model.layer1[1]) is not fx.GraphModule  # candidates were copies
     # The winner's width step comes back as searched: its plan replays to the same model, its
     # record is the trial's, and its change was judged on re-estimated BatchNorm statistics

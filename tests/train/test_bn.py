@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from slimkit.core.errors import ConfigError, DataError
 from slimkit.train import recalibrate_batchnorm
 
 
@@ -68,3 +70,49 @@ def test_a_model_without_batchnorm_is_left_alone():
     before = {k: v.clone() for k, v in net.state_dict().items()}
     assert recalibrate_batchnorm(net, (torch.randn(4, 3),)) == 0
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items()) and net.training
+
+
+class _TwoInputs(nn.Module):
+    """Two inputs; ``unused`` is never called and ``free`` keeps no running statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(3, momentum=None)
+        self.free = nn.BatchNorm1d(3, track_running_stats=False)
+        self.unused = nn.BatchNorm1d(3)
+        self.unused.running_mean.fill_(5.0)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.free(self.bn(a * b))
+
+
+def test_several_inputs_unreached_and_untracked_layers_and_momentum_none():
+    net = _TwoInputs().double()
+    a, b = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    # batch_size 1 would leave BatchNorm1d one sample: it is raised to 2 (three full batches)
+    assert recalibrate_batchnorm(net, (a, b), batch_size=1) == 1
+    parts = [_stats((a * b)[i:i + 2]) for i in (0, 2, 4)]
+    torch.testing.assert_close(net.bn.running_mean, sum(p[0] for p in parts) / 3,
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(net.bn.running_var, sum(p[1] for p in parts) / 3,
+                               rtol=1e-12, atol=1e-12)
+    assert net.bn.momentum is None and net.free.running_mean is None
+    assert int(net.unused.num_batches_tracked) == 0
+    torch.testing.assert_close(net.unused.running_mean, torch.full((3,), 5.0, dtype=torch.float64))
+
+
+def test_a_failing_forward_restores_every_statistic():
+    net = _net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(RuntimeError):
+        recalibrate_batchnorm(net, (torch.randn(4, 2, 8, 8, dtype=torch.float64),))  # 2 channels
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert net[1].momentum == 0.1
+
+
+def test_bad_batch_size_and_too_few_samples_are_named():
+    net = _net()
+    with pytest.raises(ConfigError, match="batch_size must be at least 1"):
+        recalibrate_batchnorm(net, (torch.randn(4, 1, 8, 8, dtype=torch.float64),), batch_size=0)
+    with pytest.raises(DataError, match="at least 2 samples"):
+        recalibrate_batchnorm(net, (torch.randn(1, 1, 8, 8, dtype=torch.float64),))

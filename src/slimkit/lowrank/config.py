@@ -66,7 +66,8 @@ class LowRankConfig(SlimConfig):
     n_iter: int = Field(100, ge=1, description="Most iterations of CP-ALS and Tucker HOOI.")
     iter_tol: float = Field(1e-6, gt=0.0, lt=1.0, description="CP-ALS and HOOI stop when the "
                             "relative reconstruction error changes by less than this.")
-    seed: int = Field(0, description="Seed of the iterative decompositions (CP-ALS, HOOI).")
+    seed: int = Field(0, description="Seed of the iterative decompositions (CP-ALS, HOOI) "
+                                     "and of the calibration sample.")
     finetune: FinetuneConfig | None = Field(
         None, description="Fine-tune afterwards (optionally distilled from the original model).")
 

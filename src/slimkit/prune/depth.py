@@ -19,13 +19,14 @@ branches by module and node; replaying it on a freshly built model re-traces and
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from slimkit.core.errors import ConfigError
+from slimkit.core.errors import ConfigError, ModelError
 from slimkit.graph.branches import Branch, find_branches, trace_module
 from slimkit.io.model import modes_kept
 
@@ -95,11 +96,21 @@ def remove_branches(model: nn.Module, branches: Sequence[dict[str, Any]]) -> nn.
 
 def output_change(model: nn.Module, inputs: tuple[torch.Tensor, ...],
                   reference: torch.Tensor) -> float:
-    """``||model(inputs) - reference||^2 / ||reference||^2`` in float64, in eval mode."""
+    """``||model(inputs) - reference||^2 / ||reference||^2`` in float64, in eval mode.
+
+    A NaN or Inf output counts as an infinite change (never the smallest).
+
+    Raises:
+        ModelError: the model does not return one tensor.
+    """
     with modes_kept(model), torch.no_grad():
-        out = model.eval()(*inputs).double()
-    ref = reference.double()
-    return float(((out - ref) ** 2).sum()) / (float((ref ** 2).sum()) or 1.0)
+        out = model.eval()(*inputs)
+    if not isinstance(out, torch.Tensor):
+        raise ModelError(f"output change needs a model that returns one tensor; "
+                         f"{type(model).__name__} returned {type(out).__name__}")
+    out, ref = out.double(), reference.double()
+    change = float(((out - ref) ** 2).sum()) / (float((ref ** 2).sum()) or 1.0)
+    return change if math.isfinite(change) else math.inf
 
 
 def score_branches(model: nn.Module, branches: Sequence[Branch],

@@ -60,7 +60,7 @@ from slimkit.core.config import SlimConfig
 from slimkit.core.errors import ConfigError, ModelError
 from slimkit.core.record import Record
 from slimkit.data.bundle import DataBundle
-from slimkit.data.split import calibration_indices, calibration_subset
+from slimkit.data.split import calibration_indices
 from slimkit.distill.run import FinetuneConfig, finetune
 from slimkit.graph.dependency import (
     DependencyGraph,
@@ -115,11 +115,14 @@ class StructuredPruneConfig(SlimConfig):
         0.0, description="Depth pruning, before channels: share (0..1) of the removable "
                          "residual blocks (y = x + f(x), identity shortcut) whose branch f is "
                          "removed whole, those the output depends on least first. 'auto' "
-                         "(with a target holding 'latency' and 'flops' or 'params'): the "
-                         "number of blocks with which channel pruning meets every target "
-                         "while keeping the most FLOPs (params). Removing blocks cuts "
-                         "latency where channel pruning cannot: small convolutions on CPU "
-                         "cost per op, not per FLOP.")
+                         "(with a target holding 'latency' and 'flops' or 'params'): of the "
+                         "block counts with which channel pruning meets every target, the "
+                         "one whose output on the calibration data (BatchNorm statistics "
+                         "re-estimated) moves least; without data, the one keeping the most "
+                         "FLOPs (params). With steps > 1 the channels are then pruned in "
+                         "steps (the search's width step is not reused). Removing blocks "
+                         "cuts latency where channel pruning cannot: small convolutions on "
+                         "CPU cost per op, not per FLOP.")
     criterion: str = Field("l2", description="Importance criterion: l1, l2, taylor, bn_scale, "
                                              "fpgm, random.")
     allocation: str = Field("global", description="uniform: same ratio per group; global: one "
@@ -140,11 +143,14 @@ class StructuredPruneConfig(SlimConfig):
         None, description="Batch sizes a latency target is timed at (the example inputs "
                           "cycled to each size); the slowest ratio counts. Default: the "
                           "example inputs as given.")
-    calib_batches: int = Field(4, ge=1, description="Batches of data for the taylor criterion.")
+    calib_batches: int = Field(4, ge=1, description="Batches of training data (class-"
+                                                    "stratified) for the taylor criterion, "
+                                                    "block scores and BatchNorm re-estimation.")
     calib_batch_size: int = Field(32, ge=1, description="Samples per calibration batch.")
     steps: int = Field(1, ge=1, description="Prune in this many equal steps, fine-tuning after "
                                             "each one when finetune is set.")
-    seed: int = Field(0, description="Seed of the random criterion.")
+    seed: int = Field(0, description="Seed of the random criterion and of the calibration "
+                                     "sample.")
     attention: Literal["heads", "head_dims"] = Field(
         "heads", description="How attention shrinks: 'heads' removes whole heads; 'head_dims' "
                              "removes the same positions inside every head of q/k/v (and the "
@@ -288,12 +294,16 @@ def _calibration(model: nn.Module, data: DataBundle | None, cfg: StructuredPrune
     if data is None:
         raise ConfigError("structured_prune: criterion 'taylor' needs calibration data "
                           "(give data / --data)")
-    n = cfg.calib_batches * cfg.calib_batch_size
-    idx = calibration_indices(data, n, cfg.seed)  # every class, not a sorted prefix
+    idx = _calib_indices(data, cfg)
     x, y = data.x_train[idx], data.y_train[idx]
     bs = cfg.calib_batch_size
     batches = [(x[i:i + bs], y[i:i + bs]) for i in range(0, len(x), bs)]
     return taylor_grads(model, batches)
+
+
+def _calib_indices(data: DataBundle, cfg: StructuredPruneConfig) -> torch.Tensor:
+    """The calibration samples (every class, not a sorted prefix), seed-determined."""
+    return calibration_indices(data, cfg.calib_batches * cfg.calib_batch_size, cfg.seed)
 
 
 def score_groups(model: nn.Module, groups: list[Group], cfg: StructuredPruneConfig,
@@ -394,12 +404,19 @@ def plan_structured(model: nn.Module, cfg: StructuredPruneConfig,
     """
     example = _example(model, data, example_inputs)
     work, unfused, unfuse_skipped = _unfused_copy(model, cfg)
+    if ratio is not None and cfg.blocks == "auto":
+        raise ConfigError("plan_structured: blocks 'auto' searches toward cfg.target; it "
+                          "cannot be combined with a fixed ratio (give blocks as a share)")
     target = _target(cfg, example, work) if ratio is None else None
     blocks: list[dict[str, Any]] = []
+    searched = None
     if cfg.blocks:
-        work, blocks, _ = _depth(work, cfg, data, example, target)
-    r = cfg.ratio if ratio is None else ratio
-    _, plan, found = _step(work, cfg, data, example, r, target)
+        work, blocks, _, searched = _depth(work, cfg, data, example, target)
+    if searched is not None:  # blocks: auto already took the width step
+        _, plan, found = searched
+    else:
+        r = cfg.ratio if ratio is None else ratio
+        _, plan, found = _step(work, cfg, data, example, r, target)
     if found is not None:
         plan["target"] = _target_summary(found, [found])
     return _with_unfused({**plan, "blocks": blocks}, unfused, unfuse_skipped)
@@ -514,43 +531,47 @@ def _depth(model: nn.Module, cfg: StructuredPruneConfig, data: DataBundle | None
     winning candidate already took (model, plan, target record), so it is not searched again.
     """
     _, excluded = _selection(model, cfg)
-    n = cfg.calib_batches * cfg.calib_batch_size
-    inputs = (calibration_subset(data, n, cfg.seed),) if data is not None else example
+    inputs = (data.x_train[_calib_indices(data, cfg)],) if data is not None else example
     ranked, skipped = rank_branches(model, example, inputs, lambda m: _covered(m, excluded))
     trials: list[dict[str, Any]] = []
-    step = None
+    step, judge = None, None
     if cfg.blocks == "auto":
         assert target is not None  # the config validator guarantees it
-        k, step = _auto_blocks(model, cfg, data, example, ranked, target, trials, inputs)
+        k, step, judge = _auto_blocks(model, cfg, data, example, ranked, target, trials,
+                                      inputs)
     else:
         k = round(float(cfg.blocks) * len(ranked))
     chosen = ranked[:k]
     return without_branches(model, chosen), chosen, {
         "removable": len(ranked), "removed": len(chosen), "asked": cfg.blocks,
         "scores": {f"{b['module']}/{b['add']}": b["score"] for b in ranked},
-        "trials": trials, "skipped": skipped}, step
+        "trials": trials, "judge": judge, "skipped": skipped}, step
 
 
 def _auto_blocks(model: nn.Module, cfg: StructuredPruneConfig, data: DataBundle | None,
                  example: tuple[torch.Tensor, ...], ranked: list[dict[str, Any]],
                  target: tuple[Fractions, dict[str, float]], trials: list[dict],
-                 inputs: tuple[torch.Tensor, ...]) -> tuple[int, Step]:
+                 inputs: tuple[torch.Tensor, ...]) -> tuple[int, Step, str]:
     """How many blocks to remove: of the ways to meet every target, the one that changes least.
 
     For k = 0, 1, ... blocks (least important first), channels are pruned to the flops/params
     target, and further where that is not fast enough, until the latency is met too; stops
     at the first k that needs no extra channel pruning. Of the candidates meeting every
     target, the one whose output on the calibration ``inputs`` moves least from the
-    original's wins (fewer blocks on a tie; if none meets them, the fastest). With data, each
-    candidate is judged after its BatchNorm statistics are re-estimated on those inputs
-    (on a copy): with the stale ones every candidate's output is about 100% off and the
-    measure cannot tell them apart (adaptive-BN candidate evaluation, EagleEye, ECCV 2020).
+    original's wins (fewer blocks on a tie; if none meets them, the fastest). Each candidate
+    is judged after its BatchNorm statistics are re-estimated on those inputs (on a copy):
+    with the stale ones every candidate's output is about 100% off and the measure cannot
+    tell them apart (adaptive-BN candidate evaluation, EagleEye, ECCV 2020). Without data
+    there is nothing to judge outputs on (one or two example inputs, stale statistics): the
+    candidate keeping the most FLOPs (params) wins, fewer blocks on a tie.
 
     Returns:
-        The block count and the winner's width step (pruned model, plan, target record).
+        The block count, the winner's width step (pruned model, plan, target record) and
+        the rule that picked it.
     """
     fractions, asked = target
     counts = {k: f for k, f in fractions.items() if k != "latency"}
+    first = next(iter(counts))  # flops if asked, else params
     with modes_kept(model), torch.no_grad():
         reference = model.eval()(*inputs)
 
@@ -574,17 +595,25 @@ def _auto_blocks(model: nn.Module, cfg: StructuredPruneConfig, data: DataBundle 
         else:  # prune channels further until the latency is met as well
             pruned, plan, found = _step(shallow, cfg, data, example, None, target)
             assert found is not None
-        reached = fast or found["reached"]
+        reached = bool(found["reached"])
         trials.append({"blocks": k, "extra_channels": not fast, **found["achieved"],
-                       "reached": reached, "output_change": change(pruned) if reached else None})
+                       "reached": reached})
         t = trials[-1]
-        rank = (0, t["output_change"], k) if reached else (1, t["latency"], k)
+        if not reached:
+            rank = (1, t["latency"], k)
+        elif data is None:  # nothing to judge outputs on: keep the most of the first count
+            rank = (0, -t[first], k)
+        else:
+            t["output_change"] = change(pruned)
+            rank = (0, t["output_change"], k)
         if best is None or rank < best[0]:
             best = (rank, k, (pruned, plan, found))
         if fast:
             break
     assert best is not None
-    return best[1], best[2]
+    judge = (f"most {first} kept (no data to judge outputs on)" if data is None
+             else "least output change after BatchNorm re-estimation")
+    return best[1], best[2], judge
 
 
 def structured_prune(model: nn.Module, cfg: StructuredPruneConfig,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from slimkit.core.errors import ConfigError, DataError
 from slimkit.io.model import modes_kept
 
 
@@ -29,31 +30,54 @@ def recalibrate_batchnorm(model: nn.Module, inputs: tuple[torch.Tensor, ...],
         batch_size: samples per forward pass.
 
     Returns:
-        How many BatchNorm layers were re-estimated (0: the model has none).
+        How many BatchNorm layers were re-estimated (0: the model has none). Layers the
+        inputs never reach keep their statistics, and so does every layer if a forward
+        pass fails.
+
+    Raises:
+        ConfigError: ``batch_size`` below 1.
+        DataError: fewer than two samples (a batch of one has no variance; a
+            ``batch_size`` of 1 is raised to 2 for the same reason).
 
     Example:
         >>> recalibrate_batchnorm(pruned, (calibration_subset(data, 256),))  # doctest: +SKIP
     """
+    if batch_size < 1:
+        raise ConfigError(f"recalibrate_batchnorm: batch_size must be at least 1, got "
+                          f"{batch_size}")
+    n = len(inputs[0]) if inputs else 0
+    if n < 2:
+        raise DataError(f"recalibrate_batchnorm needs at least 2 samples to estimate a "
+                        f"variance, got {n}; pass more calibration inputs")
     bns = [m for m in model.modules()
            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
         return 0
-    n = len(inputs[0])
-    starts = range(0, max(n - batch_size + 1, 1), batch_size)  # full batches (or the one)
-    momenta = [m.momentum for m in bns]
+    bs = max(batch_size, 2)  # one sample has no batch variance (BatchNorm1d refuses it)
+    starts = range(0, max(n - bs + 1, 1), bs)  # full batches (or the one)
+    saved = [(m.momentum, {k: b.clone() for k, b in m.named_buffers(recurse=False)})
+             for m in bns]
     with modes_kept(model), torch.no_grad():
         model.eval()
         for m in bns:
             m.reset_running_stats()
             m.momentum = None
             m.train()
+        ok = False
         try:
             for s in starts:
-                model(*(t[s:s + batch_size] for t in inputs))
+                model(*(t[s:s + bs] for t in inputs))
+            ok = True
         finally:
-            for m, momentum in zip(bns, momenta, strict=True):
+            reached = 0
+            for m, (momentum, buffers) in zip(bns, saved, strict=True):
                 m.momentum = momentum
-    return len(bns)
+                if ok and int(m.num_batches_tracked) > 0:
+                    reached += 1
+                else:  # a failed pass, or a layer the inputs never reach: as it was
+                    for k, b in buffers.items():
+                        getattr(m, k).copy_(b)
+    return reached
 
 
 __all__ = ["recalibrate_batchnorm"]
