@@ -572,13 +572,15 @@ def _auto_blocks(model: nn.Module, cfg: StructuredPruneConfig, data: DataBundle 
     fractions, asked = target
     counts = {k: f for k, f in fractions.items() if k != "latency"}
     first = next(iter(counts))  # flops if asked, else params
-    with modes_kept(model), torch.no_grad():
-        reference = model.eval()(*inputs)
+    reference: torch.Tensor | None = None
+    if data is not None:
+        with modes_kept(model), torch.no_grad():
+            reference = model.eval()(*inputs)
 
     def change(candidate: nn.Module) -> float:
-        if data is not None:
-            candidate = copy.deepcopy(candidate)
-            recalibrate_batchnorm(candidate, inputs, cfg.calib_batch_size)
+        assert reference is not None
+        candidate = copy.deepcopy(candidate)  # the statistics it returns with stay as pruned
+        recalibrate_batchnorm(candidate, inputs, cfg.calib_batch_size)
         return output_change(candidate, inputs, reference)
 
     best: tuple[tuple, int, Step] | None = None
@@ -601,7 +603,7 @@ def _auto_blocks(model: nn.Module, cfg: StructuredPruneConfig, data: DataBundle 
         t = trials[-1]
         if not reached:
             rank = (1, t["latency"], k)
-        elif data is None:  # nothing to judge outputs on: keep the most of the first count
+        elif reference is None:  # no data to judge outputs on: keep the most of the count
             rank = (0, -t[first], k)
         else:
             t["output_change"] = change(pruned)
