@@ -4,10 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests._stages import stage_on
 
 from slimkit.core.errors import ConfigError
 from slimkit.distill.config import DistillConfig, LogitKD
-from slimkit.distill.run import DistillStageConfig, FinetuneConfig, distill, finetune
+from slimkit.distill.run import DistillStageConfig, FinetuneConfig, _distill, finetune
 from slimkit.io.loader import load_zoo
 from slimkit.pipeline import compress, load_recipe
 from slimkit.prune.magnitude import MagnitudePruneConfig, magnitude_prune
@@ -33,7 +34,7 @@ def test_distill_stage_defaults_to_the_model_before_compression(mlp, digits, tmp
 def test_prune_finetune_distils_from_the_unpruned_model(mlp, digits):
     cfg = MagnitudePruneConfig(sparsity=0.9, finetune=FinetuneConfig(
         epochs=1, lr=1e-3, distill=DistillConfig(logits=LogitKD(temperature=4, alpha=0.2))))
-    pruned, rec = magnitude_prune(mlp.module, cfg, data=digits)
+    pruned, rec = stage_on(magnitude_prune, mlp.module, cfg, data=digits)
     zeros = sum(int((m.weight == 0).sum()) for m in pruned if hasattr(m, "weight"))
     total = sum(m.weight.numel() for m in pruned if hasattr(m, "weight"))
     assert zeros / total == pytest.approx(0.9, abs=1e-3)  # masks held during distillation
@@ -49,7 +50,7 @@ def test_teacher_assistant_chain(mlp, digits):
     cfg = DistillStageConfig(train=TrainConfig(epochs=1, lr=2e-3), assistant={
         "model": "zoo:lenet300", "train": {"epochs": 1, "lr": 2e-3}})
     assistant = load_zoo("lenet300", digits).module
-    trained, rec = distill(student, mlp.module, digits, cfg, assistant=assistant)
+    trained, rec = _distill(student, mlp.module, digits, cfg, assistant=assistant)
     assert rec.details["assistant_top1"] == pytest.approx(
         evaluate(assistant, digits.x_test, digits.y_test))
     assert rec.details["student_top1"] > 0.5

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from tests._stages import stage_on
 from torch import nn
 
 from slimkit.core.errors import ConfigError
@@ -18,7 +19,7 @@ LINEARS = ("1", "3", "5")
 
 @pytest.fixture
 def pruned(mlp) -> nn.Module:
-    module, _ = magnitude_prune(mlp.module, MagnitudePruneConfig(sparsity=0.8))
+    module, _ = stage_on(magnitude_prune, mlp.module, MagnitudePruneConfig(sparsity=0.8))
     return module
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests._stages import stage_on
 
 from slimkit.core.errors import ModelLoadError, OutputExistsError
 from slimkit.encode import EncodeConfig, cluster_weights, pack, pack_bytes, read_packed, unpack
@@ -25,7 +26,8 @@ def lenet(digits) -> SlimModel:
     """A small LeNet-5 (8x8 inputs), pruned 80% per layer and clustered."""
     torch.manual_seed(0)
     model = load_zoo("lenet5", digits)
-    pruned, _ = magnitude_prune(model.module, MagnitudePruneConfig(sparsity=0.8, scope="layer"))
+    pruned, _ = stage_on(magnitude_prune, model.module,
+                         MagnitudePruneConfig(sparsity=0.8, scope="layer"))
     clustered, _ = cluster_weights(pruned, CFG)
     return model.copy(clustered.eval())
 

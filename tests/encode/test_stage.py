@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import slimkit.pipeline.builtin_encode  # noqa: F401  (registers the encode stage kind)
 from slimkit.core.errors import ConfigError, ModelLoadError, OutputExistsError
 from slimkit.encode import pack_bytes, read_packed
 from slimkit.encode.cli import pack_command, unpack_command

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from tests._stages import stage_on
 from torch import nn
 
 from slimkit.data.bundle import DataBundle
@@ -31,7 +32,7 @@ def quantized(digits: DataBundle) -> tuple[SlimModel, SlimModel]:
     net = _net()
     fit(net, digits, TrainConfig(epochs=1, lr=5e-3), progress=False)
     net.eval()
-    q, _ = ptq(net, PtqConfig(num_samples=256, min_conv_reduction=0), digits)
+    q, _ = stage_on(ptq, net, PtqConfig(num_samples=256, min_conv_reduction=0), digits)
     spec = {"input_shape": (1, 8, 8), "name": "convnet", "num_classes": 10}
     return SlimModel(module=net, **spec), SlimModel(module=q, **spec)
 
@@ -115,7 +116,7 @@ def test_float_first_conv_keeps_its_pool_in_float(digits, tmp_path):
     # conv1 stays float (reduction 9): its MaxPool feeds the first quantizer. ORT would pool
     # uint8 codes in NCHW (slow); an exact Clip keeps the quantizer after the float pool.
     net = _net().eval()
-    q, rec = ptq(net, PtqConfig(num_samples=64), digits)
+    q, rec = stage_on(ptq, net, PtqConfig(num_samples=64), digits)
     assert isinstance(q[0], nn.Conv2d)
     m = SlimModel(module=q, input_shape=(1, 8, 8), name="c", num_classes=10)
     path = export_onnx(m, tmp_path / "c.onnx")
@@ -137,7 +138,7 @@ def test_layers_sharing_an_equal_bias_export_and_match(digits, tmp_path):
                         nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
                         nn.Flatten(), nn.Linear(8 * 64, 10))
     net.eval()
-    q, _ = ptq(net, PtqConfig(calibration="minmax", min_conv_reduction=1), digits)
+    q, _ = stage_on(ptq, net, PtqConfig(calibration="minmax", min_conv_reduction=1), digits)
     model = SlimModel(module=q, input_shape=(1, 8, 8), name="shared-bias")
     path = export_onnx(model, tmp_path / "q.onnx")
     assert check_parity(model, path, (digits.x_test[:16],))["ok"]

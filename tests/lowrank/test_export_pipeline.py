@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests._stages import stage_on
 
-import slimkit.pipeline.builtin_lowrank  # noqa: F401  (registers the lowrank stage kind)
 from slimkit.core.errors import ConfigError
 from slimkit.export.onnx import check_parity, export_onnx
 from slimkit.io.loader import load_zoo
@@ -23,7 +23,7 @@ def test_onnx_parity_of_a_factorized_zoo_model(name: str, conv: str, tmp_path: P
     torch.manual_seed(0)
     model = load_zoo(name, input_shape=(1, 8, 8), num_classes=10)
     cfg = LowRankConfig(conv=conv, rank="ratio", ratio=0.4, n_iter=15)
-    small, rec = lowrank(model.module, cfg, example_inputs=model.example_inputs(1))
+    small, rec = stage_on(lowrank, model.module, cfg, example_inputs=model.example_inputs(1))
     assert len(rec.details["layers"]) >= 3
     factorized = model.copy(small)
     factorized.arch = None
@@ -63,29 +63,27 @@ def test_recipe_validation_names_the_key():
 
 def test_factorized_zoo_model_drops_its_stale_spec():
     model = load_zoo("lenet5", input_shape=(1, 8, 8), num_classes=10)
-    small, _ = lowrank(model.module, LowRankConfig(rank="ratio", include=["fc1"]))
+    small, _ = stage_on(lowrank, model.module, LowRankConfig(rank="ratio", include=["fc1"]))
     assert hasattr(model.module, "slimkit_spec") and not hasattr(small, "slimkit_spec")
 
 
 def test_factorized_zoo_artifact_rebuilds_from_spec_and_plan(tmp_path: Path):
     from slimkit.io import load_artifact, save_artifact
-    from slimkit.io.transforms import record_transform
-
     model = load_zoo("lenet5", input_shape=(1, 8, 8), num_classes=10)
-    small, rec = lowrank(model.module, LowRankConfig(rank="ratio", ratio=0.3, include=["fc1"]))
-    out = model.copy(small)
-    record_transform(out, "lowrank", "slimkit.lowrank.plan", rec.details["plan"])
+    out, rec = lowrank(model, LowRankConfig(rank="ratio", ratio=0.3, include=["fc1"]))
+    small = out.module
     save_artifact(out, tmp_path / "a")
     assert not (tmp_path / "a" / "model.pt2").exists()
     back = load_artifact(tmp_path / "a")
     x = model.example_inputs(3)
     torch.testing.assert_close(back.module(*x), small.eval()(*x), rtol=0, atol=0)
-    assert back.arch["transforms"][0]["kind"] == "lowrank"
+    assert back.arch["transforms"][0] == {"kind": "lowrank", "version": 1,
+                                          "plan": rec.details["plan"]}
 
 
 def test_artifact_refuses_a_transform_owned_outside_slimkit(tmp_path: Path):
     from slimkit.core.errors import ModelLoadError
     from slimkit.io.transforms import replay_transforms
 
-    with pytest.raises(ModelLoadError, match="outside slimkit"):
+    with pytest.raises(ModelLoadError, match="outside slimkit.s known rebuilders"):
         replay_transforms(torch.nn.Linear(2, 2), [{"kind": "x", "owner": "os", "plan": {}}])

@@ -5,6 +5,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from tests._stages import stage_on
 from torch import nn
 
 from slimkit.lowrank import FACTORIZERS, LowRankConfig, lowrank, plan_lowrank
@@ -149,7 +150,7 @@ def test_one_by_one_convs_use_svd_and_grouped_convs_are_skipped():
     assert plan["layers"]["0"]["method"] == "svd" and "1x1" in plan["layers"]["0"]["note"]
     assert plan["layers"]["0"]["rank"] == [int(0.3 * 16 * 32 / 48)]
     assert "groups=4" in plan["layers"]["1"]["reason"]
-    small, rec = lowrank(net, LowRankConfig(conv="tucker2", rank="ratio", ratio=0.3))
+    small, rec = stage_on(lowrank, net, LowRankConfig(conv="tucker2", rank="ratio", ratio=0.3))
     assert isinstance(small[1], nn.Conv2d) and isinstance(small[0], nn.Sequential)
     assert {"what": "1", "why": plan["layers"]["1"]["reason"]} in rec.skipped
 

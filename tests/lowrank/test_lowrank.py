@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from pydantic import ValidationError
+from tests._stages import stage_on
 from torch import nn
 
 from slimkit.core.errors import ConfigError
@@ -45,7 +46,7 @@ X = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
 @pytest.mark.parametrize("conv", ["tucker2", "cp", "spatial", "svd"])
 def test_plan_json_round_trip_replays_identically(small: nn.Module, conv: str):
     cfg = LowRankConfig(conv=conv, rank="ratio", ratio=0.4, n_iter=30)
-    out, rec = lowrank(small, cfg, example_inputs=(X[:1],))
+    out, rec = stage_on(lowrank, small, cfg, example_inputs=(X[:1],))
     plan = json.loads(json.dumps(rec.details["plan"]))
     assert plan == plan_lowrank(small, cfg)  # planning is deterministic
     replay = apply_lowrank(small, plan)
@@ -67,7 +68,7 @@ def test_input_model_is_untouched(small: nn.Module):
                         latency_repeats=3)
     y = torch.arange(len(X)) % 2
     data = DataBundle("test", X, y, X, y, num_classes=2)
-    lowrank(small, cfg, data=data)
+    stage_on(lowrank, small, cfg, data=data)
     plan_lowrank(small, cfg, calib_x=X)
     assert [type(m) for m in small.modules()] == types
     assert all(m.training for m in small.modules())
@@ -77,7 +78,7 @@ def test_input_model_is_untouched(small: nn.Module):
 
 def test_record_counts_params_flops_and_errors(small: nn.Module):
     cfg = LowRankConfig(ranks={"conv2": [6, 4], "fc1": [12]}, include=["conv2", "fc1"])
-    out, rec = lowrank(small, cfg, example_inputs=(X[:1],))
+    out, rec = stage_on(lowrank, small, cfg, example_inputs=(X[:1],))
     conv2, fc1 = rec.details["layers"]["conv2"], rec.details["layers"]["fc1"]
     # Analytic counts: Tucker-2 = 1x1 (8->4) at 8x8, 3x3 core (4->6) and 1x1 (6->16) at 4x4.
     assert conv2["params_after"] == 8 * 4 + 4 * 6 * 9 + 6 * 16 + 16
@@ -103,7 +104,7 @@ def test_never_larger_rule_uses_the_margin():
         entry = plan_lowrank(net, LowRankConfig(ranks={"0": [rank]}, margin=margin))["layers"]["0"]
         assert "would not be smaller" in entry["reason"]
         assert entry["params_after"] == entry["params_before"] == 110
-    out, rec = lowrank(net, LowRankConfig(energy=1.0))
+    out, rec = stage_on(lowrank, net, LowRankConfig(energy=1.0))
     assert isinstance(out[0], nn.Linear) and "would not be smaller" in rec.skipped[0]["why"]
 
 
@@ -131,9 +132,9 @@ def test_config_validation(bad: dict):
 def test_layers_that_cannot_be_factorized_are_skipped_with_the_reason():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Embedding(20, 16), nn.Flatten(), nn.Linear(64, 32),
-                        nn.Conv1d(1, 4, 3, groups=1))
+                        nn.Unflatten(1, (1, 32)), nn.Conv1d(1, 4, 3, groups=1))
     cfg = LowRankConfig(include=["0", "2"], ranks={"2": [4]})
-    out, rec = lowrank(net, cfg)
+    out, rec = stage_on(lowrank, net, cfg, example_inputs=(torch.randint(0, 20, (2, 4)),))
     why = {s["what"]: s["why"] for s in rec.skipped}
     assert "Embedding layers cannot be factorized" in why["0"]
     assert isinstance(out[0], nn.Embedding) and isinstance(out[2], nn.Sequential)
@@ -161,15 +162,15 @@ def test_latency_check_keeps_only_layers_measured_faster(small: nn.Module):
 def test_finetune_distils_from_the_original(mlp, digits):
     base = evaluate(mlp.module, digits.x_test, digits.y_test)
     cfg = LowRankConfig(rank="ratio", ratio=0.15, exclude=["5"])  # keep the classifier dense
-    raw, _ = lowrank(mlp.module, cfg, data=digits)
+    raw, _ = stage_on(lowrank, mlp.module, cfg, data=digits)
     ft = FinetuneConfig(epochs=1, lr=5e-3, distill=DistillConfig())
-    tuned, rec = lowrank(mlp.module, cfg.model_copy(update={"finetune": ft}), data=digits)
+    tuned, rec = stage_on(lowrank, mlp.module, cfg.model_copy(update={"finetune": ft}), data=digits)
     acc_raw = evaluate(raw, digits.x_test, digits.y_test)
     acc_ft = evaluate(tuned, digits.x_test, digits.y_test)
     assert len(rec.details["finetune"]["epochs"]) == 1
     assert acc_ft > acc_raw + 0.05 and acc_ft > base - 0.1
     with pytest.raises(ConfigError, match="finetune needs data"):
-        lowrank(mlp.module, cfg.model_copy(update={"finetune": ft}))
+        stage_on(lowrank, mlp.module, cfg.model_copy(update={"finetune": ft}))
 
 
 def test_sensitivity_skips_layers_the_calibration_batch_never_reaches():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests._stages import stage_on
 from tests.prune._structured_models import (
     ConcatNet,
     ConvNet,
@@ -101,8 +102,8 @@ def test_prune_run_export(name: str, tmp_path: Path):
     example = slim.example_inputs(2, seed=1)
     with torch.no_grad():
         ref = model(*example)
-    pruned, rec = structured_prune(model, StructuredPruneConfig(ratio=0.4),
-                                   example_inputs=example)
+    pruned, rec = stage_on(structured_prune, model, StructuredPruneConfig(ratio=0.4),
+                           example_inputs=example)
     with torch.no_grad():
         out = pruned(*example)
     assert out.shape == ref.shape

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from pydantic import ValidationError
+from tests._stages import stage_on
 from tests.prune._structured_models import eval_out, init_bn, n_params
 from torch import fx, nn
 
@@ -147,8 +148,8 @@ def test_rank_orders_by_score_and_reports_excluded_branches():
 
 def test_blocks_share_removes_the_least_important_and_the_plan_replays(tmp_path: Path):
     model = _resnet20()
-    small, rec = structured_prune(model, StructuredPruneConfig(ratio=0.0, blocks=0.5),
-                                  example_inputs=X)
+    small, rec = stage_on(structured_prune, model, StructuredPruneConfig(ratio=0.0, blocks=0.5),
+                          example_inputs=X)
     info = rec.details["blocks"]
     assert (info["removable"], info["removed"], info["asked"]) == (7, round(0.5 * 7), 0.5)
     removed = _removed_blocks(rec)
@@ -174,7 +175,7 @@ def test_blocks_share_removes_the_least_important_and_the_plan_replays(tmp_path:
 
 def test_blocks_with_a_flops_target_reaches_it_and_exports(tmp_path: Path):
     model = _resnet20()
-    small, rec = structured_prune(model, StructuredPruneConfig(
+    small, rec = stage_on(structured_prune, model, StructuredPruneConfig(
         target={"flops": 0.5}, blocks=0.3, round_to=1), example_inputs=X)
     assert rec.details["blocks"]["removed"] == round(0.3 * 7) == len(_removed_blocks(rec))
     t = rec.details["target"]
@@ -215,7 +216,7 @@ def test_multi_key_target_is_accepted_in_a_fixed_order():
 
 def test_auto_blocks_search_is_recorded_and_meets_the_target():
     model = _resnet20()
-    small, rec = structured_prune(model, StructuredPruneConfig(
+    small, rec = stage_on(structured_prune, model, StructuredPruneConfig(
         target={"flops": 0.6, "latency": 0.99}, blocks="auto"), example_inputs=X)
     info = rec.details["blocks"]
     trials = info["trials"]
@@ -331,7 +332,7 @@ def test_auto_blocks_keeps_the_candidate_whose_output_moves_least():
 
 def test_excluded_layer_keeps_its_block():
     model = _resnet20()
-    small, rec = structured_prune(model, StructuredPruneConfig(
+    small, rec = stage_on(structured_prune, model, StructuredPruneConfig(
         ratio=0.0, blocks=1.0, exclude=["layer1.1.conv1"]), example_inputs=X)
     removed = _removed_blocks(rec)
     assert "layer1.1" not in removed and len(removed) == 6
@@ -344,8 +345,8 @@ def test_input_model_is_untouched_by_depth_pruning():
     model = _resnet20().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     types = [(n, type(m)) for n, m in model.named_modules()]
-    small, _ = structured_prune(model, StructuredPruneConfig(ratio=0.2, blocks=0.5),
-                                example_inputs=X)
+    small, _ = stage_on(structured_prune, model, StructuredPruneConfig(ratio=0.2, blocks=0.5),
+                        example_inputs=X)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert list(model.state_dict()) == list(before)
     assert [(n, type(m)) for n, m in model.named_modules()] == types

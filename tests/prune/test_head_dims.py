@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from pydantic import ValidationError
+from tests._stages import stage_on
 from tests.prune._structured_models import ConvNet, eval_out, init_bn, n_params
 from torch import nn
 
@@ -96,8 +97,9 @@ def test_zoo_vit_head_dims_prune_export_and_replay(tmp_path: Path):
     model = _vit()
     slim = SlimModel(module=model, input_shape=(3, 8, 8), input_dtype="float32", name="vit",
                      arch=None)
-    small, rec = structured_prune(model, StructuredPruneConfig(ratio=0.4, attention="head_dims"),
-                                  example_inputs=X)
+    small, rec = stage_on(structured_prune, model,
+                          StructuredPruneConfig(ratio=0.4, attention="head_dims"),
+                          example_inputs=X)
     out = eval_out(small, X)
     assert out.shape == (3, 10) and torch.isfinite(out).all()
     assert n_params(small) < 0.8 * n_params(model) and rec.details["params"]["after"] == \
@@ -128,11 +130,12 @@ def test_head_dims_round_to_keeps_multiples():
 def test_head_dims_on_a_model_without_attention_is_reported_not_silent():
     torch.manual_seed(0)
     net = init_bn(ConvNet())
-    small, rec = structured_prune(net, StructuredPruneConfig(ratio=0.5, attention="head_dims"),
-                                  example_inputs=X)
+    small, rec = stage_on(structured_prune, net,
+                          StructuredPruneConfig(ratio=0.5, attention="head_dims"),
+                          example_inputs=X)
     (note,) = [s for s in rec.skipped if s["what"] == "attention head_dims"]
     assert "no attention head split" in note["why"]
-    _, same = structured_prune(net, StructuredPruneConfig(ratio=0.5), example_inputs=X)
+    _, same = stage_on(structured_prune, net, StructuredPruneConfig(ratio=0.5), example_inputs=X)
     assert rec.details["plans"][0]["slices"] == same.details["plans"][0]["slices"]  # as 'heads'
     assert small.conv1.out_channels < 16
 
@@ -193,7 +196,7 @@ def test_bert_head_dims_match_the_zeroed_original_and_keep_the_scale():
 
 def test_bert_head_dims_config_sync_and_onnx(tmp_path: Path):
     model = _bert()
-    small, rec = structured_prune(model, StructuredPruneConfig(
+    small, rec = stage_on(structured_prune, model, StructuredPruneConfig(
         ratio=0.5, attention="head_dims", allocation="uniform"), example_inputs=TOKENS)
     out = eval_out(small, TOKENS)
     assert out.shape == (2, 5) and torch.isfinite(out).all()
@@ -214,7 +217,7 @@ def test_bert_head_dims_config_sync_and_onnx(tmp_path: Path):
 
 def test_bert_config_says_what_it_cannot_express():
     model = _bert()
-    small, rec = structured_prune(model, StructuredPruneConfig(
+    small, rec = stage_on(structured_prune, model, StructuredPruneConfig(
         ratio=0.5, attention="head_dims", allocation="uniform",
         include=[r"re:.*attention\.self\..*"]), example_inputs=TOKENS)
     cfg = small.model.config
@@ -225,13 +228,13 @@ def test_bert_config_says_what_it_cannot_express():
 
 def test_bert_heads_config_sync_uniform_and_per_layer():
     model = _bert()
-    small, rec = structured_prune(model, StructuredPruneConfig(
+    small, rec = stage_on(structured_prune, model, StructuredPruneConfig(
         ratio=0.5, allocation="uniform"), example_inputs=TOKENS)
     cfg = small.model.config
     assert (cfg.num_attention_heads, cfg.hidden_size, cfg.intermediate_size) == (2, 16, 32)
     assert "config.num_attention_heads: 4 -> 2" in rec.changed
     # per-layer FFN widths: one layer's FFN only, the config cannot say it
-    small, rec = structured_prune(model, StructuredPruneConfig(
+    small, rec = stage_on(structured_prune, model, StructuredPruneConfig(
         ratio=0.5, allocation="uniform", include=["model.bert.encoder.layer.0.intermediate.dense"]),
         example_inputs=TOKENS)
     assert small.model.config.intermediate_size == 64
@@ -249,7 +252,7 @@ def test_hf_vit_head_dims_config_head_dim_rebuilds_the_pruned_model():
                                  intermediate_size=64, num_labels=5)
     model = HFLogits(transformers.ViTForImageClassification(cfg), "pixel_values").eval()
     x = (torch.randn(2, 3, 16, 16),)
-    small, rec = structured_prune(model, StructuredPruneConfig(
+    small, rec = stage_on(structured_prune, model, StructuredPruneConfig(
         ratio=0.5, attention="head_dims", allocation="uniform",
         include=[r"re:.*attention\.[qkvo]_proj"]), example_inputs=x)
     attn = small.model.vit.layers[0].attention
@@ -262,21 +265,17 @@ def test_hf_vit_head_dims_config_head_dim_rebuilds_the_pruned_model():
 def test_artifact_round_trip_of_two_head_dims_steps(tmp_path: Path):
     from slimkit.io.artifact import load_artifact, save_artifact
     from slimkit.io.loader import load_zoo
-    from slimkit.io.transforms import record_transform
 
     model = load_zoo("vit", input_shape=(3, 8, 8), num_classes=10, dim=32, depth=1)
     x = model.example_inputs(3)
-    small, rec = structured_prune(model.module, StructuredPruneConfig(
-        ratio=0.5, steps=2, attention="head_dims", allocation="uniform", include=ATTN_ONLY),
-        example_inputs=x)
+    out, rec = structured_prune(model, StructuredPruneConfig(
+        ratio=0.5, steps=2, attention="head_dims", allocation="uniform", include=ATTN_ONLY))
+    small = out.module
     assert [p["head_dims"] for p in rec.details["plans"]] == [{"blocks.0.attn": 6},
                                                              {"blocks.0.attn": 4}]
     overall = {"groups": [{"head_dims": ["blocks.0.attn"], "keep": _kept_overall(rec)}]}
     ref = _zeroed(model.module, overall, _module, 8, 4, ("q", "k", "v"))
     torch.testing.assert_close(eval_out(small, x), eval_out(ref, x), rtol=0, atol=1e-5)
-    out = model.copy(small)
-    for plan in rec.details["plans"]:
-        record_transform(out, "structured_prune", "slimkit.prune.structured", plan)
     save_artifact(out, tmp_path / "a")
     back = load_artifact(tmp_path / "a")
     torch.testing.assert_close(eval_out(back.module, x), eval_out(small, x), rtol=0, atol=0)

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from tests._stages import stage_on
 
 from slimkit.core.errors import ConfigError
 from slimkit.prune.magnitude import MagnitudePruneConfig, apply_plan, magnitude_prune
@@ -14,7 +15,7 @@ def _weights(module):
 
 def test_global_prunes_exactly_the_smallest_magnitudes(mlp):
     before = _weights(mlp.module)
-    pruned, rec = magnitude_prune(mlp.module, MagnitudePruneConfig(sparsity=0.7))
+    pruned, rec = stage_on(magnitude_prune, mlp.module, MagnitudePruneConfig(sparsity=0.7))
     after = _weights(pruned)
     # numpy reference: one global threshold over all selected weights
     flat = np.concatenate([w.abs().numpy().ravel() for w in before.values()])
@@ -31,7 +32,8 @@ def test_global_prunes_exactly_the_smallest_magnitudes(mlp):
 
 def test_layer_scope_prunes_each_layer_equally_and_input_is_untouched(mlp):
     before = _weights(mlp.module)
-    pruned, rec = magnitude_prune(mlp.module, MagnitudePruneConfig(sparsity=0.5, scope="layer"))
+    pruned, rec = stage_on(magnitude_prune, mlp.module,
+                           MagnitudePruneConfig(sparsity=0.5, scope="layer"))
     for w in _weights(pruned).values():
         assert (w == 0).float().mean().item() == pytest.approx(0.5, abs=1 / w.numel())
     for name, w in _weights(mlp.module).items():
@@ -39,25 +41,28 @@ def test_layer_scope_prunes_each_layer_equally_and_input_is_untouched(mlp):
 
 
 def test_zero_sparsity_is_the_identity(mlp):
-    pruned, _ = magnitude_prune(mlp.module, MagnitudePruneConfig(sparsity=0.0))
+    pruned, _ = stage_on(magnitude_prune, mlp.module, MagnitudePruneConfig(sparsity=0.0))
     x = mlp.example_inputs(4)
     torch.testing.assert_close(pruned(*x), mlp.module(*x), rtol=0, atol=0)
 
 
 def test_exclude_and_unknown_layer_names(mlp):
-    pruned, rec = magnitude_prune(mlp.module, MagnitudePruneConfig(sparsity=0.8, exclude=["5"]))
+    pruned, rec = stage_on(magnitude_prune, mlp.module,
+                           MagnitudePruneConfig(sparsity=0.8, exclude=["5"]))
     assert torch.count_nonzero(pruned[5].weight) == mlp.module[5].weight.numel()
     assert rec.skipped == [{"what": "5", "why": "excluded by the recipe"}]
     with pytest.raises(ConfigError, match="'re:fc.*' matches no layer"):
-        magnitude_prune(mlp.module, MagnitudePruneConfig(sparsity=0.5, exclude=["re:fc.*"]))
+        stage_on(magnitude_prune, mlp.module,
+                 MagnitudePruneConfig(sparsity=0.5, exclude=["re:fc.*"]))
     with pytest.raises(ConfigError, match="no layer of types"):
-        magnitude_prune(mlp.module, MagnitudePruneConfig(sparsity=0.5, layer_types=["Conv2d"]))
+        stage_on(magnitude_prune, mlp.module,
+                 MagnitudePruneConfig(sparsity=0.5, layer_types=["Conv2d"]))
 
 
 def test_plan_replays_on_a_fresh_copy(mlp):
     import copy
 
-    pruned, rec = magnitude_prune(mlp.module, MagnitudePruneConfig(sparsity=0.6))
+    pruned, rec = stage_on(magnitude_prune, mlp.module, MagnitudePruneConfig(sparsity=0.6))
     fresh = copy.deepcopy(mlp.module)
     apply_plan(fresh, rec.details["plan"])
     for (n, a), b in zip(_weights(pruned).items(), _weights(fresh).values(), strict=True):
@@ -68,16 +73,16 @@ def test_finetune_keeps_pruned_weights_at_zero_and_recovers(mlp, digits):
     from slimkit.train.loop import evaluate
 
     cfg = MagnitudePruneConfig(sparsity=0.9)
-    no_ft, _ = magnitude_prune(mlp.module, cfg)
+    no_ft, _ = stage_on(magnitude_prune, mlp.module, cfg)
     cfg_ft = MagnitudePruneConfig(sparsity=0.9, finetune=TrainConfig(epochs=2, lr=1e-3))
-    ft, rec = magnitude_prune(mlp.module, cfg_ft, data=digits)
+    ft, rec = stage_on(magnitude_prune, mlp.module, cfg_ft, data=digits)
     for a, b in zip(_weights(no_ft).values(), _weights(ft).values(), strict=True):
         assert torch.equal(a == 0, b == 0)
     assert evaluate(ft, digits.x_test, digits.y_test) > evaluate(no_ft, digits.x_test,
                                                                   digits.y_test)
     assert len(rec.details["finetune"]["epochs"]) == 2
     with pytest.raises(ConfigError, match="finetune needs data"):
-        magnitude_prune(mlp.module, cfg_ft)
+        stage_on(magnitude_prune, mlp.module, cfg_ft)
 
 
 def test_sparsity_out_of_range_is_rejected():

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from tests._stages import stage_on
 from torch import nn
 
 from slimkit.core.errors import ConfigError
@@ -39,7 +40,7 @@ def test_nm_prune_skips_odd_widths_and_finetunes_with_fixed_masks(digits):
     net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10),
                         nn.ReLU(), nn.Linear(10, 10))
     cfg = NMPruneConfig(finetune=FinetuneConfig(max_steps=15, batch_size=64))
-    pruned, rec = nm_prune(net, cfg, digits)
+    pruned, rec = stage_on(nm_prune, net, cfg, digits)
     assert rec.details["plan"]["layers"] == ["1", "3"]
     assert rec.skipped == [{"what": "5", "why": "input width 10 is not a multiple of m=4 "
                                                  "(not padded)"}]
@@ -56,4 +57,4 @@ def test_config_errors(mlp):
     with pytest.raises(ValueError):
         NMPruneConfig(n=4, m=4)
     with pytest.raises(ConfigError, match="needs data"):
-        nm_prune(mlp.module, NMPruneConfig(finetune=FinetuneConfig(epochs=1)))
+        stage_on(nm_prune, mlp.module, NMPruneConfig(finetune=FinetuneConfig(epochs=1)))

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from tests._stages import stage_on
 
 from slimkit.core.errors import ConfigError
 from slimkit.distill.run import FinetuneConfig
@@ -43,7 +44,7 @@ def test_global_masks_keep_the_largest_magnitudes():
 def test_gradual_prune_follows_the_schedule_and_holds_masks(mlp, digits):
     cfg = GradualPruneConfig(final_sparsity=0.8, frequency=10, train=TRAIN)
     original = {k: v.clone() for k, v in mlp.module.state_dict().items()}
-    pruned, rec = gradual_prune(mlp.module, cfg, digits)
+    pruned, rec = stage_on(gradual_prune, mlp.module, cfg, digits)
     sched = rec.details["schedule"]
     assert [f["step"] for f in sched["followed"]] == [p["step"] for p in sched["planned"]]
     for f in sched["followed"]:
@@ -63,15 +64,15 @@ def test_gradual_prune_follows_the_schedule_and_holds_masks(mlp, digits):
 def test_layer_scope_with_per_layer_targets(mlp, digits):
     cfg = GradualPruneConfig(final_sparsity=0.5, scope="layer", layer_sparsity={"1": 0.9},
                              frequency=10, train=TRAIN)
-    pruned, rec = gradual_prune(mlp.module, cfg, digits)
+    pruned, rec = stage_on(gradual_prune, mlp.module, cfg, digits)
     layers = rec.details["layers"]
     assert layers["1"]["sparsity_after"] == pytest.approx(0.9, abs=1e-3)
     assert layers["3"]["sparsity_after"] == pytest.approx(0.5, abs=1e-3)
     for f in rec.details["schedule"]["followed"]:  # weighted mean of the layers' targets
         assert f["achieved"] == pytest.approx(f["target"], abs=1e-3)
     with pytest.raises(ConfigError, match="unknown layer"):
-        gradual_prune(mlp.module, cfg.model_copy(update={"layer_sparsity": {"fc9": 0.5}}),
-                      digits)
+        stage_on(gradual_prune, mlp.module, cfg.model_copy(update={"layer_sparsity": {"fc9": 0.5}}),
+                 digits)
     with pytest.raises(ValueError):
         GradualPruneConfig(final_sparsity=0.5, layer_sparsity={"1": 0.9})  # needs scope=layer
 
@@ -101,18 +102,17 @@ def test_masked_weights_hide_pruned_gradients_but_keep_the_dense_one():
 
 def test_schedule_with_explicit_updates_and_errors(mlp, digits):
     cfg = GradualPruneConfig(final_sparsity=0.7, frequency=5, num_updates=2, train=TRAIN)
-    pruned, rec = gradual_prune(mlp.module, cfg, digits)
+    pruned, rec = stage_on(gradual_prune, mlp.module, cfg, digits)
     assert rec.details["schedule"]["followed"][-1]["step"] == 10
     assert rec.details["sparsity"] == pytest.approx(0.7, abs=1e-3)
     assert rec.details["finetune"]["steps"] == 40
     with pytest.raises(ConfigError, match="needs training data"):
-        gradual_prune(mlp.module, cfg, None)
+        stage_on(gradual_prune, mlp.module, cfg, None)
 
 
 def test_stage_kinds_parse_from_a_recipe_and_run(mlp, digits):
-    import slimkit.pipeline.builtin  # noqa: F401  (registers the stage kinds)
+    from slimkit.core.stages import STAGES, StageContext
     from slimkit.pipeline.recipe import parse_recipe
-    from slimkit.pipeline.stages import STAGES, StageContext
 
     train = {"max_steps": 10, "batch_size": 64}
     recipe = parse_recipe({"stages": [
@@ -135,6 +135,6 @@ def test_stage_kinds_parse_from_a_recipe_and_run(mlp, digits):
 def test_distillation_from_the_unpruned_model(mlp, digits):
     train = FinetuneConfig(max_steps=10, batch_size=64, distill={"logits": {"alpha": 1.0}})
     cfg = GradualPruneConfig(final_sparsity=0.6, frequency=3, train=train)
-    pruned, rec = gradual_prune(mlp.module, cfg, digits)
+    pruned, rec = stage_on(gradual_prune, mlp.module, cfg, digits)
     assert rec.details["finetune"]["steps"] == 10
     assert rec.details["sparsity"] == pytest.approx(0.6, abs=1e-3)

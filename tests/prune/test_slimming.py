@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from tests._stages import stage_on
 from torch import nn
 
 from slimkit.core.errors import ConfigError
@@ -38,7 +39,7 @@ def test_slimming_shrinks_scales_and_feeds_bn_scale_pruning(digits):
     slimming_train(plain, SlimmingConfig(penalty=1e-9, train=train), digits)
     cfg = StructuredPruneConfig(ratio=0.3, criterion="bn_scale",
                                 slimming={"penalty": 3e-2, "train": train})
-    pruned, rec = structured_prune(model, cfg, data=digits)
+    pruned, rec = stage_on(structured_prune, model, cfg, data=digits)
     info = rec.details["slimming"]
     bns = [m.weight.abs().mean() for m in plain.modules() if isinstance(m, nn.BatchNorm2d)]
     assert info["mean_abs_scale_after"] < float(torch.stack(bns).mean()) - 0.05

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from tests._stages import stage_on
 
 from slimkit.distill.run import FinetuneConfig
 from slimkit.prune.sparse_train import (
@@ -49,7 +50,7 @@ def test_sparse_training_keeps_sparsity_and_learns(digits):
                               torch.nn.Linear(64, 10))  # freshly initialized
     cfg = SparseTrainConfig(sparsity=0.8, update_every=10, drop_fraction=0.3,
                             train=FinetuneConfig(epochs=4, batch_size=64, lr=1e-2))
-    trained, rec = sparse_train(net, cfg, digits)
+    trained, rec = stage_on(sparse_train, net, cfg, digits)
     updates = rec.details["updates"]
     assert len(updates) >= 3 and all(u["exchanged"] > 0 for u in updates)
     fractions = [u["fraction"] for u in updates]

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from pydantic import ValidationError
+from tests._stages import stage_on
 from tests.prune._structured_models import (
     ConcatNet,
     ConvNet,
@@ -95,8 +96,9 @@ def test_concat_and_residual_keep_the_right_columns():
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
 def test_ratio_zero_is_the_identity(allocation: str):
     net = _convnet()
-    small, rec = structured_prune(net, StructuredPruneConfig(ratio=0.0, allocation=allocation),
-                                  example_inputs=X)
+    small, rec = stage_on(structured_prune, net,
+                          StructuredPruneConfig(ratio=0.0, allocation=allocation),
+                          example_inputs=X)
     torch.testing.assert_close(_out(small, X), _out(net, X), rtol=0, atol=0)
     assert rec.details["params"]["before"] == rec.details["params"]["after"]
     assert not rec.changed and small is not net
@@ -105,7 +107,7 @@ def test_ratio_zero_is_the_identity(allocation: str):
 def test_input_model_is_untouched():
     net = _convnet().train()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    structured_prune(net, StructuredPruneConfig(ratio=0.5), example_inputs=X)
+    stage_on(structured_prune, net, StructuredPruneConfig(ratio=0.5), example_inputs=X)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert net.training
 
@@ -134,8 +136,9 @@ def test_max_layer_ratio_caps_every_group():
 
 def test_excluded_layers_are_untouched():
     net = _convnet()
-    small, rec = structured_prune(net, StructuredPruneConfig(ratio=0.5, exclude=["conv1"]),
-                                  example_inputs=X)
+    small, rec = stage_on(structured_prune, net,
+                          StructuredPruneConfig(ratio=0.5, exclude=["conv1"]),
+                          example_inputs=X)
     # conv1's output channels also size conv2's input: that group stays whole.
     assert torch.equal(small.conv1.weight, net.conv1.weight)
     assert torch.equal(small.conv1.bias, net.conv1.bias)
@@ -145,14 +148,14 @@ def test_excluded_layers_are_untouched():
 
 def test_unknown_excluded_name_suggests_the_closest():
     with pytest.raises(ConfigError, match="Did you mean 'conv2'"):
-        structured_prune(_convnet(), StructuredPruneConfig(ratio=0.5, exclude=["cnov2"]),
-                         example_inputs=X)
+        stage_on(structured_prune, _convnet(), StructuredPruneConfig(ratio=0.5, exclude=["cnov2"]),
+                 example_inputs=X)
 
 
 def test_include_limits_the_roots():
-    small, _ = structured_prune(_convnet(), StructuredPruneConfig(ratio=0.5,
-                                                                  include=["re:conv1"]),
-                                example_inputs=X)
+    small, _ = stage_on(structured_prune, _convnet(), StructuredPruneConfig(ratio=0.5,
+                                                          include=["re:conv1"]),
+                        example_inputs=X)
     assert small.conv1.out_channels == 8 and small.conv2.out_channels == 12
 
 
@@ -178,8 +181,8 @@ def test_plan_is_json_and_replays_on_a_fresh_model():
 
 @pytest.mark.parametrize("metric", ["flops", "params"])
 def test_target_is_reached_by_measurement(metric: str):
-    small, rec = structured_prune(_convnet(), StructuredPruneConfig(target={metric: 0.5}),
-                                  example_inputs=X)
+    small, rec = stage_on(structured_prune, _convnet(), StructuredPruneConfig(target={metric: 0.5}),
+                          example_inputs=X)
     t = rec.details["target"]
     assert t["reached"] and t["achieved"] <= 0.5 and t["asked"] == 0.5
     measured = rec.details[metric]["after"] / rec.details[metric]["before"]
@@ -188,9 +191,10 @@ def test_target_is_reached_by_measurement(metric: str):
 
 
 def test_unreachable_target_says_so_and_keeps_the_best():
-    small, rec = structured_prune(_convnet(), StructuredPruneConfig(target={"params": 0.01},
-                                                                    max_layer_ratio=0.5),
-                                  example_inputs=X)
+    small, rec = stage_on(structured_prune, _convnet(),
+                          StructuredPruneConfig(target={"params": 0.01},
+                                                            max_layer_ratio=0.5),
+                          example_inputs=X)
     assert not rec.details["target"]["reached"]
     assert any("not reachable" in s["why"] for s in rec.skipped)
     assert rec.details["params"]["after"] < rec.details["params"]["before"]
@@ -216,9 +220,9 @@ def test_attention_heads_are_pruned_whole_and_counts_updated():
 
 def test_taylor_needs_data_and_uses_it(mlp, digits):
     with pytest.raises(ConfigError, match="taylor"):
-        structured_prune(mlp.module, StructuredPruneConfig(ratio=0.5, criterion="taylor"),
-                         example_inputs=mlp.example_inputs(2))
-    small, rec = structured_prune(mlp.module, StructuredPruneConfig(
+        stage_on(structured_prune, mlp.module, StructuredPruneConfig(ratio=0.5, criterion="taylor"),
+                 example_inputs=mlp.example_inputs(2))
+    small, rec = stage_on(structured_prune, mlp.module, StructuredPruneConfig(
         ratio=0.5, criterion="taylor", calib_batches=2), data=digits)
     assert rec.details["params"]["after"] < rec.details["params"]["before"]
 
@@ -228,7 +232,7 @@ def test_iterative_steps_with_finetune_keep_accuracy(mlp, digits):
 
     cfg = StructuredPruneConfig(ratio=0.5, steps=2,
                                 finetune={"epochs": 1, "lr": 1e-3, "batch_size": 64})
-    small, rec = structured_prune(mlp.module, cfg, data=digits)
+    small, rec = stage_on(structured_prune, mlp.module, cfg, data=digits)
     assert len(rec.details["plans"]) == 2
     assert abs(small[1].out_features + small[3].out_features - 96) <= 2
     assert accuracy(_out(small, (digits.x_test,)), digits.y_test)["top1"] > 0.85
@@ -254,8 +258,8 @@ def test_latency_target_is_measured_and_reported():
     net = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
                         nn.Linear(512, 10))
     x = (torch.randn(64, 64),)
-    small, rec = structured_prune(net, StructuredPruneConfig(target={"latency": 0.6}),
-                                  example_inputs=x)
+    small, rec = stage_on(structured_prune, net, StructuredPruneConfig(target={"latency": 0.6}),
+                          example_inputs=x)
     t = rec.details["target"]
     assert t["metric"] == "latency" and t["asked"] == 0.6 and t["achieved"] > 0
     assert t["steps"][0]["trials"] and rec.details["flops"]["after"] < \
@@ -284,8 +288,9 @@ def test_hf_bert_heads_and_hidden_size_are_pruned_consistently():
                                   max_position_embeddings=32, num_labels=5)
     model = HFLogits(transformers.BertForSequenceClassification(cfg).eval(), "input_ids")
     x = (torch.randint(0, 100, (2, 16)),)
-    small, rec = structured_prune(model, StructuredPruneConfig(ratio=0.5, allocation="uniform"),
-                                  example_inputs=x)
+    small, rec = stage_on(structured_prune, model,
+                          StructuredPruneConfig(ratio=0.5, allocation="uniform"),
+                          example_inputs=x)
     attn = small.model.bert.encoder.layer[0].attention.self
     assert attn.num_attention_heads == 2 and attn.all_head_size == 16
     assert attn.query.weight.shape == (16, 16)  # 2 heads x 8, hidden 32 -> 16
@@ -358,8 +363,9 @@ def test_record_lists_layers_unsupported_ops_and_skips():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.b(torch.relu(self.a(self.rolled(x))))
 
-    small, rec = structured_prune(Mixed(), StructuredPruneConfig(ratio=0.5, allocation="uniform"),
-                                  example_inputs=X)
+    small, rec = stage_on(structured_prune, Mixed(),
+                          StructuredPruneConfig(ratio=0.5, allocation="uniform"),
+                          example_inputs=X)
     assert [(u["module"], u["op"]) for u in rec.details["unsupported_ops"]] == [("rolled",
                                                                                  "roll")]
     layers = rec.details["layers"]
@@ -393,10 +399,10 @@ class Flat(nn.Module):
 
 def test_a_hard_coded_size_names_the_module_and_exclude_fixes_it():
     with pytest.raises(ModelError, match=r"module 'head \(Flat.forward\)'.*exclude: \['head'\]"):
-        structured_prune(HardCoded(), StructuredPruneConfig(ratio=0.5), example_inputs=X)
-    small, rec = structured_prune(HardCoded(), StructuredPruneConfig(ratio=0.5,
-                                                                     exclude=["head"]),
-                                  example_inputs=X)
+        stage_on(structured_prune, HardCoded(), StructuredPruneConfig(ratio=0.5), example_inputs=X)
+    small, rec = stage_on(structured_prune, HardCoded(), StructuredPruneConfig(ratio=0.5,
+                                                             exclude=["head"]),
+                          example_inputs=X)
     assert small.conv.out_channels == 8 and any("head.fc" in s["why"] for s in rec.skipped)
 
 
@@ -405,7 +411,8 @@ def test_ratio_zero_with_round_to_is_the_identity():
 
     model = load_zoo("lenet5", input_shape=(1, 28, 28), num_classes=10)
     x = model.example_inputs(2)
-    same, rec = structured_prune(model.module, StructuredPruneConfig(ratio=0.0, round_to=8),
-                                 example_inputs=x)
+    same, rec = stage_on(structured_prune, model.module,
+                         StructuredPruneConfig(ratio=0.0, round_to=8),
+                         example_inputs=x)
     assert rec.details["params"]["after"] == rec.details["params"]["before"]
     torch.testing.assert_close(same(*x), model.module(*x), rtol=0, atol=0)

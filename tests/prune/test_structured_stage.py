@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests._stages import stage_on
 
 from slimkit.io.artifact import load_artifact, save_artifact
 from slimkit.io.loader import load_zoo
-from slimkit.io.transforms import record_transform
 from slimkit.pipeline import compress, load_recipe
 from slimkit.prune.structured import StructuredPruneConfig, structured_prune
 
@@ -52,13 +52,10 @@ def test_artifact_round_trip_gives_identical_outputs(name: str, kw: dict, blocks
                                                      tmp_path: Path):
     model = load_zoo(name, input_shape=(3, 8, 8), num_classes=10, **kw)
     x = model.example_inputs(3)
-    small, rec = structured_prune(model.module, StructuredPruneConfig(ratio=0.4, blocks=blocks),
-                                  example_inputs=x)
+    out, rec = structured_prune(model, StructuredPruneConfig(ratio=0.4, blocks=blocks))
+    small = out.module
     assert len(rec.details["plans"][0]["blocks"]) == round(blocks * (7 if name == "resnet20"
                                                                       else 4))
-    out = model.copy(small)
-    for plan in rec.details["plans"]:
-        record_transform(out, "structured_prune", "slimkit.prune.structured", plan)
     save_artifact(out, tmp_path / "a")
     assert not (tmp_path / "a" / "model.pt2").exists()
     back = load_artifact(tmp_path / "a")
@@ -81,10 +78,10 @@ def test_distilled_finetune_recovers_accuracy(mlp, digits):
         with torch.no_grad():
             return float((m.eval()(digits.x_test).argmax(1) == digits.y_test).float().mean())
 
-    plain, plain_rec = structured_prune(mlp.module, StructuredPruneConfig(ratio=0.6),
-                                        data=digits)
+    plain, plain_rec = stage_on(structured_prune, mlp.module, StructuredPruneConfig(ratio=0.6),
+                                data=digits)
     cfg = StructuredPruneConfig(ratio=0.6, finetune={"epochs": 2, "lr": 3e-3, "distill": {}})
-    tuned, rec = structured_prune(mlp.module, cfg, data=digits)
+    tuned, rec = stage_on(structured_prune, mlp.module, cfg, data=digits)
     assert len(rec.details["finetune"]) == 1 and "finetune" not in plain_rec.details
     assert top1(tuned) > max(0.75, top1(plain) + 0.1)
     assert sum(p.numel() for p in tuned.parameters()) == rec.details["params"]["after"]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests._stages import stage_on
 from tests.prune._structured_models import eval_out, n_params
 from torch import nn
 
@@ -230,7 +231,7 @@ def _zeroed(model: nn.Module, plan: dict, rows_of) -> nn.Module:
 def test_heads_pruned_equal_the_original_with_those_heads_zeroed():
     model = _net().double()
     x = (X[0].double(),)
-    small, rec = structured_prune(model, StructuredPruneConfig(
+    small, rec = stage_on(structured_prune, model, StructuredPruneConfig(
         ratio=0.5, allocation="uniform", include=ATTN_ONLY), example_inputs=x)
     plan = rec.details["plans"][0]
     assert plan["heads"] == {f"encoder.layers.{i}.self_attn": 2 for i in range(2)}
@@ -247,7 +248,7 @@ def test_heads_pruned_equal_the_original_with_those_heads_zeroed():
 def test_head_dims_pruned_equal_the_zeroed_original_with_the_original_scale():
     model = _net().double()
     x = (X[0].double(),)
-    small, rec = structured_prune(model, StructuredPruneConfig(
+    small, rec = stage_on(structured_prune, model, StructuredPruneConfig(
         ratio=0.5, attention="head_dims", allocation="uniform", include=ATTN_ONLY),
         example_inputs=x)
     plan = rec.details["plans"][0]
@@ -266,7 +267,7 @@ def test_head_dims_pruned_equal_the_zeroed_original_with_the_original_scale():
 @pytest.mark.parametrize("attention", ["heads", "head_dims"])
 def test_prune_encoder_export_and_replay(attention: str, tmp_path: Path):
     model = _net()
-    small, rec = structured_prune(model, StructuredPruneConfig(
+    small, rec = stage_on(structured_prune, model, StructuredPruneConfig(
         ratio=0.5, allocation="uniform", attention=attention), example_inputs=X)
     out = eval_out(small, X)
     assert out.shape == (3, 3) and torch.isfinite(out).all()
@@ -296,7 +297,7 @@ def test_plan_structured_swaps_and_apply_replays_it_on_the_fused_model():
     plan = plan_structured(model, cfg, example_inputs=X)
     assert plan["unfused_mha"] == ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn"]
     assert isinstance(model.encoder.layers[0].self_attn, nn.MultiheadAttention)  # untouched
-    small, _ = structured_prune(model, cfg, example_inputs=X)
+    small, _ = stage_on(structured_prune, model, cfg, example_inputs=X)
     torch.testing.assert_close(eval_out(apply_structured(model, plan), X), eval_out(small, X),
                                rtol=0, atol=0)
 
@@ -307,9 +308,9 @@ def test_flops_target_counts_the_unfused_attention():
     unfuse_mha(unfused)
     full = count_flops(unfused, X)["flops"]
     assert count_flops(model, X)["flops"] < full  # the fused kernels hide their FLOPs
-    small, rec = structured_prune(model, StructuredPruneConfig(target={"flops": 0.5},
-                                                               attention="head_dims"),
-                                  example_inputs=X)
+    small, rec = stage_on(structured_prune, model, StructuredPruneConfig(target={"flops": 0.5},
+                                                       attention="head_dims"),
+                          example_inputs=X)
     assert rec.details["flops"]["before"] == full and rec.details["target"]["reached"]
     assert count_flops(small, X)["flops"] <= 0.5 * full
     assert small.encoder.layers[0].self_attn.head_dim < 8
@@ -334,7 +335,8 @@ class ZeroAttnNet(nn.Module):
 def test_add_zero_attn_stays_fixed_and_is_reported():
     torch.manual_seed(0)
     model = ZeroAttnNet().eval()
-    small, rec = structured_prune(model, StructuredPruneConfig(ratio=0.5), example_inputs=X)
+    small, rec = stage_on(structured_prune, model,
+                          StructuredPruneConfig(ratio=0.5), example_inputs=X)
     assert isinstance(small.attn, nn.MultiheadAttention)
     assert small.attn.in_proj_weight.shape == (3 * E, E)
     assert small.fc1.out_features == 16  # the rest is still pruned
@@ -346,7 +348,7 @@ def test_add_zero_attn_stays_fixed_and_is_reported():
 
 def test_excluded_attention_stays_fused():
     model = _net()
-    small, rec = structured_prune(model, StructuredPruneConfig(
+    small, rec = stage_on(structured_prune, model, StructuredPruneConfig(
         ratio=0.5, exclude=["encoder.layers.1"]), example_inputs=X)
     assert rec.details["unfused_mha"] == ["encoder.layers.0.self_attn"]
     assert isinstance(small.encoder.layers[1].self_attn, nn.MultiheadAttention)
@@ -355,7 +357,7 @@ def test_excluded_attention_stays_fused():
 
 def test_two_steps_replay_in_order_on_a_fresh_model():
     model = _net()
-    small, rec = structured_prune(model, StructuredPruneConfig(
+    small, rec = stage_on(structured_prune, model, StructuredPruneConfig(
         ratio=0.5, steps=2, allocation="uniform", attention="head_dims"), example_inputs=X)
     assert [p["head_dims"]["encoder.layers.0.self_attn"] for p in rec.details["plans"]] == [6, 4]
     fresh = replay_transforms(_net(), [

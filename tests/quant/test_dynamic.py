@@ -6,13 +6,19 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from tests._stages import stage_on
 from torch import nn
 
 from slimkit.core.errors import ConfigError, DataError
 from slimkit.export.onnx import check_parity, export_onnx
 from slimkit.io.loader import load_zoo
 from slimkit.io.model import SlimModel
-from slimkit.quant.dynamic import DynamicQuantConfig, DynamicQuantLinear, dynamic_quant
+from slimkit.quant.dynamic import (
+    DynamicQuantConfig,
+    DynamicQuantLinear,
+    _dynamic_quant,
+    dynamic_quant,
+)
 
 
 def reference(x: np.ndarray, w: np.ndarray, b: np.ndarray, per_row: bool,
@@ -68,7 +74,7 @@ def test_onnx_runs_in_integers_with_parity(activations: str, reduce_range: bool,
     net = nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 10))
     model = SlimModel(net, (6, 128), name="tiny")
     cfg = DynamicQuantConfig(activations=activations, reduce_range=reduce_range)
-    small, rec = dynamic_quant(net, cfg, example_inputs=model.example_inputs(2))
+    small, rec = stage_on(dynamic_quant, net, cfg, example_inputs=model.example_inputs(2))
     q = model.copy(small)
     path = export_onnx(q, tmp_path / "q.onnx")
     graph = onnx.load(str(path)).graph
@@ -94,36 +100,33 @@ def test_onnx_runs_in_integers_with_parity(activations: str, reduce_range: bool,
 
 
 def test_sensitive_layers_stay_float_and_are_reported(mlp, digits):
-    _, rec = dynamic_quant(mlp.module, DynamicQuantConfig(), digits)
+    _, rec = stage_on(dynamic_quant, mlp.module, DynamicQuantConfig(), digits)
     errors = {n: e["output_rel_error"] for n, e in rec.details["layers"].items()}
     assert set(errors) == {"1", "3", "5"} and all(0 < e < 0.05 for e in errors.values())
     worst = max(errors, key=errors.get)
-    q, rec = dynamic_quant(mlp.module, DynamicQuantConfig(keep_worst=1), digits)
+    q, rec = stage_on(dynamic_quant, mlp.module, DynamicQuantConfig(keep_worst=1), digits)
     assert worst not in rec.details["layers"] and isinstance(q.get_submodule(worst), nn.Linear)
     assert "most sensitive" in {s["what"]: s["why"] for s in rec.skipped}[worst]
     limit = sorted(errors.values())[0] * 1.0001
-    _, rec = dynamic_quant(mlp.module, DynamicQuantConfig(max_layer_error=limit), digits)
+    _, rec = stage_on(dynamic_quant, mlp.module, DynamicQuantConfig(max_layer_error=limit), digits)
     assert len(rec.details["layers"]) == 1
     with pytest.raises(ConfigError, match="need calibration data"):
-        dynamic_quant(mlp.module, DynamicQuantConfig(keep_worst=1))
+        stage_on(dynamic_quant, mlp.module, DynamicQuantConfig(keep_worst=1))
     with pytest.raises(ConfigError, match="no Linear layer"):
-        dynamic_quant(nn.Sequential(nn.Conv2d(1, 2, 3)), DynamicQuantConfig())
+        stage_on(dynamic_quant, nn.Sequential(nn.Conv2d(1, 2, 3)), DynamicQuantConfig())
     with pytest.raises(DataError, match="constant"):
-        dynamic_quant(mlp.module, DynamicQuantConfig(), calib_x=torch.zeros(4, 1, 8, 8))
+        _dynamic_quant(mlp.module, DynamicQuantConfig(), calib_x=torch.zeros(4, 1, 8, 8))
 
 
 def test_artifact_round_trip_and_stage(digits, tmp_path: Path):
     from slimkit.io import load_artifact, save_artifact
-    from slimkit.io.transforms import record_transform
     from slimkit.pipeline import STAGES, compress, load_recipe
     from slimkit.train import TrainConfig, fit
 
     torch.manual_seed(0)
     model = load_zoo("vit", input_shape=(1, 8, 8), num_classes=10, dim=32, depth=1, heads=2)
-    small, rec = dynamic_quant(model.module, DynamicQuantConfig(exclude=["head"]),
-                               example_inputs=model.example_inputs(2))
-    out = model.copy(small)
-    record_transform(out, "dynamic_quant", "slimkit.quant.dynamic", rec.details["plan"])
+    out, rec = dynamic_quant(model, DynamicQuantConfig(exclude=["head"]))
+    small = out.module
     save_artifact(out, tmp_path / "a")
     back = load_artifact(tmp_path / "a")
     x = model.example_inputs(3)
@@ -148,8 +151,8 @@ def test_artifact_round_trip_and_stage(digits, tmp_path: Path):
 def test_zoo_vit_onnx_keeps_a_dynamic_batch(activations: str, tmp_path: Path):
     torch.manual_seed(0)
     model = load_zoo("vit", input_shape=(1, 8, 8), num_classes=10, dim=32, depth=2, heads=2)
-    small, _ = dynamic_quant(model.module, DynamicQuantConfig(activations=activations),
-                             example_inputs=model.example_inputs(2))
+    small, _ = stage_on(dynamic_quant, model.module, DynamicQuantConfig(activations=activations),
+                        example_inputs=model.example_inputs(2))
     q = model.copy(small)
     q.arch = None
     path = export_onnx(q, tmp_path / "v.onnx")
@@ -182,7 +185,7 @@ def test_siblings_share_one_integer_matmul_bit_exactly(reduce_range: bool, tmp_p
     torch.manual_seed(0)
     model = SlimModel(_Siblings(), (5, 32), name="siblings")
     cfg = DynamicQuantConfig(activations="tensor", reduce_range=reduce_range)
-    small, _ = dynamic_quant(model.module, cfg, example_inputs=model.example_inputs(2))
+    small, _ = stage_on(dynamic_quant, model.module, cfg, example_inputs=model.example_inputs(2))
     q = model.copy(small)
     path = export_onnx(q, tmp_path / "q.onnx")  # export fuses
     fused = onnx.load(str(path))
@@ -217,8 +220,8 @@ def test_parity_of_a_dynamic_model_is_relative_and_still_catches_a_wrong_export(
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
     model = SlimModel(net, (16,), name="mlp")
-    small, _ = dynamic_quant(net, DynamicQuantConfig(activations="token"),
-                             example_inputs=model.example_inputs(2))
+    small, _ = stage_on(dynamic_quant, net, DynamicQuantConfig(activations="token"),
+                        example_inputs=model.example_inputs(2))
     q = model.copy(small)
     path = export_onnx(q, tmp_path / "q.onnx")
     x = q.example_inputs(8, seed=1)

@@ -6,12 +6,13 @@ import copy
 
 import pytest
 import torch
+from tests._stages import stage_on
 from torch import nn
 
 from slimkit.core.errors import ConfigError
+from slimkit.core.stages import StageContext
 from slimkit.io.artifact import load_artifact, save_artifact
 from slimkit.io.loader import load_zoo
-from slimkit.io.transforms import record_transform
 from slimkit.quant.extreme import (
     BinaryQuant,
     PackedQuantLayer,
@@ -96,7 +97,7 @@ def test_packed_layer_size_and_exact_codes(kind, bits, ratio):
 
 @pytest.mark.parametrize("kind", ["binary", "ternary"])
 def test_extreme_qat_trains_on_digits(mlp, digits, kind):
-    q, rec = qat(mlp.module, QatConfig(weight_quantizer=kind, finetune=FT), digits)
+    q, rec = stage_on(qat, mlp.module, QatConfig(weight_quantizer=kind, finetune=FT), digits)
     acc = rec.details["accuracy"]
     assert acc["after"] > 0.6, acc  # chance is 0.1
     assert set(rec.details["packed_plan"]["layers"]) == {"1", "3", "5"}
@@ -112,7 +113,7 @@ def test_extreme_qat_trains_on_digits(mlp, digits, kind):
 
 def test_first_last_layers_kept_at_8_bits(mlp, digits):
     cfg = QatConfig(weight_quantizer="binary", first_last_bits=8, finetune={"max_steps": 5})
-    q, rec = qat(mlp.module, cfg, digits)
+    q, rec = stage_on(qat, mlp.module, cfg, digits)
     assert set(rec.details["plan"]["layers"]) == {"1", "5"}
     assert set(rec.details["packed_plan"]["layers"]) == {"3"}
     assert rec.details["layers"]["1"]["bits"] == 8 and rec.details["layers"]["3"]["bits"] == 1
@@ -122,10 +123,8 @@ def test_first_last_layers_kept_at_8_bits(mlp, digits):
 def test_packed_artifact_round_trip_and_shrinks(digits, tmp_path, kind):
     zoo = load_zoo("lenet300", digits)
     cfg = QatConfig(weight_quantizer=kind, first_last_bits=8, finetune={"max_steps": 5})
-    q, rec = qat(zoo.module, cfg, digits)
-    out = zoo.copy(q)
-    record_transform(out, "quant_layers", "slimkit.quant.plan", rec.details["plan"])
-    record_transform(out, "packed_quant", "slimkit.quant.extreme", rec.details["packed_plan"])
+    out, rec = qat(zoo, cfg, StageContext(data=digits, progress=False))
+    q = out.module
     save_artifact(out, tmp_path / "q")
     save_artifact(zoo, tmp_path / "f")
     back = load_artifact(tmp_path / "q")

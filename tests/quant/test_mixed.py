@@ -7,13 +7,14 @@ import copy
 import pytest
 import torch
 from pydantic import ValidationError
+from tests._stages import stage_on
 from torch import nn
 
 from slimkit.core.errors import ConfigError, DataError
+from slimkit.core.stages import STAGES, StageContext
 from slimkit.data.bundle import DataBundle
 from slimkit.io.artifact import load_artifact, save_artifact
 from slimkit.io.loader import load_zoo
-from slimkit.pipeline.stages import STAGES, StageContext
 from slimkit.quant import mixed
 from slimkit.quant.extreme import PackedQuantLayer
 from slimkit.quant.mixed import (
@@ -74,7 +75,7 @@ def test_allocate_exact_greedy_and_unreachable(monkeypatch):
 def test_size_policy_meets_budget_and_stores_codes(mlp, digits):
     before = {k: v.clone() for k, v in mlp.module.state_dict().items()}
     cfg = MixedPrecisionConfig(policy="size", size_ratio=0.15)
-    q, rec = mixed_precision(mlp.module, cfg, digits)
+    q, rec = stage_on(mixed_precision, mlp.module, cfg, digits)
     ach, asked = rec.details["achieved"], rec.details["asked"]
     assert ach["met"] and ach["weight_bytes"] <= asked["weight_bytes"]
     assert ach["weight_bytes"] == sum(r["bytes"] for r in rec.details["layers"].values())
@@ -98,7 +99,7 @@ def test_size_policy_meets_budget_and_stores_codes(mlp, digits):
 
 
 def test_unreachable_budget_says_so(mlp, digits):
-    q, rec = mixed_precision(mlp.module, MixedPrecisionConfig(size_bytes=100), digits)
+    q, rec = stage_on(mixed_precision, mlp.module, MixedPrecisionConfig(size_bytes=100), digits)
     assert not rec.details["achieved"]["met"]
     assert all(r["bits"] == 2 for r in rec.details["layers"].values())
     assert any(s["what"] == "budget" and "not reachable" in s["why"] for s in rec.skipped)
@@ -106,7 +107,7 @@ def test_unreachable_budget_says_so(mlp, digits):
 
 def test_fallback_keeps_sensitive_layers_in_float(mlp, digits):
     cfg = MixedPrecisionConfig(policy="fallback", bits=[2], max_accuracy_drop=3.0, act_bits=8)
-    q, rec = mixed_precision(mlp.module, cfg, digits)
+    q, rec = stage_on(mixed_precision, mlp.module, cfg, digits)
     ach, trail = rec.details["achieved"], rec.details["trail"]
     # chosen on a validation slice of the training split; the test split only reports
     assert ach["met"] and ach["validation_accuracy_drop"] <= 3.0
@@ -141,9 +142,9 @@ def test_bad_configs_and_data(mlp, digits):
     with pytest.raises(ValidationError):
         MixedPrecisionConfig(size_ratio=0.1, bits=[3])
     with pytest.raises(ConfigError, match="no Linear/Conv"):
-        mixed_precision(nn.Sequential(nn.Flatten()), MixedPrecisionConfig(size_ratio=0.1),
-                        digits)
+        stage_on(mixed_precision, nn.Sequential(nn.Flatten()), MixedPrecisionConfig(size_ratio=0.1),
+                 digits)
     const = DataBundle("c", torch.ones_like(digits.x_train), digits.y_train, digits.x_test,
                        digits.y_test, 10)
     with pytest.raises(DataError, match="constant"):
-        mixed_precision(mlp.module, MixedPrecisionConfig(size_ratio=0.1), const)
+        stage_on(mixed_precision, mlp.module, MixedPrecisionConfig(size_ratio=0.1), const)

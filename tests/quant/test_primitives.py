@@ -160,9 +160,10 @@ def test_frozen_layer_stores_int8_codes_and_round_trips():
 
 
 def test_plan_wraps_layers_and_an_artifact_rebuilds_them(tmp_path):
+    from slimkit.core.record import Record
+    from slimkit.core.stages import commit_transforms
     from slimkit.io import load_artifact, save_artifact
     from slimkit.io.loader import load_zoo
-    from slimkit.io.transforms import record_transform
     from slimkit.quant.plan import freeze, wrap_layers
 
     model = load_zoo("lenet5", input_shape=(1, 8, 8), num_classes=10)
@@ -174,7 +175,7 @@ def test_plan_wraps_layers_and_an_artifact_rebuilds_them(tmp_path):
     wrapped = wrap_layers(q.module, plan["layers"])
     wrapped["fc1"].input_fq.set_range(torch.tensor(0.0), torch.tensor(4.0))
     freeze(q.module)
-    record_transform(q, "quant_layers", "slimkit.quant.plan", plan)
+    commit_transforms(q, Record(transforms=[("quant_layers", plan)]))
     save_artifact(q, tmp_path / "a")
     back = load_artifact(tmp_path / "a")
     x = model.example_inputs(4)

@@ -3,13 +3,15 @@
 import pytest
 import torch
 from pydantic import ValidationError
+from tests._stages import stage_on
 from torch import nn
 
 from slimkit.core.errors import ConfigError, DataError
+from slimkit.core.stages import StageContext
 from slimkit.data.bundle import DataBundle
 from slimkit.quant.fold import fold_batchnorm
 from slimkit.quant.modules import QuantLayer
-from slimkit.quant.ptq import PtqConfig, ptq
+from slimkit.quant.ptq import PtqConfig, _ptq, ptq
 from slimkit.train.loop import TrainConfig, fit
 
 
@@ -53,7 +55,7 @@ def test_fold_batchnorm_equals_float64_reference():
 
 def test_ptq_quantizes_every_layer_and_keeps_accuracy(convnet, digits):
     before = {k: v.clone() for k, v in convnet.state_dict().items()}
-    q, rec = ptq(convnet, PtqConfig(num_samples=256, min_conv_reduction=0), digits)
+    q, rec = stage_on(ptq, convnet, PtqConfig(num_samples=256, min_conv_reduction=0), digits)
     for k, v in convnet.state_dict().items():  # the input model is untouched
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
     layers = [m for m in q.modules() if isinstance(m, QuantLayer)]
@@ -68,8 +70,9 @@ def test_ptq_quantizes_every_layer_and_keeps_accuracy(convnet, digits):
 
 
 def test_output_quantizer_shares_the_consumer_input_qparams(convnet, digits):
-    q, _ = ptq(convnet, PtqConfig(calibration="minmax", num_samples=128, min_conv_reduction=0),
-               digits)
+    q, _ = stage_on(ptq, convnet,
+                    PtqConfig(calibration="minmax", num_samples=128, min_conv_reduction=0),
+                    digits)
     a, b = q[0], q[4]
     assert torch.equal(a.output_fq.scale, b.input_fq.scale)
     assert int(a.output_fq.zero_point) == 0  # the ReLU in between is exact
@@ -81,41 +84,42 @@ def test_output_quantizer_shares_the_consumer_input_qparams(convnet, digits):
 
 @pytest.mark.parametrize("method", ["minmax", "percentile", "mse", "entropy"])
 def test_every_calibration_method_runs(convnet, digits, method):
-    q, rec = ptq(convnet, PtqConfig(calibration=method, num_samples=64), digits)
+    q, rec = stage_on(ptq, convnet, PtqConfig(calibration=method, num_samples=64), digits)
     assert abs(_acc(q, digits) - _acc(convnet, digits)) <= 0.05
     assert all(v["calibration"] == method for v in rec.details["layers"].values())
 
 
 def test_small_convs_stay_float_with_a_reason(convnet, digits):
-    q, rec = ptq(convnet, PtqConfig(num_samples=64), digits)  # conv "0": 1 x 3 x 3 = 9 < 64
+    q, rec = stage_on(ptq, convnet,
+                      PtqConfig(num_samples=64), digits)  # conv "0": 1 x 3 x 3 = 9 < 64
     assert isinstance(q[0], nn.Conv2d) and isinstance(q[4], QuantLayer)
     assert any(s["what"] == "0" and "reduction size 9" in s["why"] for s in rec.skipped)
 
 
 def test_include_exclude_and_skips(convnet, digits):
-    q, rec = ptq(convnet, PtqConfig(exclude=["9"], num_samples=64), digits)
+    q, rec = stage_on(ptq, convnet, PtqConfig(exclude=["9"], num_samples=64), digits)
     assert isinstance(q[9], nn.Linear)
     assert {"what": "9", "why": "excluded by the recipe"} in rec.skipped
     assert q[7].output_fq is not None  # its consumer is float now: own output quantizer
     with pytest.raises(ConfigError, match="no Linear/Conv"):
-        ptq(convnet, PtqConfig(include=["type:ReLU"]), digits)
+        stage_on(ptq, convnet, PtqConfig(include=["type:ReLU"]), digits)
     with pytest.raises(ConfigError, match="matches no layer"):
-        ptq(convnet, PtqConfig(include=["nope"]), digits)
+        stage_on(ptq, convnet, PtqConfig(include=["nope"]), digits)
 
 
 def test_bad_calibration_data(convnet, digits):
     zeros = torch.zeros(16, 1, 8, 8)
     cfg = PtqConfig(min_conv_reduction=0)
-    q, rec = ptq(convnet, cfg, zeros)  # all-zero data: floored scales, finite outputs
+    q, rec = _ptq(convnet, cfg, zeros)  # all-zero data: floored scales, finite outputs
     assert torch.isfinite(q(digits.x_test[:8])).all()
     assert float(q[0].input_fq.scale) > 0
     assert any(s["what"] == "0 bias" and "int32" in s["why"] for s in rec.skipped)
     bad = digits.x_test[:16].clone()
     bad[3, 0, 2, 2] = float("nan")
     with pytest.raises(DataError, match="layer '0:input'"):
-        ptq(convnet, cfg, bad)
+        _ptq(convnet, cfg, bad)
     with pytest.raises(DataError, match="calibration data"):
-        ptq(convnet, PtqConfig(), None)
+        stage_on(ptq, convnet, PtqConfig(), None)
     with pytest.raises(ValidationError):
         PtqConfig(weight_bits=9)
     with pytest.raises(ValidationError, match="unknown calibration method"):
@@ -125,14 +129,11 @@ def test_bad_calibration_data(convnet, digits):
 def test_artifact_round_trip_of_a_quantized_zoo_model(digits, tmp_path):
     from slimkit.io import load_artifact, save_artifact
     from slimkit.io.loader import load_zoo
-    from slimkit.io.transforms import record_transform
 
     model = load_zoo("resnet20", digits)
-    q, rec = ptq(model.module, PtqConfig(num_samples=32), digits)
-    out = model.copy(q)
-    record_transform(out, "bn_fold", "slimkit.quant.fold",
-                     {"pairs": [list(p) for p in rec.details["bn_pairs"]]})
-    record_transform(out, "quant_layers", "slimkit.quant.plan", rec.details["plan"])
+    out, rec = ptq(model, PtqConfig(num_samples=32), StageContext(data=digits))
+    q = out.module
+    assert [t["kind"] for t in out.arch["transforms"]] == ["bn_fold", "quant_layers"]
     save_artifact(out, tmp_path / "a")
     back = load_artifact(tmp_path / "a")
     x = digits.x_test[:8]
@@ -145,7 +146,7 @@ def test_an_output_followed_by_relu_is_calibrated_after_it():
     net = nn.Sequential(nn.Conv1d(4, 16, 5), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(),
                         nn.Linear(16, 3)).eval()
     x = torch.randn(64, 4, 20)
-    q, rec = ptq(net, PtqConfig(min_conv_reduction=0, calibration="minmax"), x)
+    q, rec = _ptq(net, PtqConfig(min_conv_reduction=0, calibration="minmax"), x)
     info = rec.details["layers"]["0"]
     assert info["output_shared_with"] is None and info["output_range"][0] == 0.0
     assert int(q[0].output_fq.zero_point) == 0

@@ -7,7 +7,7 @@ from torch import nn
 from slimkit.quant.bias_correction import correct_biases
 from slimkit.quant.equalize import equalize
 from slimkit.quant.plan import wrap_layers
-from slimkit.quant.ptq import PtqConfig, ptq
+from slimkit.quant.ptq import PtqConfig, _ptq
 from slimkit.quant.smoothquant import channel_absmax, smooth
 
 
@@ -41,7 +41,7 @@ def test_equalization_in_ptq_helps_per_tensor_weights():
     for eq in (False, True):
         cfg = PtqConfig(equalize=eq, weight_granularity="tensor", min_conv_reduction=0,
                         calibration="minmax")
-        q, rec = ptq(net, cfg, x)
+        q, rec = _ptq(net, cfg, x)
         with torch.no_grad():
             errs.append(float((q(x) - ref).pow(2).mean()))
     assert rec.details["equalized"] == [("0", "3")]

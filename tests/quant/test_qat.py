@@ -8,13 +8,14 @@ import math
 import pytest
 import torch
 from pydantic import ValidationError
+from tests._stages import stage_on
 from torch import nn
 
 from slimkit.core.errors import ConfigError, DataError
+from slimkit.core.stages import StageContext
 from slimkit.data.bundle import DataBundle
 from slimkit.io.artifact import load_artifact, save_artifact
 from slimkit.io.loader import load_zoo
-from slimkit.io.transforms import record_transform
 from slimkit.quant.modules import FakeQuant, QuantLayer
 from slimkit.quant.plan import QuantSpec, freeze, wrap_layers
 from slimkit.quant.qat import LsqQuant, QatConfig, calibrate_inputs, qat
@@ -105,7 +106,7 @@ def _rtn_accuracy(model: nn.Module, data: DataBundle, bits: int) -> float:
 def test_qat_lsq_beats_round_to_nearest_and_freezes_integer_codes(mlp, digits):
     before = {k: v.clone() for k, v in mlp.module.state_dict().items()}
     rtn = _rtn_accuracy(mlp.module, digits, 3)
-    q, rec = qat(mlp.module, QatConfig(weight_bits=3, finetune=FT), digits)
+    q, rec = stage_on(qat, mlp.module, QatConfig(weight_bits=3, finetune=FT), digits)
     acc = evaluate(q, digits.x_test, digits.y_test)
     assert acc == pytest.approx(rec.details["accuracy"]["after"])
     assert acc > rtn + 0.01, (acc, rtn)
@@ -131,7 +132,7 @@ def test_qat_lsq_beats_round_to_nearest_and_freezes_integer_codes(mlp, digits):
 
 
 def test_qat_unpacked_freezes_int8_codes(mlp, digits):
-    q, rec = qat(mlp.module, QatConfig(weight_bits=4, pack=False, finetune=FT), digits)
+    q, rec = stage_on(qat, mlp.module, QatConfig(weight_bits=4, pack=False, finetune=FT), digits)
     state = q.state_dict()
     for name in ("1", "3", "5"):
         codes = state[f"{name}.weight_q"]
@@ -145,7 +146,7 @@ def test_qat_unpacked_freezes_int8_codes(mlp, digits):
 def test_qat_with_distillation_runs(mlp, digits):
     cfg = QatConfig(weight_bits=4, act_bits=None,
                     finetune={**FT, "max_steps": 20, "distill": {}})
-    q, rec = qat(mlp.module, cfg, digits)
+    q, rec = stage_on(qat, mlp.module, cfg, digits)
     assert rec.details["finetune"]["steps"] == 20
     assert all(ql.input_fq is None for ql in q.modules() if isinstance(ql, QuantLayer))
     assert rec.details["accuracy"]["after"] > 0.8
@@ -154,7 +155,7 @@ def test_qat_with_distillation_runs(mlp, digits):
 def test_qat_activation_calibration_method(mlp, digits):
     cfg = QatConfig(weight_bits=8, act_bits=8, act_calibration="percentile",
                     finetune={"max_steps": 2})
-    q, rec = qat(mlp.module, cfg, digits)
+    q, rec = stage_on(qat, mlp.module, cfg, digits)
     row = rec.details["layers"]["3"]
     assert row["calibration"] == "percentile" and row["act_scheme"] == "asymmetric"
     lo, hi = row["act_range"]
@@ -164,11 +165,10 @@ def test_qat_activation_calibration_method(mlp, digits):
 def test_qat_artifact_round_trip(digits, tmp_path):
     zoo = load_zoo("lenet300", digits)
     cfg = QatConfig(weight_bits=4, first_last_bits=8, finetune={"max_steps": 5})
-    q, rec = qat(zoo.module, cfg, digits)
-    out = zoo.copy(q)
+    out, rec = qat(zoo, cfg, StageContext(data=digits, progress=False))
+    q = out.module
     assert rec.details["plan"] and rec.details["packed_plan"]  # 8-bit ends, packed middle
-    record_transform(out, "quant_layers", "slimkit.quant.plan", rec.details["plan"])
-    record_transform(out, "packed_quant", "slimkit.quant.extreme", rec.details["packed_plan"])
+    assert [t["kind"] for t in out.arch["transforms"]] == ["quant_layers", "packed_quant"]
     save_artifact(out, tmp_path / "a")
     back = load_artifact(tmp_path / "a")
     assert isinstance(back.module.get_submodule(next(iter(rec.details["layers"]))), QuantLayer)
@@ -179,22 +179,22 @@ def test_qat_artifact_round_trip(digits, tmp_path):
 
 def test_qat_bad_inputs(mlp, digits):
     with pytest.raises(ConfigError, match="no Linear/Conv"):
-        qat(nn.Sequential(nn.Flatten(), nn.ReLU()), QatConfig(finetune=FT), digits)
+        stage_on(qat, nn.Sequential(nn.Flatten(), nn.ReLU()), QatConfig(finetune=FT), digits)
     const = DataBundle("c", torch.zeros_like(digits.x_train), digits.y_train, digits.x_test,
                        digits.y_test, 10)
     with pytest.raises(DataError, match="constant"):
-        qat(mlp.module, QatConfig(finetune=FT), const)
+        stage_on(qat, mlp.module, QatConfig(finetune=FT), const)
     nan = digits.x_train.clone()
     nan[3, 0, 0, 0] = float("nan")
     bad = DataBundle("n", nan, digits.y_train, digits.x_test, digits.y_test, 10)
     with pytest.raises(DataError, match="NaN"):
-        qat(mlp.module, QatConfig(finetune=FT, calib_samples=2000), bad)
+        stage_on(qat, mlp.module, QatConfig(finetune=FT, calib_samples=2000), bad)
     with pytest.raises(ValidationError):
         QatConfig(weight_bits=9)
     with pytest.raises(ValidationError):
         QatConfig(act_bits=1)
     with pytest.raises(ConfigError, match="minmax"):
-        qat(mlp.module, QatConfig(act_calibration="bogus", finetune=FT), digits)
+        stage_on(qat, mlp.module, QatConfig(act_calibration="bogus", finetune=FT), digits)
     with pytest.raises(ValidationError, match="lsq"):
         QatConfig(weight_quantizer="lsqq")
 

@@ -6,6 +6,7 @@ import onnx
 import pytest
 import torch
 from pydantic import ValidationError
+from tests._stages import stage_on
 from torch import nn
 
 from slimkit.core.errors import ConfigError, DataError
@@ -16,6 +17,7 @@ from slimkit.quant.primitives import fake_quantize
 from slimkit.quant.weight_only import (
     PackedLinear,
     WeightOnlyConfig,
+    _weight_only_quant,
     rtn_quantize,
     weight_only_quant,
 )
@@ -59,7 +61,7 @@ def test_onnx_export_uses_matmulnbits_with_parity(bits: int, symmetric: bool, gr
     net = nn.Sequential(nn.Linear(72, 96), nn.GELU(), nn.Linear(96, 10))
     model = SlimModel(net, (72,), name="tiny")
     cfg = WeightOnlyConfig(bits=bits, symmetric=symmetric, group_size=group)
-    small, rec = weight_only_quant(net, cfg, example_inputs=model.example_inputs(2))
+    small, rec = stage_on(weight_only_quant, net, cfg, example_inputs=model.example_inputs(2))
     q = model.copy(small)
     q.arch = None
     path = export_onnx(q, tmp_path / "q.onnx")
@@ -78,8 +80,8 @@ def test_stage_records_padding_skips_and_leaves_input_alone():
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(144, 40), nn.ReLU(),
                         nn.Linear(40, 2), nn.Linear(2, 2))
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    small, rec = weight_only_quant(net, WeightOnlyConfig(bits=4, group_size=32),
-                                   example_inputs=(torch.randn(2, 1, 8, 8),))
+    small, rec = stage_on(weight_only_quant, net, WeightOnlyConfig(bits=4, group_size=32),
+                          example_inputs=(torch.randn(2, 1, 8, 8),))
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k])
     assert isinstance(small[2], PackedLinear) and isinstance(small[4], PackedLinear)
@@ -91,18 +93,14 @@ def test_stage_records_padding_skips_and_leaves_input_alone():
 
 def test_artifact_round_trip_of_zoo_models(tmp_path: Path):
     from slimkit.io import load_artifact, save_artifact
-    from slimkit.io.transforms import record_transform
 
     cases = [("lenet300", {}), ("vit", {"dim": 32, "depth": 1, "heads": 2}),
              ("text_encoder", {"dim": 32, "depth": 1, "heads": 2})]
     for name, kwargs in cases:
         torch.manual_seed(0)
         model = load_zoo(name, input_shape=(1, 8, 8), num_classes=10, **kwargs)
-        small, rec = weight_only_quant(model.module, WeightOnlyConfig(bits=4, group_size=16),
-                                       example_inputs=model.example_inputs(2))
-        out = model.copy(small)
-        record_transform(out, "weight_only_quant", "slimkit.quant.weight_only",
-                         rec.details["plan"])
+        out, rec = weight_only_quant(model, WeightOnlyConfig(bits=4, group_size=16))
+        small = out.module
         save_artifact(model, tmp_path / f"{name}-fp32")
         save_artifact(out, tmp_path / name)
         back = load_artifact(tmp_path / name)
@@ -118,26 +116,27 @@ def test_bad_configs_and_bad_calibration(mlp):
     with pytest.raises(ValidationError, match="power of two"):
         WeightOnlyConfig(group_size=24)
     with pytest.raises(ConfigError, match="no Linear layer"):
-        weight_only_quant(nn.Sequential(nn.Conv2d(1, 2, 3)),
-                          WeightOnlyConfig(layer_types=["Linear"]))
+        stage_on(weight_only_quant, nn.Sequential(nn.Conv2d(1, 2, 3)),
+                 WeightOnlyConfig(layer_types=["Linear"]))
     with pytest.raises(ValidationError):
         WeightOnlyConfig(layer_types=["LSTM"])
     with pytest.raises(ConfigError, match="needs calibration data"):
-        weight_only_quant(mlp.module, WeightOnlyConfig(method="gptq"))
+        stage_on(weight_only_quant, mlp.module, WeightOnlyConfig(method="gptq"))
     for bad, msg in [(torch.zeros(8, 1, 8, 8), "constant"), (torch.full((8, 1, 8, 8), 3.0),
                                                            "constant"),
                      (torch.randn(8, 1, 8, 8).index_fill_(0, torch.tensor([2]), float("nan")),
                       "NaN/Inf")]:
         with pytest.raises(DataError, match=msg):
-            weight_only_quant(mlp.module, WeightOnlyConfig(), calib_x=bad)
+            _weight_only_quant(mlp.module, WeightOnlyConfig(), calib_x=bad)
 
 
 def test_gptq_beats_rtn_on_a_trained_mlp(mlp, digits):
     from slimkit.measure.quality import accuracy
 
     cfg = WeightOnlyConfig(bits=3, group_size=16, calib_samples=256)
-    rtn, rec_rtn = weight_only_quant(mlp.module, cfg, digits)
-    gptq, rec = weight_only_quant(mlp.module, cfg.model_copy(update={"method": "gptq"}), digits)
+    rtn, rec_rtn = stage_on(weight_only_quant, mlp.module, cfg, digits)
+    gptq, rec = stage_on(weight_only_quant, mlp.module,
+                         cfg.model_copy(update={"method": "gptq"}), digits)
     for name, e in rec.details["layers"].items():
         assert e["fallback"] is None
         assert e["output_rel_error"] < e["output_rel_error_rtn"], name
@@ -189,8 +188,8 @@ def test_state_bytes_match_the_estimate(bits: int, symmetric: bool, stored: bool
 def test_zoo_vit_onnx_keeps_a_dynamic_batch(tmp_path: Path):
     torch.manual_seed(0)
     model = load_zoo("vit", input_shape=(1, 8, 8), num_classes=10, dim=32, depth=2, heads=2)
-    small, _ = weight_only_quant(model.module, WeightOnlyConfig(group_size=16),
-                                 example_inputs=model.example_inputs(2))
+    small, _ = stage_on(weight_only_quant, model.module, WeightOnlyConfig(group_size=16),
+                        example_inputs=model.example_inputs(2))
     q = model.copy(small)
     q.arch = None
     path = export_onnx(q, tmp_path / "v.onnx")
@@ -222,7 +221,8 @@ def test_convs_and_embeddings_pack_and_unpack_in_onnx_runtime(bits: int, symmetr
     model = SlimModel(net, (12,), name="ids", input_dtype="int64")
     cfg = WeightOnlyConfig(bits=bits, symmetric=symmetric, group_size=16, scale_dtype="float32",
                            layer_types=["Linear", "Conv", "Embedding"])
-    small, rec = weight_only_quant(net, cfg, example_inputs=(torch.randint(0, 50, (2, 12)),))
+    small, rec = stage_on(weight_only_quant, net,
+                          cfg, example_inputs=(torch.randint(0, 50, (2, 12)),))
     assert isinstance(small.emb, PackedEmbedding) and isinstance(small.conv, PackedConv)
     assert isinstance(small.head, PackedLinear)
     packed_dw = bits < 8  # 8-bit codes of 5-wide rows padded to 16 would not be smaller
@@ -252,7 +252,7 @@ def test_convs_and_embeddings_pack_and_unpack_in_onnx_runtime(bits: int, symmetr
 def test_gptq_covers_linears_and_rounds_convs_to_nearest(digits):
     model = load_zoo("lenet5", digits)
     cfg = WeightOnlyConfig(method="gptq", group_size=16, layer_types=["Conv", "Linear"])
-    small, rec = weight_only_quant(model.module, cfg, digits)
+    small, rec = stage_on(weight_only_quant, model.module, cfg, digits)
     layers = rec.details["layers"]
     conv = next(n for n, e in layers.items() if e["type"] == "Conv2d")
     lin = next(n for n, e in layers.items() if e["type"] == "Linear")

@@ -14,11 +14,18 @@ class Record:
         changed: one human-readable line per change (``"fc1: 0.0% -> 90.0% zeros"``).
         skipped: ``{"what": layer, "why": reason}`` for everything left alone.
         details: JSON-serializable data: the plan that can be replayed, per-layer numbers.
+        transforms: ``(rebuilder kind, plan)`` for every structural change, in order: what an
+            artifact replays to rebuild the new architecture (see
+            :func:`slimkit.core.stages.register_rebuilder`). The stage contract stores them
+            in the model's architecture; they are not part of :meth:`to_dict`.
     """
 
     changed: list[str] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
+    transforms: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        del out["transforms"]
+        return out

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import importlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Generic, TypeVar
 
 from slimkit.core.errors import ConfigError, did_you_mean
@@ -13,6 +14,11 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """A name -> object table that rejects duplicates and explains unknown names.
 
+    Args:
+        what: what the names are, for error messages ("stage kind").
+        plugins: modules whose import registers entries (imported on the first lookup, so the
+            registry's own module imports none of them: a low layer stays low).
+
     Example:
         >>> CRITERIA = Registry("importance criterion")
         >>> @CRITERIA.register("l1")
@@ -21,9 +27,17 @@ class Registry(Generic[T]):
         True
     """
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, plugins: Sequence[str] = ()) -> None:
         self.what = what
         self._items: dict[str, T] = {}
+        self._plugins = tuple(plugins)
+        self._loaded = not self._plugins
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True  # set first: a plugin may look the registry up while importing
+            for name in self._plugins:
+                importlib.import_module(name)
 
     def register(self, name: str, item: T | None = None) -> Callable[[T], T] | T:
         """Register ``item`` under ``name``; usable as a decorator when ``item`` is omitted."""
@@ -42,6 +56,7 @@ class Registry(Generic[T]):
         Raises:
             ConfigError: naming the known names and the closest one.
         """
+        self._load()
         try:
             return self._items[name]
         except KeyError:
@@ -51,13 +66,16 @@ class Registry(Generic[T]):
             ) from None
 
     def names(self) -> list[str]:
+        self._load()
         return sorted(self._items)
 
     def __contains__(self, name: object) -> bool:
+        self._load()
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._items))
+        return iter(self.names())
 
     def __len__(self) -> int:
+        self._load()
         return len(self._items)

@@ -31,8 +31,10 @@ from slimkit.distill.losses import (
     soft_target_kl,
 )
 from slimkit.distill.objective import FEATURE_LOSSES, DistillObjective, build_objective
+from slimkit.distill.run import DistillStageConfig, distill
 
 __all__ = [
+    "DistillStageConfig",
     "FEATURE_LOSSES",
     "DistillConfig",
     "DistillObjective",
@@ -45,6 +47,7 @@ __all__ = [
     "attention_probs",
     "attention_transfer_loss",
     "build_objective",
+    "distill",
     "find_attention",
     "hidden_state_loss",
     "hint_loss",

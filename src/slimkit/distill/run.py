@@ -16,9 +16,11 @@ from torch import nn
 from slimkit.core.config import SlimConfig
 from slimkit.core.errors import ConfigError
 from slimkit.core.record import Record
+from slimkit.core.stages import StageContext, register_stage
 from slimkit.data.bundle import DataBundle
 from slimkit.distill.config import DistillConfig
 from slimkit.distill.objective import build_objective
+from slimkit.io.model import SlimModel
 from slimkit.train.config import TrainConfig
 from slimkit.train.loop import evaluate, fit
 
@@ -82,10 +84,10 @@ class DistillStageConfig(SlimConfig):
         None, description="Distil teacher -> assistant -> student in two steps.")
 
 
-def distill(student: nn.Module, teacher: nn.Module | None, data: DataBundle,
-            cfg: DistillStageConfig, assistant: nn.Module | None = None,
-            progress: bool = False, checkpoint_dir: str | Path | None = None,
-            ) -> tuple[nn.Module, Record]:
+def _distill(student: nn.Module, teacher: nn.Module | None, data: DataBundle,
+             cfg: DistillStageConfig, assistant: nn.Module | None = None,
+             progress: bool = False, checkpoint_dir: str | Path | None = None,
+             ) -> tuple[nn.Module, Record]:
     """Distil ``teacher`` into a copy of ``student`` (through ``assistant`` when given).
 
     Returns:
@@ -119,3 +121,24 @@ def distill(student: nn.Module, teacher: nn.Module | None, data: DataBundle,
                           f"{details['student_top1']:.2%}")
     record.details = details
     return student, record
+
+
+@register_stage(DistillStageConfig)
+def distill(model: SlimModel, cfg: DistillStageConfig,
+            ctx: StageContext) -> tuple[SlimModel, Record]:
+    """Train a copy of ``model`` as a student of ``ctx.teacher`` (or ``cfg.teacher``), through
+    ``cfg.assistant`` when given (see :func:`_distill`)."""
+    from slimkit.io.loader import load_model, load_zoo
+
+    if ctx.data is None:
+        raise ConfigError("stage distill needs training data (give --data)")
+    teacher = ctx.teacher_module
+    if cfg.teacher is not None:
+        teacher = load_model(cfg.teacher, data=ctx.data).module
+    assistant = None
+    if cfg.assistant is not None:
+        name = cfg.assistant.model.removeprefix("zoo:")
+        assistant = load_zoo(name, ctx.data, **cfg.assistant.kwargs).module
+    module, record = _distill(model.module, teacher, ctx.data, cfg, assistant, ctx.progress,
+                              checkpoint_dir=ctx.workdir)
+    return model.copy(module), record

@@ -8,10 +8,9 @@ record carries the packed size per layer and in total. Nothing is written to dis
 
 from __future__ import annotations
 
-from torch import nn
-
+from slimkit.core.errors import ConfigError
 from slimkit.core.record import Record
-from slimkit.data.bundle import DataBundle
+from slimkit.core.stages import StageContext, register_stage
 from slimkit.encode.cluster import cluster_weights
 from slimkit.encode.config import EncodeConfig
 from slimkit.encode.slimfile import pack_bytes
@@ -23,16 +22,15 @@ _SUMMARY = ("bytes", "header_bytes", "manifest_bytes", "payload_bytes", "breakdo
             "bits_per_weight", "stream_bits_per_weight", "entropy_bits_per_weight")
 
 
-def encode(model: SlimModel, cfg: EncodeConfig, data: DataBundle | None = None,
-           teacher: nn.Module | None = None,
-           progress: bool = False) -> tuple[SlimModel, Record]:
+@register_stage(EncodeConfig)
+def encode(model: SlimModel, cfg: EncodeConfig, ctx: StageContext) -> tuple[SlimModel, Record]:
     """Cluster a copy of ``model`` and measure its packed size.
 
     Args:
         model: the (usually pruned) model; left untouched.
         cfg: the encode config.
-        data: training data, needed only for ``cfg.finetune``.
-        teacher: for ``finetune.distill``; defaults to ``model.module``.
+        ctx: ``data`` is needed only for ``cfg.finetune``; ``teacher`` (default: ``model``)
+            for ``finetune.distill``.
 
     Returns:
         The clustered model (plain modules; weights take the shared values) and a Record whose
@@ -46,7 +44,10 @@ def encode(model: SlimModel, cfg: EncodeConfig, data: DataBundle | None = None,
         >>> clustered, rec = encode(pruned, EncodeConfig(conv_bits=8, fc_bits=5))  # doctest: +SKIP
         >>> rec.details["packed"]["bytes"]  # doctest: +SKIP
     """
-    module, record = cluster_weights(model.module, cfg, data, teacher, progress)
+    if cfg.finetune is not None and ctx.data is None:
+        raise ConfigError("stage encode: finetune needs training data (give --data)")
+    module, record = cluster_weights(model.module, cfg, ctx.data, ctx.teacher_module,
+                                     ctx.progress)
     clustered = model.copy(module)
     _, report = pack_bytes(clustered, cfg)
     record.details["packed"] = {k: report[k] for k in _SUMMARY}

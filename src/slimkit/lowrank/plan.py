@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from slimkit.core.errors import ConfigError, did_you_mean
+from slimkit.core.stages import register_rebuilder
 from slimkit.graph.select import select_layers
-from slimkit.io.transforms import register_rebuilder
 from slimkit.lowrank import matrix, tensor  # noqa: F401  (register the factorizers)
 from slimkit.lowrank.base import (
     CONV_TYPES,

@@ -11,10 +11,11 @@ from torch import nn
 
 from slimkit.core.errors import ConfigError
 from slimkit.core.record import Record
+from slimkit.core.stages import StageContext, register_stage
 from slimkit.data.bundle import DataBundle
 from slimkit.data.split import calibration_subset
 from slimkit.distill.run import finetune
-from slimkit.io.model import set_mode
+from slimkit.io.model import SlimModel, set_mode
 from slimkit.lowrank.config import LowRankConfig
 from slimkit.lowrank.plan import apply_in_place, build_plan
 from slimkit.measure import verify_finite
@@ -67,9 +68,9 @@ def _totals(record: Record, model: nn.Module, new: nn.Module, before: dict | Non
             "model_flops_after": after["flops"] if after else None}
 
 
-def lowrank(model: nn.Module, cfg: LowRankConfig, data: DataBundle | None = None,
-            teacher: nn.Module | None = None, progress: bool = False,
-            example_inputs: Sequence[torch.Tensor] | None = None) -> tuple[nn.Module, Record]:
+def _lowrank(model: nn.Module, cfg: LowRankConfig, data: DataBundle | None = None,
+             teacher: nn.Module | None = None, progress: bool = False,
+             example_inputs: Sequence[torch.Tensor] | None = None) -> tuple[nn.Module, Record]:
     """Factorize a copy of ``model``'s Linear/Conv layers; ``model`` itself is left untouched.
 
     Each selected layer is replaced by an ``nn.Sequential`` of smaller layers at the same
@@ -107,8 +108,7 @@ def lowrank(model: nn.Module, cfg: LowRankConfig, data: DataBundle | None = None
     timing = calib if calib is not None else (example[0] if example is not None else None)
     plan, factors = build_plan(work, cfg, calib, timing)
     before = _flops(work, example)
-    if apply_in_place(work, plan, factors) and hasattr(work, "slimkit_spec"):
-        del work.slimkit_spec  # a zoo spec rebuilds the dense layers: it no longer fits
+    apply_in_place(work, plan, factors)
     after = _flops(work, example)
     verify_finite(work, tuple(example) if example is not None else None, "lowrank")
     record = _record(plan, before, after)
@@ -118,3 +118,16 @@ def lowrank(model: nn.Module, cfg: LowRankConfig, data: DataBundle | None = None
                                               progress=progress, label="lowrank fine-tune")
     set_mode(work, model.training)
     return work, record
+
+
+@register_stage(LowRankConfig)
+def lowrank(model: SlimModel, cfg: LowRankConfig,
+            ctx: StageContext) -> tuple[SlimModel, Record]:
+    """Factorize a copy of ``model``'s Linear/Conv layers (see :func:`_lowrank`).
+    """
+    module, record = _lowrank(model.module, cfg, ctx.data, teacher=ctx.teacher_module,
+                              progress=ctx.progress, example_inputs=model.example_inputs(1))
+    if record.details["layers"]:
+        # The architecture changed: the artifact rebuilds it by replaying the plan.
+        record.transforms.append(("lowrank", record.details["plan"]))
+    return model.copy(module), record

@@ -1,8 +1,8 @@
 """Recipes, the stage registry, the runner and the verdict: composition only."""
 
+from slimkit.core.stages import STAGES, StageContext, StageSpec, register_stage
 from slimkit.pipeline.recipe import load_recipe, parse_recipe, recipe_model, recipe_schema
 from slimkit.pipeline.runner import compress
-from slimkit.pipeline.stages import STAGES, StageContext, StageSpec, register_stage
 from slimkit.pipeline.verdict import judge
 
 __all__ = [

@@ -11,8 +11,7 @@ from pydantic import Field, ValidationError, create_model
 
 from slimkit.core.config import SlimConfig, format_validation_error
 from slimkit.core.errors import ConfigError
-from slimkit.pipeline import builtin  # noqa: F401  (registers the built-in stage kinds)
-from slimkit.pipeline.stages import STAGES
+from slimkit.core.stages import STAGES
 
 
 class SpeedupTarget(SlimConfig):

@@ -16,6 +16,7 @@ from slimkit.core.errors import OutputExistsError, ResumeError, SlimkitError
 from slimkit.core.files import dir_size, write_json
 from slimkit.core.hashing import update_with_state, update_with_tensor
 from slimkit.core.seed import seed_everything
+from slimkit.core.stages import STAGES, StageContext
 from slimkit.data.bundle import DataBundle
 from slimkit.export.onnx import check_parity, export_onnx
 from slimkit.io.artifact import library_versions, load_artifact, save_artifact
@@ -29,7 +30,6 @@ from slimkit.measure import (
     predict,
 )
 from slimkit.pipeline.recipe import recipe_to_dict
-from slimkit.pipeline.stages import STAGES, StageContext
 from slimkit.pipeline.verdict import judge
 from slimkit.train.distributed import barrier, world
 

@@ -18,9 +18,11 @@ from torch import nn
 from slimkit.core.config import SlimConfig
 from slimkit.core.errors import ConfigError
 from slimkit.core.record import Record
+from slimkit.core.stages import StageContext, register_stage
 from slimkit.data.bundle import DataBundle
 from slimkit.distill.run import FinetuneConfig, finetune
 from slimkit.graph.select import select_layers
+from slimkit.io.model import SlimModel
 
 PRUNABLE = ("Linear", "Conv1d", "Conv2d", "Conv3d")
 
@@ -79,10 +81,10 @@ def apply_plan(model: nn.Module, plan: dict) -> dict[str, torch.Tensor]:
     return masks
 
 
-def magnitude_prune(model: nn.Module, cfg: MagnitudePruneConfig,
-                    data: DataBundle | None = None, teacher: nn.Module | None = None,
-                    progress: bool = False, checkpoint_dir: str | Path | None = None,
-                    ) -> tuple[nn.Module, Record]:
+def _magnitude_prune(model: nn.Module, cfg: MagnitudePruneConfig,
+                     data: DataBundle | None = None, teacher: nn.Module | None = None,
+                     progress: bool = False, checkpoint_dir: str | Path | None = None,
+                     ) -> tuple[nn.Module, Record]:
     """Prune a copy of ``model``; ``model`` itself is left untouched.
 
     Args:
@@ -191,3 +193,18 @@ class MaskedWeights:
 def sparsity(w: torch.Tensor) -> float:
     """Fraction of exact zeros in ``w``."""
     return _sparsity(w)
+
+
+@register_stage(MagnitudePruneConfig)
+def magnitude_prune(model: SlimModel, cfg: MagnitudePruneConfig,
+                    ctx: StageContext) -> tuple[SlimModel, Record]:
+    """Zero the smallest-magnitude weights of a copy of ``model`` (optionally fine-tune).
+
+    ``ctx.data`` is needed only for ``cfg.finetune``; details in :func:`_magnitude_prune`.
+
+    Example:
+        >>> pruned, rec = magnitude_prune(slimkit.wrap(net, x), MagnitudePruneConfig(sparsity=0.9))
+    """
+    module, record = _magnitude_prune(model.module, cfg, ctx.data, teacher=ctx.teacher_module,
+                                      progress=ctx.progress, checkpoint_dir=ctx.workdir)
+    return model.copy(module), record

@@ -23,9 +23,11 @@ from torch import nn
 from slimkit.core.config import SlimConfig
 from slimkit.core.errors import ConfigError
 from slimkit.core.record import Record
+from slimkit.core.stages import StageContext, register_stage
 from slimkit.data.bundle import DataBundle
 from slimkit.distill.run import FinetuneConfig, finetune
 from slimkit.graph.select import select_layers
+from slimkit.io.model import SlimModel
 from slimkit.prune.magnitude import PRUNABLE, MaskedWeights, sparsity
 
 SPEED_NOTE = ("N:M sparsity speeds up matrix multiplies only on GPUs with sparse tensor cores "
@@ -119,9 +121,9 @@ def plan_nm(model: nn.Module, cfg: NMPruneConfig) -> tuple[dict, list[dict]]:
     return {"n": cfg.n, "m": cfg.m, "layers": chosen}, skipped
 
 
-def nm_prune(model: nn.Module, cfg: NMPruneConfig, data: DataBundle | None = None,
-             teacher: nn.Module | None = None, progress: bool = False,
-             checkpoint_dir: str | Path | None = None) -> tuple[nn.Module, Record]:
+def _nm_prune(model: nn.Module, cfg: NMPruneConfig, data: DataBundle | None = None,
+              teacher: nn.Module | None = None, progress: bool = False,
+              checkpoint_dir: str | Path | None = None) -> tuple[nn.Module, Record]:
     """Apply N:M sparsity to a copy of ``model``; optionally fine-tune with the masks fixed.
 
     Args:
@@ -166,3 +168,13 @@ def nm_prune(model: nn.Module, cfg: NMPruneConfig, data: DataBundle | None = Non
                               f"({per_layer[name]['sparsity']:.1%} zeros)")
     record.details["layers"] = per_layer
     return model, record
+
+
+@register_stage(NMPruneConfig)
+def nm_prune(model: SlimModel, cfg: NMPruneConfig,
+             ctx: StageContext) -> tuple[SlimModel, Record]:
+    """Apply N:M sparsity to a copy of ``model`` (see :func:`_nm_prune`).
+    """
+    module, record = _nm_prune(model.module, cfg, ctx.data, teacher=ctx.teacher_module,
+                               progress=ctx.progress, checkpoint_dir=ctx.workdir)
+    return model.copy(module), record

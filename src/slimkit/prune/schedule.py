@@ -26,9 +26,11 @@ from torch import nn
 from slimkit.core.config import SlimConfig
 from slimkit.core.errors import ConfigError, did_you_mean
 from slimkit.core.record import Record
+from slimkit.core.stages import StageContext, register_stage
 from slimkit.data.bundle import DataBundle
 from slimkit.distill.run import FinetuneConfig, finetune
 from slimkit.graph.select import select_layers
+from slimkit.io.model import SlimModel
 from slimkit.prune.magnitude import PRUNABLE, MaskedWeights, sparsity
 
 
@@ -207,9 +209,9 @@ class _Schedule:
             self.held.apply()
 
 
-def gradual_prune(model: nn.Module, cfg: GradualPruneConfig, data: DataBundle | None,
-                  teacher: nn.Module | None = None, progress: bool = False,
-                  checkpoint_dir: str | Path | None = None) -> tuple[nn.Module, Record]:
+def _gradual_prune(model: nn.Module, cfg: GradualPruneConfig, data: DataBundle | None,
+                   teacher: nn.Module | None = None, progress: bool = False,
+                   checkpoint_dir: str | Path | None = None) -> tuple[nn.Module, Record]:
     """Prune a copy of ``model`` on the AGP schedule while fine-tuning it.
 
     Resuming from a fine-tuning checkpoint is not supported: the schedule restarts.
@@ -268,3 +270,17 @@ def gradual_prune(model: nn.Module, cfg: GradualPruneConfig, data: DataBundle | 
                                           "sparsity_after": after, "numel": m.weight.numel()}
         record.changed.append(f"{name}: {before[name]:.1%} -> {after:.1%} zeros")
     return model, record
+
+
+@register_stage(GradualPruneConfig)
+def gradual_prune(model: SlimModel, cfg: GradualPruneConfig,
+                  ctx: StageContext) -> tuple[SlimModel, Record]:
+    """Prune a copy of ``model`` on the AGP schedule while fine-tuning it.
+
+    See :func:`_gradual_prune`.
+    """
+    if ctx.data is None:
+        raise ConfigError("stage gradual_prune needs training data (give --data)")
+    module, record = _gradual_prune(model.module, cfg, ctx.data, teacher=ctx.teacher_module,
+                                    progress=ctx.progress, checkpoint_dir=ctx.workdir)
+    return model.copy(module), record

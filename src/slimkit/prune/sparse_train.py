@@ -27,9 +27,11 @@ from torch import nn
 from slimkit.core.config import SlimConfig
 from slimkit.core.errors import ConfigError
 from slimkit.core.record import Record
+from slimkit.core.stages import StageContext, register_stage
 from slimkit.data.bundle import DataBundle
 from slimkit.distill.run import FinetuneConfig, finetune
 from slimkit.graph.select import select_layers
+from slimkit.io.model import SlimModel
 from slimkit.prune.magnitude import PRUNABLE, MaskedWeights
 from slimkit.prune.schedule import magnitude_masks, total_steps
 
@@ -133,9 +135,9 @@ def _update_masks(held: MaskedWeights, fraction: float) -> int:
     return moved
 
 
-def sparse_train(model: nn.Module, cfg: SparseTrainConfig, data: DataBundle | None,
-                 teacher: nn.Module | None = None, progress: bool = False,
-                 checkpoint_dir: str | Path | None = None) -> tuple[nn.Module, Record]:
+def _sparse_train(model: nn.Module, cfg: SparseTrainConfig, data: DataBundle | None,
+                  teacher: nn.Module | None = None, progress: bool = False,
+                  checkpoint_dir: str | Path | None = None) -> tuple[nn.Module, Record]:
     """Train a copy of ``model`` sparse from the start, exchanging weights RigL-style.
 
     Args:
@@ -198,3 +200,15 @@ def sparse_train(model: nn.Module, cfg: SparseTrainConfig, data: DataBundle | No
         record.changed.append(f"{name}: trained at {per_layer[name]['density']:.1%} density")
     record.details["layers"] = per_layer
     return model, record
+
+
+@register_stage(SparseTrainConfig)
+def sparse_train(model: SlimModel, cfg: SparseTrainConfig,
+                 ctx: StageContext) -> tuple[SlimModel, Record]:
+    """Train a copy of ``model`` sparse from the start, RigL-style (see :func:`_sparse_train`).
+    """
+    if ctx.data is None:
+        raise ConfigError("stage sparse_train needs training data (give --data)")
+    module, record = _sparse_train(model.module, cfg, ctx.data, teacher=ctx.teacher_module,
+                                   progress=ctx.progress, checkpoint_dir=ctx.workdir)
+    return model.copy(module), record

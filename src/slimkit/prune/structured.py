@@ -59,6 +59,7 @@ from torch import nn
 from slimkit.core.config import SlimConfig
 from slimkit.core.errors import ConfigError, ModelError
 from slimkit.core.record import Record
+from slimkit.core.stages import StageContext, register_rebuilder, register_stage
 from slimkit.data.bundle import DataBundle
 from slimkit.data.split import calibration_indices
 from slimkit.distill.run import FinetuneConfig, finetune
@@ -70,8 +71,7 @@ from slimkit.graph.dependency import (
 )
 from slimkit.graph.select import select_layers
 from slimkit.io.hf import sync_hf_config
-from slimkit.io.model import modes_kept
-from slimkit.io.transforms import register_rebuilder
+from slimkit.io.model import SlimModel, modes_kept
 from slimkit.measure.relative import Fractions, fractions_of
 from slimkit.prune.allocate import ALLOCATORS, AllocRequest, search_ratio
 from slimkit.prune.criteria import CRITERIA, ScoreInputs, taylor_grads
@@ -618,11 +618,11 @@ def _auto_blocks(model: nn.Module, cfg: StructuredPruneConfig, data: DataBundle 
     return best[1], best[2], judge
 
 
-def structured_prune(model: nn.Module, cfg: StructuredPruneConfig,
-                     data: DataBundle | None = None, teacher: nn.Module | None = None,
-                     progress: bool = False, checkpoint_dir: str | Path | None = None,
-                     example_inputs: Sequence[torch.Tensor] | None = None,
-                     ) -> tuple[nn.Module, Record]:
+def _prune_module(model: nn.Module, cfg: StructuredPruneConfig,
+                      data: DataBundle | None = None, teacher: nn.Module | None = None,
+                      progress: bool = False, checkpoint_dir: str | Path | None = None,
+                      example_inputs: Sequence[torch.Tensor] | None = None,
+                      ) -> tuple[nn.Module, Record]:
     """Remove whole channels/heads/conv groups from a copy of ``model``; verify the result.
 
     Args:
@@ -817,3 +817,17 @@ def _layer_sizes(before: nn.Module, after: nn.Module) -> dict[str, dict[str, lis
         if isinstance(w, torch.Tensor) and isinstance(ow, torch.Tensor) and w.shape != ow.shape:
             out[name] = {"before": list(ow.shape[:2]), "after": list(w.shape[:2])}
     return out
+
+
+@register_stage(StructuredPruneConfig)
+def structured_prune(model: SlimModel, cfg: StructuredPruneConfig,
+                     ctx: StageContext) -> tuple[SlimModel, Record]:
+    """Remove whole channels/heads/blocks from a copy of ``model`` (see :func:`_prune_module`).
+    """
+    module, record = _prune_module(model.module, cfg, ctx.data, teacher=ctx.teacher_module,
+                                       progress=ctx.progress, checkpoint_dir=ctx.workdir,
+                                       example_inputs=model.example_inputs(2))
+    # The architecture changed: the artifact rebuilds it by replaying each plan.
+    record.transforms += [("structured_prune", p) for p in record.details["plans"]
+                          if changes_structure(p)]
+    return model.copy(module), record

@@ -37,11 +37,11 @@ from torch import nn
 from slimkit.core.config import SlimConfig
 from slimkit.core.errors import ConfigError, did_you_mean
 from slimkit.core.record import Record
+from slimkit.core.stages import StageContext, register_rebuilder, register_stage
 from slimkit.data.bundle import DataBundle
 from slimkit.data.split import calibration_subset
 from slimkit.graph.select import select_layers
-from slimkit.io.model import set_mode
-from slimkit.io.transforms import register_rebuilder
+from slimkit.io.model import SlimModel, set_mode
 from slimkit.measure import verify_finite
 from slimkit.quant.calibrate import hooked_passes
 from slimkit.quant.plan import replace_module
@@ -270,9 +270,9 @@ def _keep_float(errors: dict[str, float], cfg: DynamicQuantConfig) -> dict[str, 
     return keep
 
 
-def dynamic_quant(model: nn.Module, cfg: DynamicQuantConfig, data: DataBundle | None = None,
-                  example_inputs: Sequence[torch.Tensor] | None = None,
-                  calib_x: torch.Tensor | None = None) -> tuple[nn.Module, Record]:
+def _dynamic_quant(model: nn.Module, cfg: DynamicQuantConfig, data: DataBundle | None = None,
+                   example_inputs: Sequence[torch.Tensor] | None = None,
+                   calib_x: torch.Tensor | None = None) -> tuple[nn.Module, Record]:
     """Replace a copy's Linear layers by :class:`DynamicQuantLinear` (``model`` is untouched).
 
     Args:
@@ -329,8 +329,6 @@ def dynamic_quant(model: nn.Module, cfg: DynamicQuantConfig, data: DataBundle | 
             "weights": f"int{7 if cfg.reduce_range else 8} symmetric per channel",
             "bytes_before": 4 * (n * k + n * b),
             "bytes_after": n * k + 8 * n + 4 * n * b, "output_rel_error": errors.get(name)}
-    if plan["layers"] and hasattr(work, "slimkit_spec"):
-        del work.slimkit_spec
     verify_finite(work, (calib_x[:2],) if calib_x is not None else example_inputs,
                  "dynamic_quant")
     set_mode(work, model.training)
@@ -374,3 +372,15 @@ def _rebuild(model: nn.Module, plan: dict) -> nn.Module:
     """Artifact loading: give a freshly built model the quantized layers of ``plan``."""
     apply_plan(model, plan)
     return model
+
+
+@register_stage(DynamicQuantConfig)
+def dynamic_quant(model: SlimModel, cfg: DynamicQuantConfig,
+                  ctx: StageContext) -> tuple[SlimModel, Record]:
+    """Replace a copy's Linear layers by dynamically quantized ones (see :func:`_dynamic_quant`).
+    """
+    module, record = _dynamic_quant(model.module, cfg, ctx.data,
+                                    example_inputs=model.example_inputs(2))
+    if record.details["layers"]:
+        record.transforms.append(("dynamic_quant", record.details["plan"]))
+    return model.copy(module), record

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from slimkit.core.errors import ConfigError, ModelError
-from slimkit.io.transforms import register_rebuilder
+from slimkit.core.stages import register_rebuilder
 from slimkit.quant.modules import FakeQuant, QuantLayer
 from slimkit.quant.plan import QUANTIZERS, QuantSpec, replace_module
 from slimkit.quant.primitives import SCALE_FLOOR, Granularity, pack, unpack

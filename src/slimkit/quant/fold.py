@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from slimkit.core.errors import ModelError
+from slimkit.core.stages import register_rebuilder
 from slimkit.graph.chains import bn_pairs
-from slimkit.io.transforms import register_rebuilder
 from slimkit.quant.plan import replace_module
 
 

@@ -35,14 +35,15 @@ from torch import nn
 from slimkit.core.config import SlimConfig
 from slimkit.core.errors import ConfigError
 from slimkit.core.record import Record
+from slimkit.core.stages import StageContext, register_stage
 from slimkit.data.bundle import DataBundle
 from slimkit.data.split import calibration_subset, split_indices
 from slimkit.graph.select import select_layers
-from slimkit.io.model import set_mode
+from slimkit.io.model import SlimModel, set_mode
 from slimkit.measure.quality import predict
 from slimkit.quant.extreme import pack_layer
 from slimkit.quant.modules import QUANTIZABLE
-from slimkit.quant.plan import QuantSpec, wrap_layers
+from slimkit.quant.plan import QuantSpec, add_quant_transforms, wrap_layers
 from slimkit.quant.primitives import fake_quantize
 from slimkit.quant.ptq import snap_bias
 from slimkit.quant.qat import calibrate_inputs, check_calibration
@@ -252,8 +253,8 @@ def _fallback(model: nn.Module, names: list[str], sens: dict, cfg: MixedPrecisio
     return assign, trail, False
 
 
-def mixed_precision(model: nn.Module, cfg: MixedPrecisionConfig, data: DataBundle,
-                    ) -> tuple[nn.Module, Record]:
+def _mixed_precision(model: nn.Module, cfg: MixedPrecisionConfig, data: DataBundle,
+                     ) -> tuple[nn.Module, Record]:
     """Quantize a copy of ``model`` with a per-layer width chosen from sensitivities.
 
     Args:
@@ -344,3 +345,16 @@ def _record(assign: dict, sens: dict, sizes: dict, skipped: list, details: dict)
                                f"{details['asked']}, kept the best found ({ach['weight_bytes']:,}"
                                f" bytes, drop {ach['accuracy_drop']:.2f} points)"})
     return record
+
+
+@register_stage(MixedPrecisionConfig)
+def mixed_precision(model: SlimModel, cfg: MixedPrecisionConfig,
+                    ctx: StageContext) -> tuple[SlimModel, Record]:
+    """Quantize a copy of ``model`` with per-layer widths from sensitivities (see
+    :func:`_mixed_precision`).
+    """
+    if ctx.data is None:
+        raise ConfigError("stage mixed_precision needs data (give --data)")
+    module, record = _mixed_precision(model.module, cfg, ctx.data)
+    add_quant_transforms(record)
+    return model.copy(module), record

@@ -24,8 +24,9 @@ from torch import nn
 
 from slimkit.core.config import SlimConfig
 from slimkit.core.errors import ConfigError, did_you_mean
+from slimkit.core.record import Record
 from slimkit.core.registry import Registry
-from slimkit.io.transforms import register_rebuilder
+from slimkit.core.stages import register_rebuilder
 from slimkit.quant.modules import QUANTIZABLE, FakeQuant, QuantLayer
 
 #: Quantizer classes by name; each takes the QuantSpec fields as keyword arguments.
@@ -118,3 +119,11 @@ def rebuild(model: nn.Module, plan: dict) -> nn.Module:
     if plan.get("frozen"):
         freeze(model)
     return model
+
+
+def add_quant_transforms(record: Record) -> None:
+    """Let the artifact rebuild the quantized layers (plain frozen and bit-packed ones)."""
+    if record.details.get("plan"):
+        record.transforms.append(("quant_layers", record.details["plan"]))
+    if record.details.get("packed_plan"):
+        record.transforms.append(("packed_quant", record.details["packed_plan"]))

@@ -28,11 +28,12 @@ from torch import nn
 from slimkit.core.config import SlimConfig
 from slimkit.core.errors import ConfigError, DataError, did_you_mean
 from slimkit.core.record import Record
+from slimkit.core.stages import StageContext, register_stage
 from slimkit.data.bundle import DataBundle
 from slimkit.data.split import calibration_subset
 from slimkit.graph.chains import output_links
 from slimkit.graph.select import select_layers
-from slimkit.io.model import set_mode
+from slimkit.io.model import SlimModel, set_mode
 from slimkit.measure import verify_finite
 from slimkit.quant.calibrate import collect
 from slimkit.quant.fold import fold_batchnorm
@@ -236,8 +237,8 @@ def _describe(name: str, ql: QuantLayer, link: dict, cfg: PtqConfig) -> dict[str
             "through": link["through"]}
 
 
-def ptq(model: nn.Module, cfg: PtqConfig, data: DataBundle | torch.Tensor | None,
-        ) -> tuple[nn.Module, Record]:
+def _ptq(model: nn.Module, cfg: PtqConfig, data: DataBundle | torch.Tensor | None,
+         ) -> tuple[nn.Module, Record]:
     """Quantize a copy of ``model`` to static INT8 with calibration data.
 
     Args:
@@ -311,3 +312,41 @@ def _prepare(m: nn.Module, cfg: PtqConfig, calib: torch.Tensor, record: Record) 
         record.changed += [f"{n}: smoothed (alpha {cfg.smoothquant_alpha})"
                            for n in details["smoothed"]]
     return details
+
+
+@register_stage(PtqConfig)
+def ptq(model: SlimModel, cfg: PtqConfig, ctx: StageContext) -> tuple[SlimModel, Record]:
+    """Quantize a copy of ``model`` to static INT8, calibrated on ``ctx.data`` (see :func:`_ptq`).
+
+    The record also says which nodes ONNX Runtime runs as integer kernels (``ort_int8``);
+    float fallbacks are listed as skipped.
+    """
+    module, record = _ptq(model.module, cfg, ctx.data)
+    # The structure changed (BatchNorm folded, layers wrapped): artifacts replay both.
+    if record.details["bn_pairs"]:
+        record.transforms.append(("bn_fold", {"pairs": [list(p) for p in
+                                                        record.details["bn_pairs"]]}))
+    record.transforms.append(("quant_layers", record.details["plan"]))
+    out = model.copy(module)
+    _int8_ops(out, record)
+    return out, record
+
+
+def _int8_ops(model: SlimModel, record: Record) -> None:
+    """Which nodes ONNX Runtime runs as integer kernels (recorded; float fallbacks flagged)."""
+    import tempfile
+    from pathlib import Path
+
+    from slimkit.core.errors import SlimkitError
+    from slimkit.export.onnx import export_onnx
+    from slimkit.export.qdq import int8_ops
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            record.details["ort_int8"] = int8_ops(export_onnx(model, Path(tmp) / "q.onnx"))
+    except (SlimkitError, ImportError) as exc:
+        record.skipped.append({"what": "ONNX Runtime integer-kernel check", "why": str(exc)})
+        return
+    for node in record.details["ort_int8"]["float_fallbacks"]:
+        record.skipped.append({"what": node, "why": "ONNX Runtime runs it in float between "
+                               "DequantizeLinear/QuantizeLinear (slower than float alone)"})

@@ -36,17 +36,18 @@ from torch import nn
 from slimkit.core.config import SlimConfig
 from slimkit.core.errors import ConfigError, DataError
 from slimkit.core.record import Record
+from slimkit.core.stages import StageContext, register_stage
 from slimkit.data.bundle import DataBundle
 from slimkit.data.split import calibration_subset
 from slimkit.distill.run import FinetuneConfig, finetune
 from slimkit.graph.select import select_layers
-from slimkit.io.model import set_mode
+from slimkit.io.model import SlimModel, set_mode
 from slimkit.measure import verify_finite
 from slimkit.quant.calibrate import collect
 from slimkit.quant.extreme import SignQuant, pack_layer, packed_bytes, spec_of
 from slimkit.quant.modules import QUANTIZABLE, FakeQuant, QuantLayer
 from slimkit.quant.observers import make_observer
-from slimkit.quant.plan import QUANTIZERS, QuantSpec, wrap_layers
+from slimkit.quant.plan import QUANTIZERS, QuantSpec, add_quant_transforms, wrap_layers
 from slimkit.quant.primitives import SCALE_FLOOR, _grouped, choose_qparams, reduce_range
 from slimkit.quant.ptq import snap_bias
 from slimkit.train.loop import evaluate
@@ -341,9 +342,9 @@ def _convert(model: nn.Module, layers: dict[str, QuantLayer], cfg: QatConfig,
             {"layers": packed} if packed else {}, rows)
 
 
-def qat(model: nn.Module, cfg: QatConfig, data: DataBundle,
-        teacher: nn.Module | None = None, progress: bool = False,
-        checkpoint_dir: str | Path | None = None) -> tuple[nn.Module, Record]:
+def _qat(model: nn.Module, cfg: QatConfig, data: DataBundle,
+         teacher: nn.Module | None = None, progress: bool = False,
+         checkpoint_dir: str | Path | None = None) -> tuple[nn.Module, Record]:
     """Quantization-aware training of a copy of ``model``; ``model`` itself is untouched.
 
     Args:
@@ -407,3 +408,16 @@ def qat(model: nn.Module, cfg: QatConfig, data: DataBundle,
     record.details["layers"] = rows
     set_mode(work, model.training)
     return work, record
+
+
+@register_stage(QatConfig)
+def qat(model: SlimModel, cfg: QatConfig,
+        ctx: StageContext) -> tuple[SlimModel, Record]:
+    """Quantization-aware training of a copy of ``model`` (see :func:`_qat`).
+    """
+    if ctx.data is None:
+        raise ConfigError("stage qat needs training data (give --data)")
+    module, record = _qat(model.module, cfg, ctx.data, teacher=ctx.teacher_module,
+                          progress=ctx.progress, checkpoint_dir=ctx.workdir)
+    add_quant_transforms(record)
+    return model.copy(module), record

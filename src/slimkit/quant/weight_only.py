@@ -36,11 +36,11 @@ from torch import nn
 from slimkit.core.config import SlimConfig
 from slimkit.core.errors import ConfigError, DataError, did_you_mean
 from slimkit.core.record import Record
+from slimkit.core.stages import StageContext, register_rebuilder, register_stage
 from slimkit.data.bundle import DataBundle
 from slimkit.data.split import calibration_subset
 from slimkit.graph.select import select_layers
-from slimkit.io.model import set_mode
-from slimkit.io.transforms import register_rebuilder
+from slimkit.io.model import SlimModel, set_mode
 from slimkit.measure import verify_finite
 from slimkit.quant.plan import replace_module
 from slimkit.quant.primitives import choose_qparams, pack, qrange, unpack
@@ -672,9 +672,9 @@ def _select(model: nn.Module, cfg: WeightOnlyConfig) -> tuple[dict[str, nn.Modul
     return chosen, skipped
 
 
-def weight_only_quant(model: nn.Module, cfg: WeightOnlyConfig, data: DataBundle | None = None,
-                      example_inputs: Sequence[torch.Tensor] | None = None,
-                      calib_x: torch.Tensor | None = None) -> tuple[nn.Module, Record]:
+def _weight_only_quant(model: nn.Module, cfg: WeightOnlyConfig, data: DataBundle | None = None,
+                       example_inputs: Sequence[torch.Tensor] | None = None,
+                       calib_x: torch.Tensor | None = None) -> tuple[nn.Module, Record]:
     """Replace a copy's Linear / Conv / Embedding layers by packed ones (``model`` untouched).
 
     Args:
@@ -721,8 +721,6 @@ def weight_only_quant(model: nn.Module, cfg: WeightOnlyConfig, data: DataBundle 
         replace_module(work, name, packed)
         plan["layers"][name] = {**e, **stats,
                                 "calibration_samples": None if calib is None else len(calib)}
-    if plan["layers"] and hasattr(work, "slimkit_spec"):
-        del work.slimkit_spec  # the zoo spec alone rebuilds float layers: the plan is needed
     example = (calib[:2],) if calib is not None else example_inputs
     verify_finite(work, example, "weight_only_quant")
     set_mode(work, model.training)
@@ -779,3 +777,17 @@ def _rebuild(model: nn.Module, plan: dict) -> nn.Module:
     """Artifact loading: give a freshly built model the packed layers of ``plan``."""
     apply_plan(model, plan)
     return model
+
+
+@register_stage(WeightOnlyConfig)
+def weight_only_quant(model: SlimModel, cfg: WeightOnlyConfig,
+                      ctx: StageContext) -> tuple[SlimModel, Record]:
+    """Replace a copy's Linear/Conv/Embedding layers by packed ones (see
+    :func:`_weight_only_quant`).
+    """
+    module, record = _weight_only_quant(model.module, cfg, ctx.data,
+                                        example_inputs=model.example_inputs(2))
+    if record.details["layers"]:
+        # layers became packed ones: the artifact rebuilds them by replaying the plan.
+        record.transforms.append(("weight_only_quant", record.details["plan"]))
+    return model.copy(module), record

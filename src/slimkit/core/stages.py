@@ -1,0 +1,170 @@
+"""The technique contract: every stage kind is ``(SlimModel, Config, StageContext) -> (SlimModel,
+Record)``, registered beside its config; structural changes are rebuilt by kind and version.
+
+A technique package registers itself where its config lives (as torchao registers a handler
+beside each config)::
+
+    @register_stage(MagnitudePruneConfig)
+    def magnitude_prune(model: SlimModel, cfg: MagnitudePruneConfig,
+                        ctx: StageContext) -> tuple[SlimModel, Record]: ...
+
+The decorator returns the technique wrapped in the one place that keeps the contract: it fills
+a missing context (no data, the input as teacher), checks the config's type, and stores every
+``record.transforms`` entry in the output's architecture (``{"kind", "version", "plan"}``)
+while dropping the module's stale zoo spec. Calling the technique from Python and running it as
+a recipe stage are the same call.
+
+Artifacts name each structural change by its rebuilder's kind and version, never by a Python
+module path; :data:`LEGACY_OWNERS` maps what artifacts written before that still say.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from functools import wraps
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from slimkit.core.config import SlimConfig
+from slimkit.core.errors import ConfigError
+from slimkit.core.record import Record
+from slimkit.core.registry import Registry
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from slimkit.data.bundle import DataBundle
+    from slimkit.io.model import SlimModel
+
+# The packages whose import registers the built-in stage kinds and rebuilders.
+TECHNIQUES = ("slimkit.prune", "slimkit.quant", "slimkit.lowrank", "slimkit.distill",
+              "slimkit.encode")
+
+
+@dataclass
+class StageContext:
+    """What a stage may use besides the model: data, the uncompressed teacher, logging.
+
+    Attributes:
+        data: training/calibration data, or None (stages that need it say so).
+        teacher: the model as it was before compression (distillation, "untouched" checks);
+            None means the stage's input model.
+        seed: the recipe's seed.
+        progress: show training progress bars.
+        log: where stage messages go.
+        workdir: where a stage's training checkpoints go (resumable), or None.
+        extras: free-form values for third-party stages.
+    """
+
+    data: DataBundle | None = None
+    teacher: SlimModel | None = None
+    seed: int = 0
+    progress: bool = True
+    log: Callable[[str], None] = print
+    workdir: Path | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def teacher_module(self) -> nn.Module | None:
+        return None if self.teacher is None else self.teacher.module
+
+
+StageFn = Callable[..., "tuple[SlimModel, Record]"]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A stage kind: its config class (with a ``kind`` literal) and the function applying it."""
+
+    config: type[SlimConfig]
+    apply: StageFn
+
+
+STAGES: Registry[StageSpec] = Registry("stage kind", plugins=TECHNIQUES)
+
+
+def register_stage(config: type[SlimConfig]) -> Callable[[StageFn], StageFn]:
+    """Register ``fn(model, cfg, ctx)`` as the stage whose kind is ``config``'s ``kind`` default.
+
+    Returns the technique wrapped by the contract (see the module docstring): ``ctx`` becomes
+    optional and the output's architecture records the technique's transforms.
+    """
+    kind = config.model_fields["kind"].default
+
+    def add(fn: StageFn) -> StageFn:
+        @wraps(fn)
+        def stage(model: SlimModel, cfg: SlimConfig,
+                  ctx: StageContext | None = None) -> tuple[SlimModel, Record]:
+            if not isinstance(cfg, config):
+                raise ConfigError(f"stage {kind} takes a {config.__name__}, got "
+                                  f"{type(cfg).__name__}")
+            if not hasattr(model, "module") or not hasattr(model, "arch"):
+                raise ConfigError(f"stage {kind} takes a SlimModel, got {type(model).__name__}; "
+                                  "wrap a module first: slimkit.wrap(module, example_input)")
+            ctx = StageContext(progress=False) if ctx is None else ctx
+            if ctx.teacher is None:
+                ctx = replace(ctx, teacher=model)
+            out, record = fn(model, cfg, ctx)
+            commit_transforms(out, record)
+            return out, record
+
+        STAGES.register(kind, StageSpec(config, stage))
+        return stage
+
+    return add
+
+
+def commit_transforms(model: SlimModel, record: Record) -> None:
+    """Store ``record.transforms`` in ``model.arch`` (the one place this happens).
+
+    The module's ``slimkit_spec`` (the zoo's build arguments) describes the structure before
+    the change, so it is dropped: wrapping the module again must not rebuild the old shapes.
+    A model without a rebuildable spec keeps ``arch`` None (its artifact stores a graph).
+    """
+    if not record.transforms:
+        return
+    if hasattr(model.module, "slimkit_spec"):
+        del model.module.slimkit_spec
+    if model.arch is None:
+        return
+    entries = model.arch.setdefault("transforms", [])
+    for kind, plan in record.transforms:
+        entries.append({"kind": kind, "version": REBUILDERS.get(kind).version, "plan": plan})
+
+
+@dataclass(frozen=True)
+class Rebuilder:
+    """Replays a structural change on a freshly built module: ``fn(module, plan) -> module``."""
+
+    fn: Callable[[Any, dict], Any]
+    version: int
+
+
+REBUILDERS: Registry[Rebuilder] = Registry("structural transform", plugins=TECHNIQUES)
+
+# Artifacts written before transforms were named by kind and version held the Python module
+# that registered the rebuilder ("owner"); those entries are version 1 of these kinds.
+LEGACY_OWNERS: dict[str, frozenset[str]] = {
+    "slimkit.prune.structured": frozenset({"structured_prune"}),
+    "slimkit.lowrank.plan": frozenset({"lowrank"}),
+    "slimkit.quant.fold": frozenset({"bn_fold"}),
+    "slimkit.quant.plan": frozenset({"quant_layers"}),
+    "slimkit.quant.extreme": frozenset({"packed_quant"}),
+    "slimkit.quant.weight_only": frozenset({"weight_only_quant"}),
+    "slimkit.quant.dynamic": frozenset({"dynamic_quant"}),
+}
+
+
+def register_rebuilder(kind: str, version: int = 1) -> Callable[[Callable], Callable]:
+    """Register ``fn(module, plan) -> module`` replaying transform ``kind`` at ``version``.
+
+    Raise ``version`` when the plan's meaning changes: artifacts naming a newer version than
+    the registered one are refused with a message instead of being rebuilt wrongly.
+    """
+
+    def add(fn: Callable) -> Callable:
+        REBUILDERS.register(kind, Rebuilder(fn, version))
+        return fn
+
+    return add
