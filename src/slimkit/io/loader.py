@@ -25,8 +25,9 @@ def load_zoo(name: str, data: DataBundle | None = None,
 
     shape = tuple(input_shape or (data.input_shape if data else DEFAULT_SHAPE))
     classes = num_classes or (data.num_classes if data else DEFAULT_CLASSES)
-    dtype = "int64" if data is not None and not data.x_train.is_floating_point() else "float32"
-    if dtype == "int64":
+    dtype = str(kwargs.get("input_dtype", "float32"))
+    if data is not None and not data.x_train.is_floating_point():
+        dtype = "int64"
         kwargs.setdefault("input_dtype", "int64")
         kwargs.setdefault("vocab_size", int(max(data.x_train.max(), data.x_test.max())) + 1)
     module = build_model(name, shape, classes, **kwargs)
