@@ -205,7 +205,7 @@ def test_every_fast_entry_names_a_registered_kind():
 
 @pytest.mark.parametrize("kind", STAGES.names())
 def test_config_round_trips_through_yaml_and_the_json_schema(kind: str):
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema
     cfg = _config(kind, FAST.get(kind, {}))
     stage = cfg.model_dump(mode="json")
     text = yaml.safe_dump({"version": 1, "stages": [stage]})
