@@ -13,6 +13,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -132,120 +133,177 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig,
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    rank, size = world()
-    device = _device(cfg)
     home = next(model.parameters()).device
-    objective = (objective or CrossEntropy()).to(device)
-    fingerprint = run_fingerprint(model, (data.x_train, data.y_train), cfg.model_dump(),
-                                  _describe(objective))
-    model.to(device)
-    gen = seed_everything(cfg.seed)
-    train_data, val = _split_validation(data, cfg)
-    n = len(train_data.x_train)
-    if n < size:
-        raise ModelError(f"{label}: {n} training samples cannot feed {size} processes")
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total = cfg.max_steps or steps_per_epoch * cfg.epochs  # a step budget overrides epochs
-    params = [p for p in [*model.parameters(), *objective.parameters()] if p.requires_grad]
-    opt = _optimizer(params, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total))
-    autocast, scaler = _autocast(cfg, device)
-    net: nn.Module = model
-    if size > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=None if device.type == "cpu"
-                                                  else [device.index or 0])
-    extra = [p for p in objective.parameters() if p.requires_grad]
-    ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
-
-    state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "history": [], "best": None,
-             "best_state": None, "bad_epochs": 0, "epoch_gen_state": gen.get_state(),
-             "running": 0.0, "correct": 0, "seen": 0}
-    resumed = load_checkpoint(ckpt_path, fingerprint) if ckpt_path else None
-    if resumed:
-        model.load_state_dict(resumed["model"])
-        objective.load_state_dict(resumed["objective"])
-        opt.load_state_dict(resumed["optimizer"])
-        sched.load_state_dict(resumed["scheduler"])
-        if scaler and resumed.get("scaler"):
-            scaler.load_state_dict(resumed["scaler"])
-        torch.set_rng_state(resumed["torch_rng"])
-        state.update({k: resumed[k] for k in state if k in resumed})
-    resumed_from = state["step"] if resumed else None
-
-    def snapshot() -> dict[str, Any]:
-        return {"fingerprint": fingerprint, "model": model.state_dict(),
-                "objective": objective.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
-                "scaler": scaler.state_dict() if scaler else None, **state}
-
+    run = _Run.start(model, data, cfg, objective or CrossEntropy(), checkpoint_dir, label)
+    state = run.state
     columns = [TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("{task.fields[info]}"),
                TimeRemainingColumn()]
     stopped_early = False
-    with Progress(*columns, disable=not progress or rank != 0, transient=True) as bar:
-        task = bar.add_task(label, total=total, completed=state["step"], info="")
-        while state["step"] < total and not stopped_early and (
+    with Progress(*columns, disable=not progress or run.rank != 0, transient=True) as bar:
+        task = bar.add_task(label, total=run.total, completed=state["step"], info="")
+        while state["step"] < run.total and not stopped_early and (
                 cfg.max_steps or state["epoch"] < cfg.epochs):
             start = time.perf_counter()
-            gen.set_state(state["epoch_gen_state"])
+            run.gen.set_state(state["epoch_gen_state"])
             set_mode(model, True)
-            objective.train()
-            for i, idx in _batches(n, cfg, gen, state["step_in_epoch"], size):
-                if state["step"] >= total:
+            run.objective.train()
+            for i, idx in _batches(run.n, cfg, run.gen, state["step_in_epoch"], run.size):
+                if state["step"] >= run.total:
                     break
-                if (ckpt_path and cfg.checkpoint_every and rank == 0 and state["step"] > 0
-                        and state["step"] % cfg.checkpoint_every == 0
-                        and state["step"] != resumed_from):
-                    save_checkpoint(ckpt_path, snapshot())
-                local = shard(idx, rank, size)
-                xb = train_data.x_train[local].to(device)
-                yb = train_data.y_train[local].to(device)
-                with autocast():
-                    loss, logits, _parts = objective(net, xb, yb)
-                if not torch.isfinite(loss):
-                    where = ""
-                    if ckpt_path and rank == 0:
-                        save_checkpoint(ckpt_path, snapshot())
-                        where = f"; the last good state is saved in '{ckpt_path}'"
-                    raise ModelError(f"{label}: loss became {loss.item()} at step "
-                                     f"{state['step']} (epoch {state['epoch'] + 1}){where}; "
-                                     "lower the learning rate or check the data")
-                opt.zero_grad(set_to_none=True)
-                scaled = loss * (len(local) * size / len(idx))  # global-batch mean under DDP
-                (scaler.scale(scaled) if scaler else scaled).backward()
-                average_gradients(extra)
-                if scaler:
-                    scaler.unscale_(opt)
-                if cfg.grad_clip:
-                    nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                if scaler:
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    opt.step()
-                sched.step()
-                if after_step:
-                    after_step(model)
-                state["running"] += float(loss.detach()) * len(local)
-                state["correct"] += int((logits.detach().argmax(1) == yb).sum())
-                state["seen"] += len(local)
-                state["step"] += 1
+                loss = run.step(idx, after_step)
                 state["step_in_epoch"] = i + 1
                 bar.update(task, advance=1, info=f"epoch {state['epoch'] + 1} "
-                           f"loss {float(loss.detach()):.3f}")
-            stopped_early = _end_epoch(model, data, val, cfg, state, start)
+                           f"loss {loss:.3f}")
+            stopped_early = _end_epoch(model, data, run.val, cfg, state, start)
             entry = state["history"][-1]
-            state["epoch_gen_state"] = gen.get_state()
+            state["epoch_gen_state"] = run.gen.get_state()
             bar.update(task, info=f"epoch {entry['epoch']} loss {entry['loss']:.3f} "
                        f"test {entry['test_top1']:.2%}")
-    if cfg.early_stopping and cfg.early_stopping.restore_best and state["best_state"]:
-        model.load_state_dict(state["best_state"])
-    if ckpt_path and rank == 0:
-        save_checkpoint(ckpt_path, snapshot())
-    opt.zero_grad(set_to_none=True)
-    model.to(home)
-    set_mode(model, False)
+    run.finish(home)
     return {"epochs": state["history"], "steps": state["step"], "stopped_early": stopped_early,
-            "resumed_from_step": resumed_from, "world_size": size}
+            "resumed_from_step": run.resumed_from, "world_size": run.size}
+
+
+@dataclass
+class _Run:
+    """One training run's moving parts: what :func:`fit` steps, checkpoints and resumes."""
+
+    model: nn.Module
+    net: nn.Module  # the model, or its DistributedDataParallel wrapper
+    objective: Objective
+    cfg: TrainConfig
+    train: DataBundle
+    val: tuple | None
+    gen: torch.Generator
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    autocast: Any
+    scaler: torch.amp.GradScaler | None
+    params: list[nn.Parameter]
+    extra: list[nn.Parameter]  # the objective's own trainable parameters (averaged under DDP)
+    device: torch.device
+    fingerprint: str
+    ckpt_path: Path | None
+    label: str
+    total: int
+    rank: int = 0
+    size: int = 1
+    state: dict[str, Any] = field(default_factory=dict)
+    resumed_from: int | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.train.x_train)
+
+    @classmethod
+    def start(cls, model: nn.Module, data: DataBundle, cfg: TrainConfig, objective: Objective,
+              checkpoint_dir: str | Path | None, label: str) -> _Run:
+        """Set up optimizer, schedule, precision and DDP, then resume a checkpoint if any."""
+        rank, size = world()
+        device = _device(cfg)
+        objective = objective.to(device)
+        fingerprint = run_fingerprint(model, (data.x_train, data.y_train), cfg.model_dump(),
+                                      _describe(objective))
+        model.to(device)
+        gen = seed_everything(cfg.seed)
+        train_data, val = _split_validation(data, cfg)
+        n = len(train_data.x_train)
+        if n < size:
+            raise ModelError(f"{label}: {n} training samples cannot feed {size} processes")
+        total = cfg.max_steps or math.ceil(n / cfg.batch_size) * cfg.epochs  # steps beat epochs
+        params = [p for p in [*model.parameters(), *objective.parameters()] if p.requires_grad]
+        opt = _optimizer(params, cfg)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total))
+        autocast, scaler = _autocast(cfg, device)
+        net: nn.Module = model
+        if size > 1:
+            net = nn.parallel.DistributedDataParallel(
+                model, device_ids=None if device.type == "cpu" else [device.index or 0])
+        run = cls(model, net, objective, cfg, train_data, val, gen, opt, sched, autocast,
+                  scaler, params, [p for p in objective.parameters() if p.requires_grad],
+                  device, fingerprint, Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir
+                  else None, label, total, rank, size)
+        run.state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "history": [], "best": None,
+                     "best_state": None, "bad_epochs": 0, "epoch_gen_state": gen.get_state(),
+                     "running": 0.0, "correct": 0, "seen": 0}
+        run.resume()
+        return run
+
+    def resume(self) -> None:
+        resumed = load_checkpoint(self.ckpt_path, self.fingerprint) if self.ckpt_path else None
+        if not resumed:
+            return
+        self.model.load_state_dict(resumed["model"])
+        self.objective.load_state_dict(resumed["objective"])
+        self.opt.load_state_dict(resumed["optimizer"])
+        self.sched.load_state_dict(resumed["scheduler"])
+        if self.scaler and resumed.get("scaler"):
+            self.scaler.load_state_dict(resumed["scaler"])
+        torch.set_rng_state(resumed["torch_rng"])
+        self.state.update({k: resumed[k] for k in self.state if k in resumed})
+        self.resumed_from = self.state["step"]
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint, "model": self.model.state_dict(),
+                "objective": self.objective.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "torch_rng": torch.get_rng_state(),
+                "scaler": self.scaler.state_dict() if self.scaler else None, **self.state}
+
+    def step(self, idx: torch.Tensor, after_step: Callable[[nn.Module], None] | None) -> float:
+        """One optimizer step on the global batch ``idx`` (this rank's shard); its loss."""
+        state, cfg = self.state, self.cfg
+        if (self.ckpt_path and cfg.checkpoint_every and self.rank == 0 and state["step"] > 0
+                and state["step"] % cfg.checkpoint_every == 0
+                and state["step"] != self.resumed_from):
+            save_checkpoint(self.ckpt_path, self.snapshot())
+        local = shard(idx, self.rank, self.size)
+        xb = self.train.x_train[local].to(self.device)
+        yb = self.train.y_train[local].to(self.device)
+        with self.autocast():
+            loss, logits, _parts = self.objective(self.net, xb, yb)
+        if not torch.isfinite(loss):
+            self._diverged(loss)
+        self.opt.zero_grad(set_to_none=True)
+        scaled = loss * (len(local) * self.size / len(idx))  # global-batch mean under DDP
+        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        average_gradients(self.extra)
+        if self.scaler:
+            self.scaler.unscale_(self.opt)
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        if self.scaler:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.sched.step()
+        if after_step:
+            after_step(self.model)
+        state["running"] += float(loss.detach()) * len(local)
+        state["correct"] += int((logits.detach().argmax(1) == yb).sum())
+        state["seen"] += len(local)
+        state["step"] += 1
+        return float(loss.detach())
+
+    def _diverged(self, loss: torch.Tensor) -> None:
+        where = ""
+        if self.ckpt_path and self.rank == 0:
+            save_checkpoint(self.ckpt_path, self.snapshot())
+            where = f"; the last good state is saved in '{self.ckpt_path}'"
+        raise ModelError(f"{self.label}: loss became {loss.item()} at step "
+                         f"{self.state['step']} (epoch {self.state['epoch'] + 1}){where}; "
+                         "lower the learning rate or check the data")
+
+    def finish(self, home: torch.device) -> None:
+        """Restore the best state (early stopping), save the last checkpoint, hand back."""
+        if (self.cfg.early_stopping and self.cfg.early_stopping.restore_best
+                and self.state["best_state"]):
+            self.model.load_state_dict(self.state["best_state"])
+        if self.ckpt_path and self.rank == 0:
+            save_checkpoint(self.ckpt_path, self.snapshot())
+        self.opt.zero_grad(set_to_none=True)
+        self.model.to(home)
+        set_mode(self.model, False)
 
 
 def _describe(objective: Objective) -> str:
