@@ -13,12 +13,8 @@ from slimkit.core.errors import ConfigError, DataError
 from slimkit.export.onnx import check_parity, export_onnx
 from slimkit.io.loader import load_zoo
 from slimkit.io.model import SlimModel
-from slimkit.quant.dynamic import (
-    DynamicQuantConfig,
-    DynamicQuantLinear,
-    _dynamic_quant,
-    dynamic_quant,
-)
+from slimkit.quant.dynamic import DynamicQuantConfig, _dynamic_quant, dynamic_quant
+from slimkit.quant.dynamic_linear import DynamicQuantLinear
 
 
 def reference(x: np.ndarray, w: np.ndarray, b: np.ndarray, per_row: bool,

@@ -10,7 +10,7 @@ from slimkit.quant.gptq import (
     gptq_quantize,
     output_error,
 )
-from slimkit.quant.weight_only import dequantize_codes, group_qparams, rtn_quantize
+from slimkit.quant.primitives import dequantize_codes, group_qparams, rtn_quantize
 
 
 def reference_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, block: int, symmetric: bool,

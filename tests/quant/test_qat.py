@@ -16,9 +16,10 @@ from slimkit.core.stages import StageContext
 from slimkit.data.bundle import DataBundle
 from slimkit.io.artifact import load_artifact, save_artifact
 from slimkit.io.loader import load_zoo
+from slimkit.quant.calibrate import calibrate_inputs
 from slimkit.quant.modules import FakeQuant, QuantLayer
 from slimkit.quant.plan import QuantSpec, freeze, wrap_layers
-from slimkit.quant.qat import LsqQuant, QatConfig, calibrate_inputs, qat
+from slimkit.quant.qat import LsqQuant, QatConfig, qat
 from slimkit.train.loop import evaluate
 
 FT = {"max_steps": 60, "lr": 1e-3}

@@ -13,14 +13,9 @@ from slimkit.core.errors import ConfigError, DataError
 from slimkit.export.onnx import check_parity, export_onnx
 from slimkit.io.loader import load_zoo
 from slimkit.io.model import SlimModel
-from slimkit.quant.primitives import fake_quantize
-from slimkit.quant.weight_only import (
-    PackedLinear,
-    WeightOnlyConfig,
-    _weight_only_quant,
-    rtn_quantize,
-    weight_only_quant,
-)
+from slimkit.quant.packed import PackedLinear
+from slimkit.quant.primitives import fake_quantize, rtn_quantize
+from slimkit.quant.weight_only import WeightOnlyConfig, _weight_only_quant, weight_only_quant
 
 
 @pytest.mark.parametrize(("bits", "symmetric"), [(4, True), (4, False), (8, True), (3, False),
@@ -176,7 +171,7 @@ def test_weight_only_stage_in_a_recipe(digits, tmp_path: Path):
 @pytest.mark.parametrize(("bits", "symmetric", "stored"), [(4, True, False), (8, True, False),
                                                            (3, True, True), (4, False, True)])
 def test_state_bytes_match_the_estimate(bits: int, symmetric: bool, stored: bool):
-    from slimkit.quant.weight_only import packed_nbytes
+    from slimkit.quant.packed import packed_nbytes
 
     lin = nn.Linear(100, 12)
     packed = PackedLinear.from_codes(lin, *rtn_quantize(lin.weight, bits, 32, symmetric),
@@ -202,7 +197,7 @@ def test_convs_and_embeddings_pack_and_unpack_in_onnx_runtime(bits: int, symmetr
                                                              tmp_path: Path):
     """Packed conv / embedding weights equal group fake-quantization of the matrix view; the
     ONNX file keeps the packed bytes and ONNX Runtime (which unpacks them at load) agrees."""
-    from slimkit.quant.weight_only import PackedConv, PackedEmbedding
+    from slimkit.quant.packed import PackedConv, PackedEmbedding
 
     class Net(nn.Module):
         def __init__(self) -> None:

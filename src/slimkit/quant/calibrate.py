@@ -1,18 +1,24 @@
 """Run calibration data through a model with observers hooked on chosen layer inputs/outputs.
 
-Statistics only: nothing here changes the model. The hooks are removed even when a batch fails.
+Statistics only: the passes change nothing in the model, and the hooks are removed even when a
+batch fails. :func:`calibrate_inputs` is the one step that applies them, setting the input
+quantizers' qparams. The checks refuse calibration data that cannot give ranges.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from slimkit.core.errors import ConfigError, DataError, did_you_mean
 from slimkit.io.model import set_mode
-from slimkit.quant.observers import Observer
+from slimkit.quant.observers import Observer, make_observer
+
+if TYPE_CHECKING:
+    from slimkit.quant.modules import QuantLayer
 
 
 def batches_of(data: torch.Tensor, batch_size: int) -> Iterable[tuple[torch.Tensor]]:
@@ -83,3 +89,80 @@ def collect(model: nn.Module, points: dict[str, tuple[str, str]],
                 lambda _m, _a, out, o=obs: o.update(out)))
     hooked_passes(model, handles, batches_of(data, batch_size))
     return observers
+
+
+def check_calibration(x: torch.Tensor, what: str = "calibration data") -> None:
+    """Refuse calibration inputs that cannot give activation ranges (QAT, mixed precision).
+
+    Raises:
+        DataError: empty, NaN/Inf, or constant (e.g. all zeros) inputs.
+    """
+    if x.numel() == 0:
+        raise DataError(f"{what} is empty: give at least one training sample")
+    if x.is_floating_point():
+        if not torch.isfinite(x).all():
+            raise DataError(f"{what} holds NaN/Inf values: clean the dataset first")
+        if float(x.amax() - x.amin()) == 0.0:
+            raise DataError(f"{what} is constant (every value {float(x.flatten()[0]):g}): "
+                            "activation ranges would be empty; use real samples")
+
+
+def check_calibration_inputs(x: torch.Tensor, where: str) -> torch.Tensor:
+    """Raise DataError for calibration inputs that are empty, non-finite or constant.
+
+    The messages start with ``where`` (the stage name); integer inputs (token ids) are
+    checked for constancy too. :func:`check_calibration` is the variant for training data.
+
+    Returns:
+        ``x`` unchanged.
+    """
+    if x.numel() == 0:
+        raise DataError(f"{where}: the calibration set is empty; give data with samples")
+    if x.is_floating_point():
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:
+            raise DataError(f"{where}: the calibration inputs hold {bad} NaN/Inf values; "
+                            "clean the data before quantizing")
+    if bool((x == x.flatten()[0]).all()):
+        raise DataError(f"{where}: the calibration inputs are constant (every value is "
+                        f"{float(x.flatten()[0]):g}); give real samples so activations vary")
+    return x
+
+
+def calibrate_inputs(model: nn.Module, layers: dict[str, QuantLayer], x: torch.Tensor,
+                     method: str = "minmax", batch_size: int = 64) -> dict[str, list[float]]:
+    """Set every layer's input quantizer from a calibration pass (slimkit.quant.observers).
+
+    Input quantizers are bypassed during the pass (weights stay fake-quantized), so each
+    layer sees the float activations it will see at the start of training.
+
+    Args:
+        layers: the QuantLayers by name; those with an ``input_fq`` are calibrated.
+        x: calibration inputs.
+        method: a ``CALIBRATORS`` name: minmax, percentile, mse or entropy.
+
+    Returns:
+        ``{name: [min, max]}``: the range each input quantizer was set from.
+
+    Raises:
+        DataError: empty data or NaN/Inf reaching a layer (named).
+        ConfigError: unknown method.
+    """
+    saved = {n: ql.input_fq for n, ql in layers.items() if ql.input_fq is not None}
+    for n in saved:
+        layers[n].input_fq = None
+    try:
+        obs = collect(model, {n: (n, "input") for n in saved},
+                      lambda n: make_observer(method, n, bits=saved[n].bits,
+                                              symmetric=saved[n].symmetric,
+                                              signed=saved[n].signed, narrow=saved[n].narrow),
+                      x, batch_size)
+    finally:
+        for n, fq in saved.items():
+            layers[n].input_fq = fq
+    ranges = {}
+    for n, fq in saved.items():
+        lo, hi = obs[n].range()
+        fq.set_range(lo, hi)
+        ranges[n] = [float(lo.min()), float(hi.max())]
+    return ranges

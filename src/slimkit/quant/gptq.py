@@ -23,6 +23,9 @@ Details kept from the paper and its reference code:
 
 The Hessian is accumulated in float64 from streaming batches (forward hooks): bounded memory,
 one K x K matrix per layer.
+
+This is a solver over the group-wise primitives (:mod:`slimkit.quant.primitives`), below the
+technique that uses it (:mod:`slimkit.quant.weight_only`); it imports no technique.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from torch import nn
 
 from slimkit.core.errors import DataError
 from slimkit.quant.calibrate import hooked_passes
-from slimkit.quant.weight_only import group_qparams, pad_columns, quantize_codes, rtn_quantize
+from slimkit.quant.primitives import group_qparams, pad_columns, quantize_codes, rtn_quantize
 
 
 class HessianAccumulator:

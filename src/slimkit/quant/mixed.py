@@ -41,12 +41,11 @@ from slimkit.data.split import calibration_subset, split_indices
 from slimkit.graph.select import select_layers
 from slimkit.io.model import SlimModel, set_mode
 from slimkit.measure.quality import predict
+from slimkit.quant.calibrate import calibrate_inputs, check_calibration
 from slimkit.quant.extreme import pack_layer
-from slimkit.quant.modules import QUANTIZABLE
+from slimkit.quant.modules import QUANTIZABLE, snap_bias
 from slimkit.quant.plan import QuantSpec, add_quant_transforms, wrap_layers
 from slimkit.quant.primitives import fake_quantize
-from slimkit.quant.ptq import snap_bias
-from slimkit.quant.qat import calibrate_inputs, check_calibration
 from slimkit.train.loop import evaluate
 
 FLOAT = 32  # "bits" of a layer left in float

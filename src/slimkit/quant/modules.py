@@ -7,7 +7,8 @@ QAT, and an ONNX export to a QuantizeLinear/DequantizeLinear pair carrying slimk
 
 ``QuantLayer`` wraps a Linear or Conv: optional quantizers on its input, weight and output.
 ``freeze()`` replaces the float weight by its integer codes (int8 buffer) plus qparams, so the
-saved state really holds integers; the forward then dequantizes them.
+saved state really holds integers; the forward then dequantizes them. :func:`snap_bias` puts
+its bias on the int32 grid the integer kernels use (PTQ, QAT and mixed precision share it).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from slimkit.quant.primitives import (
 )
 
 QUANTIZABLE = ("Linear", "Conv1d", "Conv2d", "Conv3d")
+OTHER_TYPES = ("Conv1d", "Conv2d", "Conv3d", "Embedding")  # what Linear-only techniques skip
 
 
 class FakeQuant(nn.Module):
@@ -138,3 +140,24 @@ class QuantLayer(nn.Module):
         else:
             y = self.layer._conv_forward(x, w, self.layer.bias)
         return y if self.output_fq is None else self.output_fq(y)
+
+
+def snap_bias(ql: QuantLayer) -> bool:
+    """Round the bias to the int32 grid ``s_x * s_w`` that integer kernels accumulate on.
+
+    Returns:
+        True when some bias value had to be clipped to the int32 range (a tiny input scale,
+        e.g. from constant calibration data).
+    """
+    if ql.layer.bias is None or ql.input_fq is None or ql.weight_fq is None:
+        return False
+    if ql.input_fq.granularity.kind != "tensor" or ql.weight_fq.granularity.kind == "group":
+        return False
+    with torch.no_grad():
+        step = (ql.input_fq.scale.double() * ql.weight_fq.scale.double().flatten())
+        step = step.expand_as(ql.layer.bias)
+        q = torch.round(ql.layer.bias.double() / step)
+        clipped = bool((q.abs() > 2**31 - 1).any())
+        q = q.clamp(-(2**31), 2**31 - 1)
+        ql.layer.bias.copy_((q * step).to(ql.layer.bias.dtype))
+    return clipped

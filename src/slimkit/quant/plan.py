@@ -121,6 +121,18 @@ def rebuild(model: nn.Module, plan: dict) -> nn.Module:
     return model
 
 
+def byte_totals(layers: dict[str, dict]) -> dict[str, float]:
+    """Layers quantized, their weight bytes before and after, and the ratio.
+
+    ``layers`` are a plan's entries holding ``bytes_before`` / ``bytes_after`` (weight-only
+    and dynamic quantization report their totals with it).
+    """
+    before = sum(e["bytes_before"] for e in layers.values())
+    after = sum(e["bytes_after"] for e in layers.values())
+    return {"layers": len(layers), "bytes_before": before, "bytes_after": after,
+            "ratio": before / after if after else 1.0}
+
+
 def add_quant_transforms(record: Record) -> None:
     """Let the artifact rebuild the quantized layers (plain frozen and bit-packed ones)."""
     if record.details.get("plan"):

@@ -11,6 +11,16 @@ One ``granularity`` argument says which elements share a scale:
 - ``"group:SIZE"`` / ``"group:SIZE:AXIS"``: one per block of ``SIZE`` consecutive elements along
   ``AXIS`` (default -1, the input dimension of a weight), for every index of the other dims.
 
+Group-wise packed weight codes (weight-only quantization, GPTQ): a weight ``W`` of shape
+``(N, K)`` is cut along its input dimension into blocks of ``block`` columns (the last block
+zero-padded when ``K`` is not a multiple); each row of each block has its own scale ``s`` and
+zero point ``z`` and holds unsigned codes ``u`` in ``[0, 2**bits)`` with ``W ~ (u - z) * s``.
+Symmetric schemes use ``z = 2**(bits-1)`` (signed codes shifted to unsigned), asymmetric ones
+the ``z`` covering the group's ``[min, max]``. Codes are stored packed per row in uint8
+containers of ``storage_bits`` (2, 4 or 8).
+
+Dynamic activation qparams (:func:`activation_qparams`) follow ONNX's DynamicQuantizeLinear.
+
 These functions are pure (no modules, no state); modules and techniques call them.
 """
 
@@ -19,11 +29,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from slimkit.core.errors import ConfigError
 
 #: Smallest scale ever used: an all-zero or constant range must never divide by zero.
 SCALE_FLOOR = 1e-8
+_F16 = torch.finfo(torch.float16)
 
 
 @dataclass(frozen=True)
@@ -202,3 +214,148 @@ def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     shifts = torch.arange(per, dtype=torch.int32) * bits
     codes = (packed.to(torch.int32).unsqueeze(1) >> shifts) & ((1 << bits) - 1)
     return codes.flatten()[:numel].to(torch.uint8)
+
+
+# ------------------------------------------------------------- group-wise packed weight codes
+
+
+def storage_bits(bits: int) -> int:
+    """Width of the container a ``bits``-wide code is packed in (2, 4 or 8)."""
+    qrange(bits)  # validates 2..8
+    return 2 if bits == 2 else 4 if bits <= 4 else 8
+
+
+def block_for(in_features: int, group_size: int) -> int:
+    """The block (group) size used for a layer: ``group_size``, or one block per row for 0.
+
+    ONNX Runtime's MatMulNBits takes power-of-two blocks of at least 16, so a whole-row group
+    is the power of two covering the row (the padding columns hold zero codes). A layer
+    narrower than ``group_size`` gets that smaller block too, rather than mostly padding.
+    """
+    row = max(16, 1 << max(0, in_features - 1).bit_length())
+    return min(group_size, row) if group_size else row
+
+
+def check_group_size(group_size: int) -> int:
+    """Validate a group size: 0 (one group per row) or a power of two >= 16.
+
+    Raises:
+        ConfigError: any other value.
+    """
+    if group_size != 0 and (group_size < 16 or group_size & (group_size - 1)):
+        raise ConfigError(f"group_size {group_size} must be 0 (one group per output row) or a "
+                          "power of two >= 16 (ONNX Runtime's MatMulNBits needs such blocks)")
+    return group_size
+
+
+def round_scale(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
+    """The float32 value of ``scale`` once stored as ``scale_dtype`` (fp16 kept in its range)."""
+    if scale_dtype == "float16":
+        return scale.clamp(_F16.tiny, _F16.max).to(torch.float16).to(torch.float32)
+    return scale.to(torch.float32)
+
+
+def group_qparams(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: str = "float32",
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and unsigned zero point of each row of ``w``'s last dimension (one group).
+
+    Args:
+        w: ``(..., G)``; one (scale, zero point) per leading index.
+
+    Returns:
+        ``(scale, zero)``: float32 scale (already rounded to what ``scale_dtype`` stores) and
+        int32 zero point in ``[0, 2**bits)``, both shaped ``w.shape[:-1]``.
+    """
+    lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+    scale, zero = choose_qparams(lo, hi, bits, symmetric, signed=symmetric)
+    qmin, _ = qrange(bits, signed=symmetric)
+    return round_scale(scale, scale_dtype), (zero - qmin).to(torch.int32)
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                   bits: int) -> torch.Tensor:
+    """Unsigned codes ``clamp(round_half_even(w / s) + z, 0, 2**bits - 1)`` (float tensor)."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, (1 << bits) - 1)
+
+
+def pad_columns(w: torch.Tensor, block: int) -> torch.Tensor:
+    """``w`` with zero columns appended so its width is a multiple of ``block``."""
+    pad = (-w.shape[1]) % block
+    return F.pad(w, (0, pad)) if pad else w
+
+
+def rtn_quantize(w: torch.Tensor, bits: int, block: int, symmetric: bool,
+                 scale_dtype: str = "float16",
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest group quantization of a ``(N, K)`` weight.
+
+    Returns:
+        ``(codes, scales, zeros)``: uint8 codes ``(N, K_padded)``, float32 scales and int32
+        zero points ``(N, n_blocks)``.
+
+    Example:
+        >>> codes, s, z = rtn_quantize(torch.randn(8, 100), bits=4, block=32, symmetric=True)
+    """
+    wp = pad_columns(w.detach().to(torch.float32), block)
+    n, kp = wp.shape
+    groups = wp.view(n, kp // block, block)
+    scale, zero = group_qparams(groups, bits, symmetric, scale_dtype)
+    codes = quantize_codes(groups, scale[..., None], zero[..., None], bits)
+    return codes.reshape(n, kp).to(torch.uint8), scale, zero
+
+
+def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                     in_features: int) -> torch.Tensor:
+    """``(u - z) * s`` of ``(N, K_padded)`` codes, cropped to ``in_features`` columns."""
+    n, nb = scales.shape
+    u = codes.reshape(n, nb, -1).to(torch.float32)
+    w = (u - zeros.to(torch.float32)[..., None]) * scales.to(torch.float32)[..., None]
+    return w.reshape(n, -1)[:, :in_features]
+
+
+def pack_rows(values: torch.Tensor, sbits: int) -> torch.Tensor:
+    """Pack each row of a ``(N, M)`` code matrix separately (rows start on a byte)."""
+    per = 8 // sbits
+    width = -(-values.shape[1] // per) * per
+    padded = F.pad(values.to(torch.int32), (0, width - values.shape[1]))
+    return pack(padded, sbits).view(values.shape[0], width // per)
+
+
+def unpack_rows(t: torch.Tensor, sb: int, rows: int) -> torch.Tensor:
+    """The uint8 codes of a per-row packed buffer, ``(rows, -1)``."""
+    if sb == 8:
+        return t.reshape(rows, -1)
+    return unpack(t.flatten(), sb, t.numel() * (8 // sb)).view(rows, -1)
+
+
+def dequantize_packed(packed: torch.Tensor, scales: torch.Tensor,
+                      zero_points: torch.Tensor | None, rows: int, cols: int, sb: int,
+                      zero: int) -> torch.Tensor:
+    """``(u - z) * s`` from the packed buffers, cropped to ``cols`` columns (float32)."""
+    nb = scales.shape[1]
+    zeros = (torch.full((rows, nb), zero, dtype=torch.uint8, device=scales.device)
+             if zero_points is None else unpack_rows(zero_points, sb, rows)[:, :nb])
+    return dequantize_codes(unpack_rows(packed, sb, rows), scales, zeros, cols)
+
+
+# --------------------------------------------------------------- dynamic activation qparams
+
+
+def activation_qparams(x: torch.Tensor, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 scale and zero point of ``x`` ``(..., K)``, as ONNX's DynamicQuantizeLinear.
+
+    The range is widened to hold 0; ``scale = (max - min) / 255`` (1 for an all-zero range,
+    as ONNX Runtime does) and ``zero = round(-min / scale)``.
+
+    Returns:
+        ``(scale, zero)`` float tensors shaped ``(..., 1)`` (per row) or ``()``.
+    """
+    if per_row:
+        lo = x.amin(dim=-1, keepdim=True).clamp(max=0.0)
+        hi = x.amax(dim=-1, keepdim=True).clamp(min=0.0)
+    else:
+        lo, hi = x.amin().clamp(max=0.0), x.amax().clamp(min=0.0)
+    span = hi - lo
+    scale = torch.where(span > 0, span / 255.0, 1.0)  # (a scalar: no shape baked in ONNX)
+    zero = torch.clamp(torch.round(-lo / scale), 0.0, 255.0)
+    return scale, zero

@@ -37,7 +37,7 @@ from slimkit.io.model import SlimModel, set_mode
 from slimkit.measure import verify_finite
 from slimkit.quant.calibrate import collect
 from slimkit.quant.fold import fold_batchnorm
-from slimkit.quant.modules import QUANTIZABLE, QuantLayer
+from slimkit.quant.modules import QUANTIZABLE, QuantLayer, snap_bias
 from slimkit.quant.observers import CALIBRATORS, make_observer
 from slimkit.quant.plan import QuantSpec, freeze, wrap_layers
 from slimkit.quant.primitives import choose_qparams, qrange
@@ -199,27 +199,6 @@ def _output_range(name: str, link: dict, ranges: dict, spec: QuantSpec,
                           "it needs the zero point at the lowest code; output left in float"})
             return None
     return lo, hi
-
-
-def snap_bias(ql: QuantLayer) -> bool:
-    """Round the bias to the int32 grid ``s_x * s_w`` that integer kernels accumulate on.
-
-    Returns:
-        True when some bias value had to be clipped to the int32 range (a tiny input scale,
-        e.g. from constant calibration data).
-    """
-    if ql.layer.bias is None or ql.input_fq is None or ql.weight_fq is None:
-        return False
-    if ql.input_fq.granularity.kind != "tensor" or ql.weight_fq.granularity.kind == "group":
-        return False
-    with torch.no_grad():
-        step = (ql.input_fq.scale.double() * ql.weight_fq.scale.double().flatten())
-        step = step.expand_as(ql.layer.bias)
-        q = torch.round(ql.layer.bias.double() / step)
-        clipped = bool((q.abs() > 2**31 - 1).any())
-        q = q.clamp(-(2**31), 2**31 - 1)
-        ql.layer.bias.copy_((q * step).to(ql.layer.bias.dtype))
-    return clipped
 
 
 def _describe(name: str, ql: QuantLayer, link: dict, cfg: PtqConfig) -> dict[str, Any]:

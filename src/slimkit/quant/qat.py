@@ -34,7 +34,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from slimkit.core.config import SlimConfig
-from slimkit.core.errors import ConfigError, DataError
+from slimkit.core.errors import ConfigError
 from slimkit.core.record import Record
 from slimkit.core.stages import StageContext, register_stage
 from slimkit.data.bundle import DataBundle
@@ -43,13 +43,11 @@ from slimkit.distill.run import FinetuneConfig, finetune
 from slimkit.graph.select import select_layers
 from slimkit.io.model import SlimModel, set_mode
 from slimkit.measure import verify_finite
-from slimkit.quant.calibrate import collect
+from slimkit.quant.calibrate import calibrate_inputs, check_calibration
 from slimkit.quant.extreme import SignQuant, pack_layer, packed_bytes, spec_of
-from slimkit.quant.modules import QUANTIZABLE, FakeQuant, QuantLayer
-from slimkit.quant.observers import make_observer
+from slimkit.quant.modules import QUANTIZABLE, FakeQuant, QuantLayer, snap_bias
 from slimkit.quant.plan import QUANTIZERS, QuantSpec, add_quant_transforms, wrap_layers
 from slimkit.quant.primitives import SCALE_FLOOR, _grouped, choose_qparams, reduce_range
-from slimkit.quant.ptq import snap_bias
 from slimkit.train.loop import evaluate
 
 
@@ -218,61 +216,6 @@ class QatConfig(SlimConfig):
             raise ValueError(f"unknown weight quantizer '{name}'; known: "
                              f"{', '.join(QUANTIZERS.names())}")
         return name
-
-
-def check_calibration(x: torch.Tensor, what: str = "calibration data") -> None:
-    """Refuse calibration inputs that cannot give activation ranges.
-
-    Raises:
-        DataError: empty, NaN/Inf, or constant (e.g. all zeros) inputs.
-    """
-    if x.numel() == 0:
-        raise DataError(f"{what} is empty: give at least one training sample")
-    if x.is_floating_point():
-        if not torch.isfinite(x).all():
-            raise DataError(f"{what} holds NaN/Inf values: clean the dataset first")
-        if float(x.amax() - x.amin()) == 0.0:
-            raise DataError(f"{what} is constant (every value {float(x.flatten()[0]):g}): "
-                            "activation ranges would be empty; use real samples")
-
-
-def calibrate_inputs(model: nn.Module, layers: dict[str, QuantLayer], x: torch.Tensor,
-                     method: str = "minmax", batch_size: int = 64) -> dict[str, list[float]]:
-    """Set every layer's input quantizer from a calibration pass (slimkit.quant.observers).
-
-    Input quantizers are bypassed during the pass (weights stay fake-quantized), so each
-    layer sees the float activations it will see at the start of training.
-
-    Args:
-        layers: the QuantLayers by name; those with an ``input_fq`` are calibrated.
-        x: calibration inputs.
-        method: a ``CALIBRATORS`` name: minmax, percentile, mse or entropy.
-
-    Returns:
-        ``{name: [min, max]}``: the range each input quantizer was set from.
-
-    Raises:
-        DataError: empty data or NaN/Inf reaching a layer (named).
-        ConfigError: unknown method.
-    """
-    saved = {n: ql.input_fq for n, ql in layers.items() if ql.input_fq is not None}
-    for n in saved:
-        layers[n].input_fq = None
-    try:
-        obs = collect(model, {n: (n, "input") for n in saved},
-                      lambda n: make_observer(method, n, bits=saved[n].bits,
-                                              symmetric=saved[n].symmetric,
-                                              signed=saved[n].signed, narrow=saved[n].narrow),
-                      x, batch_size)
-    finally:
-        for n, fq in saved.items():
-            layers[n].input_fq = fq
-    ranges = {}
-    for n, fq in saved.items():
-        lo, hi = obs[n].range()
-        fq.set_range(lo, hi)
-        ranges[n] = [float(lo.min()), float(hi.max())]
-    return ranges
 
 
 def _layer_plan(names: list[str], cfg: QatConfig) -> dict[str, dict]:
