@@ -42,6 +42,7 @@ from _common import emit  # noqa: I001
 from torch import nn
 
 from slimkit.core.files import write_json
+from slimkit.core.stages import StageContext
 from slimkit.data import load_data
 from slimkit.data.bundle import DataBundle
 from slimkit.distill.run import FinetuneConfig, finetune
@@ -74,7 +75,7 @@ def error(model: nn.Module, data: DataBundle) -> float:
     return 100.0 * (1.0 - evaluate(model, data.x_test, data.y_test))
 
 
-def prune_rounds(model: nn.Module, data: DataBundle, keep: dict[str, float], rounds: int,
+def prune_rounds(model: SlimModel, data: DataBundle, keep: dict[str, float], rounds: int,
                  train: TrainConfig) -> nn.Module:
     """Prune each layer to its density in ``rounds`` geometric steps, retraining with masks."""
     for r in range(1, rounds + 1):
@@ -82,7 +83,7 @@ def prune_rounds(model: nn.Module, data: DataBundle, keep: dict[str, float], rou
             cfg = MagnitudePruneConfig(sparsity=1.0 - density ** (r / rounds), scope="layer",
                                        include=[layer])
             model, _ = magnitude_prune(model, cfg)
-        modules = dict(model.named_modules())
+        modules = dict(model.module.named_modules())
         masks = {n: modules[n].weight.detach() != 0 for n in keep}
 
         def reapply(m: nn.Module, masks: dict = masks, modules: dict = modules) -> None:
@@ -90,12 +91,12 @@ def prune_rounds(model: nn.Module, data: DataBundle, keep: dict[str, float], rou
                 for n, mask in masks.items():
                     modules[n].weight.mul_(mask)
 
-        finetune(model, data, train.model_copy(update={"seed": train.seed + r}),
+        finetune(model.module, data, train.model_copy(update={"seed": train.seed + r}),
                  after_step=reapply, label=f"prune round {r}")
-    return model
+    return model.module
 
 
-def prune_gradual(model: nn.Module, data: DataBundle, keep: dict[str, float],
+def prune_gradual(model: SlimModel, data: DataBundle, keep: dict[str, float],
                   args: argparse.Namespace) -> nn.Module:
     """Gradual (AGP) magnitude pruning to each layer's kept fraction, inside fine-tuning."""
     cfg = GradualPruneConfig(
@@ -104,8 +105,8 @@ def prune_gradual(model: nn.Module, data: DataBundle, keep: dict[str, float],
         frequency=args.frequency, ramp_fraction=args.ramp,
         train=FinetuneConfig(epochs=args.prune_epochs, lr=args.lr, batch_size=64,
                              weight_decay=args.weight_decay, seed=args.seed + 1))
-    pruned, _ = gradual_prune(model, cfg, data)
-    return pruned
+    pruned, _ = gradual_prune(model, cfg, StageContext(data=data, progress=False))
+    return pruned.module
 
 
 def round_biases(model: nn.Module) -> None:
@@ -165,9 +166,9 @@ def run(name: str, data: DataBundle, args: argparse.Namespace, out_dir: Path) ->
     if args.pruner == "rounds":
         retrain = TrainConfig(epochs=args.prune_epochs, lr=args.lr, batch_size=64,
                               weight_decay=args.weight_decay, seed=args.seed)
-        pruned = prune_rounds(model.module, data, keep, args.rounds, retrain)
+        pruned = prune_rounds(model, data, keep, args.rounds, retrain)
     else:
-        pruned = prune_gradual(model.module, data, keep, args)
+        pruned = prune_gradual(model, data, keep, args)
     modules = dict(pruned.named_modules())
     result: dict[str, Any] = {
         "paper": {k: paper[k] for k in ("ratio", "original_kb", "compressed_kb",

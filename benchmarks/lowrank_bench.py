@@ -34,6 +34,7 @@ from _common import emit  # noqa: I001
 from torch import nn
 
 from slimkit.core.files import write_json
+from slimkit.core.stages import StageContext
 from slimkit.data import load_data
 from slimkit.data.bundle import DataBundle
 from slimkit.distill.config import DistillConfig
@@ -60,9 +61,11 @@ def factorize(model: SlimModel, data: DataBundle, cfg: LowRankConfig,
               ft_epochs: int, ft_lr: float) -> dict[str, Any]:
     """Factorize, evaluate raw, fine-tune (distilled from the original), evaluate again."""
     start = time.perf_counter()
-    raw, _ = lowrank(model.module, cfg, data)
+    ctx = StageContext(data=data, progress=False)
+    raw = lowrank(model, cfg, ctx)[0].module
     ft_cfg = FinetuneConfig(epochs=ft_epochs, lr=ft_lr, distill=DistillConfig())
-    tuned, rec = lowrank(model.module, cfg.model_copy(update={"finetune": ft_cfg}), data)
+    out, rec = lowrank(model, cfg.model_copy(update={"finetune": ft_cfg}), ctx)
+    tuned = out.module
     tuned.eval()
     totals = rec.details["totals"]
     return {
@@ -125,11 +128,11 @@ def conv_sweep(model: SlimModel, data: DataBundle, ratio: float) -> dict[str, An
     out = {}
     for conv in ("tucker2", "cp", "spatial", "svd"):
         cfg = LowRankConfig(conv=conv, rank="ratio", ratio=ratio, include=["conv2"])
-        small, rec = lowrank(model.module, cfg, data)
+        small, rec = lowrank(model, cfg, StageContext(data=data, progress=False))
         row = rec.details["layers"]["conv2"]
         out[conv] = {"rank": row["rank"], "params_after": row["params_after"],
                      "params_before": row["params_before"], "rel_error": row["rel_error"],
-                     "top1_raw": evaluate(small, data.x_test, data.y_test)}
+                     "top1_raw": evaluate(small.module, data.x_test, data.y_test)}
     return out
 
 

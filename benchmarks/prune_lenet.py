@@ -22,6 +22,7 @@ from _common import emit  # noqa: I001
 from torch import nn
 
 from slimkit.core.files import write_json
+from slimkit.core.stages import StageContext
 from slimkit.data import load_data
 from slimkit.data.bundle import DataBundle
 from slimkit.distill.run import FinetuneConfig
@@ -52,10 +53,10 @@ def run(name: str, data: DataBundle, args: argparse.Namespace) -> dict[str, Any]
     paper = PAPER[name]
     start = time.perf_counter()
     torch.manual_seed(args.seed)
-    model = load_zoo(name, data).module
-    fit(model, data, TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=64, seed=args.seed),
-        progress=False)
-    base_err = error(model, data)
+    model = load_zoo(name, data)
+    fit(model.module, data, TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=64,
+                                        seed=args.seed), progress=False)
+    base_err = error(model.module, data)
     cfg = GradualPruneConfig(
         final_sparsity=1.0 - args.global_keep, scope=args.scope, frequency=args.frequency,
         ramp_fraction=args.ramp,
@@ -64,7 +65,8 @@ def run(name: str, data: DataBundle, args: argparse.Namespace) -> dict[str, Any]
         include=list(paper["keep"]),
         train=FinetuneConfig(epochs=args.prune_epochs, lr=args.lr, batch_size=64,
                              seed=args.seed + 1))
-    pruned, rec = gradual_prune(model, cfg, data)
+    out, rec = gradual_prune(model, cfg, StageContext(data=data, progress=False))
+    pruned = out.module
     weights = sum(v["numel"] for v in rec.details["layers"].values())
     kept = sum(v["numel"] * (1 - v["sparsity_after"]) for v in rec.details["layers"].values())
     params = sum(p.numel() for p in pruned.parameters())

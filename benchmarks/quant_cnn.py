@@ -33,6 +33,7 @@ import torch
 from _common import emit  # noqa: I001
 
 from slimkit.core.files import write_json
+from slimkit.core.stages import StageContext
 from slimkit.data import calibration_subset, load_data
 from slimkit.export.onnx import check_parity, export_onnx
 from slimkit.export.qdq import int8_ops
@@ -94,19 +95,19 @@ def main() -> None:
     model.module.eval()
     with torch.no_grad():
         torch_fp32 = float((model.module(data.x_test).argmax(1) == data.y_test).float().mean())
-    q, record = ptq(model.module, PtqConfig(calibration=args.calibration,
-                                            num_samples=args.calib), data)
-    qmodel = model.copy(q)
+    ctx = StageContext(data=data, progress=False)
+    qmodel, record = ptq(model, PtqConfig(calibration=args.calibration,
+                                          num_samples=args.calib), ctx)
     # For comparison: every conv in int8, including conv1 (reduction 25), which ORT's integer
     # conv runs slower than its float conv.
-    q_all, _ = ptq(model.module, PtqConfig(calibration=args.calibration, num_samples=args.calib,
-                                           min_conv_reduction=0), data)
+    q_all, _ = ptq(model, PtqConfig(calibration=args.calibration, num_samples=args.calib,
+                                    min_conv_reduction=0), ctx)
     calib = calibration_subset(data, args.calib, seed=0)  # the samples slimkit calibrated on
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         paths = {"fp32": export_onnx(model, tmp / "fp32.onnx"),
                  "slimkit_int8": export_onnx(qmodel, tmp / "slimkit.onnx"),
-                 "slimkit_int8_all_layers": export_onnx(model.copy(q_all), tmp / "all.onnx"),
+                 "slimkit_int8_all_layers": export_onnx(q_all, tmp / "all.onnx"),
                  "ort_quantize_static": peer_quantize(tmp / "fp32.onnx", tmp / "peer.onnx",
                                                       calib, reduce_range=False),
                  "ort_quantize_static_reduce_range": peer_quantize(

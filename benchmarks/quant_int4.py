@@ -26,13 +26,13 @@ import torch
 from _common import emit  # noqa: I001
 
 from slimkit.core.files import write_json
+from slimkit.core.stages import StageContext
 from slimkit.data import load_data
 from slimkit.data.bundle import DataBundle
 from slimkit.export.onnx import check_parity, export_onnx
 from slimkit.io import save_artifact
 from slimkit.io.loader import load_zoo
 from slimkit.io.model import SlimModel
-from slimkit.io.transforms import record_transform
 from slimkit.quant.weight_only import WeightOnlyConfig, weight_only_quant
 from slimkit.train import TrainConfig, evaluate, fit
 
@@ -69,10 +69,8 @@ def sizes(model: SlimModel, out: Path, tag: str) -> dict[str, int]:
 
 def quantize(model: SlimModel, data: DataBundle, cfg: WeightOnlyConfig) -> tuple[SlimModel, dict]:
     start = time.perf_counter()
-    module, rec = weight_only_quant(model.module, cfg, data)
+    out, rec = weight_only_quant(model, cfg, StageContext(data=data, progress=False))
     seconds = time.perf_counter() - start
-    out = model.copy(module)
-    record_transform(out, "weight_only_quant", "slimkit.quant.weight_only", rec.details["plan"])
     return out, {"seconds": seconds, "record": rec}
 
 

@@ -26,11 +26,12 @@ from pathlib import Path
 import torch
 from _common import emit  # noqa: I001
 
+from slimkit.core.record import Record
+from slimkit.core.stages import StageContext, commit_transforms
 from slimkit.data import load_data
 from slimkit.io.artifact import save_artifact
 from slimkit.io.loader import load_zoo
 from slimkit.io.model import SlimModel
-from slimkit.io.transforms import record_transform
 from slimkit.quant.extreme import pack_layer
 from slimkit.quant.mixed import MixedPrecisionConfig, mixed_precision
 from slimkit.quant.modules import QUANTIZABLE
@@ -39,47 +40,47 @@ from slimkit.quant.qat import QatConfig, calibrate_inputs, qat
 from slimkit.train import TrainConfig, evaluate, fit
 
 
-def disk_bytes(model: SlimModel, module: torch.nn.Module, details: dict | None) -> dict:
-    """Artifact bytes (weights file and whole directory) of ``module`` in ``model``'s arch."""
-    out = model.copy(module)
-    if details:
-        if details.get("plan"):
-            record_transform(out, "quant_layers", "slimkit.quant.plan", details["plan"])
-        if details.get("packed_plan"):
-            record_transform(out, "packed_quant", "slimkit.quant.extreme",
-                             details["packed_plan"])
+def disk_bytes(model: SlimModel) -> dict:
+    """Artifact bytes (weights file and whole directory) of ``model`` (its arch holds the
+    transforms that rebuild the quantized layers)."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = save_artifact(out, Path(tmp) / "a")
+        path = save_artifact(model, Path(tmp) / "a")
         weights = (path / "weights.safetensors").stat().st_size
         total = sum(f.stat().st_size for f in path.iterdir())
     return {"weights_bytes": weights, "artifact_bytes": total}
 
 
-def rtn(model: torch.nn.Module, x_calib: torch.Tensor, bits: int, act_bits: int) -> tuple:
+def rtn(model: SlimModel, x_calib: torch.Tensor, bits: int, act_bits: int) -> tuple:
     """Round-to-nearest PTQ: per-channel weights at ``bits``, min/max activations.
 
     Stored like the QAT variants: <= 4-bit codes bit-packed, 8-bit ones as int8.
     """
-    work = copy.deepcopy(model)
+    work = copy.deepcopy(model.module)
     names = [n for n, m in work.named_modules() if type(m).__name__ in QUANTIZABLE]
     spec = {"weight": QuantSpec(bits=bits, granularity="channel"),
             "input": QuantSpec(bits=act_bits, symmetric=False, signed=False)}
     layers = wrap_layers(work, {n: spec for n in names})
     calibrate_inputs(work, layers, x_calib)
     if bits <= 4:
-        return work, {"packed_plan": {"layers": {n: pack_layer(work, n) for n in names}}}
-    freeze(work)
-    plan = {"layers": {n: {k: (v.model_dump() if v else None) for k, v in
-                           {**spec, "output": None}.items()} for n in names}, "frozen": True}
-    return work, {"plan": plan}
+        kind, details = "packed_quant", {
+            "packed_plan": {"layers": {n: pack_layer(work, n) for n in names}}}
+    else:
+        freeze(work)
+        kind, details = "quant_layers", {"plan": {
+            "layers": {n: {k: (v.model_dump() if v else None) for k, v in
+                           {**spec, "output": None}.items()} for n in names}, "frozen": True}}
+    out = model.copy(work)
+    # Not a registered stage: store its transform the way the stage contract does.
+    commit_transforms(out, Record(transforms=[(kind, next(iter(details.values())))]))
+    return out, details
 
 
-def run_variant(name: str, fn, results: dict, zoo: SlimModel, data) -> None:
+def run_variant(name: str, fn, results: dict, data) -> None:
     t = time.perf_counter()
-    module, details = fn()
-    acc = evaluate(module, data.x_test, data.y_test)
+    model, details = fn()
+    acc = evaluate(model.module, data.x_test, data.y_test)
     results[name] = {"top1": acc, "seconds": round(time.perf_counter() - t, 2),
-                     **disk_bytes(zoo, module, details)}
+                     **disk_bytes(model)}
     if details and "finetune" in details:  # QAT: the accuracy trail and training curve
         results[name]["accuracy"] = details["accuracy"]
         results[name]["epoch_test_top1"] = [e.get("test_top1")
@@ -104,16 +105,15 @@ def main() -> None:
     fit(zoo.module, data, TrainConfig(epochs=args.epochs, lr=2e-3, batch_size=64),
         progress=False)
     zoo.module.eval()
-    net = zoo.module
+    ctx = StageContext(data=data, progress=False)
     calib = data.x_train[:256]
     res: dict = {}
-    run_variant("fp32", lambda: (copy.deepcopy(net), None), res, zoo, data)
+    run_variant("fp32", lambda: (zoo.copy(), None), res, data)
     ft = {"epochs": args.qat_epochs, "lr": args.qat_lr, "batch_size": 64}
     kd = {**ft, "distill": {}}
     for bits, abits in ((4, 8), (2, 8), (4, 4), (2, 2)):
         tag = f"w{bits}a{abits}"
-        run_variant(f"{tag}_rtn", lambda b=bits, a=abits: rtn(net, calib, b, a), res, zoo,
-                    data)
+        run_variant(f"{tag}_rtn", lambda b=bits, a=abits: rtn(zoo, calib, b, a), res, data)
         for label, cfg in (
                 ("ste_fixed", QatConfig(weight_bits=bits, act_bits=abits,
                                         weight_quantizer="affine", act_quantizer="affine",
@@ -121,21 +121,20 @@ def main() -> None:
                 ("lsq", QatConfig(weight_bits=bits, act_bits=abits, finetune=ft)),
                 ("lsq_distill", QatConfig(weight_bits=bits, act_bits=abits, finetune=kd))):
             run_variant(f"{tag}_qat_{label}",
-                        lambda c=cfg: _details(qat(net, c, data)), res, zoo, data)
+                        lambda c=cfg: _details(qat(zoo, c, ctx)), res, data)
     ext = {"epochs": args.extreme_epochs, "lr": 1e-3, "batch_size": 64}
     for kind in ("binary", "ternary"):
         cfg = QatConfig(weight_quantizer=kind, first_last_bits=8, finetune=ext)
-        run_variant(f"{kind}_a8_qat", lambda c=cfg: _details(qat(net, c, data)), res, zoo,
-                    data)
+        run_variant(f"{kind}_a8_qat", lambda c=cfg: _details(qat(zoo, c, ctx)), res, data)
     mp_cfg = MixedPrecisionConfig(policy="size", size_ratio=args.size_ratio)
     mp_rec: dict = {}
 
     def mp():
-        module, rec = mixed_precision(net, mp_cfg, data)
+        out, rec = mixed_precision(zoo, mp_cfg, ctx)
         mp_rec.update(rec.details)
-        return module, rec.details
+        return out, rec.details
 
-    run_variant("mixed_precision_weights_only", mp, res, zoo, data)
+    run_variant("mixed_precision_weights_only", mp, res, data)
     res["mixed_precision_weights_only"]["asked"] = mp_rec["asked"]
     res["mixed_precision_weights_only"]["achieved"] = mp_rec["achieved"]
     res["mixed_precision_weights_only"]["layers"] = {
@@ -162,8 +161,8 @@ def main() -> None:
 
 
 def _details(out: tuple) -> tuple:
-    module, record = out
-    return module, record.details
+    model, record = out
+    return model, record.details
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from slimkit.export.onnx import check_parity, export_onnx
 from slimkit.io.loader import load_zoo
 from slimkit.io.model import SlimModel
 from slimkit.measure.latency import ort_runner, ort_session, time_interleaved, torch_runner
-from slimkit.quant.dynamic import DynamicQuantConfig, dynamic_quant
+from slimkit.quant.dynamic import DynamicQuantConfig, _dynamic_quant
 from slimkit.train import TrainConfig, evaluate, fit
 
 RESULTS = Path(__file__).parent / "results" / "quant_transformer.json"
@@ -86,7 +86,9 @@ def make_tiny_bert(path: Path) -> None:
 
 def slimkit_variant(model: SlimModel, cfg: DynamicQuantConfig, calib: torch.Tensor,
                     tmp: Path, tag: str) -> tuple[SlimModel, Path, dict]:
-    module, rec = dynamic_quant(model.module, cfg, calib_x=calib)
+    # The stage (dynamic_quant) calibrates on a stratified subset of a DataBundle; every
+    # quantizer here gets the same calibration tensor, so the module-level function is used.
+    module, rec = _dynamic_quant(model.module, cfg, calib_x=calib)
     q = model.copy(module)
     q.arch = None
     path = export_onnx(q, tmp / f"{tag}.onnx")

@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import emit  # noqa: I001
+from _common import emit, pinned  # noqa: I001
 from torch import nn
 
+from slimkit.core.stages import StageContext
 from slimkit.data import load_data
 from slimkit.distill.config import DistillConfig, LogitKD
 from slimkit.distill.run import FinetuneConfig
@@ -86,6 +87,8 @@ def run_model(name: str, data: Any, args: argparse.Namespace) -> dict[str, Any]:
     width = {"flops": args.keep_flops}
     depth = {**width, "params": 1 / args.params_ratio, "latency": args.keep_latency}
     records = {}
+    # Traced, measured and verified on the test image x1, as before the stage contract.
+    model, ctx = pinned(base, (x1,)), StageContext(data=data, progress=False)
     for label, ft, target, blocks in (("slimkit", tune, width, 0.0),
                                       ("slimkit_kd", kd, width, 0.0),
                                       ("slimkit_depth", kd, depth, "auto")):
@@ -94,8 +97,8 @@ def run_model(name: str, data: Any, args: argparse.Namespace) -> dict[str, Any]:
                                     latency_threads=args.threads, latency_batches=[1, 32],
                                     allocation=args.allocation, steps=args.steps,
                                     round_to=args.round_to, finetune=ft)
-        variants[label], records[label] = structured_prune(base.module, cfg, data=data,
-                                                           example_inputs=(x1,))
+        out, records[label] = structured_prune(model, cfg, ctx)
+        variants[label] = out.module
         timings[label] = time.perf_counter() - t0
     t0 = time.perf_counter()
     peer_error = None

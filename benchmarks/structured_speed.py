@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import emit  # noqa: I001
+from _common import emit, pinned  # noqa: I001
 
 from slimkit.core.files import write_json
 from slimkit.export.onnx import check_parity, export_onnx
@@ -41,7 +41,8 @@ def bench(name: str, kwargs: dict[str, Any], repeats: int) -> dict[str, Any]:
     t_analyze = time.perf_counter() - start
     cfg = StructuredPruneConfig(target={"flops": 0.5}, round_to=1 if name == "vit" else 8)
     start = time.perf_counter()
-    small, rec = structured_prune(model.module, cfg, example_inputs=x)
+    out, rec = structured_prune(pinned(model, x), cfg)  # traced at batch 1, as before
+    small = out.module
     t_prune = time.perf_counter() - start
     pruned = model.copy(small)
     pruned.arch = None

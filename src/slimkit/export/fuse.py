@@ -21,6 +21,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from slimkit.io.onnx_graph import OnnxGraphIndex
+
 
 @dataclass
 class _Chain:
@@ -38,17 +40,12 @@ class _Chain:
         return self.x, self.weight.dtype.str, self.weight.shape[0], self.weight_zero is None
 
 
-class _Graph:
+class _Graph(OnnxGraphIndex):
     """Producer/consumer maps and constant lookup over an ONNX graph."""
 
     def __init__(self, graph: onnx.GraphProto) -> None:
-        self.graph = graph
+        super().__init__(graph)
         self.inits = {t.name: t for t in graph.initializer}
-        self.producer = {o: n for n in graph.node for o in n.output}
-        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        for n in graph.node:
-            for i in n.input:
-                self.consumers[i].append(n)
 
     def const(self, name: str) -> np.ndarray | None:
         """The value of ``name`` if it is an initializer (possibly behind Identity/Constant)."""
@@ -60,11 +57,6 @@ class _Graph:
         if node is not None and node.op_type == "Constant":
             return numpy_helper.to_array(node.attribute[0].t)
         return None
-
-    def only(self, name: str, op: str) -> onnx.NodeProto | None:
-        """The single consumer of ``name`` when it is an ``op`` node, else None."""
-        users = self.consumers.get(name, [])
-        return users[0] if len(users) == 1 and users[0].op_type == op else None
 
 
 def _cast_to(node: onnx.NodeProto) -> int:
@@ -80,7 +72,7 @@ def _chain(g: _Graph, dql: onnx.NodeProto) -> _Chain | None:
         nodes.append(user)
         q = user.output[0]
     mmi = g.only(q, "MatMulInteger")
-    if mmi is None or mmi.input[2] != z or len(g.consumers[z]) != 1:
+    if mmi is None or mmi.input[2] != z or len(g.users(z)) != 1:
         return None
     weight = g.const(mmi.input[1])
     has_wzero = len(mmi.input) > 3 and bool(mmi.input[3])

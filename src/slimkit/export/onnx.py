@@ -69,7 +69,7 @@ def export_onnx(model: SlimModel, path: str | Path, opset: int = OPSET) -> Path:
 
 
 def _has_dynamic_quant(module: torch.nn.Module) -> bool:
-    from slimkit.quant.dynamic import DynamicQuantLinear
+    from slimkit.quant.dynamic_linear import DynamicQuantLinear
 
     return any(isinstance(m, DynamicQuantLinear) for m in module.modules())
 
@@ -102,7 +102,7 @@ def check_parity(model: SlimModel, onnx_path: str | Path, inputs: tuple[torch.Te
         ``{"max_abs_diff", "atol", "ok", "batch"}``; ``ok`` is False when the difference
         exceeds ``atol`` (callers decide whether that is fatal).
     """
-    from slimkit.measure.latency import ort_session
+    from slimkit.io.onnx_model import ort_session
 
     set_mode(model.module, False)
     with torch.inference_mode():

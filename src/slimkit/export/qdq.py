@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimkit.core.errors import ExportError
+from slimkit.io.onnx_graph import OnnxGraphIndex
 from slimkit.quant.modules import FakeQuant, QuantLayer
 
 #: Float ops ORT should have replaced by integer kernels in a QDQ model.
@@ -122,7 +123,7 @@ def export_module(module: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------- graph rewriting
 
 
-class _Graph:
+class _Graph(OnnxGraphIndex):
     """Index of an ONNX graph: initializers by name, producer and consumers of each value."""
 
     def __init__(self, model: Any) -> None:
@@ -133,14 +134,7 @@ class _Graph:
         for n in self.g.node:
             if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
                 self.init[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-        self.refresh()
-
-    def refresh(self) -> None:
-        self.producer = {o: n for n in self.g.node for o in n.output}
-        self.consumers: dict[str, list] = {}
-        for n in self.g.node:
-            for i in n.input:
-                self.consumers.setdefault(i, []).append(n)
+        super().__init__(model.graph)
 
     def const(self, name: str) -> np.ndarray | None:
         return self.init.get(name)
@@ -167,7 +161,7 @@ class _Graph:
         while changed:
             self.refresh()
             dead = [n for n in self.g.node
-                    if not any(o in outputs or self.consumers.get(o) for o in n.output)]
+                    if not any(o in outputs or self.users(o) for o in n.output)]
             for n in dead:
                 self.g.node.remove(n)
             changed = bool(dead)
@@ -358,7 +352,7 @@ def _move_requantize_through_shape_ops(g: _Graph) -> int:
                              "Unsqueeze"):
             continue
         src = _dq_source(g, n.input[0])
-        users = g.consumers.get(n.output[0], [])
+        users = g.users(n.output[0])
         if src is None or len(users) != 1 or users[0].op_type != "QuantizeLinear":
             continue
         qp = _qparams(g, users[0])
@@ -385,7 +379,7 @@ def _pin_quantizers_after_float_pools(g: _Graph) -> int:
     """
     done = 0
     for n in list(g.g.node):
-        users = g.consumers.get(n.output[0], [])
+        users = g.users(n.output[0])
         if n.op_type != "MaxPool" or len(users) != 1 or users[0].op_type != "QuantizeLinear" \
                 or _dq_source(g, n.input[0]):
             continue
@@ -474,30 +468,21 @@ def int8_ops(onnx_path: str | Path, threads: int = 1) -> dict[str, Any]:
     import tempfile
 
     import onnx
-    import onnxruntime as ort
+
+    from slimkit.io.onnx_model import ort_session
 
     with tempfile.TemporaryDirectory() as tmp:
-        opt = str(Path(tmp) / "optimized.onnx")
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.optimized_model_filepath = opt
-        so.log_severity_level = 3
-        ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-        graph = onnx.load(opt).graph
+        opt = Path(tmp) / "optimized.onnx"
+        ort_session(onnx_path, threads, optimized_path=opt)
+        graph = onnx.load(str(opt)).graph
     counts = Counter(n.op_type for n in graph.node)
-    producer = {o: n for n in graph.node for o in n.output}
-    users: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
+    index = OnnxGraphIndex(graph)
     floats, fallbacks = [], []
     for n in graph.node:
         if n.op_type not in COMPUTE_OPS:
             continue
         floats.append(n.name or n.output[0])
-        fed_dq = any(getattr(producer.get(i), "op_type", "") == "DequantizeLinear"
-                     for i in n.input)
+        fed_dq = any(index.producer_op(i) == "DequantizeLinear" for i in n.input)
         if fed_dq:  # the integer chain was broken here: dequantize, float compute
             fallbacks.append(n.name or n.output[0])
     int8 = sum(c for op, c in counts.items() if op in INT8_OPS)

@@ -25,7 +25,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 import operator
 import traceback
 from collections import defaultdict
@@ -38,15 +37,12 @@ import torch
 from torch import nn
 
 from slimkit.core.errors import ConfigError, ModelError
+from slimkit.graph.attention import HEAD_SIZE_ATTRS, SCALE_ATTRS, scale_follows_head_size
 from slimkit.graph.labels import STATIC, Labels, LabelSet, static
 from slimkit.graph.ops import OP_RULES, OpContext, SplitLog, unknown_rule
 
 #: ``attention`` modes: the prunable unit of a dim split into (heads, head_dim).
 ATTENTION_UNITS = {"heads": "heads", "head_dims": "inner"}
-#: Float attributes holding an attention module's softmax scale.
-SCALE_ATTRS = ("scaling", "scale")
-#: Int attributes holding an attention module's head size (what its reshapes read).
-HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim", "head_size", "dim_head", "d_head")
 #: Ops between a query projection and its use that keep its rows (walked back to find it).
 _QUERY_PATH = {"view", "reshape", "_unsafe_view", "unflatten", "transpose", "permute", "clone",
                "contiguous", "mul", "div", "_to_copy", "alias", "expand", "dropout"}
@@ -382,27 +378,6 @@ def _attach_splits(ls: LabelSet, index: dict[int, Group], splits: list, attr: st
         for g in _groups_of(ls, index, labels):
             if module not in getattr(g, attr):
                 getattr(g, attr).append(module)
-
-
-def _first_attr(module: nn.Module | None, attrs: tuple[str, ...], kind: type) -> str | None:
-    return next((a for a in attrs if type(getattr(module, a, None)) is kind), None)
-
-
-def scale_follows_head_size(module: nn.Module | None, head_size: int) -> bool:
-    """Whether ``module``'s softmax scale is ``1/sqrt(head size)`` and follows that size.
-
-    True when it has no float scale attribute (the scale is then taken from the run-time
-    head size, ``q.shape[-1] ** -0.5`` as the SDPA default), or when its ``scaling`` equals
-    ``head_size ** -0.5`` and a head-size attribute holds ``head_size`` (Hugging Face: both
-    come from the config, so a model rebuilt from the pruned config computes the new size's
-    scale). A scale of any other value is a constant of the module and stays as it is.
-    """
-    scale = _first_attr(module, SCALE_ATTRS, float)
-    if scale is None:
-        return True
-    size = _first_attr(module, HEAD_SIZE_ATTRS, int)
-    return size is not None and getattr(module, size) == head_size and \
-        math.isclose(getattr(module, scale), head_size ** -0.5, rel_tol=1e-9)
 
 
 def _attach_queries(model: nn.Module, ls: LabelSet, index: dict[int, Group],

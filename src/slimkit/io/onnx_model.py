@@ -35,11 +35,35 @@ class OnnxModel:
         return (torch.randn(shape, generator=gen),)
 
 
+def ort_options(threads: int, optimized_path: str | Path | None = None) -> Any:
+    """ONNX Runtime session options: ``threads`` intra-op threads, sequential execution, all
+    graph optimizations, warnings off; with ``optimized_path``, the optimized graph is saved
+    there when a session opens (to see which kernels ORT chose)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    if optimized_path is not None:
+        opts.optimized_model_filepath = str(optimized_path)
+    return opts
+
+
+def ort_session(path: str | Path, threads: int, optimized_path: str | Path | None = None) -> Any:
+    """An ONNX Runtime CPU session with a fixed thread count (recorded by the caller); see
+    :func:`ort_options`."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), sess_options=ort_options(threads, optimized_path),
+                                providers=["CPUExecutionProvider"])
+
+
 def load_onnx(path: str | Path, threads: int = 1) -> OnnxModel:
     """Open an ONNX file with ONNX Runtime (validating it with the ONNX checker first)."""
     import onnx
-
-    from slimkit.measure.latency import ort_session
 
     path = Path(path)
     try:

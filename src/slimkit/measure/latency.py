@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from slimkit.io.model import set_mode
+from slimkit.io.onnx_model import ort_session
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -61,19 +62,6 @@ def torch_runner(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Callable[[
             return model(*inputs)
 
     return run
-
-
-def ort_session(path: str | Path, threads: int) -> Any:
-    """An ONNX Runtime CPU session with a fixed thread count (recorded by the caller)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 def ort_runner(session: Any, inputs: Sequence[torch.Tensor]) -> Callable[[], Any]:
