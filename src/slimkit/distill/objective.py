@@ -48,6 +48,7 @@ from slimkit.distill.projectors import (
     resolve_layout,
     to_channels_first,
 )
+from slimkit.io.model import modes_kept, set_mode
 from slimkit.train.objective import Objective
 
 __all__ = ["FEATURE_LOSSES", "DistillObjective", "build_objective"]
@@ -64,13 +65,9 @@ FEATURE_LOSSES.register("relational", similarity_preserving_loss)
 @contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     """Run in eval mode, then restore every submodule's own training flag."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with modes_kept(model):
+        set_mode(model, False)
         yield
-    finally:
-        for module, flag in flags:
-            module.training = flag
 
 
 def _inner(model: nn.Module) -> nn.Module:

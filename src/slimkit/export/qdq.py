@@ -109,7 +109,7 @@ def export_module(module: nn.Module) -> nn.Module:
     Example:
         >>> torch.onnx.export(export_module(qmodel), example, "q.onnx")  # doctest: +SKIP
     """
-    from slimkit.quant.plan import replace_module
+    from slimkit.io.model import replace_module
 
     out = copy.deepcopy(module)
     for name, m in list(out.named_modules()):

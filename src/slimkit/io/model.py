@@ -19,6 +19,18 @@ def set_mode(module: nn.Module, train: bool) -> nn.Module:
     return module
 
 
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at the dotted path ``name`` of ``model``; returns the (possibly new) root.
+
+    ``name == ""`` replaces the root itself: the caller must use the returned module.
+    """
+    if not name:
+        return new
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+    return model
+
+
 @contextlib.contextmanager
 def modes_kept(module: nn.Module) -> Iterator[nn.Module]:
     """Restore every submodule's own train/eval flag on exit (a frozen BN stays frozen)."""

@@ -20,6 +20,7 @@ from torch import nn
 from slimkit.core.errors import ConfigError, did_you_mean
 from slimkit.core.stages import register_rebuilder
 from slimkit.graph.select import select_layers
+from slimkit.io.model import replace_module
 from slimkit.lowrank import matrix, tensor  # noqa: F401  (register the factorizers)
 from slimkit.lowrank.base import (
     CONV_TYPES,
@@ -33,6 +34,7 @@ from slimkit.lowrank.base import (
 )
 from slimkit.lowrank.config import LowRankConfig
 from slimkit.lowrank.ranks import RANK_RULES, RankRequest
+from slimkit.measure.hooks import hooked_passes
 from slimkit.measure.latency import time_interleaved
 
 PLAN_FORMAT = "slimkit-lowrank-plan"
@@ -91,17 +93,8 @@ def capture_inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[
             seen.setdefault(name, args[0].detach().clone())
         return fn
 
-    flags = {m: m.training for m in model.modules()}
-    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        model.eval()
-        with torch.inference_mode():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training in flags.items():
-            m.training = training
+    hooked_passes(model, [modules[n].register_forward_pre_hook(hook(n)) for n in names],
+                  [(x,)])
     return seen
 
 
@@ -275,12 +268,6 @@ def plan_lowrank(model: nn.Module, cfg: LowRankConfig,
         >>> json.dumps(plan)  # printable, savable, replayable with apply_lowrank
     """
     return build_plan(model, cfg, calib_x)[0]
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` at the module path ``name`` (so state_dict keys become ``name.0...``)."""
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def apply_in_place(model: nn.Module, plan: dict,

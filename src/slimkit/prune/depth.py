@@ -28,7 +28,7 @@ from torch import nn
 
 from slimkit.core.errors import ConfigError, ModelError
 from slimkit.graph.branches import Branch, find_branches, trace_module
-from slimkit.io.model import modes_kept
+from slimkit.io.model import modes_kept, replace_module
 
 
 def _shallow(module: nn.Module, branches: Sequence[dict[str, Any]], where: str) -> nn.Module:
@@ -58,15 +58,6 @@ def _shallow(module: nn.Module, branches: Sequence[dict[str, Any]], where: str) 
     return gm
 
 
-def _swap(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put ``new`` at ``name``; returns the (possibly new) root."""
-    if not name:
-        return new
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, new)
-    return model
-
-
 def remove_branches(model: nn.Module, branches: Sequence[dict[str, Any]]) -> nn.Module:
     """Remove the given branches from ``model`` in place.
 
@@ -90,7 +81,7 @@ def remove_branches(model: nn.Module, branches: Sequence[dict[str, Any]]) -> nn.
         except AttributeError:
             raise ConfigError(f"depth plan: the model has no module '{name}'; the plan was "
                               "made for another architecture") from None
-        model = _swap(model, name, _shallow(module, by_module[name], name))
+        model = replace_module(model, name, _shallow(module, by_module[name], name))
     return model
 
 
@@ -121,11 +112,11 @@ def score_branches(model: nn.Module, branches: Sequence[Branch],
         ref = model.eval()(*inputs)
         for b in branches:
             module = model.get_submodule(b.module)
-            trial = _swap(model, b.module, _shallow(module, [b.as_dict()], b.module))
+            trial = replace_module(model, b.module, _shallow(module, [b.as_dict()], b.module))
             try:
                 scores.append(output_change(trial, inputs, ref))
             finally:
-                _swap(model, b.module, module)
+                replace_module(model, b.module, module)
     return scores
 
 

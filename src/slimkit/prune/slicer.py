@@ -17,9 +17,12 @@ from torch import nn
 
 from slimkit.core.errors import ConfigError
 from slimkit.core.registry import Registry
-from slimkit.graph.dependency import HEAD_SIZE_ATTRS, SCALE_ATTRS, scale_follows_head_size
-
-HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads")
+from slimkit.graph.attention import (
+    HEAD_ATTRS,
+    HEAD_SIZE_ATTRS,
+    SCALE_ATTRS,
+    scale_follows_head_size,
+)
 
 #: ``fn(module, old_shapes)`` refreshing a module's size attributes after its tensors shrank.
 ATTR_UPDATERS: Registry[Callable[[nn.Module, dict[str, tuple[int, ...]]], None]] = \

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimkit.core.errors import ConfigError, ModelError
+from slimkit.io.model import replace_module
 
 
 def unfusable_reason(mha: nn.Module) -> str | None:
@@ -214,8 +215,7 @@ def unfuse_mha(model: nn.Module, only: Collection[str] | None = None,
         mha = modules[name]
         if id(mha) not in new:
             new[id(mha)] = UnfusedMultiheadAttention.from_mha(mha)
-        parent, _, attr = name.rpartition(".")
-        setattr(modules[parent], attr, new[id(mha)])
+        replace_module(model, name, new[id(mha)])
         swapped.append(name)
     _disable_nested_tensors(model)
     return swapped, skipped

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from slimkit.core.errors import ConfigError, DataError, did_you_mean
-from slimkit.io.model import set_mode
+from slimkit.measure.hooks import hooked_passes
 from slimkit.quant.observers import Observer, make_observer
 
 if TYPE_CHECKING:
@@ -24,26 +24,6 @@ if TYPE_CHECKING:
 def batches_of(data: torch.Tensor, batch_size: int) -> Iterable[tuple[torch.Tensor]]:
     """``data`` in consecutive batches along dim 0, as 1-tuples of model inputs."""
     return ((data[i:i + batch_size],) for i in range(0, len(data), batch_size))
-
-
-def hooked_passes(model: nn.Module, handles: list, batches: Iterable[tuple[torch.Tensor, ...]],
-                  ) -> None:
-    """Run ``batches`` through ``model`` in eval + inference mode with hooks already attached.
-
-    The hooks are removed and every module's train/eval flag restored afterwards, even when a
-    batch fails.
-    """
-    flags = {m: m.training for m in model.modules()}
-    try:
-        set_mode(model, False)
-        with torch.inference_mode():
-            for batch in batches:
-                model(*batch)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training in flags.items():
-            m.training = training
 
 
 def collect(model: nn.Module, points: dict[str, tuple[str, str]],

@@ -26,12 +26,12 @@ from slimkit.core.stages import StageContext, register_rebuilder, register_stage
 from slimkit.data.bundle import DataBundle
 from slimkit.data.split import calibration_subset
 from slimkit.graph.select import select_layers
-from slimkit.io.model import SlimModel, set_mode
+from slimkit.io.model import SlimModel, replace_module, set_mode
 from slimkit.measure import verify_finite
 from slimkit.quant.calibrate import check_calibration_inputs, hooked_passes
 from slimkit.quant.dynamic_linear import DynamicQuantLinear
 from slimkit.quant.modules import OTHER_TYPES
-from slimkit.quant.plan import byte_totals, replace_module
+from slimkit.quant.plan import byte_totals
 
 PLAN_FORMAT = "slimkit-dynamic-quant-plan"
 

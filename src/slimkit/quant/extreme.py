@@ -25,8 +25,9 @@ from torch import nn
 
 from slimkit.core.errors import ConfigError, ModelError
 from slimkit.core.stages import register_rebuilder
+from slimkit.io.model import replace_module
 from slimkit.quant.modules import FakeQuant, QuantLayer
-from slimkit.quant.plan import QUANTIZERS, QuantSpec, replace_module
+from slimkit.quant.plan import QUANTIZERS, QuantSpec
 from slimkit.quant.primitives import SCALE_FLOOR, Granularity, pack, unpack
 
 #: TWN's threshold factor: delta = 0.7 * mean|W| approximates the optimal ternary threshold

@@ -14,7 +14,7 @@ from torch import nn
 from slimkit.core.errors import ModelError
 from slimkit.core.stages import register_rebuilder
 from slimkit.graph.chains import bn_pairs
-from slimkit.quant.plan import replace_module
+from slimkit.io.model import replace_module
 
 
 def fold_pair(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:

@@ -27,6 +27,7 @@ from slimkit.core.errors import ConfigError, did_you_mean
 from slimkit.core.record import Record
 from slimkit.core.registry import Registry
 from slimkit.core.stages import register_rebuilder
+from slimkit.io.model import replace_module
 from slimkit.quant.modules import QUANTIZABLE, FakeQuant, QuantLayer
 
 #: Quantizer classes by name; each takes the QuantSpec fields as keyword arguments.
@@ -57,12 +58,6 @@ def _spec(entry: Any) -> QuantSpec | None:
     if entry is None or isinstance(entry, QuantSpec):
         return entry
     return QuantSpec.model_validate(entry)
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` at the dotted path ``name`` inside ``model``."""
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def wrap_layers(model: nn.Module, layers: dict[str, dict]) -> dict[str, QuantLayer]:

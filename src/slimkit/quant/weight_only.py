@@ -26,7 +26,7 @@ from slimkit.core.stages import StageContext, register_rebuilder, register_stage
 from slimkit.data.bundle import DataBundle
 from slimkit.data.split import calibration_subset
 from slimkit.graph.select import select_layers
-from slimkit.io.model import SlimModel, set_mode
+from slimkit.io.model import SlimModel, replace_module, set_mode
 from slimkit.measure import verify_finite
 from slimkit.quant.calibrate import check_calibration_inputs
 from slimkit.quant.gptq import collect_hessians, gptq_quantize, output_error
@@ -37,7 +37,7 @@ from slimkit.quant.packed import (
     PackedWeight,
     packed_nbytes,
 )
-from slimkit.quant.plan import byte_totals, replace_module
+from slimkit.quant.plan import byte_totals
 from slimkit.quant.primitives import (
     block_for,
     check_group_size,
