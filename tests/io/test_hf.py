@@ -1,10 +1,12 @@
 """Hugging Face model directories, built from configs with random weights (no network)."""
 
+import ast
 from pathlib import Path
 
 import pytest
 import torch
 
+import slimkit.io.hf
 from slimkit.core.errors import UntrustedPickleError
 from slimkit.export.onnx import check_parity, export_onnx
 from slimkit.io.loader import load_model
@@ -45,3 +47,14 @@ def test_pickled_bin_weights_need_trust(tmp_path: Path):
     with pytest.raises(UntrustedPickleError, match="--trust-pickle"):
         load_model(str(path))
     assert load_model(str(path), trust_pickle=True).num_classes == 3
+
+
+def test_io_hf_imports_nothing_above_io():
+    # Syncing a pruned model's config needs the graph and the slicer: it lives in
+    # slimkit.prune.hf_config, so loading stays below them.
+    tree = ast.parse(Path(slimkit.io.hf.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    slimkit_mods = {m for m in imported if m and m.startswith("slimkit")}
+    assert slimkit_mods and all(m.startswith(("slimkit.core", "slimkit.io")) for m in slimkit_mods)
+    assert not hasattr(slimkit.io.hf, "sync_hf_config")

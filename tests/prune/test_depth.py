@@ -33,6 +33,9 @@ from slimkit.prune.structured import (
     plan_structured,
     structured_prune,
 )
+from slimkit.prune.structured_depth import auto_blocks
+from slimkit.prune.structured_plan import Job, select
+from slimkit.prune.structured_target import Target
 from slimkit.train import recalibrate_batchnorm
 from slimkit.zoo import build_model
 
@@ -278,15 +281,13 @@ def _convs(m: nn.Module) -> int:
 def test_auto_blocks_picks_a_count_that_meets_the_latency(latency, blocks, extra):
     # A deterministic stand-in for latency: the share of conv layers left (channel pruning
     # cannot lower it; only removing blocks can).
-    from slimkit.prune.structured import _auto_blocks
-
     model = _resnet20().eval()
     cfg = StructuredPruneConfig(target={"flops": 0.6, "latency": latency}, blocks="auto")
     fractions = {**fractions_of(model, ["flops"], X), "latency": lambda m: _convs(m) / 19}
     ranked, _ = rank_branches(model, X, X)
     trials: list[dict] = []
-    k, _, _ = _auto_blocks(model, cfg, None, X, ranked, (fractions, dict(cfg.target)), trials,
-                           X)
+    k, _, _ = auto_blocks(model, Job(cfg, None, X, select(model, cfg)), ranked,
+                          Target(dict(cfg.target), fractions), trials, X)
     assert k == blocks and [t["extra_channels"] for t in trials] == extra
     assert [t["reached"] for t in trials] == [False] * (len(extra) - 1) + [True]
     assert trials[-1]["latency"] == pytest.approx((19 - 2 * blocks) / 19)
@@ -295,8 +296,6 @@ def test_auto_blocks_picks_a_count_that_meets_the_latency(latency, blocks, extra
 def test_auto_blocks_keeps_the_candidate_whose_output_moves_least():
     # Latency stands in as the FLOPs share (deterministic): every count reaches 0.8 by
     # pruning more channels, until removing blocks alone gets there.
-    from slimkit.prune.structured import _auto_blocks
-
     model = _resnet20().eval()
     cfg = StructuredPruneConfig(target={"flops": 0.9, "latency": 0.8}, blocks="auto",
                                 calib_batch_size=32)
@@ -306,9 +305,9 @@ def test_auto_blocks_keeps_the_candidate_whose_output_moves_least():
     inputs = (calibration_subset(data, 64),)
     ranked, _ = rank_branches(model, X, inputs)
     trials: list[dict] = []
-    k, (pruned, plan, found), judge = _auto_blocks(
-        model, cfg, data, X, ranked, ({"flops": flops, "latency": flops}, dict(cfg.target)),
-        trials, inputs)
+    k, (pruned, plan, found), judge = auto_blocks(
+        model, Job(cfg, data, X, select(model, cfg)), ranked,
+        Target(dict(cfg.target), {"flops": flops, "latency": flops}), trials, inputs)
     assert [t["blocks"] for t in trials] == list(range(len(trials))) and len(trials) >= 2
     assert all(t["reached"] and t["latency"] <= 0.8 + 1e-9 for t in trials)
     changes = [t["output_change"] for t in trials]

@@ -416,3 +416,90 @@ def test_ratio_zero_with_round_to_is_the_identity():
                          example_inputs=x)
     assert rec.details["params"]["after"] == rec.details["params"]["before"]
     torch.testing.assert_close(same(*x), model.module(*x), rtol=0, atol=0)
+
+
+def _wide_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                         nn.Linear(512, 10))
+
+
+@pytest.mark.parametrize("target", [{"flops": 1.0}, {"params": 1.0}, {"flops": 1.0, "params": 1.0}])
+def test_a_target_the_unpruned_model_meets_removes_nothing(target: dict):
+    # The search bisected toward ratio 0 but never tried it: a target that the unpruned
+    # model meets still removed channels (ratio ~0.0035 here). Ratio 0 is measured now.
+    x = (torch.randn(4, 64, generator=torch.Generator().manual_seed(0)),)
+    model = _wide_mlp()
+    small, rec = stage_on(structured_prune, model, StructuredPruneConfig(target=target),
+                          example_inputs=x)
+    assert rec.details["params"]["after"] == rec.details["params"]["before"]
+    assert rec.details["layers"] == {} and rec.transforms == []
+    t = rec.details["target"]
+    assert t["reached"] and t["steps"][0]["ratio"] == 0.0
+    assert t["steps"][0]["trials"][-1] == {"ratio": 0.0, "fraction": 1.0}
+    assert all(v["achieved"] == 1.0 for v in t["by_metric"].values())
+    torch.testing.assert_close(_out(small, x), _out(model, x), rtol=0, atol=0)
+    plan = plan_structured(_wide_mlp(), StructuredPruneConfig(target=target), example_inputs=x)
+    assert plan["slices"] == {} and plan["target"]["steps"][0]["ratio"] == 0.0
+
+
+class HandAttention(nn.Module):
+    """Attention written by hand: the head size is computed at run time from the input width."""
+
+    def __init__(self, dim: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        att = (q @ k.transpose(-2, -1) * (c // self.heads) ** -0.5).softmax(-1)
+        return self.proj((att @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class HandBlock(nn.Module):
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = HandAttention(dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm(x))
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class HandTransformer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.blocks = nn.Sequential(HandBlock())
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.embed(x)).mean(1))
+
+
+def test_a_run_time_head_size_under_a_flops_target_names_the_module():
+    # The target search measures pruned candidates: one whose reshape reads C // heads
+    # failed there with a raw RuntimeError. It is a ModelError naming the module to exclude,
+    # as with a fixed ratio; excluding it prunes the rest to the target.
+    torch.manual_seed(0)
+    x = (torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0)),)
+    names_it = (r"module 'blocks\.0\.attn \(HandAttention\.forward\)'"
+                r".*exclude: \['blocks\.0\.attn'\]")
+    with pytest.raises(ModelError, match=names_it):
+        stage_on(structured_prune, HandTransformer(),
+                 StructuredPruneConfig(target={"flops": 0.6}), example_inputs=x)
+    with pytest.raises(ModelError, match=names_it):
+        plan_structured(HandTransformer(), StructuredPruneConfig(target={"flops": 0.6}),
+                        example_inputs=x)
+    model = HandTransformer()
+    small, rec = stage_on(structured_prune, model, StructuredPruneConfig(
+        target={"flops": 0.6}, exclude=["blocks.0.attn"]), example_inputs=x)
+    assert rec.details["target"]["reached"]
+    assert rec.details["flops"]["after"] < rec.details["flops"]["before"]
+    assert small.blocks[0].attn.qkv.weight.shape == model.blocks[0].attn.qkv.weight.shape
+    assert any("blocks.0.attn" in s["why"] for s in rec.skipped)
