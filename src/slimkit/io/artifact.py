@@ -23,7 +23,7 @@ import torch
 from slimkit.core.errors import ModelLoadError
 from slimkit.core.files import atomic_dir, sha256_file, write_bytes, write_json
 from slimkit.io.model import SlimModel, set_mode
-from slimkit.io.safety import no_pickle
+from slimkit.io.safety import load_exported
 from slimkit.io.transforms import replay_transforms
 from slimkit.io.weights import load_weights, save_weights
 
@@ -158,8 +158,7 @@ def load_artifact(path: str | Path, trust_pickle: bool = False,
         module = copy.deepcopy(template)
         arch = None
     elif "pt2" in arch:
-        with no_pickle(str(path / arch["pt2"]), trust_pickle):
-            module = torch.export.load(str(path / arch["pt2"])).module()
+        module = load_exported(str(path / arch["pt2"]), trust_pickle).module()
         arch = None
     else:
         raise ModelLoadError(f"'{path / MANIFEST}' has an unknown architecture entry {arch}")

@@ -11,7 +11,7 @@ from slimkit.data.bundle import DataBundle
 from slimkit.io.artifact import MANIFEST, load_artifact
 from slimkit.io.model import SlimModel, set_mode
 from slimkit.io.onnx_model import OnnxModel, load_onnx
-from slimkit.io.safety import no_pickle
+from slimkit.io.safety import load_exported
 
 DEFAULT_SHAPE = (1, 28, 28)
 DEFAULT_CLASSES = 10
@@ -37,13 +37,7 @@ def load_zoo(name: str, data: DataBundle | None = None,
 
 def load_pt2(path: Path, trust_pickle: bool = False) -> SlimModel:
     """Load a ``torch.export`` archive; its input spec comes from the exported graph."""
-    try:
-        with no_pickle(str(path), trust_pickle):
-            program = torch.export.load(str(path))
-    except UntrustedPickleError:
-        raise
-    except Exception as exc:
-        raise ModelLoadError(f"'{path}' is not a valid torch.export archive: {exc}") from None
+    program = load_exported(str(path), trust_pickle)
     placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
     user_inputs = program.graph_signature.user_inputs
     val = next(n.meta["val"] for n in placeholders if n.name == user_inputs[0])
