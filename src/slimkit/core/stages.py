@@ -84,8 +84,14 @@ class StageSpec:
 STAGES: Registry[StageSpec] = Registry("stage kind", plugins=TECHNIQUES)
 
 
-def register_stage(config: type[SlimConfig]) -> Callable[[StageFn], StageFn]:
+def register_stage(config: type[SlimConfig],
+                   needs: str | None = None) -> Callable[[StageFn], StageFn]:
     """Register ``fn(model, cfg, ctx)`` as the stage whose kind is ``config``'s ``kind`` default.
+
+    Args:
+        config: the stage's config class.
+        needs: what ``ctx.data`` must hold for this stage ("training data"), if anything: a
+            context without data is refused before the technique runs.
 
     Returns the technique wrapped by the contract (see the module docstring): ``ctx`` becomes
     optional and the output's architecture records the technique's transforms.
@@ -103,6 +109,8 @@ def register_stage(config: type[SlimConfig]) -> Callable[[StageFn], StageFn]:
                 raise ConfigError(f"stage {kind} takes a SlimModel, got {type(model).__name__}; "
                                   "wrap a module first: slimkit.wrap(module, example_input)")
             ctx = StageContext(progress=False) if ctx is None else ctx
+            if needs and ctx.data is None:
+                raise ConfigError(f"stage {kind} needs {needs} (give --data)")
             if ctx.teacher is None:
                 ctx = replace(ctx, teacher=model)
             out, record = fn(model, cfg, ctx)

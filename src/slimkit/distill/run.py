@@ -123,15 +123,13 @@ def _distill(student: nn.Module, teacher: nn.Module | None, data: DataBundle,
     return student, record
 
 
-@register_stage(DistillStageConfig)
+@register_stage(DistillStageConfig, needs="training data")
 def distill(model: SlimModel, cfg: DistillStageConfig,
             ctx: StageContext) -> tuple[SlimModel, Record]:
     """Train a copy of ``model`` as a student of ``ctx.teacher`` (or ``cfg.teacher``), through
     ``cfg.assistant`` when given (see :func:`_distill`)."""
     from slimkit.io.loader import load_model, load_zoo
 
-    if ctx.data is None:
-        raise ConfigError("stage distill needs training data (give --data)")
     teacher = ctx.teacher_module
     if cfg.teacher is not None:
         teacher = load_model(cfg.teacher, data=ctx.data).module

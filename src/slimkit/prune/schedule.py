@@ -272,15 +272,13 @@ def _gradual_prune(model: nn.Module, cfg: GradualPruneConfig, data: DataBundle |
     return model, record
 
 
-@register_stage(GradualPruneConfig)
+@register_stage(GradualPruneConfig, needs="training data")
 def gradual_prune(model: SlimModel, cfg: GradualPruneConfig,
                   ctx: StageContext) -> tuple[SlimModel, Record]:
     """Prune a copy of ``model`` on the AGP schedule while fine-tuning it.
 
     See :func:`_gradual_prune`.
     """
-    if ctx.data is None:
-        raise ConfigError("stage gradual_prune needs training data (give --data)")
     module, record = _gradual_prune(model.module, cfg, ctx.data, teacher=ctx.teacher_module,
                                     progress=ctx.progress, checkpoint_dir=ctx.workdir)
     return model.copy(module), record

@@ -202,13 +202,11 @@ def _sparse_train(model: nn.Module, cfg: SparseTrainConfig, data: DataBundle | N
     return model, record
 
 
-@register_stage(SparseTrainConfig)
+@register_stage(SparseTrainConfig, needs="training data")
 def sparse_train(model: SlimModel, cfg: SparseTrainConfig,
                  ctx: StageContext) -> tuple[SlimModel, Record]:
     """Train a copy of ``model`` sparse from the start, RigL-style (see :func:`_sparse_train`).
     """
-    if ctx.data is None:
-        raise ConfigError("stage sparse_train needs training data (give --data)")
     module, record = _sparse_train(model.module, cfg, ctx.data, teacher=ctx.teacher_module,
                                    progress=ctx.progress, checkpoint_dir=ctx.workdir)
     return model.copy(module), record

@@ -346,14 +346,12 @@ def _record(assign: dict, sens: dict, sizes: dict, skipped: list, details: dict)
     return record
 
 
-@register_stage(MixedPrecisionConfig)
+@register_stage(MixedPrecisionConfig, needs="data")
 def mixed_precision(model: SlimModel, cfg: MixedPrecisionConfig,
                     ctx: StageContext) -> tuple[SlimModel, Record]:
     """Quantize a copy of ``model`` with per-layer widths from sensitivities (see
     :func:`_mixed_precision`).
     """
-    if ctx.data is None:
-        raise ConfigError("stage mixed_precision needs data (give --data)")
     module, record = _mixed_precision(model.module, cfg, ctx.data)
     add_quant_transforms(record)
     return model.copy(module), record

@@ -353,13 +353,11 @@ def _qat(model: nn.Module, cfg: QatConfig, data: DataBundle,
     return work, record
 
 
-@register_stage(QatConfig)
+@register_stage(QatConfig, needs="training data")
 def qat(model: SlimModel, cfg: QatConfig,
         ctx: StageContext) -> tuple[SlimModel, Record]:
     """Quantization-aware training of a copy of ``model`` (see :func:`_qat`).
     """
-    if ctx.data is None:
-        raise ConfigError("stage qat needs training data (give --data)")
     module, record = _qat(model.module, cfg, ctx.data, teacher=ctx.teacher_module,
                           progress=ctx.progress, checkpoint_dir=ctx.workdir)
     add_quant_transforms(record)
