@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from slimkit.core.errors import ConfigError, ModelError
-from slimkit.graph.attention import HEAD_SIZE_ATTRS, SCALE_ATTRS, scale_follows_head_size
+from slimkit.graph.attention import scale_follows_head_size
 from slimkit.graph.labels import STATIC, Labels, LabelSet, static
 from slimkit.graph.ops import OP_RULES, OpContext, SplitLog, unknown_rule
 
@@ -463,6 +463,5 @@ def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor],
     }
 
 
-__all__ = ["HEAD_SIZE_ATTRS", "SCALE_ATTRS", "STATIC", "DependencyGraph", "Group", "Member",
-           "analyze", "build_dependency_graph", "capture", "module_in_traceback",
-           "scale_follows_head_size"]
+__all__ = ["STATIC", "DependencyGraph", "Group", "Member", "analyze", "build_dependency_graph",
+           "capture", "module_in_traceback"]

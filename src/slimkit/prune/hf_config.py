@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from slimkit.graph.dependency import HEAD_SIZE_ATTRS
-from slimkit.prune.slicer import HEAD_ATTRS
+from slimkit.graph.attention import HEAD_ATTRS, HEAD_SIZE_ATTRS
 
 
 def _hf_configs(model: nn.Module) -> dict[int, tuple[object, list[tuple[str, nn.Module]]]]:
