@@ -2,25 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import json
+import os
 import platform
+import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from slimkit.core.errors import OutputExistsError, ResumeError, SlimkitError
-from slimkit.core.files import dir_size, write_json
+from slimkit.core.files import dir_size, output_lock, replace_dir, write_json
 from slimkit.core.hashing import update_with_state, update_with_tensor
+from slimkit.core.record import Record
 from slimkit.core.seed import seed_everything
-from slimkit.core.stages import STAGES, StageContext
+from slimkit.core.stages import REBUILDERS, STAGES, StageContext
 from slimkit.data.bundle import DataBundle
 from slimkit.export.onnx import check_parity, export_onnx
-from slimkit.io.artifact import library_versions, load_artifact, save_artifact
+from slimkit.io.artifact import WEIGHTS, library_versions, load_artifact, save_artifact
 from slimkit.io.model import SlimModel
+from slimkit.io.transforms import replay_transforms
+from slimkit.io.weights import load_weights
 from slimkit.measure import (
     check_finite,
     check_fits,
@@ -35,22 +45,46 @@ from slimkit.train.distributed import barrier, world
 
 RUN_DIR = ".slimkit-run"
 STATE = "state.json"
+# What a run writes, at the top of --out and inside .slimkit-run; ".NAME.<random>[.tmp]" and
+# ".NAME.old" are the temporaries of the atomic writes. Nothing else is ever deleted.
+_OUT_NAMES = r"model|model\.onnx|report\.json|report\.html|\.slimkit-run"
+_RUN_NAMES = r"state\.json|baseline(?:\.onnx)?|stage-\d+(?:\.onnx|-train)?"
 
 
 @dataclass
 class RunPaths:
+    """Where a run's files end up (``out``) and where they are written (``work``).
+
+    ``work`` is ``out`` itself, or under ``--overwrite`` a sibling that replaces ``out`` only
+    when the run succeeds.
+    """
+
     out: Path
+    work: Path | None = None
     run: Path = field(init=False)
 
     def __post_init__(self) -> None:
-        self.run = self.out / RUN_DIR
+        self.work = self.work or self.out
+        self.run = self.work / RUN_DIR
+
+    @property
+    def staged(self) -> bool:
+        return self.work != self.out
 
     def checkpoint(self, index: int) -> Path:
         return self.run / ("baseline" if index < 0 else f"stage-{index:02d}")
 
 
-def fingerprint(model: SlimModel, data: DataBundle | None, recipe: dict) -> str:
-    """A hash of the model (spec and weights), the data and the recipe: what makes a run."""
+def _sibling(out: Path, what: str) -> Path:
+    """``.NAME.slimkit-<what>`` beside ``out``: the new run of --overwrite, the parked old one."""
+    real = out.resolve()
+    return real.with_name(f".{real.name}.slimkit-{what}")
+
+
+def fingerprint(model: SlimModel, data: DataBundle | None, recipe: dict,
+                threads: int | None = None) -> str:
+    """A hash of the model (spec and weights), the data, the recipe and the intra-op thread
+    count (default: torch's now), which changes the float results: what makes a run."""
     h = hashlib.sha256()
     h.update(json.dumps(model.describe(), sort_keys=True, default=str).encode())
     update_with_state(h, model.module.state_dict())
@@ -59,39 +93,135 @@ def fingerprint(model: SlimModel, data: DataBundle | None, recipe: dict) -> str:
         for t in (data.x_train, data.y_train, data.x_test, data.y_test):
             update_with_tensor(h, t)
     h.update(json.dumps(recipe, sort_keys=True).encode())
+    h.update(f"threads={threads or torch.get_num_threads()}".encode())
     return h.hexdigest()
 
 
-def _prepare_out(paths: RunPaths, fp: str, overwrite: bool, resume: bool,
-                 source: str) -> dict:
-    """Decide between a fresh run and a resume; return the saved state (or a fresh one).
+def _foreign(directory: Path) -> list[str]:
+    """Entries of a run directory that slimkit did not write (symlinks never are ours)."""
+    def ours(p: Path, names: str) -> bool:
+        return not p.is_symlink() and re.fullmatch(rf"(?:{names})|\.(?:{names})\..+",
+                                                   p.name) is not None
 
-    Only a directory this runner made (it holds ``.slimkit-run``) or an empty one is ever
-    deleted, and never one that holds the input model.
+    bad = [p.name for p in directory.iterdir() if not ours(p, _OUT_NAMES)]
+    run = directory / RUN_DIR
+    if run.is_dir() and not run.is_symlink():
+        bad += [f"{RUN_DIR}/{p.name}" for p in run.iterdir() if not ours(p, _RUN_NAMES)]
+    return sorted(bad)
+
+
+def _check_ours(directory: Path, what: str = "output") -> None:
+    """Refuse to delete ``directory`` unless slimkit wrote all of it.
+
+    Raises:
+        OutputExistsError: it is no run directory, or it holds something slimkit did not write.
     """
-    state_file = paths.run / STATE
+    if not any(directory.iterdir()):
+        return
+    if not (directory / RUN_DIR).is_dir():
+        raise OutputExistsError(f"{what} '{directory}' exists and is not a slimkit run "
+                                "directory; refusing to touch it, choose another --out")
+    foreign = _foreign(directory)
+    if foreign:
+        listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise OutputExistsError(f"{what} '{directory}' holds files slimkit did not write "
+                                f"({listed}); refusing to delete them: move them away or "
+                                "choose another --out")
+
+
+def _tidy_killed_overwrite(out: Path, log: Callable[[str], None]) -> None:
+    """Clear what an --overwrite run killed part-way left beside ``out``.
+
+    A killed run leaves its unfinished new output (removed here), or, killed between the two
+    renames of the swap, the previous output parked aside (put back when ``out`` is gone).
+    """
+    new, old = _sibling(out, "new"), _sibling(out, "old")
+    if old.exists() and not out.exists():
+        os.replace(old, out)
+        log(f"'{out}': put back the previous output, which an --overwrite run killed while "
+            f"swapping had parked at '{old}'")
+    for leftover in (old, new):
+        if leftover.exists():
+            _check_ours(leftover, "leftover of a killed --overwrite run")
+            shutil.rmtree(leftover)
+            log(f"'{out}': removed '{leftover}', left by an --overwrite run that was killed")
+
+
+def _resumable_state(paths: RunPaths, fingerprint_at: Callable[[int], str],
+                     threads: int) -> dict:
+    """The saved state of the run in ``paths``, if it is this run (same fingerprint).
+
+    Raises:
+        ResumeError: the state is unreadable, or belongs to another model, data, recipe or
+            thread count.
+    """
+    file = paths.run / STATE
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ResumeError(f"run state '{file}' is unreadable ({exc}); use --overwrite to start "
+                          "over") from None
+    if not isinstance(state, dict) or not isinstance(state.get("stages"), list):
+        raise ResumeError(f"run state '{file}' is not a slimkit run state; use --overwrite to "
+                          "start over")
+    if state.get("fingerprint") == fingerprint_at(threads):
+        return state
+    was = state.get("threads")
+    if isinstance(was, int) and was != threads and state["fingerprint"] == fingerprint_at(was):
+        raise ResumeError(
+            f"'{paths.out}' was run with {was} intra-op threads and this run has {threads}; "
+            "the thread count changes the results, so resuming would not reproduce the run. "
+            f"Resume with {was} threads (torch.set_num_threads or OMP_NUM_THREADS), or "
+            "--overwrite to start over")
+    raise ResumeError(f"'{paths.out}' holds a run of a different model, data or recipe; "
+                      "refusing to resume it. Use another --out, or --overwrite to start over")
+
+
+def _refuse_input_inside(out: Path, source: str) -> None:
     src = Path(source).resolve()
-    if src.exists() and (src == paths.out.resolve() or paths.out.resolve() in src.parents):
-        raise OutputExistsError(f"output '{paths.out}' would hold or replace the input model "
+    if src.exists() and (src == out.resolve() or out.resolve() in src.parents):
+        raise OutputExistsError(f"output '{out}' would hold or replace the input model "
                                 f"'{source}'; choose another --out")
-    if paths.out.exists():
-        if resume and state_file.is_file():
-            state = json.loads(state_file.read_text())
-            if state.get("fingerprint") != fp:
-                raise ResumeError(
-                    f"'{paths.out}' holds a run of a different model, data or recipe; "
-                    "refusing to resume it. Use another --out, or --overwrite to start over")
-            return state
-        ours = paths.run.is_dir() or not any(paths.out.iterdir())
-        if not ours:
-            raise OutputExistsError(f"output '{paths.out}' exists and is not a slimkit run "
-                                    "directory; refusing to touch it, choose another --out")
-        if not overwrite and not resume:
-            raise OutputExistsError(f"output '{paths.out}' already exists; pass --overwrite "
-                                    "to replace it or --resume to continue an interrupted run")
-        shutil.rmtree(paths.out)
-    paths.run.mkdir(parents=True, exist_ok=True)
-    return {"fingerprint": fp, "stages": []}
+
+
+def _prepare_out(out: Path, fingerprint_at: Callable[[int], str], overwrite: bool,
+                 resume: bool, source: str, log: Callable[[str], None]) -> tuple[RunPaths, dict]:
+    """Decide between a fresh run, a resume and a replacement; return its paths and state.
+
+    Only what slimkit wrote is ever deleted (a run directory with nothing foreign in it), and
+    never a directory that holds the input model. A replacement (``overwrite``) is built in a
+    sibling directory and swapped in by :func:`compress` only when it succeeds, so a failed
+    run leaves the previous output as it was. Call with the output lock held.
+    """
+    _refuse_input_inside(out, source)
+    _tidy_killed_overwrite(out, log)
+    threads = torch.get_num_threads()
+    fresh = {"fingerprint": fingerprint_at(threads), "threads": threads, "stages": []}
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output '{out}' is a file; --out must be a directory")
+    paths = RunPaths(out)
+    if not out.exists() or not any(out.iterdir()):
+        paths.run.mkdir(parents=True, exist_ok=True)
+        return paths, fresh
+    if resume and (paths.run / STATE).is_file():
+        return paths, _resumable_state(paths, fingerprint_at, threads)
+    _check_ours(out)
+    if overwrite:
+        paths = RunPaths(out, _sibling(out, "new"))
+        paths.run.mkdir(parents=True)
+        log(f"'{out}': building the new run in '{paths.work}'; it replaces the previous output "
+            "when it succeeds")
+        return paths, fresh
+    if resume and [p.name for p in out.iterdir()] == [RUN_DIR]:
+        log(f"'{out}': no stage of the earlier run had finished; starting over")
+        shutil.rmtree(paths.run)
+        paths.run.mkdir()
+        return paths, fresh
+    if resume:
+        raise OutputExistsError(f"output '{out}' holds no interrupted run to resume "
+                                f"({RUN_DIR}/{STATE} is missing); pass --overwrite to replace it")
+    raise OutputExistsError(f"output '{out}' already exists; pass --overwrite to replace it or "
+                            "--resume to continue an interrupted run")
 
 
 def _measure_checkpoint(model: SlimModel, data: DataBundle | None, ckpt: Path,
@@ -104,8 +234,10 @@ def _measure_checkpoint(model: SlimModel, data: DataBundle | None, ckpt: Path,
 def _run_stages(model: SlimModel, data: DataBundle | None, recipe: Any, paths: RunPaths,
                 state: dict, ctx: StageContext) -> list[SlimModel]:
     """Apply each unfinished stage; a resumed run starts from the checkpoint the last finished
-    stage saved (the same weights bit for bit), later stages from the model in memory, which
-    keeps its module structure for the next technique."""
+    stage saved (rebuilt in the structure the run had, see :func:`_reload`), later stages from
+    the model in memory, which keeps its module structure for the next technique and takes
+    its weights back from its checkpoint (see :func:`_adopt_checkpoint`): the resumed and the
+    uninterrupted run start every stage from the same module and the same bytes."""
     verify_inputs = data.example_inputs(2) if data is not None else model.example_inputs(2)
     done = len(state["stages"])
     models: list[SlimModel] = []
@@ -114,7 +246,7 @@ def _run_stages(model: SlimModel, data: DataBundle | None, recipe: Any, paths: R
     for i in range(done, len(recipe.stages)):
         cfg = recipe.stages[i]
         if i == done and i > 0:
-            model = load_artifact(paths.checkpoint(i - 1), template=ctx.teacher.module)
+            model = _reload(paths, i - 1, ctx.teacher, state)
         ctx.log(f"stage {i + 1}/{len(recipe.stages)} {cfg.kind} ...")
         ctx.workdir = paths.run / f"stage-{i:02d}-train"
         seed_everything(recipe.seed + i)
@@ -126,20 +258,69 @@ def _run_stages(model: SlimModel, data: DataBundle | None, recipe: Any, paths: R
                  "config": json.loads(cfg.model_dump_json())}
         model.history.append({k: entry[k] for k in ("index", "kind", "config", "changed",
                                                     "skipped")})
-        if world()[0] == 0:  # under torchrun every rank trains; rank 0 alone writes
-            ckpt = save_artifact(model, paths.checkpoint(i), overwrite=True)
-            entry["measure"] = _measure_checkpoint(model, data, ckpt)
-            state["stages"].append(entry)
-            write_json(paths.run / STATE, state)
-            acc = entry["measure"]["accuracy"]
-            ctx.log(f"stage {i + 1} {cfg.kind}: {len(record.changed)} changed, "
-                    f"{len(record.skipped)} skipped, {seconds:.1f}s"
-                    + (f", top-1 {acc['top1']:.2%}" if acc else ""))
-        barrier()
+        _finish_stage(model, record, entry, data, paths, state, last=i + 1 == len(recipe.stages))
+        acc = entry.get("measure", {}).get("accuracy")
+        ctx.log(f"stage {i + 1} {cfg.kind}: {len(record.changed)} changed, "
+                f"{len(record.skipped)} skipped, {seconds:.1f}s"
+                + (f", top-1 {acc['top1']:.2%}" if acc else ""))
         models.append(model)
-    earlier = [load_artifact(paths.checkpoint(i), template=ctx.teacher.module)
-               for i in range(done)]
-    return earlier + models
+    if world()[0] != 0:  # only rank 0 exports and measures the models of earlier stages
+        return models
+    return [_reload(paths, i, ctx.teacher, state) for i in range(done)] + models
+
+
+def _finish_stage(model: SlimModel, record: Record, entry: dict, data: DataBundle | None,
+                  paths: RunPaths, state: dict, last: bool) -> None:
+    """Checkpoint the stage's model, continue from the checkpoint's bytes, record the stage.
+
+    Under torchrun every rank trains and rank 0 alone writes; the others adopt its checkpoint
+    when a stage follows.
+    """
+    i = entry["index"]
+    rank = world()[0]
+    if rank == 0:
+        save_artifact(model, paths.checkpoint(i), overwrite=True)
+    barrier()
+    if rank == 0 or not last:
+        _adopt_checkpoint(model, paths.checkpoint(i))
+    if rank != 0:
+        return
+    entry["measure"] = _measure_checkpoint(model, data, paths.checkpoint(i))
+    state["stages"].append(entry)
+    # What rebuilds the structure when a model has no zoo spec to carry it (see _reload).
+    state.setdefault("transforms", []).append(
+        [{"kind": kind, "version": REBUILDERS.get(kind).version, "plan": plan}
+         for kind, plan in record.transforms])
+    write_json(paths.run / STATE, state)
+
+
+def _reload(paths: RunPaths, index: int, baseline: SlimModel, state: dict) -> SlimModel:
+    """The model stage ``index`` saved, in the module structure the run had in memory.
+
+    A zoo model's artifact rebuilds that structure itself (zoo spec + transforms). Any other
+    model is rebuilt here from the user's own module: a copy of the baseline with the
+    structural changes of the stages so far replayed on it, which then takes the weights.
+    Loading the artifact's exported graph instead would hand the next stage a graph module
+    without the layer types it selects by (a resumed run after ``lowrank`` found nothing to
+    prune).
+    """
+    template = baseline.module
+    if baseline.arch is None:
+        steps = [t for per_stage in state.get("transforms", [])[:index + 1] for t in per_stage]
+        template = replay_transforms(copy.deepcopy(template), steps)
+    return load_artifact(paths.checkpoint(index), template=template)
+
+
+def _adopt_checkpoint(model: SlimModel, ckpt: Path) -> None:
+    """Give ``model`` its weights exactly as the checkpoint at ``ckpt`` holds them.
+
+    A checkpoint keeps every value, but not always every bit: sparse tensors are stored as a
+    bitmask of the non-zeros plus their values, so the -0.0 that pruning leaves where it
+    zeroed a negative weight reads back as +0.0. A resumed run starts from the checkpoint; the
+    uninterrupted run must continue from the same bytes, or the two hash differently (a
+    training checkpoint refused its own run as "another run") and may round differently.
+    """
+    model.module.load_state_dict(load_weights(ckpt / WEIGHTS), strict=True)
 
 
 def environment(threads: int) -> dict[str, Any]:
@@ -151,10 +332,11 @@ def environment(threads: int) -> dict[str, Any]:
                 break
     except OSError:
         pass
-    import os
-
+    # threads: what the comparison was timed with; train_threads: what the stages ran with
+    # (part of the run: a resume must use the same count).
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads,
-            "platform": platform.platform(), **library_versions()}
+            "train_threads": torch.get_num_threads(), "platform": platform.platform(),
+            **library_versions()}
 
 
 def _compare(models: dict[str, tuple[SlimModel, Path | None]], data: DataBundle | None,
@@ -221,48 +403,75 @@ def compress(model: SlimModel, data: DataBundle | None, recipe: Any, out: str | 
     """Run a recipe end to end and write the artifact, the ONNX file and the report.
 
     The input model is never modified. Checkpoints after every stage let an interrupted run
-    continue with ``resume=True``; the artifact and report are written also when the target
-    is missed.
+    continue with ``resume=True``, bit for bit as if it had not stopped (at the same thread
+    count); the artifact and report are written also when the target is missed. The output
+    is locked while the run lasts. ``overwrite=True`` builds the new run beside the old
+    output and replaces it only when the run succeeds: a failed run leaves it as it was.
 
     Returns:
         The report dict (also written as ``OUT/report.json`` and ``OUT/report.html``).
 
     Raises:
-        OutputExistsError, ResumeError, ConfigError, DataError, ModelError, ExportError.
+        OutputExistsError: the output exists (without ``overwrite``/``resume``), holds files
+            slimkit did not write, or another run is writing it.
+        ResumeError, ConfigError, DataError, ModelError, ExportError.
     """
-    from slimkit.report import write_report
-
     recipe_dict = recipe_to_dict(recipe)
     check_fits(model, data)
-    paths = RunPaths(Path(out))
+    out = Path(out)
     rank = world()[0]
     baseline = model.copy()
-    if rank == 0:
-        state = _prepare_out(paths, fingerprint(model, data, recipe_dict), overwrite, resume,
-                             model.source or model.name)
-        if "baseline" not in state:
-            ckpt = save_artifact(baseline, paths.checkpoint(-1), overwrite=True)
-            state["baseline"] = _measure_checkpoint(baseline, data, ckpt, layers=True)
-            write_json(paths.run / STATE, state)
-    barrier()
-    if rank != 0:
-        state = json.loads((paths.run / STATE).read_text())
-        log, progress = (lambda s: None), False
+    with output_lock(out, log) if rank == 0 else contextlib.nullcontext():
+        if rank == 0:
+            paths, state = _prepare_out(
+                out, lambda threads: fingerprint(model, data, recipe_dict, threads), overwrite,
+                resume, model.source or model.name, log)
+        else:
+            progress, log = False, (lambda s: None)
+        try:
+            if rank == 0 and "baseline" not in state:
+                ckpt = save_artifact(baseline, paths.checkpoint(-1), overwrite=True)
+                state["baseline"] = _measure_checkpoint(baseline, data, ckpt, layers=True)
+                write_json(paths.run / STATE, state)
+            barrier()
+            if rank != 0:  # rank 0 made the run directory: a staging sibling or --out itself
+                new = _sibling(out, "new")
+                paths = RunPaths(out, new if new.is_dir() else None)
+                state = json.loads((paths.run / STATE).read_text())
+            report = _compress(model, baseline, data, recipe, recipe_dict, paths, state,
+                               progress, log)
+        except BaseException:
+            if rank == 0 and paths.staged:
+                shutil.rmtree(paths.work, ignore_errors=True)
+                log(f"'{out}' keeps its previous output: the --overwrite run failed")
+            raise
+        if rank == 0 and paths.staged:
+            replace_dir(paths.work, out.resolve(), _sibling(out, "old"))
+    return report
+
+
+def _compress(model: SlimModel, baseline: SlimModel, data: DataBundle | None, recipe: Any,
+              recipe_dict: dict, paths: RunPaths, state: dict, progress: bool,
+              log: Any) -> dict[str, Any]:
+    """The run after the baseline checkpoint, writing into ``paths.work``; the report names
+    the files in ``paths.out``, where they end up."""
+    from slimkit.report import write_report
+
     ctx = StageContext(data=data, teacher=baseline, seed=recipe.seed, progress=progress, log=log)
     stage_models = _run_stages(baseline.copy(), data, recipe, paths, state, ctx)
-    if rank != 0:  # measurement and export are rank 0's: other ranks would skew the timings
+    if world()[0] != 0:  # measurement and export are rank 0's: others would skew the timings
         return {}
     final = stage_models[-1] if stage_models else baseline.copy()
     final.recipe = recipe_dict
     log("exporting ONNX and measuring baseline and final in one run ...")
-    final_dir = save_artifact(final, paths.out / "model", overwrite=True)
+    final_dir = save_artifact(final, paths.work / "model", overwrite=True)
     errors: dict[str, str] = {}
     models = {"baseline": (baseline, _export(baseline, paths.run / "baseline.onnx", errors,
                                              "baseline"))}
     for i, m in enumerate(stage_models[:-1]):
         models[f"stage-{i}"] = (m, _export(m, paths.run / f"stage-{i:02d}.onnx", errors,
                                            f"stage-{i}"))
-    models["final"] = (final, _export(final, paths.out / "model.onnx", errors, "final"))
+    models["final"] = (final, _export(final, paths.work / "model.onnx", errors, "final"))
     for label, err in errors.items():
         log(f"ONNX export of {label} failed: {err}")
     latency, parity = _compare(models, data, recipe, progress)
@@ -284,11 +493,11 @@ def compress(model: SlimModel, data: DataBundle | None, recipe: Any, out: str | 
         "fidelity": (fidelity(predict(baseline.module, data.x_test),
                               predict(final.module, data.x_test)) if data is not None else None),
         "environment": environment(recipe.measure.threads),
-        "outputs": {"artifact": str(final_dir),
-                    "onnx": str(models["final"][1]) if models["final"][1] else None},
+        "outputs": {"artifact": str(paths.out / "model"),
+                    "onnx": str(paths.out / "model.onnx") if models["final"][1] else None},
         "export_errors": errors,
     }
-    write_report(report, paths.out)
+    write_report(report, paths.work)
     return report
 
 

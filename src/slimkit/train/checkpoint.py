@@ -23,14 +23,19 @@ CHECKPOINT = "train-checkpoint.pt"
 
 def run_fingerprint(model: torch.nn.Module, data: tuple[torch.Tensor, ...],
                     config: dict[str, Any], objective: str) -> str:
-    """Hash of the starting weights, the training data, the config (minus checkpointing) and
-    a description of the objective (its kind and settings)."""
+    """Hash of the starting weights, the training data, the config (minus checkpointing), a
+    description of the objective (its kind and settings) and the intra-op thread count.
+
+    The thread count is part of the run because it changes the results: CPU kernels split
+    their reductions by thread, so float sums come out in another order.
+    """
     h = hashlib.sha256()
     update_with_state(h, model.state_dict())
     for t in data:
         update_with_tensor(h, t)
     cfg = {k: v for k, v in config.items() if k != "checkpoint_every"}
-    h.update(json.dumps([cfg, objective], sort_keys=True, default=str).encode())
+    h.update(json.dumps([cfg, objective, {"threads": torch.get_num_threads()}],
+                        sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 
@@ -49,5 +54,6 @@ def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
         raise ModelLoadError(f"training checkpoint '{path}' is unreadable: {exc}") from None
     if state.get("fingerprint") != fingerprint:
         raise ResumeError(f"training checkpoint '{path}' belongs to another run (different "
-                          "model, data or config); refusing to resume. Delete it to start over")
+                          "model, data, config or thread count); refusing to resume. Delete it "
+                          "to start over")
     return state
