@@ -79,6 +79,8 @@ def load_hf_dataset(path: Path, *, seed: int = 0, test_fraction: float = 0.2) ->
     """
     hf = require("datasets", extra="hf", needed_for=f"the Hugging Face dataset at {path}")
     try:
+        # load_from_disk reads Arrow files and JSON only: unlike load_dataset it has no
+        # loading-script path and no trust_remote_code parameter, so no dataset code can run.
         loaded = hf.load_from_disk(str(path))
     except Exception as exc:  # datasets raises many types for a damaged folder
         raise DataError(f"cannot load the Hugging Face dataset at {path}: {exc}") from exc

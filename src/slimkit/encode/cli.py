@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from slimkit.core.errors import ConfigError
+from slimkit.core.errors import ConfigError, OutputExistsError
 
 
 def pack_command(model: str, out: Path, bits: int | None = None, overwrite: bool = False,
@@ -16,11 +16,15 @@ def pack_command(model: str, out: Path, bits: int | None = None, overwrite: bool
     from an ``encode`` stage) are stored exactly; others are clustered here without
     fine-tuning, and the report lists them under ``clustered_at_pack``.
 
+    The file is written beside ``out``, read back (checksums, decoding, the architecture
+    rebuilt) and, with ``data``, evaluated; only then does it replace ``out``. A failure at
+    any step leaves a previous ``out`` byte for byte.
+
     Args:
         model: the model to pack, usually an artifact directory.
-        out: the ``.slim`` file to write (atomically).
+        out: the ``.slim`` file to write.
         bits: cluster bits for every layer; None keeps the defaults (conv 8, fc 5).
-        overwrite: replace ``out`` if it exists.
+        overwrite: replace ``out`` if it exists (after every check passed).
         data: a dataset spec; when given, the report adds the top-1 accuracy of the model
             and of the packed file read back (``top1``).
 
@@ -29,25 +33,36 @@ def pack_command(model: str, out: Path, bits: int | None = None, overwrite: bool
         ``tensors``, ``bits_per_weight`` and ``entropy_bits_per_weight``.
 
     Raises:
-        ConfigError: ``bits`` outside [1, 8]; ModelLoadError, OutputExistsError, DataError.
+        ConfigError: ``bits`` outside [1, 8]; ModelLoadError, OutputExistsError (before any
+            work), DataError or ModelError (data that does not fit the model).
     """
+    from slimkit.core.files import atomic_path, ensure_absent
     from slimkit.data import load_data
     from slimkit.encode.config import EncodeConfig
     from slimkit.encode.slimfile import pack, unpack
     from slimkit.io.loader import load_model
+    from slimkit.measure import check_fits
 
     if bits is not None and not 1 <= bits <= 8:
         raise ConfigError(f"--bits must be between 1 and 8, got {bits}")
+    out = Path(out)
+    ensure_absent(out, overwrite)
+    if out.exists() and not out.is_file():  # renaming onto a device would replace it
+        raise OutputExistsError(f"output '{out}' is not a regular file (a device, pipe, "
+                                "folder or socket?); choose another path")
     bundle = load_data(data) if data else None
     loaded = load_model(model, data=bundle)
+    check_fits(loaded, bundle)
     cfg = EncodeConfig() if bits is None else EncodeConfig(conv_bits=bits, fc_bits=bits)
-    report = pack(loaded, out, cfg, overwrite=overwrite)
-    if bundle is not None:
-        from slimkit.train.loop import evaluate
+    with atomic_path(out) as tmp:
+        report = pack(loaded, tmp, cfg, overwrite=True)
+        packed = unpack(tmp, template=None if loaded.arch else loaded.module)
+        if bundle is not None:
+            from slimkit.train.loop import evaluate
 
-        packed = unpack(out, template=None if loaded.arch else loaded.module)
-        report["top1"] = {"model": evaluate(loaded.module, bundle.x_test, bundle.y_test),
-                          "packed": evaluate(packed.module, bundle.x_test, bundle.y_test)}
+            report["top1"] = {"model": evaluate(loaded.module, bundle.x_test, bundle.y_test),
+                              "packed": evaluate(packed.module, bundle.x_test, bundle.y_test)}
+    report["path"] = str(out)
     return report
 
 

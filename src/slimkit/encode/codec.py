@@ -20,6 +20,7 @@ in its own dtype, little-endian, so it too comes back exactly.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -80,6 +81,21 @@ def read_codebook(data: bytes, count: int, dtype: str) -> tuple[np.ndarray, int]
 
 STREAMS = ("positions", "index", "index_max")
 MAX_NUMEL = 1 << 34  # refuse to allocate more for one tensor (a damaged or crafted file)
+MAX_INDEX_BITS = 16  # EncodeConfig writes at most 12
+
+
+def checked_shape(shape: Any) -> tuple[list[int], int]:
+    """A shape from a file's metadata and its element count, in exact integer arithmetic
+    (numpy's int64 product wraps around for crafted shapes).
+
+    Raises:
+        ValueError: a negative size, or more than :data:`MAX_NUMEL` elements.
+    """
+    dims = [int(s) for s in shape]
+    numel = math.prod(dims)
+    if min(dims, default=0) < 0 or numel > MAX_NUMEL:
+        raise ValueError(f"implausible shape {dims}")
+    return dims, numel
 
 
 def encode_shared(weight: torch.Tensor, index_bits: int, coder: Coder = "auto",
@@ -160,16 +176,24 @@ def decode_shared(payload: bytes, meta: dict[str, Any]) -> torch.Tensor:
     Raises:
         ValueError: sizes, symbols or positions that do not fit the metadata.
     """
-    shape = [int(s) for s in meta["shape"]]
-    numel = int(np.prod(shape)) if shape else 1
-    if min(shape, default=0) < 0 or numel > MAX_NUMEL:
-        raise ValueError(f"implausible shape {shape}")
-    k, entries, span = int(meta["clusters"]), int(meta["entries"]), 1 << int(meta["index_bits"])
+    shape, numel = checked_shape(meta["shape"])
+    k, entries, nonzero = int(meta["clusters"]), int(meta["entries"]), int(meta["nonzero"])
+    index_bits = int(meta["index_bits"])
+    if not 1 <= index_bits <= MAX_INDEX_BITS:
+        raise ValueError(f"index_bits {index_bits} is outside [1, {MAX_INDEX_BITS}]")
+    span = 1 << index_bits
     sizes = [int(meta[name]["bytes"]) for name in STREAMS]
     book = int(meta["codebook_bytes"])
     if book + sum(sizes) != len(payload) or min(k, entries, book, *sizes) < 0:
         raise ValueError(f"payload has {len(payload)} bytes, the manifest accounts for "
                          f"{book + sum(sizes)}")
+    # Every count sizes an allocation below; each is bounded by the element count (itself
+    # bounded by the architecture's tensor) before anything of that size exists.
+    mask_mode = meta.get("positions_mode", "offsets") == "mask"
+    if not (k <= nonzero <= numel and (mask_mode or nonzero <= entries <= numel)
+            and (k > 0) == (nonzero > 0)):
+        raise ValueError(f"counts do not fit a tensor of {numel}: {nonzero} non-zeros, "
+                         f"{entries} entries, {k} clusters")
     codebook, end = read_codebook(payload[:book], k, meta["codebook"])
     if end != book:
         raise ValueError(f"codebook takes {end} bytes, the manifest says {book}")
@@ -248,8 +272,7 @@ def decode_raw(payload: bytes, meta: dict[str, Any]) -> torch.Tensor:
     stored = getattr(torch, str(meta.get("stored", meta["dtype"])), None)
     if not isinstance(dtype, torch.dtype) or not isinstance(stored, torch.dtype):
         raise ValueError(f"unknown dtype '{meta['dtype']}' / '{meta.get('stored')}'")
-    shape = [int(s) for s in meta["shape"]]
-    numel = int(np.prod(shape)) if shape else 1
+    shape, numel = checked_shape(meta["shape"])
     item = torch.empty((), dtype=stored).element_size()
     if len(payload) != numel * item:
         raise ValueError(f"{len(payload)} bytes do not hold {numel} {stored} values")

@@ -34,6 +34,7 @@ from slimkit.core.files import write_bytes
 from slimkit.encode.cluster import apply_clusters_to, plan_layer
 from slimkit.encode.codec import decode_tensor, encode_raw, encode_shared
 from slimkit.encode.config import EncodeConfig
+from slimkit.io.artifact import check_fit
 from slimkit.io.model import SlimModel, set_mode
 
 MAGIC = b"\x89SLM\r\n\x1a\n"
@@ -41,6 +42,8 @@ FORMAT_VERSION = 1
 HEADER = struct.Struct("<8sHHI32s")
 SUFFIX = ".slim"
 FLAG_DEFLATED = 1
+#: Most bytes a manifest may inflate to: about 300 bytes per tensor, so some 100k tensors.
+MAX_MANIFEST_BYTES = 32 << 20
 
 
 def _shared_layers(model: SlimModel, cfg: EncodeConfig) -> dict[str, tuple[int, int]]:
@@ -156,6 +159,9 @@ def pack(model: SlimModel, path: str | Path, cfg: EncodeConfig | None = None,
     path = Path(path)
     if path.exists() and not overwrite:
         raise OutputExistsError(f"output '{path}' already exists; pass --overwrite to replace it")
+    if path.exists() and not path.is_file():  # renaming onto a device would replace it
+        raise OutputExistsError(f"output '{path}' is not a regular file (a device, pipe, "
+                                "folder or socket?); choose another path")
     blob, report = pack_bytes(model, cfg)
     write_bytes(path, blob)
     return {"path": str(path), **report}
@@ -163,6 +169,77 @@ def pack(model: SlimModel, path: str | Path, cfg: EncodeConfig | None = None,
 
 def _fail(path: Path, what: str) -> ModelLoadError:
     return ModelLoadError(f"'{path}' cannot be loaded as a packed model: {what}")
+
+
+def _inflate(path: Path, text: bytes) -> bytearray:
+    """The deflated manifest, inflated 1 MiB at a time up to :data:`MAX_MANIFEST_BYTES`: the
+    cap bounds what a crafted stream can make us allocate (deflate reaches about 1000:1)."""
+    inflater, raw, pending = zlib.decompressobj(), bytearray(), text
+    try:
+        while not inflater.eof:
+            chunk = inflater.decompress(pending, 1 << 20)
+            if not chunk and len(inflater.unconsumed_tail) == len(pending):
+                raise _fail(path, "the manifest is malformed (its deflate stream is "
+                                  "incomplete)")
+            pending = inflater.unconsumed_tail
+            raw += chunk
+            if len(raw) > MAX_MANIFEST_BYTES:
+                raise _fail(path, f"the manifest inflates to more than {MAX_MANIFEST_BYTES} "
+                                  "bytes (a decompression bomb?); refused")
+    except zlib.error as exc:
+        raise _fail(path, f"the manifest is malformed (zlib: {exc})") from None
+    return raw
+
+
+def _count(value: Any, where: str, low: int = 0) -> int:
+    if type(value) is not int or value < low:
+        raise ValueError(f"{where} must be an integer >= {low}, not {value!r:.40}")
+    return value
+
+
+def _shape(value: Any, where: str, low: int = 0) -> list[int]:
+    if not isinstance(value, list):
+        raise ValueError(f"{where} must be a list of integers, not {value!r:.40}")
+    return [_count(s, f"{where}[{i}]", low) for i, s in enumerate(value)]
+
+
+def _check_manifest(manifest: Any) -> None:
+    """Types and sizes of everything read before decoding, each error naming its key path.
+
+    The payloads must tile the payload area in order (``offset`` = the bytes before it), so
+    every byte is accounted for once and no payload is decoded twice under two names.
+    """
+    if not isinstance(manifest, dict):
+        raise ValueError(f"<root> must be an object, not {type(manifest).__name__}")
+    total = _count(manifest.get("payload_bytes"), "payload_bytes")
+    spec, arch = manifest.get("input_spec"), manifest.get("architecture")
+    if not isinstance(spec, dict) or not isinstance(spec.get("dtype"), str):
+        raise ValueError("input_spec must be an object with shape and dtype")
+    _shape(spec.get("shape"), "input_spec.shape", low=1)
+    if not (arch is None or isinstance(arch, dict)):
+        raise ValueError(f"architecture must be an object or null, not {arch!r:.40}")
+    if manifest.get("num_classes") is not None:
+        _count(manifest["num_classes"], "num_classes", low=1)
+    if not isinstance(manifest.get("name", ""), str):
+        raise ValueError("name must be a string")
+    tensors = manifest.get("tensors")
+    if not isinstance(tensors, list):
+        raise ValueError("tensors must be a list")
+    names, offset = set(), 0
+    for i, t in enumerate(tensors):
+        where = f"tensors[{i}]"
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str) or t["name"] in names:
+            raise ValueError(f"{where} must be an object with a unique name")
+        names.add(t["name"])
+        if _count(t.get("offset"), f"{where}.offset") != offset:
+            raise ValueError(f"{where}.offset is {t['offset']}, but the payloads before it end "
+                             f"at {offset}")
+        offset += _count(t.get("bytes"), f"{where}.bytes")
+        _shape(t.get("shape"), f"{where}.shape")
+        if not isinstance(t.get("sha256"), str) or t.get("encoding") not in ("raw", "shared"):
+            raise ValueError(f"{where} needs a sha256 and an encoding (raw or shared)")
+    if offset != total:
+        raise ValueError(f"payload_bytes is {total}, but the tensors take {offset}")
 
 
 def _read_manifest(path: Path, blob: bytes) -> tuple[dict[str, Any], int]:
@@ -187,40 +264,33 @@ def _read_manifest(path: Path, blob: bytes) -> tuple[dict[str, Any], int]:
     text = blob[HEADER.size:end]
     if hashlib.sha256(text).digest() != digest:
         raise _fail(path, "the manifest is corrupted (sha256 mismatch)")
+    if not flags & FLAG_DEFLATED and length > MAX_MANIFEST_BYTES:
+        raise _fail(path, f"the manifest is larger than {MAX_MANIFEST_BYTES} bytes; refused")
     try:
-        manifest = json.loads(zlib.decompress(text) if flags & FLAG_DEFLATED else text)
-        total = int(manifest["payload_bytes"])
-        for t in manifest["tensors"]:
-            _ = (t["name"], int(t["offset"]), int(t["bytes"]), t["sha256"], t["shape"])
-        arch, spec = manifest["architecture"], manifest["input_spec"]
-        _ = (list(spec["shape"]), str(spec["dtype"]))
-        if not (arch is None or isinstance(arch, dict)):
-            raise TypeError(f"architecture must be an object or null, not {arch!r}")
-    except (ValueError, KeyError, TypeError, zlib.error) as exc:
-        raise _fail(path, f"the manifest is malformed ({type(exc).__name__}: {exc})") from None
+        manifest = json.loads(_inflate(path, text) if flags & FLAG_DEFLATED else text)
+        _check_manifest(manifest)
+    except (ValueError, RecursionError) as exc:
+        raise _fail(path, f"the manifest is malformed ({exc})") from None
+    total = manifest["payload_bytes"]
     if len(blob) != end + total:
         state = "truncated" if len(blob) < end + total else "longer than its manifest says"
         raise _fail(path, f"the file is {state}: {len(blob)} bytes, expected {end + total}")
     return manifest, end
 
 
-def read_packed(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read and verify a ``.slim`` file: the manifest and the decoded state dict.
-
-    Raises:
-        ModelLoadError: missing file, wrong magic or version, truncation, checksum mismatch,
-            or a payload that does not decode -- naming the file and the tensor.
-    """
-    path = Path(path)
+def _load_blob(path: Path) -> tuple[bytes, dict[str, Any], int]:
     if not path.is_file():
         raise ModelLoadError(f"packed model '{path}' does not exist")
     blob = path.read_bytes()
     manifest, start = _read_manifest(path, blob)
+    return blob, manifest, start
+
+
+def _decode_all(path: Path, blob: bytes, manifest: dict[str, Any],
+                start: int) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for t in manifest["tensors"]:
-        lo, n = start + int(t["offset"]), int(t["bytes"])
-        if int(t["offset"]) < 0 or n < 0 or lo + n > len(blob):
-            raise _fail(path, f"tensor '{t['name']}' lies outside the file")
+        lo, n = start + t["offset"], t["bytes"]
         data = blob[lo:lo + n]
         if hashlib.sha256(data).hexdigest() != t["sha256"]:
             raise _fail(path, f"the payload of tensor '{t['name']}' is corrupted (sha256 "
@@ -229,11 +299,54 @@ def read_packed(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
             state[t["name"]] = decode_tensor(data, t)
         except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
             raise _fail(path, f"tensor '{t['name']}' does not decode: {exc}") from None
-    return manifest, state
+    return state
+
+
+def read_packed(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read and verify a ``.slim`` file: the manifest and the decoded state dict.
+
+    Raises:
+        ModelLoadError: missing file, wrong magic or version, truncation, a malformed or
+            oversized manifest (naming the key path), checksum mismatch, or a payload that
+            does not decode -- naming the file and the tensor.
+    """
+    path = Path(path)
+    blob, manifest, start = _load_blob(path)
+    return manifest, _decode_all(path, blob, manifest, start)
+
+
+def _reference(path: Path, arch: dict | None,
+               template: torch.nn.Module | None) -> dict[str, tuple[int, ...]] | None:
+    """Tensor shapes of the model the file must fill, known before anything is decoded (the
+    zoo architecture is built on the meta device: shapes without memory). None when the
+    architecture needs real values to build; loading the state dict checks it then."""
+    if template is not None:
+        return {k: tuple(v.shape) for k, v in template.state_dict().items()}
+    if not (arch and "zoo" in arch):
+        raise _fail(path, "it records no rebuildable architecture; pass a template module "
+                          "of the same architecture")
+    try:
+        with torch.device("meta"):
+            module = _build(arch)
+    except (SlimkitError, KeyError, TypeError, ValueError) as exc:
+        raise _fail(path, f"its architecture {arch} cannot be rebuilt: {exc}") from None
+    except Exception:  # an architecture that cannot be built on the meta device
+        return None
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def _build(arch: dict[str, Any]) -> torch.nn.Module:
+    from slimkit.zoo import build_model
+
+    return build_model(arch["zoo"], tuple(arch["input_shape"]), arch["num_classes"],
+                       **arch.get("kwargs", {}))
 
 
 def unpack(path: str | Path, template: torch.nn.Module | None = None) -> SlimModel:
     """Load a ``.slim`` file as a SlimModel, after verifying it.
+
+    The tensor shapes in the manifest are compared with the architecture's before any
+    payload is decoded, so a forged shape fails without allocating what it claims.
 
     Args:
         path: the packed file.
@@ -250,27 +363,23 @@ def unpack(path: str | Path, template: torch.nn.Module | None = None) -> SlimMod
     import copy
 
     path = Path(path)
-    manifest, state = read_packed(path)
+    blob, manifest, start = _load_blob(path)
     arch, spec = manifest["architecture"], manifest["input_spec"]
-    if template is not None:
-        module = copy.deepcopy(template)
-    elif arch and "zoo" in arch:
-        from slimkit.zoo import build_model
-
-        try:
-            module = build_model(arch["zoo"], tuple(arch["input_shape"]), arch["num_classes"],
-                                 **arch.get("kwargs", {}))
-        except (SlimkitError, KeyError, TypeError, ValueError) as exc:
-            raise _fail(path, f"its architecture {arch} cannot be rebuilt: {exc}") from None
-    else:
-        raise _fail(path, "it records no rebuildable architecture; pass a template module "
-                          "of the same architecture")
+    expected = _reference(path, arch, template)
+    if expected is not None:
+        check_fit(expected, {t["name"]: tuple(t["shape"]) for t in manifest["tensors"]},
+                  f"'{path}' cannot be loaded as a packed model: its tensors do not fit the "
+                  "architecture")
+    state = _decode_all(path, blob, manifest, start)
     try:
+        module = copy.deepcopy(template) if template is not None else _build(arch)
         module.load_state_dict(state, strict=True)
+    except (SlimkitError, KeyError, TypeError, ValueError) as exc:
+        raise _fail(path, f"its architecture {arch} cannot be rebuilt: {exc}") from None
     except RuntimeError as exc:
         raise _fail(path, f"its tensors do not fit the architecture: "
                           f"{str(exc).splitlines()[0]}") from None
     set_mode(module, False)
     return SlimModel(module=module, input_shape=tuple(spec["shape"]), input_dtype=spec["dtype"],
-                     name=manifest.get("name", str(path)), arch=arch,
+                     name=manifest.get("name") or str(path), arch=arch,
                      num_classes=manifest.get("num_classes"))

@@ -185,6 +185,8 @@ def decode_stream(data: bytes, coder: str, count: int) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     entries, offset = read_table(data)
     if coder == "huffman":
+        if count > 8 * (len(data) - offset):  # every Huffman code is at least one bit long
+            raise ValueError(f"{len(data) - offset} bytes cannot hold {count} Huffman codes")
         symbols = huffman_decode(data[offset:], entries, count)
     elif coder == "ans":
         if entries.sum() <= 0:

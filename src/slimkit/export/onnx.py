@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from slimkit.core.errors import ExportError
-from slimkit.core.files import atomic_path
+from slimkit.core.errors import ExportError, OutputExistsError
+from slimkit.core.files import atomic_path, ensure_absent
 from slimkit.export.fuse import fuse_file
 from slimkit.export.qdq import export_module, has_quant_layers, output_step, postprocess_qdq
 from slimkit.io.model import SlimModel, set_mode
@@ -66,6 +66,47 @@ def export_onnx(model: SlimModel, path: str | Path, opset: int = OPSET) -> Path:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"ONNX export of '{model.name}' failed: {first}") from exc
     return path
+
+
+def export_checked(model: SlimModel, path: str | Path, *, overwrite: bool = False,
+                   atol: float = 1e-4, batch: int = 4, opset: int = OPSET) -> dict[str, Any]:
+    """Export ``model`` to ONNX and check it against PyTorch before it replaces ``path``.
+
+    The file is written beside ``path`` and moved into place only after the parity check
+    passed: when the export or the check fails, a previous ``path`` is left byte for byte.
+
+    Args:
+        overwrite: replace an existing ``path`` (once every check passed).
+        atol: parity tolerance (see :func:`check_parity`).
+        batch: rows of the model's example inputs used for the check.
+
+    Returns:
+        ``{"onnx": path, "bytes": size, "parity": check_parity's result}``.
+
+    Raises:
+        OutputExistsError: ``path`` exists and ``overwrite`` is False, or is no regular
+            file (before any work).
+        ExportError: the export failed, or ONNX Runtime differs from PyTorch by more than
+            the tolerance.
+
+    Example:
+        >>> export_checked(model, "model.onnx", overwrite=True)["parity"]["ok"]  # doctest: +SKIP
+        True
+    """
+    path = Path(path)
+    ensure_absent(path, overwrite)
+    if path.exists() and not path.is_file():  # renaming onto a device would replace it
+        raise OutputExistsError(f"output '{path}' is not a regular file (a device, pipe, "
+                                "folder or socket?); choose another path")
+    with atomic_path(path) as tmp:
+        export_onnx(model, tmp, opset)
+        parity = check_parity(model, tmp, model.example_inputs(batch), atol)
+        if not parity["ok"]:
+            kept = f"'{path}' was left as it was" if path.exists() else "nothing was written"
+            raise ExportError(f"the ONNX export of '{model.name}' differs from PyTorch by "
+                              f"{parity['max_abs_diff']:.2e} (> {parity['atol']:g}); {kept}")
+        size = tmp.stat().st_size
+    return {"onnx": str(path), "bytes": size, "parity": parity}
 
 
 def _has_dynamic_quant(module: torch.nn.Module) -> bool:

@@ -5,7 +5,9 @@
     DIR/weights.safetensors  the weights (sparse tensors as bitmask + values)
     DIR/model.pt2            a torch.export archive, when the model has no rebuildable spec
 
-Loading verifies every checksum before reading a byte of model data.
+Loading validates the manifest (its schema and file names: io/manifest.py) and verifies
+every checksum before reading a byte of model data. The checksums catch damage (a flipped bit, a
+truncated copy), not tampering: whoever can edit the files can rewrite the manifest too.
 """
 
 from __future__ import annotations
@@ -20,15 +22,14 @@ from typing import Any
 
 import torch
 
-from slimkit.core.errors import ModelLoadError
+from slimkit.core.errors import ModelLoadError, SlimkitError
 from slimkit.core.files import atomic_dir, sha256_file, write_bytes, write_json
+from slimkit.io.manifest import FORMAT, FORMAT_VERSION, validate_manifest
 from slimkit.io.model import SlimModel, set_mode
 from slimkit.io.safety import load_exported
 from slimkit.io.transforms import replay_transforms
 from slimkit.io.weights import load_weights, save_weights
 
-FORMAT = "slimkit-artifact"
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 PT2 = "model.pt2"
@@ -103,28 +104,34 @@ def save_artifact(model: SlimModel, path: str | Path, overwrite: bool = False,
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    """Read and verify an artifact's manifest and the checksums of its files."""
+    """Read an artifact's manifest, validate it, and verify the checksums of its files.
+
+    Raises:
+        ModelLoadError: a missing, linked or malformed manifest (naming the key path), a file
+            name that leaves the artifact folder, a linked, missing or modified file.
+    """
     path = Path(path)
     mpath = path / MANIFEST
+    if mpath.is_symlink():
+        raise ModelLoadError(f"'{mpath}' is a symbolic link; an artifact holds its own files, "
+                             "so links are refused")
     if not mpath.is_file():
         raise ModelLoadError(f"'{path}' is not a slimkit artifact: {MANIFEST} is missing")
     try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ModelLoadError(f"'{mpath}' is corrupted: {exc}") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise ModelLoadError(
-            f"'{mpath}' is not a slimkit artifact of format version {FORMAT_VERSION}")
-    missing = [k for k in ("architecture", "input_spec", "files") if k not in manifest]
-    arch = manifest.get("architecture") or {}
-    required = [WEIGHTS] + ([arch["pt2"]] if isinstance(arch, dict) and "pt2" in arch else [])
-    missing += [f"files.{f}" for f in required if f not in manifest.get("files", {})]
-    if missing:
-        raise ModelLoadError(f"'{mpath}' lacks {', '.join(missing)}; re-create the artifact")
+    validate_manifest(manifest, mpath, WEIGHTS)
+    root = path.resolve()
     for fname, meta in manifest["files"].items():
         fpath = path / fname
+        if fpath.is_symlink():
+            raise ModelLoadError(f"artifact file '{fpath}' is a symbolic link; an artifact "
+                                 "holds its own files, so links are refused")
         if not fpath.is_file():
             raise ModelLoadError(f"artifact file '{fpath}' is missing")
+        if fpath.resolve().parent != root:
+            raise ModelLoadError(f"artifact file '{fpath}' lies outside '{path}'; refused")
         if fpath.stat().st_size != meta["bytes"] or sha256_file(fpath) != meta["sha256"]:
             raise ModelLoadError(
                 f"checksum mismatch for '{fpath}': the file was modified or truncated; "
@@ -134,7 +141,11 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 def load_artifact(path: str | Path, trust_pickle: bool = False,
                   template: torch.nn.Module | None = None) -> SlimModel:
-    """Load an artifact directory after verifying its checksums.
+    """Load an artifact directory after verifying its manifest and checksums.
+
+    The weights are read first (their sizes are bounded by the bytes on disk), and a zoo
+    architecture is built on the ``meta`` device and compared with them before the real
+    model is allocated: a forged architecture fails without allocating what it describes.
 
     Args:
         template: for artifacts without a rebuildable spec, a module of the same architecture
@@ -149,19 +160,15 @@ def load_artifact(path: str | Path, trust_pickle: bool = False,
     spec = manifest["input_spec"]
     state = load_weights(path / WEIGHTS)
     if "zoo" in arch:
-        from slimkit.zoo import build_model
-
-        module = build_model(arch["zoo"], tuple(arch["input_shape"]), arch["num_classes"],
-                             **arch.get("kwargs", {}))
-        module = replay_transforms(module, arch.get("transforms", []))
-    elif "pt2" in arch and template is not None and _fits(template, state):
+        module = _rebuild_zoo(arch, state, path / WEIGHTS)
+    elif template is not None and _fits(template, state):
         module = copy.deepcopy(template)
         arch = None
-    elif "pt2" in arch:
-        module = load_exported(str(path / arch["pt2"]), trust_pickle).module()
-        arch = None
     else:
-        raise ModelLoadError(f"'{path / MANIFEST}' has an unknown architecture entry {arch}")
+        program = load_exported(str(path / arch["pt2"]), trust_pickle)
+        _check_graph_input(program, spec, path / MANIFEST)
+        module = program.module()
+        arch = None
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -169,9 +176,73 @@ def load_artifact(path: str | Path, trust_pickle: bool = False,
                              f"{str(exc).splitlines()[0]}") from None
     set_mode(module, False)
     return SlimModel(module=module, input_shape=tuple(spec["shape"]), input_dtype=spec["dtype"],
-                     name=manifest.get("name", str(path)), arch=arch,
+                     name=manifest.get("name") or str(path), arch=arch,
                      history=manifest.get("history", []), num_classes=manifest.get("num_classes"),
                      recipe=manifest.get("recipe"), source=str(path))
+
+
+def _build_zoo(arch: dict[str, Any]) -> torch.nn.Module:
+    from slimkit.zoo import build_model
+
+    module = build_model(arch["zoo"], tuple(arch["input_shape"]), arch["num_classes"],
+                         **arch.get("kwargs", {}))
+    return replay_transforms(module, arch.get("transforms", []))
+
+
+def _rebuild_zoo(arch: dict[str, Any], state: dict[str, torch.Tensor],
+                 wpath: Path) -> torch.nn.Module:
+    """Build the architecture once on the meta device (shapes, no memory), check that the
+    weights fit it, and only then for real."""
+    try:
+        with torch.device("meta"):
+            reference = _build_zoo(arch)
+    except SlimkitError:
+        raise
+    except Exception:  # a rebuilder that needs real values: load_state_dict checks instead
+        reference = None
+    if reference is not None:
+        check_fit({k: tuple(v.shape) for k, v in reference.state_dict().items()},
+                  {k: tuple(v.shape) for k, v in state.items()},
+                  f"weights in '{wpath}' do not fit the architecture")
+    return _build_zoo(arch)
+
+
+def check_fit(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]],
+              what: str) -> None:
+    """Raise ModelLoadError ``"{what}: ..."`` naming the first tensor that is missing,
+    unexpected or of another shape than ``expected``."""
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys())
+    wrong = [k for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+    if missing:
+        raise ModelLoadError(f"{what}: tensor '{missing[0]}' is missing")
+    if unexpected:
+        raise ModelLoadError(f"{what}: unexpected tensor '{unexpected[0]}'")
+    if wrong:
+        k = wrong[0]
+        raise ModelLoadError(f"{what}: '{k}' has shape {list(found[k])}, the architecture "
+                             f"needs {list(expected[k])}")
+
+
+def _graph_input(program: torch.export.ExportedProgram) -> tuple[list[int | None], str]:
+    """The first user input of an exported graph: its per-sample shape (None where a
+    dimension is dynamic) and dtype name."""
+    user_inputs = program.graph_signature.user_inputs
+    val = next(n.meta["val"] for n in program.graph.nodes
+               if n.op == "placeholder" and n.name == user_inputs[0])
+    shape = [d if isinstance(d, int) else None for d in val.shape[1:]]
+    return shape, str(val.dtype).removeprefix("torch.")
+
+
+def _check_graph_input(program: torch.export.ExportedProgram, spec: dict[str, Any],
+                       mpath: Path) -> None:
+    shape, dtype = _graph_input(program)
+    fits = len(shape) == len(spec["shape"]) and all(
+        d is None or d == s for d, s in zip(shape, spec["shape"], strict=True))
+    if not fits or dtype != spec["dtype"]:
+        raise ModelLoadError(f"'{mpath}' is malformed at input_spec: {spec['dtype']} "
+                             f"{spec['shape']} differs from the graph's input {dtype} {shape}; "
+                             "re-create the artifact")
 
 
 def _fits(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> bool:

@@ -49,7 +49,8 @@ def load_pt2(path: Path, trust_pickle: bool = False) -> SlimModel:
 
 
 def load_model(spec: str, *, data: DataBundle | None = None, trust_pickle: bool = False,
-               allow_onnx: bool = False) -> SlimModel | OnnxModel:
+               allow_onnx: bool = False, trust_remote_code: bool = False,
+               ) -> SlimModel | OnnxModel:
     """Load the model a user names on the command line.
 
     Args:
@@ -57,6 +58,8 @@ def load_model(spec: str, *, data: DataBundle | None = None, trust_pickle: bool 
             directory, or (with ``allow_onnx``) an ``.onnx`` file.
         data: used to fit a zoo model's input shape and class count.
         trust_pickle: allow formats that unpickle Python objects (never the default).
+        trust_remote_code: allow a Hugging Face directory whose config names custom code
+            (``auto_map``); that code runs on load (never the default).
 
     Raises:
         ModelLoadError: with the path and what to do.
@@ -73,7 +76,8 @@ def load_model(spec: str, *, data: DataBundle | None = None, trust_pickle: bool 
         if (path / "config.json").exists():
             from slimkit.io.hf import load_hf_dir
 
-            return load_hf_dir(path, trust_pickle=trust_pickle)
+            return load_hf_dir(path, trust_pickle=trust_pickle,
+                               trust_remote_code=trust_remote_code)
         raise ModelLoadError(f"directory '{path}' holds neither {MANIFEST} (slimkit artifact) "
                              "nor config.json (Hugging Face model)")
     suffix = path.suffix.lower()

@@ -7,7 +7,9 @@ and values, so the file on disk really shrinks; reading it back reproduces the t
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,16 +48,52 @@ def encode_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
     return tensors, encoding
 
 
-def decode_state(tensors: dict[str, torch.Tensor], encoding: dict) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`encode_state`."""
+def _bitmask_parts(name: str, enc: Any, tensors: dict[str, torch.Tensor],
+                   ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Shape, packed mask and values of one sparse tensor, checked against each other.
+
+    The shape comes from the file's metadata, so the element count it implies is compared
+    with the bytes the mask really holds before anything of that size is allocated: a dense
+    tensor can then be at most 8 elements per mask byte.
+    """
+    shape = enc.get("shape") if isinstance(enc, dict) else None
+    if not isinstance(enc, dict) or enc.get("format") != "bitmask" or not isinstance(
+            shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+        raise ValueError(f"sparse tensor '{name}' has a malformed encoding entry {enc!r:.80}")
+    mask, values = tensors.get(f"{name}::mask"), tensors.get(f"{name}::values")
+    if mask is None or values is None:
+        raise ValueError(f"sparse tensor '{name}' lacks its mask or values")
+    numel = math.prod(shape)
+    if mask.dtype != torch.uint8 or mask.dim() != 1 or mask.numel() != (numel + 7) // 8:
+        raise ValueError(f"sparse tensor '{name}' claims shape {shape} ({numel} values) but "
+                         f"its mask holds {mask.numel()} bytes of {mask.dtype}")
+    if values.dim() != 1 or str(values.dtype).removeprefix("torch.") != enc.get("dtype"):
+        raise ValueError(f"sparse tensor '{name}' has values of {values.dtype}, shape "
+                         f"{list(values.shape)}; its entry says {enc.get('dtype')}")
+    return shape, mask, values
+
+
+def decode_state(tensors: dict[str, torch.Tensor], encoding: dict,
+                 source: str = "weights") -> dict[str, torch.Tensor]:
+    """Inverse of :func:`encode_state`.
+
+    Raises:
+        ModelLoadError: an encoding entry whose shape, mask and values disagree (naming
+            ``source`` and the tensor), found before the dense tensor is allocated.
+    """
+    if not isinstance(encoding, dict):
+        raise ModelLoadError(f"'{source}' has a malformed slimkit_encoding (not an object)")
     state = {k: v for k, v in tensors.items() if "::" not in k}
     for name, enc in encoding.items():
-        shape = enc["shape"]
-        numel = int(np.prod(shape)) if shape else 1
-        mask = np.unpackbits(tensors[f"{name}::mask"].numpy(), count=numel).astype(bool)
-        values = tensors[f"{name}::values"]
+        try:
+            shape, mask_bytes, values = _bitmask_parts(name, enc, tensors)
+        except ValueError as exc:
+            raise ModelLoadError(f"'{source}': {exc}; re-create the file") from None
+        numel = math.prod(shape)
+        mask = np.unpackbits(mask_bytes.numpy(), count=numel).astype(bool)
         if int(mask.sum()) != values.numel():
-            raise ModelLoadError(f"sparse tensor '{name}' has a mask and values that disagree")
+            raise ModelLoadError(f"'{source}': sparse tensor '{name}' has a mask and values "
+                                 "that disagree")
         dense = torch.zeros(numel, dtype=values.dtype)
         dense[torch.from_numpy(mask)] = values
         state[name] = dense.reshape(shape)
@@ -87,5 +125,8 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise ModelLoadError(
             f"'{path}' is not a valid safetensors file (truncated or corrupted?): {exc}"
         ) from None
-    encoding = json.loads(header.get("__metadata__", {}).get("slimkit_encoding", "{}"))
-    return decode_state(tensors, encoding)
+    try:
+        encoding = json.loads((header.get("__metadata__") or {}).get("slimkit_encoding", "{}"))
+    except (json.JSONDecodeError, AttributeError, TypeError, RecursionError) as exc:
+        raise ModelLoadError(f"'{path}' has a malformed slimkit_encoding: {exc}") from None
+    return decode_state(tensors, encoding, str(path))
