@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from slimkit.core.errors import ConfigError, ExportError, SlimkitError
+from slimkit.core.errors import ConfigError, DataError, ExportError, ModelLoadError, SlimkitError
 from slimkit.core.files import ensure_absent
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -30,7 +33,8 @@ TrustOpt = Annotated[bool, typer.Option(
     "--trust-pickle", help="Allow loading pickled files (runs code from the file!).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", min=1, help="Intra-op threads.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for data splits and training.")]
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=2**63 - 1,
+                                       help="Seed for data splits and training.")]
 
 
 @app.callback()
@@ -45,15 +49,63 @@ def _emit(obj: Any, as_json: bool) -> bool:
     return as_json
 
 
-def _load(model: str, data: str | None, seed: int, trust_pickle: bool, allow_onnx: bool = True):
-    from slimkit.core.errors import DataError
+def _warn_data(bundle: Any) -> None:
+    """Show why the data cannot support an accuracy claim (also kept in ``bundle.meta``)."""
+    for line in bundle.meta.get("warnings", []):
+        err_console.print("[bold yellow]warning:[/]", escape(line), highlight=False,
+                          soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _culprit(error: type[SlimkitError], what: str) -> Iterator[None]:
+    """Turn an error slimkit did not foresee into one naming ``what`` it was reading."""
+    try:
+        yield
+    except SlimkitError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+            UnicodeError, RecursionError, EOFError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise error(f"cannot read {what}: {type(exc).__name__}: {first}; is it damaged or of "
+                    "another kind? (slimkit --debug shows the traceback)") from exc
+
+
+def _check_out(out: Path, writes: Literal["file", "folder"]) -> None:
+    """Refuse an ``--out`` that cannot hold what the command writes, before any work."""
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"--out '{out}': '{parent}' is a file, so nothing can be written "
+                          "under it; choose another --out")
+    if not out.exists():
+        return
+    if writes == "folder" and not out.is_dir():
+        raise ConfigError(f"--out '{out}' is a file, but this command writes a folder there; "
+                          "choose another --out (slimkit replaces only outputs it wrote)")
+    if writes == "file" and out.is_dir():
+        raise ConfigError(f"--out '{out}' is a folder, but this command writes one file; give "
+                          "a file path inside it instead")
+    if writes == "file" and not out.is_file():
+        raise ConfigError(f"--out '{out}' is not a regular file (a device, pipe or socket?); "
+                          "choose another --out")
+
+
+def _load_data(data: str, seed: int, trust_pickle: bool = False) -> Any:
     from slimkit.data import load_data
+
+    with _culprit(DataError, f"data '{data}'"):
+        bundle = load_data(data, seed=seed, trust_pickle=trust_pickle)
+    _warn_data(bundle)
+    return bundle
+
+
+def _load(model: str, data: str | None, seed: int, trust_pickle: bool, allow_onnx: bool = True):
     from slimkit.io.loader import load_model
     from slimkit.io.onnx_model import OnnxModel
     from slimkit.measure import check_fits
 
-    bundle = load_data(data, seed=seed, trust_pickle=trust_pickle) if data else None
-    m = load_model(model, data=bundle, trust_pickle=trust_pickle, allow_onnx=allow_onnx)
+    bundle = _load_data(data, seed, trust_pickle) if data else None
+    with _culprit(ModelLoadError, f"model '{model}'"):
+        m = load_model(model, data=bundle, trust_pickle=trust_pickle, allow_onnx=allow_onnx)
     if bundle is not None and not isinstance(m, OnnxModel):
         check_fits(m, bundle)
     elif bundle is not None and tuple(bundle.input_shape) != tuple(m.input_shape):
@@ -98,7 +150,8 @@ def inspect(model: ModelArg, data: DataOpt = None, as_json: JsonOpt = False,
 
 @app.command()
 def bench(model: ModelArg, data: DataOpt = None,
-          batch: Annotated[list[int], typer.Option("--batch", help="Batch sizes.")] = [1, 32],  # noqa: B006
+          batch: Annotated[list[int], typer.Option(
+              "--batch", min=1, max=1 << 16, help="Batch sizes.")] = [1, 32],  # noqa: B006
           threads: ThreadsOpt = 1,
           repeats: Annotated[int, typer.Option(min=1)] = 30,
           as_json: JsonOpt = False, trust_pickle: TrustOpt = False, seed: SeedOpt = 0) -> None:
@@ -155,16 +208,22 @@ def train(model: Annotated[str, typer.Argument(help="zoo:NAME to train from scra
           batch_size: Annotated[int, typer.Option(min=1)] = 64,
           overwrite: OverwriteOpt = False, seed: SeedOpt = 0, as_json: JsonOpt = False) -> None:
     """Train a zoo model on a dataset and write a slimkit artifact."""
+    from pydantic import ValidationError
+
     from slimkit.api import train_zoo
-    from slimkit.data import load_data
+    from slimkit.core.config import format_validation_error
     from slimkit.train.loop import TrainConfig
 
     if not model.startswith("zoo:"):
         raise ConfigError(f"train: '{model}' is not a zoo model; use zoo:NAME "
                           "(fine-tuning a loaded model happens inside compress stages)")
+    try:
+        cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    except ValidationError as err:
+        raise format_validation_error(err, "training options", TrainConfig) from None
+    _check_out(out, "folder")
     ensure_absent(out, overwrite)
-    bundle = load_data(data, seed=seed)
-    cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    bundle = _load_data(data, seed)
     _, hist = train_zoo(model.removeprefix("zoo:"), bundle, cfg, out, overwrite=overwrite,
                         progress=not as_json)
     result = {"out": str(out), "epochs": hist["epochs"]}
@@ -187,6 +246,7 @@ def compress(model: ModelArg,
     from slimkit.api import compress as run
     from slimkit.pipeline.recipe import load_recipe
 
+    _check_out(out, "folder")
     rec = load_recipe(recipe)  # validated before any model or data is touched
     m, bundle = _load(model, data, seed, trust_pickle, allow_onnx=False)
     log = (lambda s: err_console.print(s)) if as_json else out_console.print
@@ -218,6 +278,7 @@ def export(model: ModelArg,
     """Export to ONNX and check ONNX Runtime against PyTorch."""
     from slimkit.export.onnx import check_parity, export_onnx
 
+    _check_out(out, "file")
     ensure_absent(out, overwrite)
     m, _ = _load(model, None, 0, trust_pickle, allow_onnx=False)
     export_onnx(m, out)
@@ -241,6 +302,7 @@ def pack(model: ModelArg,
     """Pack a model into a .slim file: shared weights, relative indices, entropy coding."""
     from slimkit.encode.cli import pack_command
 
+    _check_out(out, "file")
     result = pack_command(model, out, bits, overwrite, data)
     if not _emit(result, as_json):
         out_console.print(f"wrote {out} ({out.stat().st_size:,} bytes)")
@@ -253,6 +315,7 @@ def unpack(path: Annotated[Path, typer.Argument(help="A .slim file.")],
     """Unpack a .slim file into a slimkit artifact directory (checksums verified)."""
     from slimkit.encode.cli import unpack_command
 
+    _check_out(out, "folder")
     result = unpack_command(path, out, overwrite)
     if not _emit(result, as_json):
         out_console.print(f"wrote {out}")
@@ -266,6 +329,7 @@ def schema(out: Annotated[Path | None, typer.Option("--out", help="Write to a fi
     from slimkit.pipeline.recipe import recipe_schema
 
     if out is not None:
+        _check_out(out, "file")
         write_json(out, recipe_schema())
     else:
         sys.stdout.write(json.dumps(recipe_schema(), indent=2) + "\n")
@@ -286,6 +350,7 @@ def demo(out: Annotated[Path, typer.Option("--out", help="Output directory.")] =
     start = time.perf_counter()
     recipe_text = resources.files("slimkit").joinpath("recipes/demo.yaml").read_text()
     rec = load_recipe(recipe_text)
+    _check_out(out, "folder")
     ensure_absent(out, overwrite)  # fail before training, not after
     bundle = load_data("builtin:mnist", seed=0)
     log = (lambda s: err_console.print(s)) if as_json else out_console.print
@@ -316,13 +381,14 @@ def main(argv: list[str] | None = None) -> int:
     except SlimkitError as exc:
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print("[bold red]error:[/]", escape(" ".join(str(exc).split())),
+                          highlight=False, soft_wrap=True)
         return exc.exit_code
     except Exception as exc:  # an error slimkit did not foresee: still one line, exit 2
         if debug:
             raise
         first = (str(exc).strip().splitlines() or [""])[0]
-        err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {first} "
+        err_console.print("[bold red]error:[/]", escape(f"{type(exc).__name__}: {first}"),
                           "(rerun with slimkit --debug for the traceback)",
                           highlight=False, soft_wrap=True)
         return 2

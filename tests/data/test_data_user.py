@@ -154,3 +154,25 @@ def test_unsupported_file_type(tmp_path):
     f.write_text("1,2\n")
     with pytest.raises(DataError, match=r"data.csv.*\.csv.*Accepted"):
         load_data(str(f))
+
+
+def test_truncated_image_is_named(tmp_path):
+    image = pytest.importorskip("PIL.Image")
+    root = tmp_path / "imgs"
+    _png(root / "a" / "0.png", 0)
+    (root / "b").mkdir()
+    bad = root / "b" / "0.png"
+    image.effect_noise((4, 3), 50).convert("L").save(bad)
+    bad.write_bytes(bad.read_bytes()[:-30])  # the header reads, the pixels do not
+    with pytest.raises(DataError) as err:
+        load_data(str(root))
+    assert str(err.value) == (f"cannot read image {bad}: image file is truncated; re-save or "
+                              "remove it")
+
+
+def test_a_device_is_not_data():
+    with pytest.raises(DataError) as err:
+        load_data("/dev/null")  # exists, but is neither a file nor a folder; only stat-ed here
+    assert str(err.value).startswith(
+        "data path '/dev/null' is neither a regular file nor a folder (a device, pipe or "
+        "socket?). Accepted: 'builtin:NAME'")

@@ -21,6 +21,7 @@ from slimkit.data.validate import (
     check_labels,
     check_pair,
     check_same_features,
+    data_warnings,
     infer_num_classes,
 )
 
@@ -38,6 +39,7 @@ __all__ = [
     "check_labels",
     "check_pair",
     "check_same_features",
+    "data_warnings",
     "infer_num_classes",
     "load_data",
     "split",

@@ -14,6 +14,7 @@ from slimkit.data.validate import (
     check_labels,
     check_pair,
     check_same_features,
+    data_warnings,
     infer_num_classes,
 )
 
@@ -33,6 +34,10 @@ def build_bundle(name: str, x: Any, y: Any, x_test: Any = None, y_test: Any = No
         seed, test_fraction: how to split when no test split is given.
         meta: facts for the report; split details are added to a copy.
         where: suffix for error messages naming the source, e.g. ``" in data.npz"``.
+
+    Returns:
+        The bundle; ``meta["warnings"]`` lists why the data cannot support an accuracy claim
+        (a single class, too few samples), when it cannot (see :func:`data_warnings`).
 
     Raises:
         DataError: any validation failure, naming the array and the value.
@@ -56,6 +61,10 @@ def build_bundle(name: str, x: Any, y: Any, x_test: Any = None, y_test: Any = No
         check_pair(x_te, y_te, names=("x_test", "y_test"), where=where)
         check_same_features(x_tr, x_te, where=where)
         meta.setdefault("split", "given")
-    return DataBundle(name=name, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te,
-                      num_classes=infer_num_classes(y_tr, y_te), meta=meta)
+    bundle = DataBundle(name=name, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te,
+                        num_classes=infer_num_classes(y_tr, y_te), meta=meta)
+    warnings = data_warnings(bundle)
+    if warnings:
+        bundle.meta["warnings"] = warnings
+    return bundle
 

@@ -40,6 +40,9 @@ def _load_path(spec: str, seed: int, test_fraction: float, trust_pickle: bool) -
     if not path.exists():
         hint = (f" Did you mean 'builtin:{spec}'?" if spec in BUILTIN else "")
         raise DataError(f"data path '{path}' does not exist.{hint} Accepted: {accepted_forms()}.")
+    if not path.is_file() and not path.is_dir():
+        raise DataError(f"data path '{path}' is neither a regular file nor a folder (a device, "
+                        f"pipe or socket?). Accepted: {accepted_forms()}.")
     if path.is_file():
         if path.suffix.lower() == ".npz":
             return load_npz(path, seed=seed, test_fraction=test_fraction,

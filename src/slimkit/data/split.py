@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from slimkit.core.errors import DataError
+from slimkit.data.validate import MIN_CALIBRATION_SAMPLES
 
 if TYPE_CHECKING:
     from slimkit.data.bundle import DataBundle
@@ -123,7 +124,8 @@ def calibration_indices(bundle: DataBundle, n: int, seed: int = 0) -> torch.Tens
         calibration batch) also mixes classes.
 
     Raises:
-        DataError: ``n`` is not positive.
+        DataError: ``n`` is not positive, or the training split has fewer than
+            ``MIN_CALIBRATION_SAMPLES`` samples.
 
     Example:
         >>> idx = calibration_indices(bundle, 128, seed=0)  # doctest: +SKIP
@@ -131,6 +133,12 @@ def calibration_indices(bundle: DataBundle, n: int, seed: int = 0) -> torch.Tens
     """
     if n < 1:
         raise DataError(f"calibration subset size must be at least 1, got {n}.")
+    if len(bundle.x_train) < MIN_CALIBRATION_SAMPLES:
+        raise DataError(
+            f"cannot calibrate on '{bundle.name}': its training split has "
+            f"{len(bundle.x_train)} sample(s), and statistics from fewer than "
+            f"{MIN_CALIBRATION_SAMPLES} describe those samples, not the data; give more data."
+        )
     n = min(n, len(bundle.x_train))
     rng = _rng(seed)
     picked = _stratified_pick(bundle.y_train.cpu().numpy(), n, rng)

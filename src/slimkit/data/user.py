@@ -103,8 +103,8 @@ def _probe(files: list[tuple[Path, int]], image_mod: ModuleType) -> str:
         try:
             with image_mod.open(path) as im:  # lazy: reads the header, not the pixels
                 size, mode = im.size, im.mode
-        except (OSError, SyntaxError) as exc:
-            raise DataError(f"cannot read image {path}: {exc}") from exc
+        except _image_errors(image_mod) as exc:
+            raise DataError(f"cannot read image {path}: {exc}; re-save or remove it") from exc
         if reference is None:
             reference = (path, size)
         elif size != reference[1]:
@@ -115,6 +115,11 @@ def _probe(files: list[tuple[Path, int]], image_mod: ModuleType) -> str:
             )
         gray = gray and mode in _GRAY_MODES
     return "L" if gray else "RGB"
+
+
+def _image_errors(image_mod: ModuleType) -> tuple[type[Exception], ...]:
+    """What Pillow raises for a damaged, truncated or oversized image."""
+    return (OSError, SyntaxError, ValueError, image_mod.DecompressionBombError)
 
 
 def _pixels(im: Any, mode: str) -> np.ndarray:
@@ -135,16 +140,19 @@ def load_image_folder(root: Path, *, seed: int = 0, test_fraction: float = 0.2) 
     Files without an image suffix are ignored; the split is stratified by ``seed``.
 
     Raises:
-        DataError: no class folders, an empty class, an unreadable image, or an image
-            whose size differs from the first one (naming it).
+        DataError: no class folders, an empty class, an unreadable or truncated image, or
+            an image whose size differs from the first one (naming it).
     """
     image_mod = require("PIL.Image", extra="data", needed_for=f"image folder {root}")
     classes, files = _image_files(root)
     mode = _probe(files, image_mod)
     pixels = []
     for path, _ in files:
-        with image_mod.open(path) as im:
-            pixels.append(_pixels(im, mode))
+        try:
+            with image_mod.open(path) as im:
+                pixels.append(_pixels(im, mode))
+        except _image_errors(image_mod) as exc:  # a header that reads but pixels that do not
+            raise DataError(f"cannot read image {path}: {exc}; re-save or remove it") from exc
     x = np.stack(pixels)
     y = np.array([index for _, index in files], dtype=np.int64)
     meta = {"source": "image folder", "path": str(root), "class_names": classes,

@@ -7,14 +7,22 @@ instead of surfacing later as a cryptic shape error deep inside a training step.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from slimkit.core.errors import DataError
 
+if TYPE_CHECKING:
+    from slimkit.data.bundle import DataBundle
+
 ArrayLike = np.ndarray | torch.Tensor
+# Below this many test samples one changed prediction moves accuracy by more than 5 points.
+FEW_SAMPLES = 20
+# Calibration statistics (ranges, importance scores, BatchNorm moments) from fewer samples
+# describe those samples, not the data; below this slimkit refuses to calibrate.
+MIN_CALIBRATION_SAMPLES = 4
 
 
 def _as_tensor(a: Any, name: str, where: str = "") -> torch.Tensor:
@@ -187,3 +195,38 @@ def infer_num_classes(*labels: torch.Tensor, declared: int | None = None) -> int
     for y, name in zip(labels, ("y", "y_test"), strict=False):
         check_label_range(y, declared, name=name)
     return declared
+
+
+def data_warnings(bundle: DataBundle) -> list[str]:
+    """Reasons a dataset cannot support an accuracy claim; empty when it can.
+
+    A single class makes accuracy blind to confusions between classes; a handful of test
+    samples makes it move in steps too coarse to judge a target. Such data still loads (a
+    smoke test may want it); the caller shows these lines and records them.
+
+    Example:
+        >>> data_warnings(build_bundle("t", np.zeros((40, 2)), [0] * 40))  # doctest: +SKIP
+        ["data 't' holds a single class (label 0): ..."]
+    """
+    out = []
+    labels = torch.cat([bundle.y_train, bundle.y_test])
+    classes = torch.unique(labels).tolist()
+    test_classes = torch.unique(bundle.y_test).tolist()
+    if len(classes) == 1:
+        out.append(f"data '{bundle.name}' holds a single class (label {classes[0]}): accuracy "
+                   "on it cannot show whether the model still tells classes apart; add "
+                   "samples of the other classes")
+    elif len(test_classes) == 1:
+        out.append(f"the test split of '{bundle.name}' holds a single class (label "
+                   f"{test_classes[0]}) of {len(classes)}: accuracy is judged on that class "
+                   "alone; give a test split with every class")
+    n_test, n_train = len(bundle.y_test), len(bundle.y_train)
+    if n_test < FEW_SAMPLES:
+        out.append(f"data '{bundle.name}' has only {n_test} test sample(s): one changed "
+                   f"prediction moves accuracy by {100 / max(n_test, 1):.3g} points, too coarse "
+                   f"to judge an accuracy target; use at least {FEW_SAMPLES} (better hundreds)")
+    if n_train < FEW_SAMPLES:
+        out.append(f"data '{bundle.name}' has only {n_train} training sample(s): fine-tuning or "
+                   f"calibrating on so few fits those samples, not the data; use at least "
+                   f"{FEW_SAMPLES}")
+    return out

@@ -13,6 +13,13 @@ from slimkit.core.config import SlimConfig, format_validation_error
 from slimkit.core.errors import ConfigError
 from slimkit.core.stages import STAGES
 
+MAX_DEPTH = 64  # levels of nesting a recipe may use
+MAX_NODES = 100_000  # YAML values (aliases expanded) a recipe may hold
+MAX_RECIPE_BYTES = 16 << 20
+
+
+MAX_BATCH = 1 << 16
+
 
 class SpeedupTarget(SlimConfig):
     """A latency target: final must be ``value`` times faster than baseline."""
@@ -20,14 +27,15 @@ class SpeedupTarget(SlimConfig):
     value: float = Field(..., gt=0, description="Required speedup (baseline / final latency).")
     runtime: Literal["onnxruntime", "torch"] = Field(
         "onnxruntime", description="Runtime the speedup is judged in.")
-    batch: int = Field(32, ge=1, description="Batch size the speedup is judged at.")
+    batch: int = Field(32, ge=1, le=MAX_BATCH, description="Batch size the speedup is judged at.")
 
 
 class Target(SlimConfig):
     """What the user asks for; every criterion left out is not judged."""
 
     max_accuracy_drop: float | None = Field(
-        None, ge=0, description="Largest allowed top-1 drop, in absolute percentage points.")
+        None, ge=0, le=100, description="Largest allowed top-1 drop, in absolute percentage "
+                                        "points (0..100).")
     min_size_ratio: float | None = Field(
         None, gt=0, description="Baseline / final artifact size on disk, at least this.")
     min_speedup: SpeedupTarget | None = Field(None, description="Latency target.")
@@ -36,11 +44,14 @@ class Target(SlimConfig):
 class MeasureOptions(SlimConfig):
     """How the final comparison is measured (recorded in the report)."""
 
-    threads: int = Field(1, ge=1, description="Intra-op threads for both runtimes.")
-    batch_sizes: list[int] = Field([1, 32], min_length=1, description="Batch sizes timed.")
-    warmup: int = Field(3, ge=0, description="Untimed runs before timing.")
-    repeats: int = Field(20, ge=1, description="Timed runs per model and batch size.")
-    parity_atol: float = Field(1e-4, gt=0, description="Max |ONNX Runtime - PyTorch| allowed.")
+    threads: int = Field(1, ge=1, le=1024, description="Intra-op threads for both runtimes.")
+    batch_sizes: list[Annotated[int, Field(ge=1, le=MAX_BATCH)]] = Field(
+        [1, 32], min_length=1, description="Batch sizes timed.")
+    warmup: int = Field(3, ge=0, le=1000, description="Untimed runs before timing.")
+    repeats: int = Field(20, ge=1, le=10_000, description="Timed runs per model and batch size.")
+    parity_atol: float = Field(
+        1e-4, gt=0, le=1, description="Max |ONNX Runtime - PyTorch| allowed (at most 1: a "
+                                      "larger tolerance would hide a broken export).")
 
 
 def recipe_model() -> type[SlimConfig]:
@@ -53,9 +64,10 @@ def recipe_model() -> type[SlimConfig]:
         __doc__="A compression recipe: target, stages in order, measurement options.",
         version=(Literal[1], Field(1, description="Recipe schema version.")),
         name=(str, Field("recipe", description="A name for reports.")),
-        seed=(int, Field(0, description="Seed for every stage and for data splits.")),
+        seed=(int, Field(0, ge=0, description="Seed for every stage and for data splits.")),
         target=(Target, Field(default_factory=Target, description="What must be achieved.")),
-        stages=(list[stage_type], Field(..., description="Stages applied in order.")),
+        stages=(list[stage_type], Field(..., min_length=1,
+                                        description="Stages applied in order (at least one).")),
         measure=(MeasureOptions, Field(default_factory=MeasureOptions,
                                        description="Measurement options.")),
     )
@@ -68,6 +80,8 @@ def parse_recipe(data: Any, source: str = "recipe") -> Any:
         ConfigError: naming every bad key path and the closest valid name.
     """
     model = recipe_model()
+    if data is None:
+        raise ConfigError(f"invalid {source}: it is empty; a recipe needs at least 'stages'")
     if not isinstance(data, dict):
         raise ConfigError(f"invalid {source}: expected a mapping with 'stages', "
                           f"got {type(data).__name__}")
@@ -78,23 +92,109 @@ def parse_recipe(data: Any, source: str = "recipe") -> Any:
 
 
 def load_recipe(source: str | Path | dict) -> Any:
-    """Load a recipe from a YAML/JSON file, YAML/JSON text (multi-line or ``{...}``), or a dict."""
+    """Load a recipe from a YAML/JSON file, YAML/JSON text (multi-line or ``{...}``), or a dict.
+
+    Raises:
+        ConfigError: on one line, naming the file and the key path: a missing or unreadable
+            file, text that is not UTF-8, a YAML syntax error (with its line), a duplicate
+            key, nesting deeper than :data:`MAX_DEPTH`, or any invalid value.
+    """
     if isinstance(source, dict):
         return parse_recipe(source)
     if isinstance(source, str) and ("\n" in source or source.lstrip()[:1] in ("{", "[")):
         text, name = source, "recipe"
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"recipe file '{path}' does not exist")
-        text, name = path.read_text(), f"recipe '{path}'"
+        text, name = _read_recipe(Path(source)), f"recipe '{source}'"
+    return parse_recipe(_parse_yaml(text, name), name)
+
+
+def _read_recipe(path: Path) -> str:
+    if not path.exists():
+        raise ConfigError(f"recipe file '{path}' does not exist")
+    if not path.is_file():
+        raise ConfigError(f"recipe '{path}' is not a regular file; give a YAML or JSON file")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise ConfigError(f"recipe '{path}' is {path.stat().st_size:,} bytes, more than a recipe "
+                          f"needs (at most {MAX_RECIPE_BYTES:,}); is it the right file?")
+    data = path.read_bytes()
     try:
-        data = yaml.safe_load(text)
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"recipe '{path}' is not UTF-8 text (byte 0x{data[exc.start]:02x} at "
+                          f"offset {exc.start}); save it as UTF-8") from None
+
+
+def _parse_yaml(text: str, name: str) -> Any:
+    """Safe-load one YAML/JSON document, refusing duplicate keys and runaway nesting."""
+    loader = None
+    try:
+        loader = yaml.SafeLoader(text)  # its reader refuses control characters here
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_nodes(node, name)
+        return loader.construct_document(node)
+    except yaml.reader.ReaderError as exc:
+        raise ConfigError(f"{name} is not valid YAML/JSON: it holds the control character "
+                          f"#x{exc.character:04x} at offset {exc.position}; a recipe is plain text"
+                          ) from None
+    except yaml.MarkedYAMLError as exc:
+        raise ConfigError(f"{name} is not valid YAML/JSON: {_yaml_problem(exc)}; fix the syntax "
+                          "there") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{name} is not valid YAML/JSON: {exc}") from None
-    return parse_recipe(data, name)
+        raise ConfigError(f"{name} is not valid YAML/JSON: {' '.join(str(exc).split())}"
+                          ) from None
+    except RecursionError:
+        raise ConfigError(f"{name} is nested too deeply (a recipe needs at most {MAX_DEPTH} "
+                          "levels)") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
 
 
+def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:
+    mark = exc.problem_mark or exc.context_mark
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    text = f"{exc.problem or exc.context}{where}"
+    if exc.problem and exc.context:
+        started = exc.context_mark
+        at = (f" started at line {started.line + 1}, column {started.column + 1}"
+              if started and started.index != mark.index else "")
+        text += f" ({exc.context}{at})"
+    return text
+
+
+def _check_nodes(root: yaml.Node, name: str) -> None:
+    """Refuse duplicate mapping keys, nesting beyond MAX_DEPTH and alias bombs, by key path.
+
+    Aliases are followed (not deduplicated), so a document whose aliases expand past
+    MAX_NODES values, or refer to themselves, is refused before it is built.
+    """
+    stack: list[tuple[yaml.Node, tuple[str, ...]]] = [(root, ())]
+    count = 0
+    while stack:
+        node, path = stack.pop()
+        count += 1
+        if len(path) > MAX_DEPTH:
+            raise ConfigError(f"{name}: '{path[0]}' is nested more than {MAX_DEPTH} levels deep "
+                              f"(line {node.start_mark.line + 1}); a recipe needs only a few")
+        if count > MAX_NODES:
+            raise ConfigError(f"{name} expands to more than {MAX_NODES:,} values (through YAML "
+                              "aliases?); write the recipe out plainly")
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((item, (*path, str(i))) for i, item in enumerate(node.value))
+        elif isinstance(node, yaml.MappingNode):
+            seen: dict[tuple[str, str], int] = {}
+            for key, value in node.value:
+                label = key.value if isinstance(key, yaml.ScalarNode) else "?"
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    if (key.tag, key.value) in seen:
+                        raise ConfigError(
+                            f"{name}: duplicate key '{'.'.join((*path, label))}' at line "
+                            f"{key.start_mark.line + 1} (first at line "
+                            f"{seen[key.tag, key.value]}); keep one")
+                    seen[key.tag, key.value] = key.start_mark.line + 1
+                stack.append((value, (*path, label)))
 def recipe_schema() -> dict:
     """The recipe's JSON Schema (published as ``slimkit schema``)."""
     return recipe_model().model_json_schema()

@@ -8,6 +8,11 @@ from pydantic import Field, model_validator
 
 from slimkit.core.config import SlimConfig
 
+# Beyond these a value is a typo, not a plan: training would never end or would diverge.
+MAX_EPOCHS = 10_000
+MAX_STEPS = 100_000_000
+MAX_LR = 10.0
+
 
 class EarlyStopping(SlimConfig):
     """Stop when validation accuracy has not improved for ``patience`` epochs."""
@@ -22,11 +27,14 @@ class EarlyStopping(SlimConfig):
 class TrainConfig(SlimConfig):
     """How to train or fine-tune (optimizer, schedule, length, checkpoints, precision)."""
 
-    epochs: int = Field(1, ge=0, description="Passes over the training set.")
+    epochs: int = Field(1, ge=0, le=MAX_EPOCHS,
+                        description=f"Passes over the training set (at most {MAX_EPOCHS:,}).")
     max_steps: int | None = Field(
-        None, ge=1, description="Train for exactly this many optimizer steps (overrides epochs).")
+        None, ge=1, le=MAX_STEPS,
+        description="Train for exactly this many optimizer steps (overrides epochs).")
     batch_size: int = Field(64, ge=1, description="Samples per optimizer step (all ranks).")
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    lr: float = Field(1e-3, gt=0, le=MAX_LR,
+                      description=f"Peak learning rate (at most {MAX_LR:g}).")
     optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="Optimizer.")
     weight_decay: float = Field(0.0, ge=0, description="L2 / decoupled weight decay.")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
