@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from slimkit.core.errors import ConfigError, DataError, ExportError, ModelLoadError, SlimkitError
+from slimkit.core.errors import ConfigError, DataError, ModelLoadError, SlimkitError
 from slimkit.core.files import ensure_absent
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -31,6 +31,10 @@ DataOpt = Annotated[str | None, typer.Option(
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 TrustOpt = Annotated[bool, typer.Option(
     "--trust-pickle", help="Allow loading pickled files (runs code from the file!).")]
+RemoteCodeOpt = Annotated[bool, typer.Option(
+    "--trust-remote-code",
+    help="Allow a Hugging Face model's own Python code (config auto_map; runs code from the "
+         "directory!).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", min=1, help="Intra-op threads.")]
 SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=2**63 - 1,
@@ -98,14 +102,16 @@ def _load_data(data: str, seed: int, trust_pickle: bool = False) -> Any:
     return bundle
 
 
-def _load(model: str, data: str | None, seed: int, trust_pickle: bool, allow_onnx: bool = True):
+def _load(model: str, data: str | None, seed: int, trust_pickle: bool, allow_onnx: bool = True,
+          trust_remote_code: bool = False):
     from slimkit.io.loader import load_model
     from slimkit.io.onnx_model import OnnxModel
     from slimkit.measure import check_fits
 
     bundle = _load_data(data, seed, trust_pickle) if data else None
     with _culprit(ModelLoadError, f"model '{model}'"):
-        m = load_model(model, data=bundle, trust_pickle=trust_pickle, allow_onnx=allow_onnx)
+        m = load_model(model, data=bundle, trust_pickle=trust_pickle, allow_onnx=allow_onnx,
+                       trust_remote_code=trust_remote_code)
     if bundle is not None and not isinstance(m, OnnxModel):
         check_fits(m, bundle)
     elif bundle is not None and tuple(bundle.input_shape) != tuple(m.input_shape):
@@ -116,13 +122,15 @@ def _load(model: str, data: str | None, seed: int, trust_pickle: bool, allow_onn
 
 @app.command()
 def inspect(model: ModelArg, data: DataOpt = None, as_json: JsonOpt = False,
-            trust_pickle: TrustOpt = False, seed: SeedOpt = 0) -> None:
+            trust_pickle: TrustOpt = False,
+            trust_remote_code: RemoteCodeOpt = False, seed: SeedOpt = 0) -> None:
     """Params, non-zero params, MACs per layer, size on disk and history of a model."""
     from slimkit.core.files import dir_size
     from slimkit.io.onnx_model import OnnxModel
     from slimkit.measure import measure_static
 
-    m, bundle = _load(model, data, seed, trust_pickle)
+    m, bundle = _load(model, data, seed, trust_pickle,
+                      trust_remote_code=trust_remote_code)
     path = Path(model)
     info: dict[str, Any] = {"model": model, "input_shape": list(m.input_shape),
                             "input_dtype": m.input_dtype,
@@ -154,14 +162,16 @@ def bench(model: ModelArg, data: DataOpt = None,
               "--batch", min=1, max=1 << 16, help="Batch sizes.")] = [1, 32],  # noqa: B006
           threads: ThreadsOpt = 1,
           repeats: Annotated[int, typer.Option(min=1)] = 30,
-          as_json: JsonOpt = False, trust_pickle: TrustOpt = False, seed: SeedOpt = 0) -> None:
+          as_json: JsonOpt = False, trust_pickle: TrustOpt = False,
+          trust_remote_code: RemoteCodeOpt = False, seed: SeedOpt = 0) -> None:
     """Latency (median, p90) in PyTorch eager and ONNX Runtime at fixed threads."""
     from slimkit.export.onnx import export_onnx
     from slimkit.io.onnx_model import OnnxModel
     from slimkit.measure import time_interleaved
     from slimkit.measure.latency import _take, compare_latency, ort_runner, ort_session
 
-    m, bundle = _load(model, data, seed, trust_pickle)
+    m, bundle = _load(model, data, seed, trust_pickle,
+                      trust_remote_code=trust_remote_code)
     sample = bundle.x_test[: max(batch)] if bundle else m.example_inputs(max(batch))[0]
     if isinstance(m, OnnxModel):
         sess = ort_session(m.path, threads)
@@ -185,12 +195,14 @@ def bench(model: ModelArg, data: DataOpt = None,
 @app.command(name="eval")
 def evaluate(model: ModelArg, data: Annotated[str, typer.Option("--data", help="Dataset.")],
              as_json: JsonOpt = False, trust_pickle: TrustOpt = False,
+             trust_remote_code: RemoteCodeOpt = False,
              seed: SeedOpt = 0) -> None:
     """Top-1 / top-5 accuracy on the test split of a dataset."""
     from slimkit.io.onnx_model import OnnxModel
     from slimkit.measure import accuracy, predict
 
-    m, bundle = _load(model, data, seed, trust_pickle)
+    m, bundle = _load(model, data, seed, trust_pickle,
+                      trust_remote_code=trust_remote_code)
     fn = m if isinstance(m, OnnxModel) else m.module
     result = {"model": model, "data": bundle.name, "n_test": len(bundle.x_test),
               **accuracy(predict(fn, bundle.x_test), bundle.y_test)}
@@ -241,6 +253,7 @@ def compress(model: ModelArg,
              resume: Annotated[bool, typer.Option(
                  "--resume", help="Continue an interrupted run in --out.")] = False,
              as_json: JsonOpt = False, trust_pickle: TrustOpt = False,
+             trust_remote_code: RemoteCodeOpt = False,
              seed: SeedOpt = 0) -> None:
     """Apply a recipe, export ONNX, measure baseline and final in one run, write the report."""
     from slimkit.api import compress as run
@@ -248,7 +261,8 @@ def compress(model: ModelArg,
 
     _check_out(out, "folder")
     rec = load_recipe(recipe)  # validated before any model or data is touched
-    m, bundle = _load(model, data, seed, trust_pickle, allow_onnx=False)
+    m, bundle = _load(model, data, seed, trust_pickle, allow_onnx=False,
+                      trust_remote_code=trust_remote_code)
     log = (lambda s: err_console.print(s)) if as_json else out_console.print
     report = run(m, bundle, rec, out, overwrite=overwrite, resume=resume,
                  progress=not as_json, log=log)
@@ -274,22 +288,19 @@ def _print_report(report: dict, out: Path, as_json: bool) -> None:
 def export(model: ModelArg,
            out: Annotated[Path, typer.Option("--out", help="ONNX file to write.")],
            overwrite: OverwriteOpt = False, trust_pickle: TrustOpt = False,
+           trust_remote_code: RemoteCodeOpt = False,
            as_json: JsonOpt = False) -> None:
     """Export to ONNX and check ONNX Runtime against PyTorch."""
-    from slimkit.export.onnx import check_parity, export_onnx
+    from slimkit.export.onnx import export_checked
 
     _check_out(out, "file")
     ensure_absent(out, overwrite)
-    m, _ = _load(model, None, 0, trust_pickle, allow_onnx=False)
-    export_onnx(m, out)
-    parity = check_parity(m, out, m.example_inputs(4))
-    result = {"onnx": str(out), "bytes": out.stat().st_size, "parity": parity}
+    m, _ = _load(model, None, 0, trust_pickle, allow_onnx=False,
+                 trust_remote_code=trust_remote_code)
+    result = export_checked(m, out, overwrite=overwrite)  # replaces out only after parity
     if not _emit(result, as_json):
-        out_console.print(f"wrote {out} ({out.stat().st_size:,} bytes); ONNX Runtime vs "
-                          f"PyTorch max |diff| {parity['max_abs_diff']:.2e}")
-    if not parity["ok"]:
-        raise ExportError(f"'{out}' differs from PyTorch by {parity['max_abs_diff']:.2e} "
-                           f"(> {parity['atol']:g})")
+        out_console.print(f"wrote {out} ({result['bytes']:,} bytes); ONNX Runtime vs "
+                          f"PyTorch max |diff| {result['parity']['max_abs_diff']:.2e}")
 
 
 @app.command()

@@ -81,3 +81,13 @@ def test_the_cli_prints_each_warning_on_its_own_line(tmp_path: Path, capsys):
         f"warning: data '{path}' has only 8 test sample(s): one changed prediction moves "
         "accuracy by 12.5 points, too coarse to judge an accuracy target; use at least 20 "
         "(better hundreds)"]
+
+
+def test_the_report_carries_the_data_warnings():
+    from slimkit.pipeline.runner import _describe_data
+
+    x = torch.rand(30, 1, 4, 4)
+    one_class = DataBundle("one", x[:20], torch.zeros(20, dtype=torch.int64), x[20:],
+                           torch.zeros(10, dtype=torch.int64), 2)
+    warnings = _describe_data(one_class)["warnings"]
+    assert warnings == data_warnings(one_class) and warnings

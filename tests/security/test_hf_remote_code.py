@@ -60,9 +60,23 @@ def test_custom_code_is_refused_without_the_opt_in(tmp_path: Path, no_prompt: li
     assert str(err.value) == (
         f"'{path}' needs its own Python code (config.json auto_map: AutoConfig, "
         "AutoModelForSequenceClassification); slimkit runs a model's custom code only with an "
-        "explicit opt-in (trust_remote_code=True), so pass it only if you trust the "
-        "directory's author")
+        "explicit opt-in (--trust-remote-code, trust_remote_code=True), so pass it only if "
+        "you trust the directory's author")
     assert not (tmp_path / "ran").exists() and no_prompt == []
+
+
+def test_the_cli_refuses_custom_code_in_one_line_and_takes_the_flag(tmp_path: Path, capsys):
+    from slimkit.cli import main
+
+    path = _bert_dir(tmp_path, AUTO_MAP)
+    capsys.readouterr()
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "needs its own Python code" in err and "--trust-remote-code" in err
+    assert not (tmp_path / "ran").exists()
+    assert main(["inspect", "--help"]) == 0
+    assert "--trust-remote-code" in capsys.readouterr().out
 
 
 def test_an_unknown_model_type_never_prompts(tmp_path: Path, no_prompt: list[str]):

@@ -75,7 +75,8 @@ def load_hf_dir(path: Path, trust_pickle: bool = False, seq_len: int = 128,
         raise ModelLoadError(
             f"'{path}' needs its own Python code (config.json auto_map: {', '.join(mapped)}); "
             "slimkit runs a model's custom code only with an explicit opt-in "
-            "(trust_remote_code=True), so pass it only if you trust the directory's author")
+            "(--trust-remote-code, trust_remote_code=True), so pass it only if you trust the "
+            "directory's author")
     try:
         config = transformers.AutoConfig.from_pretrained(
             path, local_files_only=True, trust_remote_code=trust_remote_code)

@@ -23,6 +23,7 @@ from slimkit.core.record import Record
 from slimkit.core.seed import seed_everything
 from slimkit.core.stages import REBUILDERS, STAGES, StageContext
 from slimkit.data.bundle import DataBundle
+from slimkit.data.validate import data_warnings
 from slimkit.export.onnx import check_parity, export_onnx
 from slimkit.io.artifact import WEIGHTS, library_versions, load_artifact, save_artifact
 from slimkit.io.model import SlimModel
@@ -343,4 +344,5 @@ def _describe_data(data: DataBundle | None) -> dict | None:
     if data is None:
         return None
     return {"name": data.name, "n_train": len(data.x_train), "n_test": len(data.x_test),
-            "input_shape": list(data.input_shape), "num_classes": data.num_classes}
+            "input_shape": list(data.input_shape), "num_classes": data.num_classes,
+            "warnings": data_warnings(data)}
