@@ -383,12 +383,22 @@ def main(argv: list[str] | None = None) -> int:
 
         init_from_env()  # under torchrun: join the process group (gloo on CPU, NCCL on GPU)
         try:
-            app(args=args, prog_name="slimkit")  # typer's standalone mode ends in SystemExit
+            code = app(args=args, prog_name="slimkit", standalone_mode=False)
         finally:
             shutdown()
-        return 0
-    except SystemExit as exc:  # usage errors exit 2, --help 0
+        return code if isinstance(code, int) else 0  # --help returns its exit code
+    except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 0
+    except typer.Abort:
+        err_console.print("interrupted; rerun compress with --resume to continue")
+        return 130
+    except typer.exceptions.TyperException as exc:  # usage errors: one line too, exit 2
+        ctx = getattr(exc, "ctx", None)
+        where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        err_console.print("[bold red]error:[/]", escape(message + where),
+                          highlight=False, soft_wrap=True)
+        return int(getattr(exc, "exit_code", 2))
     except SlimkitError as exc:
         if debug:
             raise

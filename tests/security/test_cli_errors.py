@@ -141,3 +141,15 @@ def test_an_unforeseen_failure_while_loading_names_the_model(capsys, monkeypatch
     assert err == ("cannot read model 'some/model': AttributeError: 'list' object has no "
                    "attribute 'get'; is it damaged or of another kind? (slimkit --debug shows "
                    "the traceback)")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["inspect", "zoo:lenet5", "--seed", "-1"],
+     "error: Invalid value for '--seed': Input should be greater than or equal to 0 (see "
+     "slimkit inspect --help)"),
+    (["nosuch"], "error: No such command 'nosuch'. (see slimkit --help)"),
+    (["compress"], "error: Missing argument 'model'. (see slimkit compress --help)"),
+])
+def test_usage_errors_are_one_line_too(args: list[str], message: str, capsys):
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip() == message
