@@ -58,7 +58,7 @@ def test_train_inspect_eval_bench_export(trained: Path, capsys, tmp_path: Path):
 
 def test_compress_from_cli(trained: Path, capsys, tmp_path: Path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("target: {max_accuracy_drop: 5, min_size_ratio: 3}\n"
+    recipe.write_text("target: {max_accuracy_drop: 60, min_size_ratio: 3}\n"
                       "stages:\n  - {kind: magnitude_prune, sparsity: 0.85,"
                       " finetune: {epochs: 1}}\n"
                       "measure: {batch_sizes: [1, 8], repeats: 3, warmup: 1}\n")
@@ -71,6 +71,11 @@ def test_compress_from_cli(trained: Path, capsys, tmp_path: Path):
     code, _, err = run(capsys, "compress", str(trained), "--data", "builtin:digits",
                        "--recipe", str(recipe), "--out", str(out))
     assert code == 2 and "--overwrite" in err
+    recipe.write_text(recipe.read_text().replace("min_size_ratio: 3", "min_size_ratio: 1000"))
+    code, stdout, _ = run(capsys, "compress", str(trained), "--data", "builtin:digits",
+                          "--recipe", str(recipe), "--out", str(out), "--overwrite")
+    assert code == 3 and "target MISSED" in stdout  # finished, outputs written, target missed
+    assert json.loads((out / "report.json").read_text())["verdict"]["met"] is False
 
 
 @pytest.mark.parametrize("args, message", [

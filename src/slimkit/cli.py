@@ -31,6 +31,9 @@ DataOpt = Annotated[str | None, typer.Option(
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 TrustOpt = Annotated[bool, typer.Option(
     "--trust-pickle", help="Allow loading pickled files (runs code from the file!).")]
+#: ``compress``'s exit code when the run finished but missed its target (errors exit 2).
+TARGET_MISSED = 3
+
 RemoteCodeOpt = Annotated[bool, typer.Option(
     "--trust-remote-code",
     help="Allow a Hugging Face model's own Python code (config auto_map; runs code from the "
@@ -268,6 +271,8 @@ def compress(model: ModelArg,
                  progress=not as_json, log=log)
     if report:  # empty on the non-zero ranks of a torchrun launch
         _print_report(report, out, as_json)
+        if not report["verdict"]["met"]:
+            raise typer.Exit(TARGET_MISSED)  # the outputs are written; CI can gate on this
 
 
 def _print_report(report: dict, out: Path, as_json: bool) -> None:

@@ -49,14 +49,19 @@ def before_after(report: dict[str, Any]) -> Table:
     return table
 
 
+def _num(x: float) -> str:
+    """Three decimals, or three significant digits for tiny values (parity differences)."""
+    return f"{x:.2e}" if 0 < abs(x) < 0.01 else f"{x:.3f}"
+
+
 def verdict_lines(report: dict[str, Any]) -> list[str]:
     v = report["verdict"]
     head = ("[bold green]target MET[/]" if v["met"] else "[bold red]target MISSED[/]")
     lines = [head if v["criteria"] else "[yellow]no target set[/]"]
     for c in v["criteria"]:
         mark = "[green]met[/]" if c["met"] else "[red]missed[/]"
-        got = "—" if c["achieved"] is None else f"{c['achieved']:.3f}"
-        by = "" if c["margin"] is None else f" (by {abs(c['margin']):.3f} {c['unit']})"
+        got = "—" if c["achieved"] is None else _num(c["achieved"])
+        by = "" if c["margin"] is None else f" (by {_num(abs(c['margin']))} {c['unit']})"
         lines.append(f"  {c['name']}: asked {c['asked']} {c['unit']}, got {got}: {mark}{by}")
     p = report["parity"]
     lines.append(f"ONNX Runtime vs PyTorch max |diff| = {p['max_abs_diff']:.2e} "

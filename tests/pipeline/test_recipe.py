@@ -79,3 +79,20 @@ def test_verdict_met_missed_and_margins():
     assert by_name["min_speedup (onnxruntime, batch 8)"]["met"]
     assert v["met"] is False
     assert judge(load_recipe({"stages": GOOD["stages"]}).target, base, final, cmp)["met"] is True
+
+
+def test_parity_is_a_criterion_whatever_the_target():
+    recipe = load_recipe({**GOOD, "target": {"min_size_ratio": 2}})
+    cmp = {"size_ratio": 3.0}
+    ok = judge(recipe.target, {}, {}, cmp,
+               parity={"max_abs_diff": 2e-5, "atol": 1e-4, "ok": True, "batch": 8})
+    assert ok["met"] and ok["criteria"][-1] == {
+        "name": "max_onnx_diff", "asked": 1e-4, "achieved": 2e-5, "met": True,
+        "margin": pytest.approx(8e-5), "unit": ""}
+    bad = judge(recipe.target, {}, {}, cmp,
+                parity={"max_abs_diff": 1.19, "atol": 0.055, "ok": False, "batch": 8})
+    assert bad["met"] is False and bad["criteria"][-1]["met"] is False
+    assert bad["criteria"][0]["met"]  # the size target alone was met
+    untargeted = judge(load_recipe({"stages": GOOD["stages"]}).target, {}, {}, {},
+                       parity={"max_abs_diff": 1.19, "atol": 0.055, "ok": False, "batch": 8})
+    assert untargeted["met"] is False and untargeted["note"] == "the recipe sets no target"

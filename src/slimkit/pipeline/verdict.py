@@ -16,7 +16,7 @@ def _criterion(name: str, asked: float, achieved: float | None, higher_is_better
 
 
 def judge(target: Any, baseline: dict, final: dict, comparison: dict,
-          export_error: str | None = None) -> dict[str, Any]:
+          export_error: str | None = None, parity: dict | None = None) -> dict[str, Any]:
     """Compare the final model with the baseline on every criterion the target names.
 
     Args:
@@ -25,6 +25,9 @@ def judge(target: Any, baseline: dict, final: dict, comparison: dict,
         comparison: latency ratios, ``{runtime: {batch: {"speedup"}}}``.
         export_error: why the final model could not be exported to ONNX, if it could not;
             the deliverable includes a runnable ONNX file, so that alone misses the target.
+        parity: the final ONNX file against PyTorch (``check_parity``); an ONNX file that
+            computes something else is no deliverable either, so a failed check is a failed
+            criterion (``max_onnx_diff``) whatever the target.
 
     Returns:
         ``{"met": bool, "criteria": [...]}``; an empty target is met trivially, and says so.
@@ -44,9 +47,13 @@ def judge(target: Any, baseline: dict, final: dict, comparison: dict,
         speed = comparison.get(t.runtime, {}).get(str(t.batch), {}).get("speedup")
         criteria.append(_criterion(f"min_speedup ({t.runtime}, batch {t.batch})", t.value,
                                    speed, True, "x"))
+    note = None if criteria else "the recipe sets no target"
     if export_error is not None:
         criteria.append({"name": "onnx_export", "asked": "an ONNX file that runs in ONNX Runtime",
                          "achieved": None, "met": False, "margin": None, "unit": "",
                          "note": export_error})
-    return {"met": all(c["met"] for c in criteria), "criteria": criteria,
-            "note": None if criteria else "the recipe sets no target"}
+    elif parity is not None and "atol" in parity:
+        criteria.append(_criterion("max_onnx_diff", parity["atol"], parity.get("max_abs_diff"),
+                                   higher_is_better=False, unit=""))
+        criteria[-1]["met"] = bool(parity.get("ok")) and criteria[-1]["met"]
+    return {"met": all(c["met"] for c in criteria), "criteria": criteria, "note": note}

@@ -36,6 +36,7 @@ CRITERION_LABELS = {
     "min_onnx_size_ratio": "ONNX size reduction",
     "max_latency_ms": "Latency",
     "max_size_bytes": "Size on disk",
+    "max_onnx_diff": "ONNX Runtime vs PyTorch, max |diff|",
 }
 _CRITERION_UNITS = {"max_accuracy_drop": "points", "min_size_ratio": "x", "min_speedup": "x"}
 _ENV_ORDER = ("cpu", "threads", "platform", "python", "torch", "onnxruntime", "onnx", "numpy")
