@@ -9,7 +9,7 @@ from tests._stages import stage_on
 from slimkit.core.errors import ConfigError
 from slimkit.export.onnx import check_parity, export_onnx
 from slimkit.io.loader import load_zoo
-from slimkit.lowrank import LowRankConfig, lowrank
+from slimkit.lowrank import FACTORIZERS, LowRankConfig, lowrank
 from slimkit.measure import count_params
 from slimkit.measure.onnx_stats import onnx_stats
 from slimkit.pipeline import STAGES, compress, load_recipe
@@ -79,6 +79,39 @@ def test_factorized_zoo_artifact_rebuilds_from_spec_and_plan(tmp_path: Path):
     torch.testing.assert_close(back.module(*x), small.eval()(*x), rtol=0, atol=0)
     assert back.arch["transforms"][0] == {"kind": "lowrank", "version": 1,
                                           "plan": rec.details["plan"]}
+
+
+@pytest.mark.parametrize("conv", FACTORIZERS.names())
+def test_artifact_rebuild_is_structure_only_and_matches_the_factorized_model(
+        conv: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Replaying the plan for an artifact builds the factorized structure without decomposing
+    (so it also runs on the meta device): the same state_dict keys and shapes as the numeric
+    path, and the loaded model gives the same outputs bit for bit."""
+    from slimkit.io import load_artifact, save_artifact
+    from slimkit.io.artifact import _build_zoo
+
+    torch.manual_seed(0)
+    model = load_zoo("lenet5", input_shape=(1, 8, 8), num_classes=10)
+    out, rec = lowrank(model, LowRankConfig(conv=conv, rank="ratio", ratio=0.3, n_iter=15))
+    assert {e["method"] for e in rec.details["layers"].values()} >= {conv}
+    expected = {k: tuple(v.shape) for k, v in out.module.state_dict().items()}
+    save_artifact(out, tmp_path / "a")
+
+    def no_decompose(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("an artifact rebuild must not decompose")
+
+    for name in FACTORIZERS.names():
+        monkeypatch.setattr(FACTORIZERS.get(name), "decompose", no_decompose)
+    with torch.device("meta"):
+        meta = _build_zoo(out.arch)
+    assert {k: tuple(v.shape) for k, v in meta.state_dict().items()} == expected
+    assert all(t.is_meta for t in meta.state_dict().values())
+    real = _build_zoo(out.arch)
+    assert {k: tuple(v.shape) for k, v in real.state_dict().items()} == expected
+    assert repr(real) == repr(out.module)
+    back = load_artifact(tmp_path / "a")
+    x = model.example_inputs(3)
+    torch.testing.assert_close(back.module(*x), out.module.eval()(*x), rtol=0, atol=0)
 
 
 def test_artifact_refuses_a_transform_owned_outside_slimkit(tmp_path: Path):

@@ -176,3 +176,44 @@ def test_factorized_grads_flow_and_dtype_follows_the_layer():
     assert all(p.dtype == torch.float64 and p.requires_grad for p in module.parameters())
     module(torch.randn(1, 4, 5, 5, dtype=torch.float64)).sum().backward()
     assert all(p.grad is not None for p in module.parameters())
+
+
+# Layers every factorizer is tried on; each takes those it does not refuse.
+SHELL_LAYERS = {
+    "linear": lambda: nn.Linear(40, 24),
+    "linear_no_bias": lambda: nn.Linear(40, 24, bias=False),
+    "conv2d": lambda: nn.Conv2d(6, 10, (3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
+    "conv2d_same_no_bias": lambda: nn.Conv2d(6, 10, 3, padding="same", bias=False),
+    "conv1d": lambda: nn.Conv1d(4, 6, 5, stride=2, padding=2),
+}
+
+
+def _shapes(module: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {k: (tuple(v.shape), v.dtype) for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", FACTORIZERS.names())
+def test_shell_has_the_structure_of_build_and_runs_on_meta(method: str):
+    """The artifact rebuild (``shell``) and the numeric path (``build``) give the same modules,
+    state_dict keys, shapes and dtypes, and the shell reads no value (it runs on meta)."""
+    fac = FACTORIZERS.get(method)
+    tried = []
+    for name, make in SHELL_LAYERS.items():
+        torch.manual_seed(0)
+        layer = make().double()
+        if fac.unsupported(layer):
+            continue
+        shape = tuple(layer.weight.shape)
+        rank = [max(1, r // 2) for r in fac.max_rank(shape)]
+        built = fac.build(layer, fac.decompose(_w64(layer), rank, n_iter=5))
+        shell = fac.shell(layer, rank)
+        assert _shapes(shell) == _shapes(built), name
+        assert [type(m) for m in shell] == [type(m) for m in built], name
+        assert repr(shell) == repr(built), name  # strides, paddings, groups alike
+        with torch.device("meta"):
+            meta_layer = make().double()
+        meta_shell = fac.shell(meta_layer, rank)
+        assert _shapes(meta_shell) == _shapes(built), name
+        assert all(t.is_meta for t in meta_shell.state_dict().values()), name
+        tried.append(name)
+    assert tried, f"{method} handled none of the test layers"

@@ -135,3 +135,43 @@ def test_packed_artifact_round_trip_and_shrinks(digits, tmp_path, kind):
     size_f = (tmp_path / "f" / "weights.safetensors").stat().st_size
     assert size_q < size_f / 3.5, (size_q, size_f)
     assert copy.deepcopy(back.module) is not None
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+@pytest.mark.parametrize(("quantizer", "bits", "granularity"), [
+    ("binary", 2, "channel"), ("ternary", 2, "channel"), ("binary", 2, "tensor"),
+    ("lsq", 4, "channel"), ("lsq", 3, "tensor"), ("affine", 2, "channel:1")])
+def test_freeze_empty_gives_the_structure_of_freeze_without_reading_values(
+        layer, quantizer, bits, granularity):
+    """The artifact rebuild (``freeze_empty``, from the plan entry) and the numeric path
+    (``pack_layer``) hold the same tensors; the rebuild runs on meta, reading no value."""
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(20, 6) if layer == "linear" else nn.Conv2d(3, 6, 3))
+
+    net = make()
+    spec = QuantSpec(quantizer=quantizer, bits=bits, granularity=granularity)
+    wrap_layers(net, {"0": {"weight": spec}})
+    entry = pack_layer(net, "0")
+    packed = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    for device in ("cpu", "meta"):
+        with torch.device(device):
+            fresh = make()
+        ql = PackedQuantLayer(fresh[0], QuantSpec.model_validate(entry["weight"]).make(),
+                              code_bits=entry["code_bits"], binary=entry["binary"])
+        ql.freeze_empty()
+        got = {"0." + k: tuple(v.shape) for k, v in ql.state_dict().items()}
+        assert got.keys() == packed.keys()
+        for k, shape in got.items():
+            # A per-tensor scale is one value: [] here, [1, 1] from a sign quantizer's alpha.
+            assert shape == packed[k] or {*shape, *packed[k]} <= {1}, (k, shape, packed[k])
+        assert all(t.device.type == device for t in ql.state_dict().values())
+
+
+def test_freeze_empty_refuses_what_freeze_never_stores():
+    layer = PackedQuantLayer(nn.Linear(4, 2), BinaryQuant(), code_bits=1)
+    with pytest.raises(ConfigError, match="fixed 'affine' one, not BinaryQuant"):
+        layer.freeze_empty()
+    fq = QuantSpec(bits=2, narrow=True).make()
+    with pytest.raises(ConfigError, match="1, 2, 4 or 8 bits wide, not 3"):
+        PackedQuantLayer(nn.Linear(4, 2), fq, code_bits=3).freeze_empty()

@@ -23,15 +23,20 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+import slimkit.io.artifact
 import slimkit.zoo
 from slimkit.core.errors import ModelLoadError
 from slimkit.core.files import sha256_file
+from slimkit.core.stages import StageContext
+from slimkit.data.bundle import DataBundle
 from slimkit.encode import EncodeConfig, pack, unpack
 from slimkit.encode.codec import decode_raw, decode_shared, encode_shared
 from slimkit.encode.slimfile import HEADER, MAX_MANIFEST_BYTES
 from slimkit.encode.streams import decode_stream, encode_stream
 from slimkit.io.artifact import load_artifact, save_artifact
 from slimkit.io.loader import load_zoo
+from slimkit.lowrank import LowRankConfig, lowrank
+from slimkit.quant.qat import QatConfig, qat
 
 MB = 1 << 20
 
@@ -115,6 +120,101 @@ def test_a_forged_architecture_is_never_allocated(sparse_artifact: Path, builds:
         f"weights in '{sparse_artifact / 'weights.safetensors'}' do not fit the architecture: "
         "'fc1.weight' has shape [300, 64], the architecture needs [300, 4096]")
     assert builds == [("meta", [1, 64, 64])]
+
+
+@pytest.fixture
+def replays(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, list[str]]]]:
+    """Every transform replay that *succeeded* during artifact loading, as (device, kinds)."""
+    seen: list[tuple[str, list[str]]] = []
+    real = slimkit.io.artifact.replay_transforms
+
+    def spy(module, transforms):  # noqa: ANN001, ANN202
+        out = real(module, transforms)
+        seen.append((next(out.parameters()).device.type, [t["kind"] for t in transforms]))
+        return out
+
+    monkeypatch.setattr(slimkit.io.artifact, "replay_transforms", spy)
+    yield seen
+
+
+def _lowrank_artifact(path: Path) -> tuple[Path, torch.nn.Module]:
+    torch.manual_seed(0)
+    model = load_zoo("lenet5", input_shape=(1, 8, 8), num_classes=10)
+    out, rec = lowrank(model, LowRankConfig(rank="ratio", ratio=0.3, n_iter=15))
+    assert "fc1" in rec.details["layers"]
+    return save_artifact(out, path), out.module.eval()
+
+
+def _packed_artifact(path: Path, digits: DataBundle, kind: str,
+                     granularity: str) -> tuple[Path, torch.nn.Module]:
+    torch.manual_seed(0)
+    model = load_zoo("lenet300", digits)
+    cfg = QatConfig(weight_quantizer=kind, weight_granularity=granularity, first_last_bits=8,
+                    finetune={"max_steps": 2}, calib_samples=32)
+    out, _ = qat(model, cfg, StageContext(data=digits, progress=False))
+    assert [t["kind"] for t in out.arch["transforms"]] == ["quant_layers", "packed_quant"]
+    return save_artifact(out, path), out.module.eval()
+
+
+@pytest.mark.parametrize("case", ["lowrank", "binary/channel", "ternary/channel",
+                                  "binary/tensor"])
+def test_structural_artifacts_are_checked_on_meta_before_the_real_build(
+        case: str, tmp_path: Path, digits: DataBundle, builds: list, replays: list):
+    """Factorized and bit-packed artifacts rebuild on the meta device (structure only), so
+    their sizes are checked against the weights before the real model is allocated."""
+    if case == "lowrank":
+        path, original = _lowrank_artifact(tmp_path / "a")
+        x, kinds = torch.randn(3, 1, 8, 8), ["lowrank"]
+    else:
+        kind, granularity = case.split("/")
+        path, original = _packed_artifact(tmp_path / "a", digits, kind, granularity)
+        x, kinds = digits.x_test[:16], ["quant_layers", "packed_quant"]
+    builds.clear()  # only the loading's builds count
+    back = load_artifact(path)
+    torch.testing.assert_close(back.module(x), original(x), rtol=0, atol=0)
+    shape = list(back.input_shape)
+    assert builds == [("meta", shape), ("cpu", shape)]
+    assert replays == [("meta", kinds), ("cpu", kinds)]
+
+
+def test_a_forged_factorized_architecture_is_never_allocated(tmp_path: Path, builds: list,
+                                                             replays: list):
+    """A lowrank artifact whose manifest claims a much larger model (input shape and plan
+    rewritten to agree with each other) is refused by the shape check on meta."""
+    path, _ = _lowrank_artifact(tmp_path / "a")
+    mpath = path / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    arch = manifest["architecture"]
+    arch["input_shape"] = manifest["input_spec"]["shape"] = [1, 256, 256]
+    fc1 = arch["transforms"][0]["plan"]["layers"]["fc1"]
+    rank = fc1["rank"][0]
+    fc1["shape"] = [500, 50 * 61 * 61]  # lenet5 on 256x256 (valid padding): 93M weights
+    mpath.write_text(json.dumps(manifest))
+    builds.clear()  # only the loading's builds count
+    with pytest.raises(ModelLoadError) as err:
+        load_artifact(path)
+    assert str(err.value) == (
+        f"weights in '{path / 'weights.safetensors'}' do not fit the architecture: "
+        f"'fc1.0.weight' has shape [{rank}, 200], the architecture needs [{rank}, 186050]")
+    assert builds == [("meta", [1, 256, 256])] and replays == [("meta", ["lowrank"])]
+    assert _peak(lambda: load_artifact(path)) < 4 * MB
+
+
+def test_an_architecture_that_cannot_be_checked_on_meta_is_refused(
+        sparse_artifact: Path, builds: list, monkeypatch: pytest.MonkeyPatch):
+    """A rebuild that needs real values would have to allocate before any size check:
+    refused with one clear line instead of built unchecked."""
+    def reads_values(module, transforms):  # noqa: ANN001, ANN202
+        return module if float(next(module.parameters()).sum()) else module
+
+    monkeypatch.setattr(slimkit.io.artifact, "replay_transforms", reads_values)
+    with pytest.raises(ModelLoadError) as err:
+        load_artifact(sparse_artifact)
+    assert str(err.value).startswith("cannot check the architecture's size before building "
+                                     "it: building it on the meta device failed (")
+    assert str(err.value).endswith(f"refused rather than allocating what "
+                                   f"'{sparse_artifact / 'manifest.json'}' describes")
+    assert builds == [("meta", [1, 8, 8])]
 
 
 # --- .slim files --------------------------------------------------------------------------

@@ -152,7 +152,8 @@ def load_artifact(path: str | Path, trust_pickle: bool = False,
             (the user's own class) to load the weights into instead of the ``.pt2`` graph.
 
     Raises:
-        ModelLoadError: missing files, checksum mismatch, or weights that do not fit.
+        ModelLoadError: missing files, checksum mismatch, weights that do not fit, or a zoo
+            architecture that cannot be built on the meta device to check its size.
     """
     path = Path(path)
     manifest = read_manifest(path)
@@ -192,28 +193,44 @@ def _build_zoo(arch: dict[str, Any]) -> torch.nn.Module:
 def _rebuild_zoo(arch: dict[str, Any], state: dict[str, torch.Tensor],
                  wpath: Path) -> torch.nn.Module:
     """Build the architecture once on the meta device (shapes, no memory), check that the
-    weights fit it, and only then for real."""
+    weights fit it, and only then for real.
+
+    Every zoo build and rebuilder is structure-only, so the meta build always runs; one that
+    does not is refused rather than built for real unchecked.
+
+    Raises:
+        ModelLoadError: the architecture cannot be built on the meta device, or the weights
+            do not fit it.
+    """
     try:
         with torch.device("meta"):
             reference = _build_zoo(arch)
     except SlimkitError:
         raise
-    except Exception:  # a rebuilder that needs real values: load_state_dict checks instead
-        reference = None
-    if reference is not None:
-        check_fit({k: tuple(v.shape) for k, v in reference.state_dict().items()},
-                  {k: tuple(v.shape) for k, v in state.items()},
-                  f"weights in '{wpath}' do not fit the architecture")
+    except Exception as exc:
+        why = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+        raise ModelLoadError(
+            f"cannot check the architecture's size before building it: building it on the "
+            f"meta device failed ({why}); refused rather than allocating what "
+            f"'{wpath.parent / MANIFEST}' describes") from None
+    check_fit({k: tuple(v.shape) for k, v in reference.state_dict().items()},
+              {k: tuple(v.shape) for k, v in state.items()},
+              f"weights in '{wpath}' do not fit the architecture")
     return _build_zoo(arch)
 
 
 def check_fit(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]],
               what: str) -> None:
     """Raise ModelLoadError ``"{what}: ..."`` naming the first tensor that is missing,
-    unexpected or of another shape than ``expected``."""
+    unexpected or of another shape than ``expected``.
+
+    A single value may come with any number of unit dimensions (a per-tensor scale saved as
+    ``[]`` or ``[1, 1]``, which a quantizer takes in either shape): it is the same memory,
+    and ``load_state_dict`` still refuses it where a module needs the exact shape.
+    """
     missing = sorted(expected.keys() - found.keys())
     unexpected = sorted(found.keys() - expected.keys())
-    wrong = [k for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+    wrong = [k for k in expected if k in found and not _same_shape(found[k], expected[k])]
     if missing:
         raise ModelLoadError(f"{what}: tensor '{missing[0]}' is missing")
     if unexpected:
@@ -222,6 +239,11 @@ def check_fit(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, 
         k = wrong[0]
         raise ModelLoadError(f"{what}: '{k}' has shape {list(found[k])}, the architecture "
                              f"needs {list(expected[k])}")
+
+
+def _same_shape(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    a, b = tuple(a), tuple(b)
+    return a == b or (all(d == 1 for d in a) and all(d == 1 for d in b))
 
 
 def _graph_input(program: torch.export.ExportedProgram) -> tuple[list[int | None], str]:

@@ -3,6 +3,10 @@
 A factorizer turns one dense weight (numpy float64) into factors at a given rank, recomposes
 them, counts their parameters, and builds the ``nn.Sequential`` that replaces the layer. Ranks
 are always lists of ints: ``[r]`` for svd, cp and spatial, ``[r_out, r_in]`` for tucker2.
+
+The replacement's structure depends on the layer and the rank only: :meth:`Factorizer.shell`
+builds it without values (artifact loading, where the saved weights fill it, runs it on the
+``meta`` device), and :meth:`Factorizer.build` fills that same shell with the factors.
 """
 
 from __future__ import annotations
@@ -77,8 +81,16 @@ class Factorizer(ABC):
         """The dense weight the factors represent (float64)."""
 
     @abstractmethod
+    def shell(self, layer: nn.Module, rank: Sequence[int]) -> nn.Sequential:
+        """The layers that replace ``layer`` at ``rank``, freshly initialized (no factors).
+
+        Same dtype and device as ``layer``, same input and output; reads only the layer's
+        shape and hyperparameters, never its values, so it runs on ``meta`` tensors.
+        """
+
+    @abstractmethod
     def build(self, layer: nn.Module, factors: Factors) -> nn.Sequential:
-        """The layers that replace ``layer`` (same dtype/device, same input and output)."""
+        """:meth:`shell` at the factors' rank, holding the factors (and ``layer``'s bias)."""
 
 
 FACTORIZERS: Registry[Factorizer] = Registry("factorizer")

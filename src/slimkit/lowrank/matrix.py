@@ -63,9 +63,8 @@ class SVDFactorizer(Factorizer):
     def reconstruct(self, factors: Factors, shape: Shape) -> np.ndarray:
         return (factors["u"] @ factors["v"]).reshape(shape)
 
-    def build(self, layer: nn.Module, factors: Factors) -> nn.Sequential:
-        r = factors["u"].shape[1]
-        w = layer.weight
+    def shell(self, layer: nn.Module, rank: Sequence[int]) -> nn.Sequential:
+        r, w = rank[0], layer.weight
         if isinstance(layer, nn.Linear):
             first = nn.Linear(layer.in_features, r, bias=False, device=w.device, dtype=w.dtype)
             second = nn.Linear(r, layer.out_features, bias=layer.bias is not None,
@@ -75,7 +74,13 @@ class SVDFactorizer(Factorizer):
                               stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
             second = conv_like(layer, r, layer.out_channels, (1,) * len(layer.kernel_size),
                                bias=layer.bias is not None)
-        return nn.Sequential(load(first, factors["v"]), load(second, factors["u"], layer.bias))
+        return nn.Sequential(first, second)
+
+    def build(self, layer: nn.Module, factors: Factors) -> nn.Sequential:
+        out = self.shell(layer, [factors["u"].shape[1]])
+        load(out[0], factors["v"])
+        load(out[1], factors["u"], layer.bias)
+        return out
 
 
 @register_factorizer
@@ -125,15 +130,22 @@ class SpatialFactorizer(Factorizer):
         m = factors["vertical"] @ factors["horizontal"]
         return m.reshape(c_in, kh, c_out, kw).transpose(2, 0, 1, 3)
 
-    def build(self, layer: nn.Module, factors: Factors) -> nn.Sequential:
+    def shell(self, layer: nn.Module, rank: Sequence[int]) -> nn.Sequential:
         c_out, c_in, kh, kw = layer.weight.shape
-        r = factors["vertical"].shape[1]
+        r = rank[0]
         (sh, sw), (dh, dw), (ph, pw) = layer.stride, layer.dilation, explicit_padding(layer)
         first = conv_like(layer, c_in, r, (kh, 1), bias=False, stride=(sh, 1),
                           padding=(ph, 0), dilation=(dh, 1))
         second = conv_like(layer, r, c_out, (1, kw), bias=layer.bias is not None,
                            stride=(1, sw), padding=(0, pw), dilation=(1, dw))
+        return nn.Sequential(first, second)
+
+    def build(self, layer: nn.Module, factors: Factors) -> nn.Sequential:
+        c_out, c_in, kh, kw = layer.weight.shape
+        r = factors["vertical"].shape[1]
         v = factors["vertical"].T.reshape(r, c_in, kh, 1)
         h = factors["horizontal"].reshape(r, c_out, kw).transpose(1, 0, 2)[:, :, None, :]
-        return nn.Sequential(load(first, v), load(second, h, layer.bias))
-
+        out = self.shell(layer, [r])
+        load(out[0], v)
+        load(out[1], h, layer.bias)
+        return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -270,18 +270,19 @@ def plan_lowrank(model: nn.Module, cfg: LowRankConfig,
     return build_plan(model, cfg, calib_x)[0]
 
 
-def apply_in_place(model: nn.Module, plan: dict,
-                   factors: dict[str, Factors] | None = None) -> list[str]:
-    """Replace every planned layer of ``model`` itself; return the names replaced.
+def _planned_layers(model: nn.Module,
+                    plan: dict) -> Iterator[tuple[str, nn.Module, Factorizer, list[int]]]:
+    """``(name, layer, factorizer, rank)`` of every planned layer, each checked against
+    ``model`` (shapes and hyperparameters only, so it runs on ``meta`` tensors).
 
     Raises:
-        ConfigError: the plan does not fit the model (missing layer, other shape, bad rank).
+        ConfigError: the plan does not fit the model (missing layer, other shape, a layer the
+            method cannot factorize, bad rank).
     """
     if plan.get("format") != PLAN_FORMAT:
         raise ConfigError(f"lowrank: not a lowrank plan (format {plan.get('format')!r}, "
                           f"expected {PLAN_FORMAT!r})")
     modules = dict(model.named_modules())
-    done = []
     for name, entry in plan["layers"].items():
         if "reason" in entry or entry.get("rank") is None:
             continue
@@ -293,14 +294,49 @@ def apply_in_place(model: nn.Module, plan: dict,
             raise ConfigError(f"lowrank plan: layer '{name}' has weight shape "
                               f"{list(layer.weight.shape)}, the plan expects {entry['shape']}")
         fac = FACTORIZERS.get(entry["method"])
+        reason = fac.unsupported(layer)
+        if reason:
+            raise ConfigError(f"lowrank plan: layer '{name}' cannot use {fac.name}: {reason}")
         _check_rank(name, fac, tuple(entry["shape"]), list(entry["rank"]))
+        yield name, layer, fac, list(entry["rank"])
+
+
+def apply_in_place(model: nn.Module, plan: dict,
+                   factors: dict[str, Factors] | None = None) -> list[str]:
+    """Replace every planned layer of ``model`` itself; return the names replaced.
+
+    Layers missing from ``factors`` are decomposed here (deterministically, as when planned).
+
+    Raises:
+        ConfigError: the plan does not fit the model (missing layer, other shape, a layer the
+            method cannot factorize, bad rank).
+    """
+    done = []
+    for name, layer, fac, rank in _planned_layers(model, plan):
         got = (factors or {}).get(name)
         if got is None:
             w = layer.weight.detach().to(torch.float64).cpu().numpy()
             with single_threaded_blas():
-                got = fac.decompose(w, entry["rank"], plan["n_iter"], plan["seed"],
-                                    plan["iter_tol"])
+                got = fac.decompose(w, rank, plan["n_iter"], plan["seed"], plan["iter_tol"])
         replace_module(model, name, fac.build(layer, got))
+        done.append(name)
+    return done
+
+
+def shape_in_place(model: nn.Module, plan: dict) -> list[str]:
+    """Give ``model`` the factorized structure of ``plan`` without decomposing anything.
+
+    Each planned layer becomes its factorizer's :meth:`~Factorizer.shell` at the planned rank:
+    the same modules, names and shapes as :func:`apply_in_place` gives, freshly initialized.
+    For loading, where the saved weights overwrite every value; reads no weight, so it also
+    runs on the ``meta`` device (the artifact's size check before allocation).
+
+    Raises:
+        ConfigError: the plan does not fit the model.
+    """
+    done = []
+    for name, layer, fac, rank in _planned_layers(model, plan):
+        replace_module(model, name, fac.shell(layer, rank))
         done.append(name)
     return done
 
@@ -319,9 +355,12 @@ def apply_lowrank(model: nn.Module, plan: dict) -> nn.Module:
     return model
 
 
-
 @register_rebuilder("lowrank")
 def _rebuild(model: nn.Module, plan: dict) -> nn.Module:
-    """Artifact loading: give a freshly built model the factorized structure of ``plan``."""
-    apply_in_place(model, plan)
+    """Artifact loading: give a freshly built model the factorized structure of ``plan``.
+
+    Structure only: the artifact's weights replace the values, so decomposing the fresh
+    model's random weights would be wasted work (and impossible on the ``meta`` device).
+    """
+    shape_in_place(model, plan)
     return model

@@ -97,15 +97,21 @@ class Tucker2Factorizer(Factorizer):
         return np.einsum("ab...,oa,ib->oi...", factors["core"], factors["u_out"],
                          factors["u_in"])
 
-    def build(self, layer: nn.Module, factors: Factors) -> nn.Sequential:
-        r_out, r_in = factors["core"].shape[:2]
+    def shell(self, layer: nn.Module, rank: Sequence[int]) -> nn.Sequential:
+        r_out, r_in = rank
         point = (1,) * len(layer.kernel_size)
         first = conv_like(layer, layer.in_channels, r_in, point, bias=False)
         core = conv_like(layer, r_in, r_out, layer.kernel_size, bias=False, stride=layer.stride,
                          padding=layer.padding, dilation=layer.dilation)
         last = conv_like(layer, r_out, layer.out_channels, point, bias=layer.bias is not None)
-        return nn.Sequential(load(first, factors["u_in"].T), load(core, factors["core"]),
-                             load(last, factors["u_out"], layer.bias))
+        return nn.Sequential(first, core, last)
+
+    def build(self, layer: nn.Module, factors: Factors) -> nn.Sequential:
+        out = self.shell(layer, list(factors["core"].shape[:2]))
+        load(out[0], factors["u_in"].T)
+        load(out[1], factors["core"])
+        load(out[2], factors["u_out"], layer.bias)
+        return out
 
 
 @register_factorizer
@@ -167,9 +173,9 @@ class CPFactorizer(Factorizer):
         return np.einsum("or,ir,hr,wr->oihw", factors["out"], factors["in"],
                          factors["vertical"], factors["horizontal"])
 
-    def build(self, layer: nn.Module, factors: Factors) -> nn.Sequential:
+    def shell(self, layer: nn.Module, rank: Sequence[int]) -> nn.Sequential:
         c_out, c_in, kh, kw = layer.weight.shape
-        r = factors["in"].shape[1]
+        r = rank[0]
         (sh, sw), (dh, dw), (ph, pw) = layer.stride, layer.dilation, explicit_padding(layer)
         first = conv_like(layer, c_in, r, (1, 1), bias=False)
         vertical = conv_like(layer, r, r, (kh, 1), bias=False, stride=(sh, 1),
@@ -177,6 +183,12 @@ class CPFactorizer(Factorizer):
         horizontal = conv_like(layer, r, r, (1, kw), bias=False, stride=(1, sw),
                                padding=(0, pw), dilation=(1, dw), groups=r)
         last = conv_like(layer, r, c_out, (1, 1), bias=layer.bias is not None)
-        return nn.Sequential(load(first, factors["in"].T), load(vertical, factors["vertical"].T),
-                             load(horizontal, factors["horizontal"].T),
-                             load(last, factors["out"], layer.bias))
+        return nn.Sequential(first, vertical, horizontal, last)
+
+    def build(self, layer: nn.Module, factors: Factors) -> nn.Sequential:
+        out = self.shell(layer, [factors["in"].shape[1]])
+        load(out[0], factors["in"].T)
+        load(out[1], factors["vertical"].T)
+        load(out[2], factors["horizontal"].T)
+        load(out[3], factors["out"], layer.bias)
+        return out

@@ -20,6 +20,8 @@ The ``packed_quant`` rebuilder replays the structure for artifacts.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -28,7 +30,7 @@ from slimkit.core.stages import register_rebuilder
 from slimkit.io.model import replace_module
 from slimkit.quant.modules import FakeQuant, QuantLayer
 from slimkit.quant.plan import QUANTIZERS, QuantSpec
-from slimkit.quant.primitives import SCALE_FLOOR, Granularity, pack, unpack
+from slimkit.quant.primitives import SCALE_FLOOR, Granularity, pack, reduce_range, unpack
 
 #: TWN's threshold factor: delta = 0.7 * mean|W| approximates the optimal ternary threshold
 #: for roughly Gaussian / uniform weights (Li et al. 2016, eq. 9).
@@ -179,10 +181,52 @@ class PackedQuantLayer(QuantLayer):
             u = (codes + 1) // 2
         else:
             u = codes - int(self.weight_fq.qmin)
-        self.register_buffer("weight_packed", pack(u, self.code_bits))
+        self._store(pack(u, self.code_bits))
+
+    def freeze_empty(self) -> None:
+        """Take the frozen structure without reading the weight (artifact loading).
+
+        The packed codes and the weight quantizer's qparams get the shapes :meth:`freeze`
+        gives them and placeholder values, which a state dict then overwrites. Runs on the
+        ``meta`` device, so an artifact's sizes are checked before anything is allocated.
+
+        Raises:
+            ConfigError: the weight quantizer is not a fixed :class:`FakeQuant` (what
+                :meth:`freeze` leaves) or the code width is not 1, 2, 4 or 8.
+        """
+        if self.frozen:
+            return
+        fq, dev = self.weight_fq, self.layer.weight.device
+        if type(fq) is not FakeQuant:
+            raise ConfigError(f"a packed layer's weight quantizer is a fixed 'affine' one, not "
+                              f"{type(fq).__name__}")
+        if self.code_bits not in (1, 2, 4, 8):
+            raise ConfigError(f"packed codes are 1, 2, 4 or 8 bits wide, not {self.code_bits}")
+        shape = qparam_shape(self.weight_shape, fq.granularity)
+        fq.scale = torch.ones(shape, dtype=torch.float32, device=dev)
+        fq.zero_point = torch.zeros(shape, dtype=torch.int32, device=dev)
+        per_byte = 8 // self.code_bits
+        n_bytes = -(-math.prod(self.weight_shape) // per_byte)
+        self._store(torch.zeros(n_bytes, dtype=torch.uint8, device=dev))
+
+    def _store(self, packed: torch.Tensor) -> None:
+        """Keep ``packed`` as the weight and drop the float one."""
+        self.register_buffer("weight_packed", packed)
         del self.layer.weight
         self.layer.register_buffer("weight", None)
         self.frozen = True
+
+
+def qparam_shape(weight_shape: tuple[int, ...], granularity: Granularity) -> tuple[int, ...]:
+    """Shape of a fixed weight quantizer's scale for a weight of ``weight_shape``.
+
+    ``()`` per tensor (as :meth:`FakeQuant.set_range` stores it; a sign quantizer's alpha is
+    saved as ``[1, 1]``, the same one value, which loading accepts too), else one value per
+    block, broadcastable against the weight (:func:`reduce_range`'s shape, on ``meta``).
+    """
+    if granularity.kind == "tensor":
+        return ()
+    return tuple(reduce_range(torch.empty(weight_shape, device="meta"), granularity)[0].shape)
 
 
 def spec_of(fq: nn.Module | None) -> dict | None:
@@ -230,18 +274,20 @@ def packed_bytes(layer: PackedQuantLayer) -> int:
 def rebuild(model: nn.Module, plan: dict) -> nn.Module:
     """Artifact loading: replace the planned layers by frozen PackedQuantLayers.
 
-    Buffers get their shapes here from the fresh weights; their values come from the
-    artifact's state dict afterwards.
+    Structure only (:meth:`PackedQuantLayer.freeze_empty`): buffers get their shapes from the
+    plan and the layers' shapes, their values from the artifact's state dict afterwards.
     """
     for name, entry in plan["layers"].items():
         layer = model.get_submodule(name)
         specs = {k: (QuantSpec.model_validate(entry[k]).make() if entry.get(k) else None)
                  for k in ("weight", "input", "output")}
+        if specs["weight"] is None:
+            raise ConfigError(f"packed_quant plan: layer '{name}' has no weight quantizer")
         ql = PackedQuantLayer(layer, specs["weight"], specs["input"], specs["output"],
                               code_bits=int(entry["code_bits"]), binary=bool(entry["binary"]))
-        if ql.binary:  # any valid placeholder: a fixed FakeQuant rounds, binary wants +-1
-            with torch.no_grad():
-                layer.weight.copy_(torch.where(layer.weight >= 0, 1.0, -1.0))
-        ql.freeze()
+        try:
+            ql.freeze_empty()
+        except ConfigError as exc:
+            raise ConfigError(f"packed_quant plan: layer '{name}': {exc}") from None
         replace_module(model, name, ql)
     return model
