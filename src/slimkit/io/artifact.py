@@ -192,8 +192,8 @@ def _build_zoo(arch: dict[str, Any]) -> torch.nn.Module:
 
 def _rebuild_zoo(arch: dict[str, Any], state: dict[str, torch.Tensor],
                  wpath: Path) -> torch.nn.Module:
-    """Build the architecture once on the meta device (shapes, no memory), check that the
-    weights fit it, and only then for real.
+    """Build the architecture on the meta device (shapes, no memory), check that the weights
+    fit it, then allocate that checked structure for the weights to fill.
 
     Every zoo build and rebuilder is structure-only, so the meta build always runs; one that
     does not is refused rather than built for real unchecked.
@@ -216,7 +216,12 @@ def _rebuild_zoo(arch: dict[str, Any], state: dict[str, torch.Tensor],
     check_fit({k: tuple(v.shape) for k, v in reference.state_dict().items()},
               {k: tuple(v.shape) for k, v in state.items()},
               f"weights in '{wpath}' do not fit the architecture")
-    return _build_zoo(arch)
+    persistent = reference.state_dict().keys()
+    if all(name in persistent for name, _ in reference.named_buffers()):
+        # Every tensor is about to be overwritten by the checked weights: allocate the checked
+        # structure itself (uninitialized) instead of building the dense original first.
+        return reference.to_empty(device="cpu")
+    return _build_zoo(arch)  # a buffer the weights do not restore needs its initial value
 
 
 def check_fit(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]],
