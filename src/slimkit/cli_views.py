@@ -6,6 +6,7 @@ from typing import Any
 
 from rich.table import Table
 
+from slimkit.report.fmt import fmt_bits
 from slimkit.report.fmt import fmt_bytes as human_bytes
 
 
@@ -35,6 +36,10 @@ def before_after(report: dict[str, Any]) -> Table:
     table.add_row("non-zero params", f"{base['nonzero_params']:,}",
                   f"{final['nonzero_params']:,}",
                   ratio(base["nonzero_params"], final["nonzero_params"]))
+    if base.get("bits_per_param") and final.get("bits_per_param"):
+        table.add_row("bits / parameter", fmt_bits(base["bits_per_param"]),
+                      fmt_bits(final["bits_per_param"]),
+                      ratio(base["bits_per_param"], final["bits_per_param"]))
     table.add_row("artifact on disk", human_bytes(base["size_bytes"]),
                   human_bytes(final["size_bytes"]), f"{cmp['size_ratio']:.2f}x")
     table.add_row("ONNX file", human_bytes(base["onnx_size_bytes"]),
@@ -70,10 +75,11 @@ def verdict_lines(report: dict[str, Any]) -> list[str]:
 
 
 def layer_rows(layers: list[dict]) -> Table:
+    """Per layer: params (every weight, whatever its dtype), non-zeros, bits per weight, MACs."""
     table = Table(title="layers")
-    for col in ("layer", "type", "params", "non-zero", "MACs"):
+    for col in ("layer", "type", "params", "non-zero", "bits", "MACs"):
         table.add_column(col, justify="left" if col in ("layer", "type") else "right")
     for r in layers:
         table.add_row(r["name"], r["type"], f"{r['params']:,}", f"{r['nonzero_params']:,}",
-                      f"{r['macs']:,}")
+                      fmt_bits(r.get("weight_bits")), f"{r['macs']:,}")
     return table

@@ -343,11 +343,15 @@ def test_layers_table_shows_channels_sparsity_and_latency(sample_report: dict,
     report = copy.deepcopy(sample_report)
     base = {r["name"]: r for r in report["baseline"]["layers"]}
     final = {r["name"]: r for r in report["final"]["layers"]}
-    base["conv2"].update(weight_shape=[16, 6, 5, 5], latency_ms=0.5)
+    base["conv2"].update(weight_shape=[16, 6, 5, 5], latency_ms=0.5, weight_bits=32)
     final["conv2"].update(weight_shape=[8, 6, 5, 5], latency_ms=0.25, params=1208,
-                          nonzero_params=302)
+                          nonzero_params=302, weight_bits=32)
     report["final"]["layers"] = [r for r in report["final"]["layers"] if r["name"] != "fc3"]
     layers = tables_of(render_html(report))["layers"]
+    assert layers[0] == ["Layer", "Type", "Weight shape", "Parameters", "Bits", "Sparsity",
+                         "MACs", "Latency"]
     assert row(layers, "conv2") == ["conv2", "Conv2d", "16×6×5×5 → 8×6×5×5", "2,416 → 1,208",
-                                    "75.00%", row(layers, "conv2")[5], "0.500 ms → 0.250 ms"]
+                                    "32 → 32", "75.00%", row(layers, "conv2")[6],
+                                    "0.500 ms → 0.250 ms"]
+    assert row(layers, "fc1")[4] == "— → —"  # reports without bits per layer still render
     assert row(layers, "fc3")[2].endswith("removed")

@@ -8,7 +8,7 @@ import torch
 
 from slimkit.data.bundle import DataBundle
 from slimkit.io.model import SlimModel, set_mode
-from slimkit.measure.counts import count_flops, count_params, layer_table
+from slimkit.measure.counts import count_flops, count_params, layer_table, layer_units
 from slimkit.measure.latency import compare_latency, ort_session, time_interleaved
 from slimkit.measure.memory import peak_memory
 from slimkit.measure.quality import accuracy, fidelity, predict
@@ -18,13 +18,18 @@ def measure_static(model: SlimModel, data: DataBundle | None = None,
                    layers: bool = False) -> dict[str, Any]:
     """Everything about one model that needs no second model and no timing.
 
+    Parameters are the weights the model computes with, whatever their dtype: a quantized
+    model has as many as its float original, stored in fewer ``bits_per_param``.
+
     Returns:
-        ``params``, ``nonzero_params``, ``flops``/``macs`` per sample, ``peak_memory_bytes``
-        at batch 1, ``accuracy`` on ``data``'s test split (None without data), and with
-        ``layers`` the per-layer table.
+        ``params``, ``nonzero_params``, ``bits_per_param`` (mean stored width of a parameter:
+        code width for quantized weights, dtype width otherwise), ``flops``/``macs`` per
+        sample, ``peak_memory_bytes`` at batch 1, ``accuracy`` on ``data``'s test split (None
+        without data), and with ``layers`` the per-layer table (:func:`layer_table`: one row per
+        layer under its original name, with ``weight_bits`` and stored ``bytes``).
     """
     example = data.example_inputs(1) if data is not None else model.example_inputs(1)
-    out: dict[str, Any] = dict(count_params(model.module))
+    out: dict[str, Any] = dict(count_params(model.module, bits=True))
     flops = count_flops(model.module, example)
     out.update(flops=flops["flops"], macs=flops["macs"])
     out["peak_memory_bytes"] = peak_memory(model.module, example)["peak_memory_bytes"]
@@ -92,6 +97,7 @@ __all__ = [
     "count_params",
     "fidelity",
     "layer_table",
+    "layer_units",
     "measure_static",
     "ort_session",
     "peak_memory",

@@ -119,6 +119,16 @@ def fmt_num(value: Any, digits: int = 2) -> str:
     return f"{v:,.{digits}f}"
 
 
+def fmt_bits(value: Any) -> str:
+    """Bits per weight: ``8`` -> ``8``, ``4.125`` -> ``4.13`` (a mean over mixed widths)."""
+    v = num(value)
+    if v is None:
+        return _fallback(value)
+    if not math.isfinite(v):
+        return str(v)
+    return f"{int(v)}" if float(v).is_integer() else f"{v:.2f}"
+
+
 def fmt_bytes(value: Any) -> str:
     """Bytes in binary units: ``246824`` -> ``241.0 KiB``."""
     v = num(value)

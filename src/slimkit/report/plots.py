@@ -22,6 +22,7 @@ from slimkit.report.fmt import (
     dig,
     finite,
 )
+from slimkit.report.layers import layer_pairs
 
 #: At most this many layers are drawn in the per-layer bars (the largest ones).
 MAX_LAYERS = 40
@@ -188,18 +189,16 @@ def _trajectory(points: list[tuple[str, str, float, float]], xlabel: str, title:
 def _layer_rows(
     baseline: Mapping[str, Any], final: Mapping[str, Any], key: str
 ) -> list[tuple[str, float | None, float | None, float | None]]:
-    """(name, baseline value, final value, final non-zero params) per layer, in model order."""
-    base = {str(dig(layer, "name")): layer for layer in as_list(baseline.get("layers"))}
-    new = {str(dig(layer, "name")): layer for layer in as_list(final.get("layers"))}
-    names = list(base) + [name for name in new if name not in base]
+    """(name, baseline value, final value, final non-zero params) per layer, in model order;
+    final layers that replaced a baseline layer count under its name (see ``layer_pairs``)."""
     rows = [
         (
             name,
-            finite(dig(base.get(name), key)),
-            finite(dig(new.get(name), key)),
-            finite(dig(new.get(name), "nonzero_params")) if key == "params" else None,
+            finite(dig(base, key)),
+            finite(dig(new, key)),
+            finite(dig(new, "nonzero_params")) if key == "params" else None,
         )
-        for name in names
+        for name, base, new in layer_pairs(baseline.get("layers"), final.get("layers"))
     ]
     return [r for r in rows if r[1] is not None or r[2] is not None]
 

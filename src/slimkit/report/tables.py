@@ -19,6 +19,7 @@ from slimkit.report.fmt import (
     dig,
     esc,
     finite,
+    fmt_bits,
     fmt_bytes,
     fmt_bytes_full,
     fmt_int,
@@ -28,11 +29,13 @@ from slimkit.report.fmt import (
     fmt_seconds,
     fmt_value,
 )
+from slimkit.report.layers import layer_pairs
 
 #: (label, key, formatter, ratio key in ``comparison``, always shown)
 _COUNT_ROWS: tuple[tuple[str, str, Callable[[Any], str], str | None, bool], ...] = (
     ("Parameters", "params", fmt_int, None, True),
     ("Non-zero parameters", "nonzero_params", fmt_int, None, True),
+    ("Bits per parameter", "bits_per_param", fmt_bits, None, False),
     ("Size on disk", "size_bytes", fmt_bytes_full, "size_ratio", True),
     ("ONNX size", "onnx_size_bytes", fmt_bytes_full, "onnx_size_ratio", True),
     ("MACs", "macs", fmt_int, None, True),
@@ -228,6 +231,10 @@ def stages(report: Mapping[str, Any]) -> str:
 
 
 def _shape(layer: Any) -> str:
+    """A weight shape as ``16×6×5×5``; a layer merged from parts shows each part's."""
+    parts = as_list(dig(layer, "part_shapes"))
+    if parts:
+        return " + ".join(_shape({"weight_shape": p}) for p in parts)
     shape = as_list(dig(layer, "weight_shape"))
     return "×".join(str(d) for d in shape) if shape else DASH
 
@@ -237,36 +244,48 @@ def _sparsity(layer: Any) -> str:
     return fmt_pct(1.0 - nonzero / params) if params and nonzero is not None else DASH
 
 
+def _type(base: Any, final: Any) -> str:
+    """The layer's type; ``Conv2d → QuantLayer`` when a technique replaced it."""
+    b, f = dig(base, "type"), dig(final, "type")
+    if b is not None and f is not None and b != f:
+        return f"{fmt_value(b)} → {fmt_value(f)}"
+    return fmt_value(b if f is None else f)
+
+
 def layers(report: Mapping[str, Any]) -> str:
-    """Per layer, baseline -> final: weight shape (channels), params, sparsity, MACs, latency."""
-    base = {str(dig(r, "name")): r for r in as_list(dig(report, "baseline", "layers"))}
-    final = {str(dig(r, "name")): r for r in as_list(dig(report, "final", "layers"))}
-    names = list(base) + [n for n in final if n not in base]
-    if not names:
+    """Per layer, baseline -> final: type, weight shape (channels), params, bits per weight,
+    sparsity, MACs, latency. Final layers that replaced a baseline layer (a quantized wrapper,
+    the parts of a factorized layer) are lined up under its name (see
+    :func:`slimkit.report.layers.layer_pairs`)."""
+    pairs = layer_pairs(dig(report, "baseline", "layers"), dig(report, "final", "layers"))
+    if not pairs:
         return ""
 
     def pair(b: Any, f: Any, fmt: Callable[[Any], str]) -> str:
         return f'<td class="num">{esc(fmt(b))} → {esc(fmt(f))}</td>'
 
     rows = []
-    for name in names:
-        b, f = base.get(name), final.get(name)
+    for name, b, f in pairs:
         rows.append(
             f"<tr><td><code>{esc(name)}</code></td>"
-            f"<td>{esc(fmt_value(dig(f or b, 'type')))}</td>"
+            f"<td>{esc(_type(b, f))}</td>"
             f'<td class="num">{esc(_shape(b) if b else DASH)} → '
             f"{esc(_shape(f) if f else 'removed')}</td>"
             f"{pair(dig(b, 'params'), dig(f, 'params'), fmt_int)}"
+            f"{pair(dig(b, 'weight_bits'), dig(f, 'weight_bits'), fmt_bits)}"
             f'<td class="num">{esc(_sparsity(f) if f else DASH)}</td>'
             f"{pair(dig(b, 'macs'), dig(f, 'macs'), fmt_int)}"
             f"{pair(dig(b, 'latency_ms'), dig(f, 'latency_ms'), fmt_ms)}</tr>")
     return (
         '<section id="layers"><h2>Layers</h2><p class="small">Baseline → final. Shapes are '
-        "weight shapes (output, input channels first); sparsity is the share of zeros in the "
-        "final layer's parameters; latency is each layer's median time in PyTorch eager at "
-        "batch 1 on one thread, measured inside whole forward passes.</p>"
+        "weight shapes (output, input channels first); a layer replaced by several (low-rank "
+        "factors) shows their shapes and sums their values. Parameters count every weight a "
+        "layer computes with, whatever its storage; bits are bits per weight (32 for float32, "
+        "the code width once quantized; scales and zero points not included). Sparsity is the "
+        "share of zeros in the final layer's parameters; latency is each layer's median time "
+        "in PyTorch eager at batch 1 on one thread, measured inside whole forward passes.</p>"
         "<table class=\"layers\"><thead><tr><th>Layer</th><th>Type</th><th>Weight shape</th>"
-        "<th>Parameters</th>"
+        "<th>Parameters</th><th>Bits</th>"
         "<th>Sparsity</th><th>MACs</th><th>Latency</th></tr></thead><tbody>"
         + "".join(rows) + "</tbody></table></section>"
     )
