@@ -50,6 +50,24 @@ def test_round_trip_is_bit_exact_with_equal_outputs(lenet, packed, digits):
     assert [p.name for p in path.parent.iterdir()] == ["lenet.slim"]  # no temporary left
 
 
+def test_a_structurally_pruned_model_round_trips(digits, tmp_path):
+    """The .slim architecture replays the recorded transforms (pruned channels), as artifacts
+    do: a pruned model packs and unpacks to the same outputs."""
+    from slimkit.prune import StructuredPruneConfig, structured_prune
+
+    torch.manual_seed(0)
+    dense = load_zoo("lenet5", digits)
+    small, _ = structured_prune(dense, StructuredPruneConfig(ratio=0.4))
+    clustered, _ = cluster_weights(small.module, CFG)
+    model = small.copy(clustered.eval())
+    pack(model, tmp_path / "p.slim", CFG)
+    loaded = unpack(tmp_path / "p.slim")
+    x = digits.x_test[:16]
+    assert (loaded.module.conv1.out_channels == model.module.conv1.out_channels
+            < dense.module.conv1.out_channels)
+    assert torch.equal(loaded.module(x), model.module(x))
+
+
 def test_report_accounts_for_every_byte(lenet, packed):
     path, report = packed
     assert report["bytes"] == path.stat().st_size == len(pack_bytes(lenet, CFG)[0])

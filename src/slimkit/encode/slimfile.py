@@ -336,10 +336,14 @@ def _reference(path: Path, arch: dict | None,
 
 
 def _build(arch: dict[str, Any]) -> torch.nn.Module:
+    """The zoo model with the recorded structural changes replayed (pruned, factorized,
+    quantized layers), as an artifact rebuilds it."""
+    from slimkit.io.transforms import replay_transforms
     from slimkit.zoo import build_model
 
-    return build_model(arch["zoo"], tuple(arch["input_shape"]), arch["num_classes"],
-                       **arch.get("kwargs", {}))
+    module = build_model(arch["zoo"], tuple(arch["input_shape"]), arch["num_classes"],
+                         **arch.get("kwargs", {}))
+    return replay_transforms(module, arch.get("transforms", []))
 
 
 def unpack(path: str | Path, template: torch.nn.Module | None = None) -> SlimModel:

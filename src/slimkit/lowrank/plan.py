@@ -207,7 +207,8 @@ def plan_layer(name: str, layer: nn.Module, cfg: LowRankConfig,
             entry["params_after"] = entry["params_before"]
             entry["reason"] = (f"factorized form is not faster: {lat['factorized_ms']:.4f} ms "
                                f"vs dense {lat['dense_ms']:.4f} ms (batch {lat['batch']}, "
-                               f"torch eager, {lat['threads']} threads)")
+                               f"torch eager, {lat['threads']} thread"
+                               f"{'' if lat['threads'] == 1 else 's'})")
             return entry, None
     return entry, factors
 
