@@ -160,3 +160,23 @@ def test_empty_recipe_and_a_folder_as_recipe(tmp_path: Path):
     assert _error(path) == f"invalid recipe '{path}': it is empty; a recipe needs at least 'stages'"
     assert _error(tmp_path) == (f"recipe '{tmp_path}' is not a regular file; give a YAML or JSON "
                                 "file")
+
+
+def test_rebuilding_the_recipe_model_does_not_stack_number_guards():
+    """Every recipe load builds a Recipe class; the number guard must wrap each int/float
+    once, not once more per build (the nesting grew until a RecursionError in long runs)."""
+    from slimkit.pipeline.recipe import recipe_model, recipe_schema
+
+    def depth(schema, seen=0):
+        if isinstance(schema, dict):
+            own = 1 if schema.get("type") == "function-wrap" else 0
+            return max([seen + own] + [depth(v, seen + own) for v in schema.values()])
+        if isinstance(schema, list):
+            return max([seen] + [depth(v, seen) for v in schema])
+        return seen
+
+    first = depth(recipe_model().__pydantic_core_schema__)
+    for _ in range(30):
+        recipe_model()
+    assert depth(recipe_model().__pydantic_core_schema__) == first
+    recipe_schema()  # still builds

@@ -47,6 +47,8 @@ def _guard_numbers(schema: Any, owner: type) -> Any:
     if not isinstance(schema, dict):
         return schema
     kind = schema.get("type")
+    if kind == "function-wrap" and schema.get("function", {}).get("function") is _number:
+        return schema  # guarded already: pydantic reuses sub-schemas when classes are rebuilt
     if kind in ("int", "float"):
         return core_schema.no_info_wrap_validator_function(_number, schema)
     if kind == "model" and schema.get("cls") is not owner:
