@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +72,11 @@ def test_compress_from_cli(trained: Path, capsys, tmp_path: Path):
     code, _, err = run(capsys, "compress", str(trained), "--data", "builtin:digits",
                        "--recipe", str(recipe), "--out", str(out))
     assert code == 2 and "--overwrite" in err
+    code, _, err = run(capsys, "compress", str(trained), "--data", "builtin:digits",
+                       "--recipe", str(recipe), "--out", str(out), "--resume")
+    assert code == 2 and " ".join(err.split()) == (
+        f"error: output '{out}' holds a finished run, whose checkpoints were removed when it "
+        "succeeded: there is nothing to resume; pass --overwrite to run it again")
     recipe.write_text(recipe.read_text().replace("min_size_ratio: 3", "min_size_ratio: 1000"))
     code, stdout, _ = run(capsys, "compress", str(trained), "--data", "builtin:digits",
                           "--recipe", str(recipe), "--out", str(out), "--overwrite")
@@ -125,7 +131,7 @@ def test_published_schema_file_is_current():
                           text=True, timeout=120)
     path = Path(__file__).parents[1] / "recipe.schema.json"
     assert json.loads(path.read_text()) == json.loads(proc.stdout), \
-        "the published schema is stale: run slimkit schema --out recipe.schema.json"
+        "the published schema is stale: run slimkit schema --out recipe.schema.json --overwrite"
 
 
 def test_pack_and_unpack_from_cli(trained: Path, capsys, tmp_path: Path):
@@ -141,3 +147,120 @@ def test_pack_and_unpack_from_cli(trained: Path, capsys, tmp_path: Path):
     slim.write_bytes(slim.read_bytes()[:-20])
     code, _, err = run(capsys, "unpack", str(slim), "--out", str(tmp_path / "bad"))
     assert code == 2 and "m.slim" in err
+
+
+def _two_stage_recipe(path: Path) -> Path:
+    path.write_text("stages:\n"
+                    "  - {kind: magnitude_prune, sparsity: 0.5, finetune: {epochs: 1}}\n"
+                    "  - {kind: magnitude_prune, sparsity: 0.8}\n"
+                    "measure: {batch_sizes: [1], repeats: 2, warmup: 0}\n")
+    return path
+
+
+def test_checkpoints_are_removed_after_success_unless_kept(trained: Path, capsys,
+                                                          tmp_path: Path):
+    recipe = _two_stage_recipe(tmp_path / "r.yaml")
+    out = tmp_path / "out"
+    args = ["compress", str(trained), "--data", "builtin:digits", "--recipe", str(recipe),
+            "--out", str(out)]
+    code, stdout, _ = run(capsys, *args)
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["model", "model.onnx", "report.html",
+                                                     "report.json"]
+    assert re.search(r"removed the checkpoints of the finished run \(\d+\.\d MiB\); "
+                     r"--keep-checkpoints keeps them", " ".join(stdout.split()))
+    text = (out / "report.json").read_text()
+    assert ".slimkit-run" not in text and ".slimkit-run" not in (out / "report.html").read_text()
+    # The stage before the last was exported and timed before its files went.
+    stage0 = json.loads(text)["stages"][0]["measure"]["latency"]["onnxruntime"]["1"]
+    assert stage0["median_ms"] > 0
+
+    # A finished run without checkpoints is still slimkit's: --overwrite replaces it.
+    code, _, err = run(capsys, *args, "--overwrite", "--keep-checkpoints")
+    assert code == 0, err
+    assert sorted(p.name for p in (out / ".slimkit-run").iterdir()) == [
+        "baseline", "baseline.onnx", "stage-00", "stage-00-train", "stage-00.onnx", "stage-01",
+        "state.json"]
+
+
+def test_a_resumed_run_removes_its_checkpoints_when_it_succeeds(trained: Path, capsys,
+                                                               tmp_path: Path):
+    from tests.faults._job import dying_at
+
+    class Killed(BaseException):
+        pass
+
+    def die() -> None:
+        raise Killed
+
+    recipe = _two_stage_recipe(tmp_path / "r.yaml")
+    out = tmp_path / "out"
+    args = ["compress", str(trained), "--data", "builtin:digits", "--recipe", str(recipe),
+            "--out", str(out)]
+    with dying_at("stage-00", die), pytest.raises(Killed):
+        main(args)
+    capsys.readouterr()
+    state = json.loads((out / ".slimkit-run" / "state.json").read_text())
+    assert [s["index"] for s in state["stages"]] == [0]
+    code, stdout, err = run(capsys, *args, "--resume")
+    assert code == 0, err
+    assert "stage 1 magnitude_prune: finished in an earlier run (resuming after it)" in \
+        " ".join(stdout.split())
+    assert not (out / ".slimkit-run").exists()
+    assert [s["index"] for s in json.loads((out / "report.json").read_text())["stages"]] == \
+        [0, 1]
+
+
+def test_pack_says_it_is_lossy_and_what_it_cost(trained: Path, capsys, tmp_path: Path):
+    slim = tmp_path / "m.slim"
+    code, out, err = run(capsys, "pack", str(trained), "--out", str(slim), "--data",
+                         "builtin:digits")
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 3, out
+    assert re.fullmatch(rf"wrote {re.escape(str(slim))} \([\d,]+ bytes, \d+\.\d\dx smaller "
+                        r"than float32, \d\.\d\d bits per shared weight\)", lines[0])
+    assert lines[1] == ("lossy: 3 weight tensors clustered here by k-means without fine-tuning "
+                        "(fc1.weight, fc2.weight, fc3.weight); an encode stage in a recipe "
+                        "fine-tunes the shared weights instead")
+    before, after, delta = re.fullmatch(
+        r"top-1 on 359 test samples of builtin:digits: (\d+\.\d\d)% before packing, "
+        r"(\d+\.\d\d)% after \(([+-]\d+\.\d\d) points\)", lines[2]).groups()
+    assert float(delta) == pytest.approx(float(after) - float(before), abs=0.011)
+    code, out, _ = run(capsys, "pack", str(trained), "--out", str(tmp_path / "n.slim"))
+    assert code == 0
+    assert out.strip().splitlines()[-1] == "pass --data to measure the accuracy the " \
+        "clustering costs"
+
+
+def test_schema_out_refuses_an_existing_file_without_overwrite(capsys, tmp_path: Path):
+    path = tmp_path / "schema.json"
+    path.write_text("mine")
+    code, _, err = run(capsys, "schema", "--out", str(path))
+    assert code == 2 and path.read_text() == "mine"
+    assert " ".join(err.split()) == (f"error: output '{path}' already exists; pass "
+                                     "--overwrite to replace it")
+    code, out, _ = run(capsys, "schema", "--out", str(path), "--overwrite")
+    assert code == 0 and out == f"wrote {path}\n"
+    assert "magnitude_prune" in json.loads(path.read_text())["$defs"]["MagnitudePruneConfig"][
+        "properties"]["kind"]["const"]
+
+
+def test_bench_counts_one_thread_in_the_singular(trained: Path, capsys):
+    code, out, _ = run(capsys, "bench", str(trained), "--batch", "2", "--threads", "1",
+                       "--repeats", "1")
+    assert code == 0 and out.count("(1 thread)") == 2 and "threads)" not in out
+
+
+@pytest.mark.parametrize("command", [None, "train", "inspect", "bench", "eval", "compress",
+                                     "export", "pack", "unpack", "schema", "demo"])
+def test_help_shows_flags_without_a_value_placeholder(command, capsys):
+    code, out, _ = run(capsys, *([command] if command else []), "--help")
+    assert code == 0 and "<bool>" not in out
+    if command == "compress":
+        def after(option: str) -> str:  # what the help shows right after the option
+            return re.search(rf"^│ [ *]+{option} +(\S+)", out, re.M).group(1)
+
+        assert [after(f) for f in ("--overwrite", "--resume", "--keep-checkpoints", "--json")] \
+            == ["Replace", "Continue", "Keep", "Print"]
+        assert after("--out") == "<path>"  # an option that takes a value still shows its type

@@ -51,7 +51,8 @@ def wrap(module: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
 def compress(model: SlimModel | nn.Module, data: DataBundle | None, recipe: Any,
              out: str | Path, example_inputs: Sequence[torch.Tensor] | None = None,
              overwrite: bool = False, resume: bool = False, progress: bool = True,
-             log: Callable[[str], None] = print) -> dict[str, Any]:
+             log: Callable[[str], None] = print,
+             keep_checkpoints: bool = False) -> dict[str, Any]:
     """Compress ``model`` with ``recipe`` (a path, YAML text, dict or Recipe); see the runner.
 
     Example:
@@ -68,7 +69,7 @@ def compress(model: SlimModel | nn.Module, data: DataBundle | None, recipe: Any,
     if not hasattr(recipe, "stages"):
         recipe = load_recipe(recipe)
     return _run(model, data, recipe, out, overwrite=overwrite, resume=resume,
-                progress=progress, log=log)
+                progress=progress, log=log, keep_checkpoints=keep_checkpoints)
 
 
 def train_zoo(name: str, data: DataBundle, config: TrainConfig, out: str | Path | None = None,

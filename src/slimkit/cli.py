@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -15,11 +16,33 @@ from typing import Annotated, Any, Literal
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup
 
 from slimkit.core.errors import ConfigError, DataError, ModelLoadError, SlimkitError
 from slimkit.core.files import ensure_absent
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+class _ShowsFlagsAsFlags:
+    """typer's rich help gives every option a value placeholder, flags too (``--overwrite
+    <bool>``), though a flag takes no value; a blank metavar shows it as it is typed."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        for param in self.get_params(ctx):  # type: ignore[attr-defined]
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+        super().format_help(ctx, formatter)  # type: ignore[misc]
+
+
+class _Command(_ShowsFlagsAsFlags, TyperCommand):
+    pass
+
+
+class _Group(_ShowsFlagsAsFlags, TyperGroup):
+    pass
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True,
+                  pretty_exceptions_enable=False,
                   help="Make trained PyTorch models smaller and faster, and prove it.")
 out_console = Console()
 err_console = Console(stderr=True)
@@ -48,6 +71,11 @@ SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=2**63 - 1,
 def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
           ) -> None:
     """Global options."""
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 thread``, ``4 threads``."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _emit(obj: Any, as_json: bool) -> bool:
@@ -96,6 +124,19 @@ def _check_out(out: Path, writes: Literal["file", "folder"]) -> None:
                           "choose another --out")
 
 
+def _check_inputs(model: str | None, data: str | None, allow_onnx: bool = True,
+                  trust_pickle: bool = False) -> None:
+    """Refuse a model or data argument that names nothing loadable, from the paths alone:
+    before torch is imported (seconds on a cold start), so a typo is reported at once."""
+    from slimkit.data.load import check_data_spec
+    from slimkit.io.model_path import model_format
+
+    if model is not None:
+        model_format(model, allow_onnx=allow_onnx, trust_pickle=trust_pickle)
+    if data is not None:
+        check_data_spec(data)
+
+
 def _load_data(data: str, seed: int, trust_pickle: bool = False) -> Any:
     from slimkit.data import load_data
 
@@ -123,11 +164,12 @@ def _load(model: str, data: str | None, seed: int, trust_pickle: bool, allow_onn
     return m, bundle
 
 
-@app.command()
+@app.command(cls=_Command)
 def inspect(model: ModelArg, data: DataOpt = None, as_json: JsonOpt = False,
             trust_pickle: TrustOpt = False,
             trust_remote_code: RemoteCodeOpt = False, seed: SeedOpt = 0) -> None:
     """Params, non-zero params, MACs per layer, size on disk and history of a model."""
+    _check_inputs(model, data, trust_pickle=trust_pickle)
     from slimkit.core.files import dir_size
     from slimkit.io.onnx_model import OnnxModel
     from slimkit.measure import measure_static
@@ -159,7 +201,7 @@ def inspect(model: ModelArg, data: DataOpt = None, as_json: JsonOpt = False,
                       f"size on disk: {human_bytes(info['size_bytes'])}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def bench(model: ModelArg, data: DataOpt = None,
           batch: Annotated[list[int], typer.Option(
               "--batch", min=1, max=1 << 16, help="Batch sizes.")] = [1, 32],  # noqa: B006
@@ -168,6 +210,7 @@ def bench(model: ModelArg, data: DataOpt = None,
           as_json: JsonOpt = False, trust_pickle: TrustOpt = False,
           trust_remote_code: RemoteCodeOpt = False, seed: SeedOpt = 0) -> None:
     """Latency (median, p90) in PyTorch eager and ONNX Runtime at fixed threads."""
+    _check_inputs(model, data, trust_pickle=trust_pickle)
     from slimkit.export.onnx import export_onnx
     from slimkit.io.onnx_model import OnnxModel
     from slimkit.measure import time_interleaved
@@ -192,15 +235,16 @@ def bench(model: ModelArg, data: DataOpt = None,
         for b, r in result.get(rt, {}).items():
             s = r["model"]
             out_console.print(f"{rt:12s} batch {b:>4}: median {s['median_ms']:.3f} ms, "
-                              f"p90 {s['p90_ms']:.3f} ms ({threads} threads)")
+                              f"p90 {s['p90_ms']:.3f} ms ({_count(threads, 'thread')})")
 
 
-@app.command(name="eval")
+@app.command(cls=_Command, name="eval")
 def evaluate(model: ModelArg, data: Annotated[str, typer.Option("--data", help="Dataset.")],
              as_json: JsonOpt = False, trust_pickle: TrustOpt = False,
              trust_remote_code: RemoteCodeOpt = False,
              seed: SeedOpt = 0) -> None:
     """Top-1 / top-5 accuracy on the test split of a dataset."""
+    _check_inputs(model, data, trust_pickle=trust_pickle)
     from slimkit.io.onnx_model import OnnxModel
     from slimkit.measure import accuracy, predict
 
@@ -214,7 +258,7 @@ def evaluate(model: ModelArg, data: Annotated[str, typer.Option("--data", help="
                           f"on {result['n_test']} test samples of {bundle.name}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def train(model: Annotated[str, typer.Argument(help="zoo:NAME to train from scratch.")],
           data: Annotated[str, typer.Option("--data", help="Dataset.")],
           out: Annotated[Path, typer.Option("--out", help="Artifact directory to write.")],
@@ -225,9 +269,8 @@ def train(model: Annotated[str, typer.Argument(help="zoo:NAME to train from scra
     """Train a zoo model on a dataset and write a slimkit artifact."""
     from pydantic import ValidationError
 
-    from slimkit.api import train_zoo
     from slimkit.core.config import format_validation_error
-    from slimkit.train.loop import TrainConfig
+    from slimkit.train.config import TrainConfig
 
     if not model.startswith("zoo:"):
         raise ConfigError(f"train: '{model}' is not a zoo model; use zoo:NAME "
@@ -238,6 +281,9 @@ def train(model: Annotated[str, typer.Argument(help="zoo:NAME to train from scra
         raise format_validation_error(err, "training options", TrainConfig) from None
     _check_out(out, "folder")
     ensure_absent(out, overwrite)
+    _check_inputs(None, data)
+    from slimkit.api import train_zoo  # torch: after every check that needs none
+
     bundle = _load_data(data, seed)
     _, hist = train_zoo(model.removeprefix("zoo:"), bundle, cfg, out, overwrite=overwrite,
                         progress=not as_json)
@@ -248,27 +294,40 @@ def train(model: Annotated[str, typer.Argument(help="zoo:NAME to train from scra
         out_console.print(f"wrote {out}{acc}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def compress(model: ModelArg,
              recipe: Annotated[str, typer.Option("--recipe", help="Recipe YAML/JSON file.")],
              out: Annotated[Path, typer.Option("--out", help="Output directory.")],
              data: DataOpt = None, overwrite: OverwriteOpt = False,
              resume: Annotated[bool, typer.Option(
                  "--resume", help="Continue an interrupted run in --out.")] = False,
+             keep_checkpoints: Annotated[bool, typer.Option(
+                 "--keep-checkpoints",
+                 help="Keep the per-stage checkpoints (--out/.slimkit-run) after the run "
+                      "succeeded; by default they are removed then (an interrupted run keeps "
+                      "them for --resume).")] = False,
              as_json: JsonOpt = False, trust_pickle: TrustOpt = False,
              trust_remote_code: RemoteCodeOpt = False,
              seed: SeedOpt = 0) -> None:
     """Apply a recipe, export ONNX, measure baseline and final in one run, write the report."""
-    from slimkit.api import compress as run
-    from slimkit.pipeline.recipe import load_recipe
+    from slimkit.pipeline.outdir import check_out
+    from slimkit.pipeline.recipe import check_data, load_recipe
 
+    # Everything that needs no model is checked before torch loads (seconds on a cold start).
     _check_out(out, "folder")
-    rec = load_recipe(recipe)  # validated before any model or data is touched
+    check_out(out, overwrite, resume, model)
+    _check_inputs(model, data, allow_onnx=False, trust_pickle=trust_pickle)
+    rec = load_recipe(recipe)
+    check_data(rec, data is not None, f"recipe '{recipe}'")
+    # The runner itself: the API's compress only wraps nn.Modules and reads recipes, both done
+    # here, and takes no keep_checkpoints (yet).
+    from slimkit.pipeline import compress as run
+
     m, bundle = _load(model, data, seed, trust_pickle, allow_onnx=False,
                       trust_remote_code=trust_remote_code)
     log = (lambda s: err_console.print(s)) if as_json else out_console.print
     report = run(m, bundle, rec, out, overwrite=overwrite, resume=resume,
-                 progress=not as_json, log=log)
+                 keep_checkpoints=keep_checkpoints, progress=not as_json, log=log)
     if report:  # empty on the non-zero ranks of a torchrun launch
         _print_report(report, out, as_json)
         if not report["verdict"]["met"]:
@@ -289,17 +348,18 @@ def _print_report(report: dict, out: Path, as_json: bool) -> None:
                       f"  onnx: {report['outputs']['onnx']}", soft_wrap=True)
 
 
-@app.command()
+@app.command(cls=_Command)
 def export(model: ModelArg,
            out: Annotated[Path, typer.Option("--out", help="ONNX file to write.")],
            overwrite: OverwriteOpt = False, trust_pickle: TrustOpt = False,
            trust_remote_code: RemoteCodeOpt = False,
            as_json: JsonOpt = False) -> None:
     """Export to ONNX and check ONNX Runtime against PyTorch."""
-    from slimkit.export.onnx import export_checked
-
     _check_out(out, "file")
     ensure_absent(out, overwrite)
+    _check_inputs(model, None, allow_onnx=False, trust_pickle=trust_pickle)
+    from slimkit.export.onnx import export_checked  # torch: after every check that needs none
+
     m, _ = _load(model, None, 0, trust_pickle, allow_onnx=False,
                  trust_remote_code=trust_remote_code)
     result = export_checked(m, out, overwrite=overwrite)  # replaces out only after parity
@@ -308,7 +368,7 @@ def export(model: ModelArg,
                           f"PyTorch max |diff| {result['parity']['max_abs_diff']:.2e}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def pack(model: ModelArg,
          out: Annotated[Path, typer.Option("--out", help=".slim file to write.")],
          bits: Annotated[int | None, typer.Option(
@@ -316,15 +376,16 @@ def pack(model: ModelArg,
          ] = None,
          data: DataOpt = None, overwrite: OverwriteOpt = False, as_json: JsonOpt = False) -> None:
     """Pack a model into a .slim file: shared weights, relative indices, entropy coding."""
-    from slimkit.encode.cli import pack_command
+    from slimkit.encode.cli import pack_command, pack_summary
 
     _check_out(out, "file")
     result = pack_command(model, out, bits, overwrite, data)
     if not _emit(result, as_json):
-        out_console.print(f"wrote {out} ({out.stat().st_size:,} bytes)")
+        for line in pack_summary(result):
+            out_console.print(escape(line), highlight=False, soft_wrap=True)
 
 
-@app.command()
+@app.command(cls=_Command)
 def unpack(path: Annotated[Path, typer.Argument(help="A .slim file.")],
            out: Annotated[Path, typer.Option("--out", help="Artifact directory to write.")],
            overwrite: OverwriteOpt = False, as_json: JsonOpt = False) -> None:
@@ -337,26 +398,30 @@ def unpack(path: Annotated[Path, typer.Argument(help="A .slim file.")],
         out_console.print(f"wrote {out}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def schema(out: Annotated[Path | None, typer.Option("--out", help="Write to a file.")] = None,
-           ) -> None:
+           overwrite: OverwriteOpt = False) -> None:
     """Print (or write) the recipe's JSON Schema."""
     from slimkit.core.files import write_json
     from slimkit.pipeline.recipe import recipe_schema
 
     if out is not None:
         _check_out(out, "file")
+        ensure_absent(out, overwrite)
         write_json(out, recipe_schema())
+        out_console.print(f"wrote {out}")
     else:
         sys.stdout.write(json.dumps(recipe_schema(), indent=2) + "\n")
 
 
-@app.command()
+@app.command(cls=_Command)
 def demo(out: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("demo-out"),
          overwrite: OverwriteOpt = False,
          epochs: Annotated[int, typer.Option(min=1, help="Baseline training epochs.")] = 3,
          as_json: JsonOpt = False) -> None:
     """Train LeNet-5 on real MNIST (built in), compress it with the demo recipe, report."""
+    _check_out(out, "folder")
+    ensure_absent(out, overwrite)  # fail before torch loads, and before training
     from slimkit.api import compress as run
     from slimkit.api import train_zoo
     from slimkit.data import load_data
@@ -366,8 +431,6 @@ def demo(out: Annotated[Path, typer.Option("--out", help="Output directory.")] =
     start = time.perf_counter()
     recipe_text = resources.files("slimkit").joinpath("recipes/demo.yaml").read_text()
     rec = load_recipe(recipe_text)
-    _check_out(out, "folder")
-    ensure_absent(out, overwrite)  # fail before training, not after
     bundle = load_data("builtin:mnist", seed=0)
     log = (lambda s: err_console.print(s)) if as_json else out_console.print
     log(f"training zoo:lenet5 on {bundle.name} ({len(bundle.x_train)} train, "
@@ -384,13 +447,17 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:
-        from slimkit.train.distributed import init_from_env, shutdown
+        if "WORLD_SIZE" in os.environ:  # under torchrun: join the process group
+            from slimkit.train.distributed import init_from_env
 
-        init_from_env()  # under torchrun: join the process group (gloo on CPU, NCCL on GPU)
+            init_from_env()  # (gloo on CPU, NCCL on GPU; a no-op for a world of one)
         try:
             code = app(args=args, prog_name="slimkit", standalone_mode=False)
         finally:
-            shutdown()
+            if "torch" in sys.modules:  # no torch, no process group: --help and early errors
+                from slimkit.train.distributed import shutdown
+
+                shutdown()
         return code if isinstance(code, int) else 0  # --help returns its exit code
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 0

@@ -21,7 +21,8 @@ def test_encode_stage_after_pruning_in_compress(mlp, digits, tmp_path: Path):
         {"kind": "encode", "fc_bits": 3, "index_bits_fc": 4,
          "finetune": {"epochs": 1, "lr": 1e-3}},
     ], "measure": MEASURE})
-    report = compress(mlp, digits, recipe, tmp_path / "out", progress=False, log=lambda s: None)
+    report = compress(mlp, digits, recipe, tmp_path / "out", keep_checkpoints=True,
+                      progress=False, log=lambda s: None)
     pruned = load_artifact(tmp_path / "out" / ".slimkit-run" / "stage-00", template=mlp.module)
     final = load_artifact(tmp_path / "out" / "model", template=mlp.module)
     stage = report["stages"][1]

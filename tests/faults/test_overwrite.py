@@ -42,6 +42,9 @@ PRUNE = {"kind": "magnitude_prune", "sparsity": 0.5}
 
 
 def _compress(out: Path, recipe, logs: list[str] | None = None, **flags) -> dict:
+    """A run that keeps its checkpoints (these tests look into them; that a run removes them
+    after success is tested in tests/test_cli.py)."""
+    flags.setdefault("keep_checkpoints", True)
     model, data, _ = build()
     return compress(model, data, recipe, out, progress=False,
                     log=(logs.append if logs is not None else lambda s: None), **flags)

@@ -44,6 +44,9 @@ def one_thread():
 
 
 def _run(out: Path, structural: bool = False, **flags) -> dict:
+    """A run that keeps its checkpoints, which are compared byte for byte (that a run removes
+    them after success, a resumed one too, is tested in tests/test_cli.py)."""
+    flags.setdefault("keep_checkpoints", True)
     model, data, recipe = build(structural)
     logs: list[str] = []
     report = compress(model, data, recipe, out, progress=False, log=logs.append, **flags)
@@ -134,9 +137,9 @@ def test_resume_at_another_thread_count_is_refused(tmp_path: Path):
     finally:
         torch.set_num_threads(1)
     assert str(err.value) == (
-        f"'{out}' was run with 1 intra-op threads and this run has 2; the thread count "
-        "changes the results, so resuming would not reproduce the run. Resume with 1 threads "
-        "(torch.set_num_threads or OMP_NUM_THREADS), or --overwrite to start over")
+        f"'{out}' was run with 1 intra-op thread and this run has 2; the thread count "
+        "changes the results, so resuming would not reproduce the run. Resume with 1 intra-op "
+        "thread (torch.set_num_threads or OMP_NUM_THREADS), or --overwrite to start over")
     assert [s["index"] for s in _run(out, resume=True)["stages"]] == [0, 1]
 
 

@@ -50,7 +50,8 @@ PRUNE = {"kind": "magnitude_prune", "sparsity": 0.8, "finetune": {"epochs": 1, "
 def test_compress_end_to_end(mlp, digits, tmp_path: Path):
     before = {k: v.clone() for k, v in mlp.module.state_dict().items()}
     recipe = _recipe(PRUNE, max_accuracy_drop=5.0, min_size_ratio=2.0)
-    report = compress(mlp, digits, recipe, tmp_path / "out", progress=False, log=lambda s: None)
+    report = compress(mlp, digits, recipe, tmp_path / "out", keep_checkpoints=True,
+                      progress=False, log=lambda s: None)
     out = tmp_path / "out"
     for name in ("report.json", "report.html", "model.onnx", "model/manifest.json"):
         assert (out / name).is_file(), name
@@ -108,7 +109,8 @@ def test_interrupted_run_resumes_and_matches_uninterrupted(mlp, digits, tmp_path
     with pytest.raises(OutputExistsError, match="--resume"):
         compress(mlp, digits, recipe, tmp_path / "r", progress=False, log=logs.append)
     logs.clear()
-    resumed = compress(mlp, digits, recipe, tmp_path / "r", resume=True, progress=False,
+    resumed = compress(mlp, digits, recipe, tmp_path / "r", resume=True, keep_checkpoints=True,
+                       progress=False,
                        log=logs.append)
     assert any("finished in an earlier run" in line for line in logs)
     assert not any(line.startswith("stage 1/2") for line in logs)

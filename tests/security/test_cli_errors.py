@@ -137,8 +137,8 @@ def test_an_unforeseen_failure_while_loading_names_the_model(capsys, monkeypatch
         raise AttributeError("'list' object has no attribute 'get'\nmore detail")
 
     monkeypatch.setattr(slimkit.io.loader, "load_model", broken)
-    err = _fails(capsys, "inspect", "some/model")
-    assert err == ("cannot read model 'some/model': AttributeError: 'list' object has no "
+    err = _fails(capsys, "inspect", "zoo:lenet5")  # a spec that passes the early path check
+    assert err == ("cannot read model 'zoo:lenet5': AttributeError: 'list' object has no "
                    "attribute 'get'; is it damaged or of another kind? (slimkit --debug shows "
                    "the traceback)")
 

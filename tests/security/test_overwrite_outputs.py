@@ -116,7 +116,7 @@ def test_pack_keeps_the_previous_file_when_its_check_fails(artifact: Path, tmp_p
     report = pack_command(str(artifact), out, bits=2, overwrite=True, data=data)
     assert report["path"] == str(out) and report["bytes"] == out.stat().st_size
     assert out.read_bytes() != before and unpack(out).input_shape == (1, 4, 4)
-    assert set(report["top1"]) == {"model", "packed"}
+    assert set(report["top1"]) == {"model", "packed", "data", "n_test"}
 
 
 def _write_npz(path: str) -> None:

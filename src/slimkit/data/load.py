@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from slimkit.core.errors import DataError, did_you_mean
 from slimkit.data.builtin import BUILTIN
-from slimkit.data.bundle import DataBundle
-from slimkit.data.hf import is_hf_dataset_dir, load_hf_dataset
-from slimkit.data.user import load_image_folder, load_npz
-from slimkit.data.validate import check_label_range
+
+if TYPE_CHECKING:
+    from slimkit.data.bundle import DataBundle
 
 ACCEPTED_FORMS = (
     "'builtin:NAME' (NAME one of {builtins}), a path to a .npz file with x/y arrays, "
@@ -26,16 +26,32 @@ def accepted_forms() -> str:
     return ACCEPTED_FORMS.format(builtins=", ".join(BUILTIN.names()))
 
 
-def _load_builtin(name: str, seed: int, test_fraction: float) -> DataBundle:
-    if name not in BUILTIN:
-        raise DataError(
-            f"unknown builtin dataset '{name}'.{did_you_mean(name, BUILTIN.names())} "
-            f"Known: {', '.join(BUILTIN.names())}."
-        )
-    return BUILTIN.get(name)(seed, test_fraction)
+def check_data_spec(spec: str) -> str:
+    """Check a data spec without loading anything (no torch): a known builtin, or a path that
+    exists and has an accepted form. :func:`load_data` starts with it.
 
+    Returns:
+        The spec, stripped.
 
-def _load_path(spec: str, seed: int, test_fraction: float, trust_pickle: bool) -> DataBundle:
+    Raises:
+        DataError: naming the spec and the accepted forms.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise DataError(f"data spec must be a non-empty string, got {spec!r}. "
+                        f"Accepted: {accepted_forms()}.")
+    spec = spec.strip()
+    scheme = _SCHEME.match(spec)
+    if scheme and scheme.group(1) == "builtin":
+        name = spec[len("builtin:"):]
+        if name not in BUILTIN:
+            raise DataError(
+                f"unknown builtin dataset '{name}'.{did_you_mean(name, BUILTIN.names())} "
+                f"Known: {', '.join(BUILTIN.names())}."
+            )
+        return spec
+    if scheme and not Path(spec).exists():
+        raise DataError(f"unsupported data spec '{spec}' (scheme '{scheme.group(1)}:'). "
+                        f"Accepted: {accepted_forms()}.")
     path = Path(spec).expanduser()
     if not path.exists():
         hint = (f" Did you mean 'builtin:{spec}'?" if spec in BUILTIN else "")
@@ -43,12 +59,19 @@ def _load_path(spec: str, seed: int, test_fraction: float, trust_pickle: bool) -
     if not path.is_file() and not path.is_dir():
         raise DataError(f"data path '{path}' is neither a regular file nor a folder (a device, "
                         f"pipe or socket?). Accepted: {accepted_forms()}.")
-    if path.is_file():
-        if path.suffix.lower() == ".npz":
-            return load_npz(path, seed=seed, test_fraction=test_fraction,
-                            trust_pickle=trust_pickle)
+    if path.is_file() and path.suffix.lower() != ".npz":
         raise DataError(f"cannot load data from file '{path}' ({path.suffix or 'no suffix'}). "
                         f"Accepted: {accepted_forms()}.")
+    return spec
+
+
+def _load_path(spec: str, seed: int, test_fraction: float, trust_pickle: bool) -> DataBundle:
+    from slimkit.data.hf import is_hf_dataset_dir, load_hf_dataset
+    from slimkit.data.user import load_image_folder, load_npz
+
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return load_npz(path, seed=seed, test_fraction=test_fraction, trust_pickle=trust_pickle)
     if is_hf_dataset_dir(path):
         return load_hf_dataset(path, seed=seed, test_fraction=test_fraction)
     return load_image_folder(path, seed=seed, test_fraction=test_fraction)
@@ -79,19 +102,14 @@ def load_data(spec: str, *, seed: int = 0, test_fraction: float = 0.2,
         >>> data.input_shape, data.num_classes  # doctest: +SKIP
         ((1, 8, 8), 10)
     """
-    if not isinstance(spec, str) or not spec.strip():
-        raise DataError(f"data spec must be a non-empty string, got {spec!r}. "
-                        f"Accepted: {accepted_forms()}.")
-    spec = spec.strip()
-    scheme = _SCHEME.match(spec)
-    if scheme and scheme.group(1) == "builtin":
-        bundle = _load_builtin(spec[len("builtin:"):], seed, test_fraction)
-    elif scheme and not Path(spec).exists():
-        raise DataError(f"unsupported data spec '{spec}' (scheme '{scheme.group(1)}:'). "
-                        f"Accepted: {accepted_forms()}.")
+    spec = check_data_spec(spec)
+    if spec.startswith("builtin:"):
+        bundle = BUILTIN.get(spec[len("builtin:"):])(seed, test_fraction)
     else:
         bundle = _load_path(spec, seed, test_fraction, trust_pickle)
     if num_classes is not None:
+        from slimkit.data.validate import check_label_range
+
         check_label_range(bundle.y_train, num_classes, name="y")
         check_label_range(bundle.y_test, num_classes, name="y_test")
         bundle.num_classes = num_classes

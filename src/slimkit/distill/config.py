@@ -7,13 +7,16 @@ recipe can switch terms on and off independently. Layers are named as in
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from slimkit.core.config import SlimConfig
+from slimkit.core.stages import StageConfig, stage_config
+from slimkit.train.config import TrainConfig
 
-__all__ = ["DistillConfig", "FeaturePair", "Layout", "LogitKD", "SelfDistill", "TransformerKD"]
+__all__ = ["AssistantConfig", "DistillConfig", "DistillStageConfig", "FeaturePair",
+           "FinetuneConfig", "Layout", "LogitKD", "SelfDistill", "TransformerKD"]
 
 Layout = Literal["auto", "channels_first", "channels_last"]
 _LAYOUT_HELP = ("How to read a 3-D feature: channels_first [B, C, L] (Conv1d), channels_last "
@@ -133,3 +136,46 @@ class DistillConfig(SlimConfig):
     def needs_teacher(self) -> bool:
         """Whether any configured term reads a teacher's outputs."""
         return self.logits is not None or bool(self.features) or self.transformer is not None
+
+
+class FinetuneConfig(TrainConfig):
+    """Fine-tuning after a compression step, optionally distilled from the uncompressed model."""
+
+    distill: DistillConfig | None = Field(
+        None, description="Distil from the teacher (by default the model before compression).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_train_config(cls, data: Any) -> Any:
+        """Accept a plain TrainConfig where a FinetuneConfig is expected (no distillation)."""
+        if isinstance(data, TrainConfig) and not isinstance(data, FinetuneConfig):
+            return data.model_dump()
+        return data
+
+
+class AssistantConfig(SlimConfig):
+    """A teacher assistant (Mirzadeh et al. 2020): a mid-sized model distilled first."""
+
+    model: str = Field(..., description="zoo:NAME of the assistant's architecture.")
+    kwargs: dict[str, Any] = Field(default_factory=dict,
+                                   description="Zoo kwargs that size it (width, dim, ...).")
+    train: TrainConfig = Field(default_factory=TrainConfig,
+                               description="How the assistant is trained from the teacher.")
+
+
+@stage_config
+class DistillStageConfig(StageConfig):
+    """Train the current model as a student of a teacher."""
+
+    kind: Literal["distill"] = "distill"
+    version: Literal[1] = Field(1, description="Config schema version.")
+    teacher: str | None = Field(
+        None, description="Teacher model (artifact, .pt2, zoo:NAME); default: the model "
+                          "before compression.")
+    loss: DistillConfig = Field(default_factory=DistillConfig, description="Loss terms.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training settings.")
+    assistant: AssistantConfig | None = Field(
+        None, description="Distil teacher -> assistant -> student in two steps.")
+
+    def needs_data(self) -> str | None:
+        return "needs training data"

@@ -8,36 +8,24 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field, model_validator
 from torch import nn
 
-from slimkit.core.config import SlimConfig
 from slimkit.core.errors import ConfigError
 from slimkit.core.record import Record
 from slimkit.core.stages import StageContext, register_stage
 from slimkit.data.bundle import DataBundle
-from slimkit.distill.config import DistillConfig
+from slimkit.distill.config import (  # noqa: F401  (also importable from here)
+    AssistantConfig,
+    DistillConfig,
+    DistillStageConfig,
+    FinetuneConfig,
+)
 from slimkit.distill.objective import build_objective
 from slimkit.io.model import SlimModel
 from slimkit.train.config import TrainConfig
 from slimkit.train.loop import evaluate, fit
-
-
-class FinetuneConfig(TrainConfig):
-    """Fine-tuning after a compression step, optionally distilled from the uncompressed model."""
-
-    distill: DistillConfig | None = Field(
-        None, description="Distil from the teacher (by default the model before compression).")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_train_config(cls, data: Any) -> Any:
-        """Accept a plain TrainConfig where a FinetuneConfig is expected (no distillation)."""
-        if isinstance(data, TrainConfig) and not isinstance(data, FinetuneConfig):
-            return data.model_dump()
-        return data
 
 
 def finetune(model: nn.Module, data: DataBundle, cfg: TrainConfig,
@@ -58,30 +46,6 @@ def finetune(model: nn.Module, data: DataBundle, cfg: TrainConfig,
         objective = build_objective(model, teacher, distill_cfg, data.x_train[:2])
     return fit(model, data, cfg, objective=objective, after_step=after_step,
                checkpoint_dir=checkpoint_dir, progress=progress, label=label)
-
-
-class AssistantConfig(SlimConfig):
-    """A teacher assistant (Mirzadeh et al. 2020): a mid-sized model distilled first."""
-
-    model: str = Field(..., description="zoo:NAME of the assistant's architecture.")
-    kwargs: dict[str, Any] = Field(default_factory=dict,
-                                   description="Zoo kwargs that size it (width, dim, ...).")
-    train: TrainConfig = Field(default_factory=TrainConfig,
-                               description="How the assistant is trained from the teacher.")
-
-
-class DistillStageConfig(SlimConfig):
-    """Train the current model as a student of a teacher."""
-
-    kind: Literal["distill"] = "distill"
-    version: Literal[1] = Field(1, description="Config schema version.")
-    teacher: str | None = Field(
-        None, description="Teacher model (artifact, .pt2, zoo:NAME); default: the model "
-                          "before compression.")
-    loss: DistillConfig = Field(default_factory=DistillConfig, description="Loss terms.")
-    train: TrainConfig = Field(default_factory=TrainConfig, description="Training settings.")
-    assistant: AssistantConfig | None = Field(
-        None, description="Distil teacher -> assistant -> student in two steps.")
 
 
 def _distill(student: nn.Module, teacher: nn.Module | None, data: DataBundle,
@@ -123,7 +87,7 @@ def _distill(student: nn.Module, teacher: nn.Module | None, data: DataBundle,
     return student, record
 
 
-@register_stage(DistillStageConfig, needs="training data")
+@register_stage(DistillStageConfig)
 def distill(model: SlimModel, cfg: DistillStageConfig,
             ctx: StageContext) -> tuple[SlimModel, Record]:
     """Train a copy of ``model`` as a student of ``ctx.teacher`` (or ``cfg.teacher``), through

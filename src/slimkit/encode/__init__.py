@@ -3,48 +3,21 @@
 Cluster: :func:`cluster_weights` (k-means per layer, centroid fine-tuning). Code:
 :func:`pack` / :func:`pack_bytes` write a ``.slim`` file (canonical Huffman or ANS per stream),
 :func:`unpack` / :func:`read_packed` read it back bit-exactly, after checking it.
-:func:`encode` does both as the ``encode`` stage.
+:func:`encode` does both as the ``encode`` stage. Names are imported on first use (see
+:mod:`slimkit.core.lazy`); the config needs no torch.
 """
 
-from slimkit.encode.cluster import (
-    SharedWeight,
-    apply_clusters,
-    cluster_weights,
-    plan_clusters,
-    share_weights,
-    unshare_weights,
-)
-from slimkit.encode.config import EncodeConfig
-from slimkit.encode.huffman import canonical_codes, code_lengths, huffman_decode, huffman_encode
-from slimkit.encode.kmeans import assign_nearest, kmeans_1d, linear_init
-from slimkit.encode.slimfile import pack, pack_bytes, read_packed, unpack
-from slimkit.encode.sparse import from_relative, to_relative
-from slimkit.encode.stage import encode
-from slimkit.encode.streams import decode_stream, encode_stream, entropy_bits
+from slimkit.core.lazy import lazy_exports
 
-__all__ = [
-    "EncodeConfig",
-    "SharedWeight",
-    "apply_clusters",
-    "assign_nearest",
-    "canonical_codes",
-    "cluster_weights",
-    "code_lengths",
-    "decode_stream",
-    "encode",
-    "encode_stream",
-    "entropy_bits",
-    "from_relative",
-    "huffman_decode",
-    "huffman_encode",
-    "kmeans_1d",
-    "linear_init",
-    "pack",
-    "pack_bytes",
-    "plan_clusters",
-    "read_packed",
-    "share_weights",
-    "to_relative",
-    "unpack",
-    "unshare_weights",
-]
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "slimkit.encode.cluster": ("SharedWeight", "apply_clusters", "cluster_weights",
+                               "plan_clusters", "share_weights", "unshare_weights"),
+    "slimkit.encode.config": ("EncodeConfig",),
+    "slimkit.encode.huffman": ("canonical_codes", "code_lengths", "huffman_decode",
+                               "huffman_encode"),
+    "slimkit.encode.kmeans": ("assign_nearest", "kmeans_1d", "linear_init"),
+    "slimkit.encode.slimfile": ("pack", "pack_bytes", "read_packed", "unpack"),
+    "slimkit.encode.sparse": ("from_relative", "to_relative"),
+    "slimkit.encode.stage": ("encode",),
+    "slimkit.encode.streams": ("decode_stream", "encode_stream", "entropy_bits"),
+})

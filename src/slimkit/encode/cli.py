@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from slimkit.core.errors import ConfigError, OutputExistsError
+from slimkit.core.errors import ConfigError, ModelError, ModelLoadError, OutputExistsError
 
 
 def pack_command(model: str, out: Path, bits: int | None = None, overwrite: bool = False,
@@ -26,7 +26,8 @@ def pack_command(model: str, out: Path, bits: int | None = None, overwrite: bool
         bits: cluster bits for every layer; None keeps the defaults (conv 8, fc 5).
         overwrite: replace ``out`` if it exists (after every check passed).
         data: a dataset spec; when given, the report adds the top-1 accuracy of the model
-            and of the packed file read back (``top1``).
+            and of the packed file read back, and the data they were measured on (``top1``:
+            ``model``, ``packed``, ``data``, ``n_test``).
 
     Returns:
         The pack report: ``path``, ``bytes``, ``ratio``, bytes per ``layers`` and
@@ -56,14 +57,49 @@ def pack_command(model: str, out: Path, bits: int | None = None, overwrite: bool
     cfg = EncodeConfig() if bits is None else EncodeConfig(conv_bits=bits, fc_bits=bits)
     with atomic_path(out) as tmp:
         report = pack(loaded, tmp, cfg, overwrite=True)
-        packed = unpack(tmp, template=None if loaded.arch else loaded.module)
+        try:
+            packed = unpack(tmp, template=None if loaded.arch else loaded.module)
+        except ModelLoadError as exc:  # name the file asked for, not the temporary one
+            raise ModelError(f"'{model}' was not packed: the file written for '{out}' does not "
+                             "read back: " + str(exc).replace(f"'{tmp}' ", "", 1)) from None
         if bundle is not None:
             from slimkit.train.loop import evaluate
 
             report["top1"] = {"model": evaluate(loaded.module, bundle.x_test, bundle.y_test),
-                              "packed": evaluate(packed.module, bundle.x_test, bundle.y_test)}
+                              "packed": evaluate(packed.module, bundle.x_test, bundle.y_test),
+                              "data": bundle.name, "n_test": len(bundle.x_test)}
     report["path"] = str(out)
     return report
+
+
+def pack_summary(report: dict[str, Any]) -> list[str]:
+    """The lines ``slimkit pack`` prints: the file, whether clustering here lost anything
+    (k-means without fine-tuning is lossy), and with data the top-1 it cost.
+
+    Example:
+        >>> for line in pack_summary(pack_command("runs/a", Path("a.slim"), data="builtin:digits")):
+        ...     print(line)  # doctest: +SKIP
+    """
+    lines = [f"wrote {report['path']} ({report['bytes']:,} bytes, {report['ratio']:.2f}x "
+             f"smaller than float32, {report['bits_per_weight']:.2f} bits per shared weight)"]
+    late = report["clustered_at_pack"]
+    if late:
+        names = ", ".join(late[:3]) + (", ..." if len(late) > 3 else "")
+        lines.append(f"lossy: {len(late)} weight tensor{'' if len(late) == 1 else 's'} "
+                     f"clustered here by k-means without fine-tuning ({names}); an encode "
+                     "stage in a recipe fine-tunes the shared weights instead")
+    else:
+        lines.append("lossless: every shared-weight layer already had few enough distinct "
+                     "values (stored exactly)")
+    top1 = report.get("top1")
+    if top1:
+        before, after = top1["model"], top1["packed"]
+        lines.append(f"top-1 on {top1['n_test']:,} test samples of {top1['data']}: "
+                     f"{before:.2%} before packing, {after:.2%} after "
+                     f"({100 * (after - before):+.2f} points)")
+    elif late:
+        lines.append("pass --data to measure the accuracy the clustering costs")
+    return lines
 
 
 def unpack_command(path: Path, out: Path, overwrite: bool = False) -> dict[str, Any]:

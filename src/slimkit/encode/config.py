@@ -1,4 +1,5 @@
-"""The ``encode`` config: weight sharing (k-means) and storage coding, Deep Compression style."""
+"""The ``encode`` config: weight sharing (k-means) and storage coding, Deep Compression style
+(no torch here: recipes are validated before torch loads)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from slimkit.core.config import SlimConfig
-from slimkit.distill.run import FinetuneConfig
+from slimkit.core.stages import StageConfig, stage_config
+from slimkit.distill.config import FinetuneConfig
 
 CONV_TYPES = ("Conv1d", "Conv2d", "Conv3d")
 FC_TYPES = ("Linear",)
@@ -15,7 +16,8 @@ Coder = Literal["auto", "huffman", "ans"]
 CodebookDtype = Literal["float32", "float16"]
 
 
-class EncodeConfig(SlimConfig):
+@stage_config
+class EncodeConfig(StageConfig):
     """Cluster each layer's non-zero weights into ``2^bits`` shared values, then code them.
 
     Han et al., "Deep Compression" (ICLR 2016): k-means per layer with linear initialization,
@@ -68,3 +70,6 @@ class EncodeConfig(SlimConfig):
         if layer_type in CONV_TYPES:
             return self.conv_bits, self.index_bits_conv
         return self.fc_bits, self.index_bits_fc
+
+    def needs_data(self) -> str | None:
+        return "finetune needs data" if self.finetune is not None else None

@@ -1,21 +1,16 @@
-"""Loading and saving models and artifacts, safely."""
+"""Loading and saving models and artifacts, safely.
 
-from slimkit.io.artifact import load_artifact, read_manifest, save_artifact
-from slimkit.io.loader import load_model, load_zoo
-from slimkit.io.model import SlimModel, set_mode
-from slimkit.io.onnx_model import OnnxModel, load_onnx
-from slimkit.io.weights import load_weights, save_weights
+Names are imported on first use (see :mod:`slimkit.core.lazy`): a model path is checked
+(:func:`model_format`) without torch.
+"""
 
-__all__ = [
-    "OnnxModel",
-    "SlimModel",
-    "load_artifact",
-    "load_model",
-    "load_onnx",
-    "load_weights",
-    "load_zoo",
-    "read_manifest",
-    "save_artifact",
-    "save_weights",
-    "set_mode",
-]
+from slimkit.core.lazy import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "slimkit.io.artifact": ("load_artifact", "read_manifest", "save_artifact"),
+    "slimkit.io.loader": ("load_model", "load_zoo"),
+    "slimkit.io.model": ("SlimModel", "set_mode"),
+    "slimkit.io.model_path": ("model_format",),
+    "slimkit.io.onnx_model": ("OnnxModel", "load_onnx"),
+    "slimkit.io.weights": ("load_weights", "save_weights"),
+})

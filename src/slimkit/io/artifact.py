@@ -26,11 +26,11 @@ from slimkit.core.errors import ModelLoadError, SlimkitError
 from slimkit.core.files import atomic_dir, sha256_file, write_bytes, write_json
 from slimkit.io.manifest import FORMAT, FORMAT_VERSION, validate_manifest
 from slimkit.io.model import SlimModel, set_mode
+from slimkit.io.model_path import MANIFEST
 from slimkit.io.safety import load_exported
 from slimkit.io.transforms import replay_transforms
 from slimkit.io.weights import load_weights, save_weights
 
-MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 PT2 = "model.pt2"
 

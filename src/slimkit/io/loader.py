@@ -6,10 +6,11 @@ from pathlib import Path
 
 import torch
 
-from slimkit.core.errors import ModelLoadError, UntrustedPickleError
+from slimkit.core.errors import ModelLoadError
 from slimkit.data.bundle import DataBundle
-from slimkit.io.artifact import MANIFEST, load_artifact
+from slimkit.io.artifact import load_artifact
 from slimkit.io.model import SlimModel, set_mode
+from slimkit.io.model_path import model_format
 from slimkit.io.onnx_model import OnnxModel, load_onnx
 from slimkit.io.safety import load_exported
 
@@ -62,43 +63,28 @@ def load_model(spec: str, *, data: DataBundle | None = None, trust_pickle: bool 
             (``auto_map``); that code runs on load (never the default).
 
     Raises:
-        ModelLoadError: with the path and what to do.
+        ModelLoadError: with the path and what to do (the path is checked first, without
+            loading anything: :func:`~slimkit.io.model_path.model_format`).
     """
-    if spec.startswith("zoo:"):
+    fmt = model_format(spec, allow_onnx=allow_onnx, trust_pickle=trust_pickle)
+    if fmt == "zoo":
         return load_zoo(spec.removeprefix("zoo:"), data)
     path = Path(spec)
-    if not path.exists():
-        raise ModelLoadError(f"model '{spec}' not found: give an artifact directory, a .pt2 "
-                             "file, a Hugging Face directory, an .onnx file or zoo:NAME")
-    if path.is_dir():
-        if (path / MANIFEST).exists():
-            return load_artifact(path, trust_pickle=trust_pickle)
-        if (path / "config.json").exists():
-            from slimkit.io.hf import load_hf_dir
+    if fmt == "artifact":
+        return load_artifact(path, trust_pickle=trust_pickle)
+    if fmt == "hf":
+        from slimkit.io.hf import load_hf_dir
 
-            return load_hf_dir(path, trust_pickle=trust_pickle,
-                               trust_remote_code=trust_remote_code)
-        raise ModelLoadError(f"directory '{path}' holds neither {MANIFEST} (slimkit artifact) "
-                             "nor config.json (Hugging Face model)")
-    suffix = path.suffix.lower()
-    if suffix == ".pt2":
+        return load_hf_dir(path, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code)
+    if fmt == "pt2":
         return load_pt2(path, trust_pickle)
-    if suffix == ".onnx":
-        if not allow_onnx:
-            raise ModelLoadError(f"'{path}' is an ONNX file: it can be inspected, benchmarked "
-                                 "and evaluated, but compression needs a PyTorch model")
+    if fmt == "onnx":
         return load_onnx(path)
-    if suffix in {".pt", ".pth", ".bin", ".ckpt"}:
-        return _load_pickled(path, trust_pickle, data)
-    raise ModelLoadError(f"'{path}': unknown model format '{suffix}'; expected a directory, "
-                         ".pt2, .onnx or zoo:NAME")
+    return _load_pickled(path, data)
 
 
-def _load_pickled(path: Path, trust_pickle: bool, data: DataBundle | None) -> SlimModel:
-    if not trust_pickle:
-        raise UntrustedPickleError(
-            f"'{path}' is a pickled PyTorch file; loading it could run arbitrary code. Save the "
-            "model with torch.export.save (.pt2) instead, or pass --trust-pickle if you trust it")
+def _load_pickled(path: Path, data: DataBundle | None) -> SlimModel:
+    """A pickled module (``model_format`` checked that pickles are trusted)."""
     obj = torch.load(str(path), weights_only=False, map_location="cpu")
     if not isinstance(obj, torch.nn.Module):
         raise ModelLoadError(f"'{path}' holds a {type(obj).__name__}, not a torch.nn.Module "

@@ -3,26 +3,16 @@
 Plan, then apply: :func:`plan_lowrank` chooses a method and a rank per layer (a JSON plan),
 :func:`apply_lowrank` replays it on a copy, and :func:`lowrank` does both, records what changed
 and optionally fine-tunes. Factorizers live in ``FACTORIZERS``, rank rules in ``RANK_RULES``.
+Names are imported on first use (see :mod:`slimkit.core.lazy`); the config needs no torch.
 """
 
-from slimkit.lowrank.base import FACTORIZERS, Factorizer, relative_error
-from slimkit.lowrank.config import LowRankConfig
-from slimkit.lowrank.plan import apply_lowrank, plan_lowrank
-from slimkit.lowrank.ranks import RANK_RULES, RankChoice, RankRequest
-from slimkit.lowrank.run import lowrank
-from slimkit.lowrank.vbmf import EVBMFResult, evbmf
+from slimkit.core.lazy import lazy_exports
 
-__all__ = [
-    "FACTORIZERS",
-    "RANK_RULES",
-    "EVBMFResult",
-    "Factorizer",
-    "LowRankConfig",
-    "RankChoice",
-    "RankRequest",
-    "apply_lowrank",
-    "evbmf",
-    "lowrank",
-    "plan_lowrank",
-    "relative_error",
-]
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "slimkit.lowrank.base": ("FACTORIZERS", "Factorizer", "relative_error"),
+    "slimkit.lowrank.config": ("LowRankConfig",),
+    "slimkit.lowrank.plan": ("apply_lowrank", "plan_lowrank"),
+    "slimkit.lowrank.ranks": ("RANK_RULES", "RankChoice", "RankRequest"),
+    "slimkit.lowrank.run": ("lowrank",),
+    "slimkit.lowrank.vbmf": ("EVBMFResult", "evbmf"),
+})

@@ -1,4 +1,5 @@
-"""The ``lowrank`` config: which layers to factorize, how, and at what rank."""
+"""The ``lowrank`` config: which layers to factorize, how, and at what rank (no torch here:
+recipes are validated before torch loads)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,16 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from slimkit.core.config import SlimConfig
-from slimkit.distill.run import FinetuneConfig
+from slimkit.core.stages import StageConfig, stage_config
+from slimkit.distill.config import FinetuneConfig
 
 LinearMethod = Literal["svd", "none"]
 ConvMethod = Literal["tucker2", "cp", "spatial", "svd", "none"]
 RankRule = Literal["energy", "ratio", "vbmf", "sensitivity"]
 
 
-class LowRankConfig(SlimConfig):
+@stage_config
+class LowRankConfig(StageConfig):
     """Replace Linear and Conv layers by products of smaller layers (low-rank factorization).
 
     Linear layers use truncated SVD (Denton et al. 2014); convolutions use Tucker-2
@@ -79,3 +81,10 @@ class LowRankConfig(SlimConfig):
                 raise ValueError(f"rank of '{name}' must be [r] or [r_out, r_in] with "
                                  f"positive integers, got {rank}")
         return ranks
+
+    def needs_data(self) -> str | None:
+        if self.finetune is not None:
+            return "finetune needs data"
+        if self.rank == "sensitivity" and not self.ranks:
+            return "rank 'sensitivity' needs calibration data"
+        return None

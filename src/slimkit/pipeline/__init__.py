@@ -1,19 +1,15 @@
-"""Recipes, the stage registry, the runner and the verdict: composition only."""
+"""Recipes, the stage registry, the runner and the verdict: composition only.
 
-from slimkit.core.stages import STAGES, StageContext, StageSpec, register_stage
-from slimkit.pipeline.recipe import load_recipe, parse_recipe, recipe_model, recipe_schema
-from slimkit.pipeline.runner import compress
-from slimkit.pipeline.verdict import judge
+Names are imported on first use (see :mod:`slimkit.core.lazy`): recipes are read and checked
+without torch; the runner loads it.
+"""
 
-__all__ = [
-    "STAGES",
-    "StageContext",
-    "StageSpec",
-    "compress",
-    "judge",
-    "load_recipe",
-    "parse_recipe",
-    "recipe_model",
-    "recipe_schema",
-    "register_stage",
-]
+from slimkit.core.lazy import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "slimkit.core.stages": ("STAGES", "StageContext", "StageSpec", "register_stage"),
+    "slimkit.pipeline.recipe": ("check_data", "load_recipe", "parse_recipe", "recipe_model",
+                                "recipe_schema"),
+    "slimkit.pipeline.runner": ("compress",),
+    "slimkit.pipeline.verdict": ("judge",),
+})

@@ -2,7 +2,9 @@
 
 A run writes only the names listed here; anything else in ``--out`` is the user's and is never
 deleted. A fresh or ``--overwrite`` run is built in a sibling folder and swapped in only on
-success, so a failed run leaves the previous output byte-identical.
+success, so a failed run leaves the previous output byte-identical. The checkpoints
+(``.slimkit-run``) serve ``--resume`` only: a run that succeeds removes them unless asked to
+keep them, and its ``report.json`` then marks the folder as slimkit's.
 """
 
 from __future__ import annotations
@@ -15,15 +17,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from slimkit.core.errors import OutputExistsError, ResumeError
+from slimkit.core.files import dir_size
 
 RUN_DIR = ".slimkit-run"
 STATE = "state.json"
 # What a run writes, at the top of --out and inside .slimkit-run; ".NAME.<random>[.tmp]" and
-# ".NAME.old" are the temporaries of the atomic writes. Nothing else is ever deleted.
-_OUT_NAMES = r"model|model\.onnx|report\.json|report\.html|\.slimkit-run"
+# ".NAME.old" are the temporaries of the atomic writes, ".slimkit-run-removed" the checkpoints
+# of a finished run on their way out. Nothing else is ever deleted.
+_REMOVED = ".slimkit-run-removed"
+_OUT_NAMES = r"model|model\.onnx|report\.json|report\.html|\.slimkit-run|\.slimkit-run-removed"
 _RUN_NAMES = r"state\.json|baseline(?:\.onnx)?|stage-\d+(?:\.onnx|-train)?"
 
 
@@ -70,6 +73,42 @@ def _foreign(directory: Path) -> list[str]:
     return sorted(bad)
 
 
+def finished_run(directory: Path) -> bool:
+    """Whether ``directory`` holds a finished run whose checkpoints were removed: no
+    ``.slimkit-run``, but the report slimkit writes last."""
+    report = directory / "report.json"
+    if (directory / RUN_DIR).exists() or report.is_symlink() or not report.is_file():
+        return False
+    try:
+        saved = json.loads(report.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(saved, dict) and "slimkit_version" in saved
+
+
+def remove_checkpoints(paths: RunPaths, log: Callable[[str], None]) -> None:
+    """Delete the checkpoints of a run that succeeded (they serve ``--resume`` only).
+
+    They are first renamed away in one step, so a run killed while deleting them leaves a
+    finished output (and a leftover the next ``--overwrite`` clears), never a half-deleted
+    state that ``--resume`` would try to continue from.
+    """
+    doomed = paths.work / _REMOVED
+    size = dir_size(paths.run)
+    try:
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(paths.run, doomed)
+    except OSError as exc:  # the run itself succeeded: say so, and leave them
+        log(f"could not remove the checkpoints in '{paths.out / RUN_DIR}' ({exc}); the run "
+            "is complete, delete them by hand")
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
+    left = f" (some files in '{paths.out / _REMOVED}' could not be deleted)" \
+        if doomed.exists() else ""
+    log(f"removed the checkpoints of the finished run ({size / 2**20:.1f} MiB){left}; "
+        "--keep-checkpoints keeps them")
+
+
 def _check_ours(directory: Path, what: str = "output") -> None:
     """Refuse to delete ``directory`` unless slimkit wrote all of it.
 
@@ -78,7 +117,7 @@ def _check_ours(directory: Path, what: str = "output") -> None:
     """
     if not any(directory.iterdir()):
         return
-    if not (directory / RUN_DIR).is_dir():
+    if not (directory / RUN_DIR).is_dir() and not finished_run(directory):
         raise OutputExistsError(f"{what} '{directory}' exists and is not a slimkit run "
                                 "directory; refusing to touch it, choose another --out")
     foreign = _foreign(directory)
@@ -129,12 +168,16 @@ def _resumable_state(paths: RunPaths, fingerprint_at: Callable[[int], str],
     was = state.get("threads")
     if isinstance(was, int) and was != threads and state["fingerprint"] == fingerprint_at(was):
         raise ResumeError(
-            f"'{paths.out}' was run with {was} intra-op threads and this run has {threads}; "
+            f"'{paths.out}' was run with {_threads(was)} and this run has {threads}; "
             "the thread count changes the results, so resuming would not reproduce the run. "
-            f"Resume with {was} threads (torch.set_num_threads or OMP_NUM_THREADS), or "
+            f"Resume with {_threads(was)} (torch.set_num_threads or OMP_NUM_THREADS), or "
             "--overwrite to start over")
     raise ResumeError(f"'{paths.out}' holds a run of a different model, data or recipe; "
                       "refusing to resume it. Use another --out, or --overwrite to start over")
+
+
+def _threads(n: int) -> str:
+    return f"{n} intra-op thread" + ("" if n == 1 else "s")
 
 
 def _refuse_input_inside(out: Path, source: str) -> None:
@@ -142,6 +185,37 @@ def _refuse_input_inside(out: Path, source: str) -> None:
     if src.exists() and (src == out.resolve() or out.resolve() in src.parents):
         raise OutputExistsError(f"output '{out}' would hold or replace the input model "
                                 f"'{source}'; choose another --out")
+
+
+def _exists(out: Path) -> OutputExistsError:
+    return OutputExistsError(f"output '{out}' already exists; pass --overwrite to replace it or "
+                             "--resume to continue an interrupted run")
+
+
+def _nothing_to_resume(out: Path) -> OutputExistsError:
+    return OutputExistsError(f"output '{out}' holds a finished run, whose checkpoints were "
+                             "removed when it succeeded: there is nothing to resume; pass "
+                             "--overwrite to run it again")
+
+
+def check_out(out: Path, overwrite: bool, resume: bool, source: str) -> None:
+    """The refusals of :func:`prepare_out` that need no model or data, with nothing touched.
+
+    The CLI calls it before loading torch or the model, so an existing output is reported at
+    once; :func:`prepare_out` still decides, with the lock held (a resume is checked there).
+
+    Raises:
+        OutputExistsError: ``out`` holds the input model or files slimkit did not write, or is
+            a run that neither ``overwrite`` nor ``resume`` allows to touch.
+    """
+    _refuse_input_inside(out, source)
+    if resume and out.is_dir() and finished_run(out):
+        raise _nothing_to_resume(out)
+    if resume or not out.is_dir() or not any(out.iterdir()):
+        return
+    _check_ours(out)
+    if not overwrite:
+        raise _exists(out)
 
 
 def prepare_out(out: Path, fingerprint_at: Callable[[int], str], overwrite: bool,
@@ -155,6 +229,8 @@ def prepare_out(out: Path, fingerprint_at: Callable[[int], str], overwrite: bool
     """
     _refuse_input_inside(out, source)
     _tidy_killed_overwrite(out, log)
+    import torch  # here: the checks above and check_out run before torch is loaded
+
     threads = torch.get_num_threads()
     fresh = {"fingerprint": fingerprint_at(threads), "threads": threads, "stages": []}
     if out.exists() and not out.is_dir():
@@ -177,8 +253,9 @@ def prepare_out(out: Path, fingerprint_at: Callable[[int], str], overwrite: bool
         shutil.rmtree(paths.run)
         paths.run.mkdir()
         return paths, fresh
+    if resume and finished_run(out):
+        raise _nothing_to_resume(out)
     if resume:
         raise OutputExistsError(f"output '{out}' holds no interrupted run to resume "
                                 f"({RUN_DIR}/{STATE} is missing); pass --overwrite to replace it")
-    raise OutputExistsError(f"output '{out}' already exists; pass --overwrite to replace it or "
-                            "--resume to continue an interrupted run")
+    raise _exists(out)

@@ -1,4 +1,9 @@
-"""The recipe: a target and an ordered list of stages, validated before any work starts."""
+"""The recipe: a target and an ordered list of stages, validated before any work starts.
+
+Nothing here imports torch: the stage configs come from their torch-free modules
+(:data:`~slimkit.core.stages.STAGE_CONFIGS`), so a recipe is checked, and checked against the
+data given, before any model is loaded.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,8 @@ import yaml
 from pydantic import Field, ValidationError, create_model
 
 from slimkit.core.config import SlimConfig, format_validation_error
-from slimkit.core.errors import ConfigError
-from slimkit.core.stages import STAGES
+from slimkit.core.errors import ConfigError, MissingDataError
+from slimkit.core.stages import STAGE_CONFIGS, data_needed
 
 MAX_DEPTH = 64  # levels of nesting a recipe may use
 MAX_NODES = 100_000  # YAML values (aliases expanded) a recipe may hold
@@ -56,7 +61,7 @@ class MeasureOptions(SlimConfig):
 
 def recipe_model() -> type[SlimConfig]:
     """The Recipe pydantic class for the stage kinds registered now."""
-    configs = tuple(STAGES.get(name).config for name in STAGES.names())
+    configs = tuple(STAGE_CONFIGS.get(name) for name in STAGE_CONFIGS.names())
     stage_type = Annotated[Union[configs], Field(discriminator="kind")]  # noqa: UP007
     return create_model(
         "Recipe",
@@ -106,6 +111,20 @@ def load_recipe(source: str | Path | dict) -> Any:
     else:
         text, name = _read_recipe(Path(source)), f"recipe '{source}'"
     return parse_recipe(_parse_yaml(text, name), name)
+
+
+def check_data(recipe: Any, has_data: bool, source: str = "recipe") -> None:
+    """Refuse a recipe with a stage that cannot run without data when none is given.
+
+    Raises:
+        MissingDataError: naming the first such stage and why it needs data.
+    """
+    if has_data:
+        return
+    for i, stage in enumerate(recipe.stages, 1):
+        need = data_needed(stage)
+        if need:
+            raise MissingDataError(f"{source}: stage {i} {stage.kind}: {need}; give --data")
 
 
 def _read_recipe(path: Path) -> str:

@@ -37,7 +37,7 @@ from slimkit.measure import (
     measure_static,
     predict,
 )
-from slimkit.pipeline.outdir import STATE, RunPaths, prepare_out, sibling
+from slimkit.pipeline.outdir import STATE, RunPaths, prepare_out, remove_checkpoints, sibling
 from slimkit.pipeline.recipe import recipe_to_dict
 from slimkit.pipeline.verdict import judge
 from slimkit.train.distributed import barrier, world
@@ -233,15 +233,18 @@ def _comparison(baseline: dict, final: dict) -> dict:
 
 
 def compress(model: SlimModel, data: DataBundle | None, recipe: Any, out: str | Path, *,
-             overwrite: bool = False, resume: bool = False, progress: bool = True,
-             log: Any = print) -> dict[str, Any]:
+             overwrite: bool = False, resume: bool = False, keep_checkpoints: bool = False,
+             progress: bool = True, log: Any = print) -> dict[str, Any]:
     """Run a recipe end to end and write the artifact, the ONNX file and the report.
 
-    The input model is never modified. Checkpoints after every stage let an interrupted run
-    continue with ``resume=True``, bit for bit as if it had not stopped (at the same thread
-    count); the artifact and report are written also when the target is missed. The output
-    is locked while the run lasts. ``overwrite=True`` builds the new run beside the old
-    output and replaces it only when the run succeeds: a failed run leaves it as it was.
+    The input model is never modified. Checkpoints after every stage (in
+    ``OUT/.slimkit-run``) let an interrupted run continue with ``resume=True``, bit for bit as
+    if it had not stopped (at the same thread count); they are removed once the run has
+    succeeded, unless ``keep_checkpoints=True``: they can outweigh the model several times,
+    and a finished run has nothing left to resume. The artifact and report are written also
+    when the target is missed (that is a success). The output is locked while the run lasts.
+    ``overwrite=True`` builds the new run beside the old output and replaces it only when the
+    run succeeds: a failed run leaves it as it was.
 
     Returns:
         The report dict (also written as ``OUT/report.json`` and ``OUT/report.html``).
@@ -275,6 +278,8 @@ def compress(model: SlimModel, data: DataBundle | None, recipe: Any, out: str | 
                 state = json.loads((paths.run / STATE).read_text())
             report = _compress(model, baseline, data, recipe, recipe_dict, paths, state,
                                progress, log)
+            if rank == 0 and not keep_checkpoints:  # measured and reported: no longer needed
+                remove_checkpoints(paths, log)
         except BaseException:
             if rank == 0 and paths.staged:
                 shutil.rmtree(paths.work, ignore_errors=True)

@@ -1,19 +1,17 @@
-"""Pruning techniques."""
+"""Pruning techniques.
 
-from slimkit.prune.magnitude import (
-    MagnitudePruneConfig,
-    apply_plan,
-    magnitude_prune,
-    plan_magnitude,
-)
-from slimkit.prune.structured import StructuredPruneConfig, structured_prune  # noqa: E402
+Names are imported on first use (see :mod:`slimkit.core.lazy`); the configs need no torch.
+"""
 
-__all__ = ["MagnitudePruneConfig", "StructuredPruneConfig", "apply_plan", "magnitude_prune",
-           "plan_magnitude", "structured_prune"]
+from slimkit.core.lazy import lazy_exports
 
-from slimkit.prune.nm import NMPruneConfig, nm_prune  # noqa: E402
-from slimkit.prune.schedule import GradualPruneConfig, gradual_prune  # noqa: E402
-from slimkit.prune.sparse_train import SparseTrainConfig, sparse_train  # noqa: E402
-
-__all__ += ["GradualPruneConfig", "NMPruneConfig", "SparseTrainConfig", "gradual_prune",
-            "nm_prune", "sparse_train"]
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "slimkit.prune.config": ("GradualPruneConfig", "MagnitudePruneConfig", "NMPruneConfig",
+                             "SparseTrainConfig"),
+    "slimkit.prune.structured_config": ("StructuredPruneConfig",),
+    "slimkit.prune.magnitude": ("apply_plan", "magnitude_prune", "plan_magnitude"),
+    "slimkit.prune.nm": ("nm_prune",),
+    "slimkit.prune.schedule": ("gradual_prune",),
+    "slimkit.prune.sparse_train": ("sparse_train",),
+    "slimkit.prune.structured": ("structured_prune",),
+})

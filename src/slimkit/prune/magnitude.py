@@ -9,41 +9,18 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from slimkit.core.config import SlimConfig
 from slimkit.core.errors import ConfigError
 from slimkit.core.record import Record
 from slimkit.core.stages import StageContext, register_stage
 from slimkit.data.bundle import DataBundle
-from slimkit.distill.run import FinetuneConfig, finetune
+from slimkit.distill.run import finetune
 from slimkit.graph.select import select_layers
 from slimkit.io.model import SlimModel
-
-PRUNABLE = ("Linear", "Conv1d", "Conv2d", "Conv3d")
-
-
-class MagnitudePruneConfig(SlimConfig):
-    """Zero the smallest-magnitude weights."""
-
-    kind: Literal["magnitude_prune"] = "magnitude_prune"
-    version: Literal[1] = Field(1, description="Config schema version.")
-    sparsity: float = Field(..., ge=0.0, lt=1.0,
-                            description="Fraction of the selected weights to set to zero.")
-    scope: Literal["global", "layer"] = Field(
-        "global", description="global: one threshold across layers; layer: same ratio each.")
-    layer_types: list[str] = Field(list(PRUNABLE), description="Module types to prune.")
-    include: list[str] = Field(default_factory=list,
-                               description="Only these layers (name, re:REGEX or type:Class).")
-    exclude: list[str] = Field(default_factory=list,
-                               description="Leave these layers alone (name, re:REGEX, type:).")
-    finetune: FinetuneConfig | None = Field(
-        None, description="Fine-tune afterwards with the masks held fixed (optionally "
-                          "distilled from the unpruned model).")
+from slimkit.prune.config import MagnitudePruneConfig
 
 
 def plan_magnitude(model: nn.Module, cfg: MagnitudePruneConfig) -> tuple[dict, list[dict]]:

@@ -14,53 +14,23 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
-from slimkit.core.config import SlimConfig
 from slimkit.core.errors import ConfigError
 from slimkit.core.record import Record
 from slimkit.core.stages import StageContext, register_stage
 from slimkit.data.bundle import DataBundle
-from slimkit.distill.run import FinetuneConfig, finetune
+from slimkit.distill.run import finetune
 from slimkit.graph.select import select_layers
 from slimkit.io.model import SlimModel
-from slimkit.prune.magnitude import PRUNABLE, MaskedWeights, sparsity
+from slimkit.prune.config import NMPruneConfig
+from slimkit.prune.magnitude import MaskedWeights, sparsity
 
 SPEED_NOTE = ("N:M sparsity speeds up matrix multiplies only on GPUs with sparse tensor cores "
               "(NVIDIA Ampere+, cuSPARSELt/TensorRT); ONNX Runtime on CPU runs it at dense "
               "speed, and the file shrinks only when the model is packed (encode stage).")
-
-
-class NMPruneConfig(SlimConfig):
-    """Keep ``n`` of every ``m`` consecutive weights along the input dimension (2:4 default).
-
-    Example:
-        >>> NMPruneConfig(n=2, m=4)  # doctest: +ELLIPSIS
-        NMPruneConfig(kind='nm_prune', ...)
-    """
-
-    kind: Literal["nm_prune"] = "nm_prune"
-    version: Literal[1] = Field(1, description="Config schema version.")
-    n: int = Field(2, ge=1, description="Weights kept per group.")
-    m: int = Field(4, ge=2, description="Group size (consecutive input weights).")
-    layer_types: list[str] = Field(list(PRUNABLE), description="Module types to prune.")
-    include: list[str] = Field(default_factory=list,
-                               description="Only these layers (name, re:REGEX or type:Class).")
-    exclude: list[str] = Field(default_factory=list,
-                               description="Leave these layers alone (name, re:REGEX, type:).")
-    finetune: FinetuneConfig | None = Field(
-        None, description="Fine-tune afterwards with the N:M masks held fixed (optionally "
-                          "distilled from the unpruned model).")
-
-    @model_validator(mode="after")
-    def _check(self) -> NMPruneConfig:
-        if self.n >= self.m:
-            raise ValueError(f"n ({self.n}) must be smaller than m ({self.m})")
-        return self
 
 
 def _grouped(w: torch.Tensor, m: int) -> torch.Tensor:

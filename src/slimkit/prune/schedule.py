@@ -17,76 +17,21 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
-from slimkit.core.config import SlimConfig
 from slimkit.core.errors import ConfigError, did_you_mean
 from slimkit.core.record import Record
 from slimkit.core.stages import StageContext, register_stage
 from slimkit.data.bundle import DataBundle
-from slimkit.distill.run import FinetuneConfig, finetune
+from slimkit.distill.config import FinetuneConfig
+from slimkit.distill.run import finetune
 from slimkit.graph.select import select_layers
 from slimkit.io.model import SlimModel
-from slimkit.prune.magnitude import PRUNABLE, MaskedWeights, sparsity
-
-
-class GradualPruneConfig(SlimConfig):
-    """Prune gradually while fine-tuning, on the cubic (AGP) schedule of Zhu & Gupta (2017).
-
-    Example:
-        >>> GradualPruneConfig(final_sparsity=0.9, frequency=50,
-        ...                    train=FinetuneConfig(epochs=4))  # doctest: +ELLIPSIS
-        GradualPruneConfig(kind='gradual_prune', ...)
-    """
-
-    kind: Literal["gradual_prune"] = "gradual_prune"
-    version: Literal[1] = Field(1, description="Config schema version.")
-    final_sparsity: float = Field(..., ge=0.0, lt=1.0,
-                                  description="s_f: fraction of the selected weights zeroed "
-                                              "at the end.")
-    initial_sparsity: float = Field(0.0, ge=0.0, lt=1.0,
-                                    description="s_i: sparsity of the first pruning step.")
-    layer_sparsity: dict[str, float] = Field(
-        default_factory=dict,
-        description="scope=layer only: a final sparsity per layer name (others use "
-                    "final_sparsity), e.g. Deep Compression's per-layer ratios.")
-    scope: Literal["global", "layer"] = Field(
-        "global", description="global: one magnitude threshold across layers; layer: each "
-                              "layer pruned to its own ratio.")
-    start_step: int = Field(0, ge=0, description="t0: optimizer step of the first pruning.")
-    frequency: int = Field(100, ge=1, description="Δt: optimizer steps between pruning steps.")
-    num_updates: int | None = Field(
-        None, ge=1, description="n: pruning steps after the first; default: as many as fit "
-                                "in ramp_fraction of the training steps.")
-    ramp_fraction: float = Field(
-        0.75, gt=0.0, le=1.0, description="When num_updates is not given, the schedule ends "
-                                          "after this fraction of training (the rest "
-                                          "fine-tunes at the final sparsity).")
-    layer_types: list[str] = Field(list(PRUNABLE), description="Module types to prune.")
-    include: list[str] = Field(default_factory=list,
-                               description="Only these layers (name, re:REGEX or type:Class).")
-    exclude: list[str] = Field(default_factory=list,
-                               description="Leave these layers alone (name, re:REGEX, type:).")
-    train: FinetuneConfig = Field(
-        default_factory=FinetuneConfig,
-        description="The fine-tuning the schedule runs inside (optionally distilled from the "
-                    "unpruned model).")
-
-    @model_validator(mode="after")
-    def _check(self) -> GradualPruneConfig:
-        if self.initial_sparsity > self.final_sparsity:
-            raise ValueError(f"initial_sparsity {self.initial_sparsity} is above "
-                             f"final_sparsity {self.final_sparsity}")
-        bad = {k: v for k, v in self.layer_sparsity.items() if not 0.0 <= v < 1.0}
-        if bad:
-            raise ValueError(f"layer_sparsity values must lie in [0, 1): {bad}")
-        if self.layer_sparsity and self.scope != "layer":
-            raise ValueError("layer_sparsity needs scope='layer'")
-        return self
+from slimkit.prune.config import GradualPruneConfig
+from slimkit.prune.magnitude import MaskedWeights, sparsity
 
 
 def agp_sparsity(step: int, s_i: float, s_f: float, t0: int, freq: int, n: int) -> float:
@@ -272,7 +217,7 @@ def _gradual_prune(model: nn.Module, cfg: GradualPruneConfig, data: DataBundle |
     return model, record
 
 
-@register_stage(GradualPruneConfig, needs="training data")
+@register_stage(GradualPruneConfig)
 def gradual_prune(model: SlimModel, cfg: GradualPruneConfig,
                   ctx: StageContext) -> tuple[SlimModel, Record]:
     """Prune a copy of ``model`` on the AGP schedule while fine-tuning it.

@@ -11,25 +11,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from slimkit.core.config import SlimConfig
 from slimkit.core.errors import ConfigError
 from slimkit.data.bundle import DataBundle
-from slimkit.train import TrainConfig, fit
+from slimkit.prune.config import SlimmingConfig
+from slimkit.train import fit
 from slimkit.train.objective import Objective
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm)
-
-
-class SlimmingConfig(SlimConfig):
-    """Sparsity-regularized training before pruning (use with ``criterion: bn_scale``)."""
-
-    penalty: float = Field(1e-4, gt=0.0, description="lambda of the L1 penalty on the "
-                                                     "normalization scales (paper: 1e-4..1e-5).")
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1),
-                               description="The regularized training run.")
 
 
 class NormScaleL1(Objective):

@@ -18,52 +18,21 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from slimkit.core.config import SlimConfig
 from slimkit.core.errors import ConfigError
 from slimkit.core.record import Record
 from slimkit.core.stages import StageContext, register_stage
 from slimkit.data.bundle import DataBundle
-from slimkit.distill.run import FinetuneConfig, finetune
+from slimkit.distill.run import finetune
 from slimkit.graph.select import select_layers
 from slimkit.io.model import SlimModel
-from slimkit.prune.magnitude import PRUNABLE, MaskedWeights
+from slimkit.prune.config import SparseTrainConfig
+from slimkit.prune.magnitude import MaskedWeights
 from slimkit.prune.schedule import magnitude_masks, total_steps
-
-
-class SparseTrainConfig(SlimConfig):
-    """Train at a fixed sparsity with RigL's drop-and-grow mask updates.
-
-    Example:
-        >>> SparseTrainConfig(sparsity=0.9, distribution="erk")  # doctest: +ELLIPSIS
-        SparseTrainConfig(kind='sparse_train', ...)
-    """
-
-    kind: Literal["sparse_train"] = "sparse_train"
-    version: Literal[1] = Field(1, description="Config schema version.")
-    sparsity: float = Field(..., gt=0.0, lt=1.0,
-                            description="Fraction of the selected weights kept at zero.")
-    distribution: Literal["erk", "uniform"] = Field(
-        "erk", description="How sparsity is spread over layers: ERK (small layers denser) "
-                           "or the same ratio in every layer.")
-    update_every: int = Field(100, ge=1, description="ΔT: optimizer steps between updates.")
-    drop_fraction: float = Field(0.3, gt=0.0, lt=1.0,
-                                 description="alpha: fraction of active weights exchanged at "
-                                             "the first update (cosine-decayed).")
-    end_fraction: float = Field(0.75, gt=0.0, le=1.0,
-                                description="No mask updates after this fraction of training.")
-    layer_types: list[str] = Field(list(PRUNABLE), description="Module types to sparsify.")
-    include: list[str] = Field(default_factory=list,
-                               description="Only these layers (name, re:REGEX or type:Class).")
-    exclude: list[str] = Field(default_factory=list,
-                               description="Leave these layers alone (name, re:REGEX, type:).")
-    train: FinetuneConfig = Field(default_factory=FinetuneConfig,
-                                  description="The training run (optionally distilled).")
 
 
 def erk_densities(shapes: dict[str, tuple[int, ...]], density: float) -> dict[str, float]:
@@ -202,7 +171,7 @@ def _sparse_train(model: nn.Module, cfg: SparseTrainConfig, data: DataBundle | N
     return model, record
 
 
-@register_stage(SparseTrainConfig, needs="training data")
+@register_stage(SparseTrainConfig)
 def sparse_train(model: SlimModel, cfg: SparseTrainConfig,
                  ctx: StageContext) -> tuple[SlimModel, Record]:
     """Train a copy of ``model`` sparse from the start, RigL-style (see :func:`_sparse_train`).

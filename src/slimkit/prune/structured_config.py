@@ -1,4 +1,8 @@
-"""The structured-pruning config: what to remove, how to choose it, and checks on the values."""
+"""The structured-pruning config: what to remove, how to choose it, and checks on the values.
+
+This module imports no torch (recipes are validated before torch loads); the criterion and
+allocation names are looked up in their registries, imported when a config names one.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,10 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from slimkit.core.config import SlimConfig
 from slimkit.core.errors import ConfigError
-from slimkit.distill.run import FinetuneConfig
-from slimkit.prune.allocate import ALLOCATORS
-from slimkit.prune.criteria import CRITERIA
-from slimkit.prune.slimming import SlimmingConfig
+from slimkit.core.stages import StageConfig, stage_config
+from slimkit.distill.config import FinetuneConfig
+from slimkit.prune.config import SlimmingConfig
 
 TARGET_KEYS = ("flops", "params", "latency")
 
@@ -24,7 +26,8 @@ def _known(registry: Any, name: str) -> str:
     return name
 
 
-class StructuredPruneConfig(SlimConfig):
+@stage_config
+class StructuredPruneConfig(StageConfig):
     """Remove whole channels, heads and conv groups; the model gets physically smaller."""
 
     kind: Literal["structured_prune"] = "structured_prune"
@@ -92,11 +95,15 @@ class StructuredPruneConfig(SlimConfig):
     @field_validator("criterion")
     @classmethod
     def _known_criterion(cls, v: str) -> str:
+        from slimkit.prune.criteria import CRITERIA  # torch: only when a recipe names one
+
         return _known(CRITERIA, v)
 
     @field_validator("allocation")
     @classmethod
     def _known_allocation(cls, v: str) -> str:
+        from slimkit.prune.allocate import ALLOCATORS
+
         return _known(ALLOCATORS, v)
 
     @field_validator("target")
@@ -136,6 +143,15 @@ class StructuredPruneConfig(SlimConfig):
                              "pruning to a flops/params target also meets a latency target: "
                              "give target with 'latency' and 'flops' or 'params', or a share")
         return self
+
+    def needs_data(self) -> str | None:
+        if self.slimming is not None:
+            return "slimming needs training data"
+        if self.finetune is not None:
+            return "finetune needs data"
+        if self.criterion == "taylor":
+            return "criterion 'taylor' needs calibration data"
+        return None
 
 
 __all__ = ["TARGET_KEYS", "StructuredPruneConfig"]

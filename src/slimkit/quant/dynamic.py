@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from slimkit.core.config import SlimConfig
 from slimkit.core.errors import ConfigError, did_you_mean
 from slimkit.core.record import Record
 from slimkit.core.stages import StageContext, register_rebuilder, register_stage
@@ -29,46 +27,12 @@ from slimkit.graph.select import select_layers
 from slimkit.io.model import SlimModel, replace_module, set_mode
 from slimkit.measure import verify_finite
 from slimkit.quant.calibrate import check_calibration_inputs, hooked_passes
+from slimkit.quant.config import DynamicQuantConfig
 from slimkit.quant.dynamic_linear import DynamicQuantLinear
 from slimkit.quant.modules import OTHER_TYPES
 from slimkit.quant.plan import byte_totals
 
 PLAN_FORMAT = "slimkit-dynamic-quant-plan"
-
-
-class DynamicQuantConfig(SlimConfig):
-    """Dynamic INT8: int8 per-channel weights, activations quantized at run time per row or
-    per tensor; sensitive layers can stay float.
-
-    Example:
-        >>> DynamicQuantConfig(activations="token", exclude=["head"], keep_worst=1)
-    """
-
-    kind: Literal["dynamic_quant"] = "dynamic_quant"
-    version: Literal[1] = Field(1, description="Config schema version.")
-    activations: Literal["token", "tensor"] = Field(
-        "token", description="Activation scale per row/token of the flattened input (token: "
-        "closest to float, but its per-row quantization is ~20 elementwise ONNX ops per layer, "
-        "so in ONNX Runtime it can be slower than FP32 on small models) or one per tensor "
-        "(tensor: ONNX DynamicQuantizeLinear, fused by ONNX Runtime into one kernel; the fast "
-        "choice, with reduce_range on CPUs without VNNI).")
-    include: list[str] = Field(default_factory=list,
-                               description="Only these layers (name, re:REGEX or type:Class).")
-    exclude: list[str] = Field(default_factory=list,
-                               description="Keep these layers float (name, re:REGEX, type:).")
-    keep_worst: int = Field(0, ge=0, description="Keep float the layers with the largest "
-                            "relative output error on calibration data (needs data).")
-    max_layer_error: float | None = Field(
-        None, gt=0.0, description="Keep float every layer whose relative output error "
-        "||y_q - y|| / ||y|| on calibration data exceeds this (needs data).")
-    reduce_range: bool = Field(
-        False, description="7-bit weight codes [-63, 63] (still int8): ONNX Runtime then uses "
-        "its faster u8 x s8 kernel, which on CPUs without VNNI saturates with full-range int8 "
-        "weights; without it the export runs exact u8 x u8 products.")
-    calib_samples: int = Field(64, ge=1, description="Training samples used to measure the "
-                               "layers' output errors.")
-    calib_batch: int = Field(16, ge=1, description="Batch size of the calibration pass.")
-    seed: int = Field(0, description="Seed of the calibration subset.")
 
 
 def layer_errors(model: nn.Module, layers: dict[str, nn.Linear], activations: str,

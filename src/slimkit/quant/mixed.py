@@ -25,14 +25,12 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from slimkit.core.config import SlimConfig
 from slimkit.core.errors import ConfigError
 from slimkit.core.record import Record
 from slimkit.core.stages import StageContext, register_stage
@@ -42,6 +40,7 @@ from slimkit.graph.select import select_layers
 from slimkit.io.model import SlimModel, set_mode
 from slimkit.measure.quality import predict
 from slimkit.quant.calibrate import calibrate_inputs, check_calibration
+from slimkit.quant.config import MixedPrecisionConfig
 from slimkit.quant.extreme import pack_layer
 from slimkit.quant.modules import QUANTIZABLE, snap_bias
 from slimkit.quant.plan import QuantSpec, add_quant_transforms, wrap_layers
@@ -51,58 +50,6 @@ from slimkit.train.loop import evaluate
 FLOAT = 32  # "bits" of a layer left in float
 #: Most assignments searched exhaustively before falling back to the greedy allocation.
 EXACT_LIMIT = 4096
-
-
-class MixedPrecisionConfig(SlimConfig):
-    """Choose a weight width per layer from measured sensitivities.
-
-    Example:
-        >>> MixedPrecisionConfig(policy="size", size_ratio=0.15)          # 15% of float bytes
-        >>> MixedPrecisionConfig(policy="fallback", max_accuracy_drop=0.5)
-    """
-
-    kind: Literal["mixed_precision"] = "mixed_precision"
-    version: Literal[1] = Field(1, description="Config schema version.")
-    policy: Literal["fallback", "size"] = Field(
-        "size", description="fallback: all layers at the highest width, most sensitive ones "
-                            "back to float until max_accuracy_drop holds; size: widths under "
-                            "a weight byte budget.")
-    bits: list[int] = Field([8, 4, 2], description="Candidate weight widths (float is "
-                                                   "always a candidate).")
-    sensitivity: Literal["mse", "cosine", "accuracy"] = Field(
-        "mse", description="Per-layer damage: relative output MSE, 1 - output cosine (on the "
-                           "calibration batch) or top-1 drop on the evaluation data.")
-    max_accuracy_drop: float = Field(1.0, ge=0, description="fallback: largest top-1 drop "
-                                                            "vs float allowed, in points.")
-    size_bytes: int | None = Field(None, ge=1, description="size: weight bytes budget.")
-    size_ratio: float | None = Field(None, gt=0, le=1, description="size: budget as a "
-                                                                   "fraction of float bytes.")
-    act_bits: int | None = Field(None, ge=2, le=8, description="Also quantize each quantized "
-                                                               "layer's input (per tensor, "
-                                                               "min/max); None: weights only.")
-    include: list[str] = Field(default_factory=list,
-                               description="Only these layers (name, re:REGEX or type:Class).")
-    exclude: list[str] = Field(default_factory=list,
-                               description="Keep these layers in float (name, re:, type:).")
-    calib_samples: int = Field(256, ge=1, description="Training samples for sensitivities and "
-                                                      "activation ranges.")
-    eval_samples: int | None = Field(None, ge=1, description="Samples of the validation "
-                                 "slice (20% of the training split) that choices are made on, "
-                                 "and of the test split the result is reported on; all by "
-                                 "default.")
-
-    @field_validator("bits")
-    @classmethod
-    def _widths(cls, bits: list[int]) -> list[int]:
-        if not bits or any(b not in (2, 4, 8) for b in bits):
-            raise ValueError(f"bits must be a non-empty subset of [8, 4, 2], got {bits}")
-        return sorted(set(bits), reverse=True)
-
-    @model_validator(mode="after")
-    def _budget(self) -> MixedPrecisionConfig:
-        if self.policy == "size" and (self.size_bytes is None) == (self.size_ratio is None):
-            raise ValueError("policy 'size' needs exactly one of size_bytes or size_ratio")
-        return self
 
 
 def weight_bytes(weight: torch.Tensor, bits: int) -> int:
@@ -346,7 +293,7 @@ def _record(assign: dict, sens: dict, sizes: dict, skipped: list, details: dict)
     return record
 
 
-@register_stage(MixedPrecisionConfig, needs="data")
+@register_stage(MixedPrecisionConfig)
 def mixed_precision(model: SlimModel, cfg: MixedPrecisionConfig,
                     ctx: StageContext) -> tuple[SlimModel, Record]:
     """Quantize a copy of ``model`` with per-layer widths from sensitivities (see

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimkit.core.errors import ConfigError
+from slimkit.quant.config import check_group_size
 from slimkit.quant.primitives import (
-    check_group_size,
     dequantize_packed,
     pack,
     pack_rows,

@@ -30,8 +30,10 @@ from slimkit.core.stages import register_rebuilder
 from slimkit.io.model import replace_module
 from slimkit.quant.modules import QUANTIZABLE, FakeQuant, QuantLayer
 
-#: Quantizer classes by name; each takes the QuantSpec fields as keyword arguments.
-QUANTIZERS: Registry[Callable[..., nn.Module]] = Registry("quantizer")
+#: Quantizer classes by name; each takes the QuantSpec fields as keyword arguments. The plugins
+#: register the rest (binary and ternary, lsq), so that every name is known wherever it is read.
+QUANTIZERS: Registry[Callable[..., nn.Module]] = Registry(
+    "quantizer", plugins=("slimkit.quant.extreme", "slimkit.quant.qat"))
 QUANTIZERS.register("affine", FakeQuant)
 
 

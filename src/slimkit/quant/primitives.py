@@ -236,18 +236,6 @@ def block_for(in_features: int, group_size: int) -> int:
     return min(group_size, row) if group_size else row
 
 
-def check_group_size(group_size: int) -> int:
-    """Validate a group size: 0 (one group per row) or a power of two >= 16.
-
-    Raises:
-        ConfigError: any other value.
-    """
-    if group_size != 0 and (group_size < 16 or group_size & (group_size - 1)):
-        raise ConfigError(f"group_size {group_size} must be 0 (one group per output row) or a "
-                          "power of two >= 16 (ONNX Runtime's MatMulNBits needs such blocks)")
-    return group_size
-
-
 def round_scale(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
     """The float32 value of ``scale`` once stored as ``scale_dtype`` (fp16 kept in its range)."""
     if scale_dtype == "float16":

@@ -19,14 +19,12 @@ The pipeline (each step a separate module, plan first, then apply):
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, field_validator
 from torch import nn
 
-from slimkit.core.config import SlimConfig
-from slimkit.core.errors import ConfigError, DataError, did_you_mean
+from slimkit.core.errors import ConfigError, DataError
 from slimkit.core.record import Record
 from slimkit.core.stages import StageContext, register_stage
 from slimkit.data.bundle import DataBundle
@@ -36,70 +34,12 @@ from slimkit.graph.select import select_layers
 from slimkit.io.model import SlimModel, set_mode
 from slimkit.measure import verify_finite
 from slimkit.quant.calibrate import collect
+from slimkit.quant.config import PtqConfig
 from slimkit.quant.fold import fold_batchnorm
 from slimkit.quant.modules import QUANTIZABLE, QuantLayer, snap_bias
-from slimkit.quant.observers import CALIBRATORS, make_observer
+from slimkit.quant.observers import make_observer
 from slimkit.quant.plan import QuantSpec, freeze, wrap_layers
 from slimkit.quant.primitives import choose_qparams, qrange
-
-
-class PtqConfig(SlimConfig):
-    """Static post-training quantization to INT8 (integer kernels in ONNX Runtime).
-
-    Example:
-        >>> PtqConfig(calibration="percentile", percentile=99.99, num_samples=256)
-    """
-
-    kind: Literal["ptq"] = "ptq"
-    version: Literal[1] = Field(1, description="Config schema version.")
-    calibration: str = Field("percentile", description="Activation range method: minmax, "
-                             "percentile, mse or entropy (the CALIBRATORS registry).")
-    percentile: float = Field(99.99, gt=50.0, le=100.0,
-                              description="calibration=percentile: clip at this percentile.")
-    num_samples: int = Field(512, ge=1, description="Calibration samples (class-stratified "
-                                                    "from the training set).")
-    batch_size: int = Field(64, ge=1, description="Calibration batch size.")
-    weight_bits: int = Field(8, ge=2, le=8, description="Weight code width (ONNX Runtime's "
-                             "integer kernels need 8; fewer bits export as float weights).")
-    weight_granularity: Literal["channel", "tensor"] = Field(
-        "channel", description="Weight scales per output channel or per tensor.")
-    weight_narrow: bool = Field(True, description="Symmetric weights in [-127, 127] (no -128).")
-    reduce_range: bool = Field(
-        True, description="8-bit weights use 7 bits ([-63, 63], still stored as int8) so that "
-        "u8 x s8 products never saturate ONNX Runtime's AVX2 kernels (vpmaddubsw) on x86 CPUs "
-        "without VNNI; without it those CPUs compute wrong outputs. Turn off for VNNI or ARM "
-        "targets.")
-    activations: Literal["uint8", "int8"] = Field(
-        "uint8", description="Activation codes, asymmetric per tensor: uint8 (ORT's fast x86 "
-        "u8s8 path) or int8 (ORT 1.32 on x86 fuses no QLinearConv for int8 activations: convs "
-        "then run in float; the stage record's ort_int8 shows it).")
-    min_conv_reduction: int = Field(
-        64, ge=0, description="Convolutions whose reduction size (in_channels / groups x "
-        "kernel area) is below this stay float: ONNX Runtime's integer conv is slower than its "
-        "float conv there (measured with ORT 1.32 on x86 AVX2: 2.4x slower at 25 (a first conv "
-        "on 1-channel images), 3-5x at 27 (RGB 3x3), 1.1x faster at 72, 2.8x at 144). 0 "
-        "quantizes every conv.")
-    fold_bn: bool = Field(True, description="Fold BatchNorm into the preceding layer first.")
-    equalize: bool = Field(False, description="Cross-layer equalization of conv->relu->conv "
-                                              "pairs (Nagel et al. 2019) before quantizing.")
-    bias_correction: bool = Field(False, description="Subtract the mean output error caused by "
-                                                     "weight rounding (Nagel et al. 2019).")
-    smoothquant: bool = Field(False, description="Migrate activation outliers into the weights "
-                                                 "of LayerNorm->Linear pairs (Xiao et al. 2023).")
-    smoothquant_alpha: float = Field(0.5, ge=0.0, le=1.0, description="SmoothQuant strength.")
-    include: list[str] = Field(default_factory=list,
-                               description="Only these layers (name, re:REGEX or type:Class).")
-    exclude: list[str] = Field(default_factory=list,
-                               description="Leave these layers in float (name, re:, type:).")
-    seed: int = Field(0, description="Seed of the calibration subset.")
-
-    @field_validator("calibration")
-    @classmethod
-    def _known_method(cls, v: str) -> str:
-        if v not in CALIBRATORS:
-            raise ValueError(f"unknown calibration method '{v}'; known: "
-                             f"{', '.join(CALIBRATORS.names())}.{did_you_mean(v, CALIBRATORS)}")
-        return v
 
 
 def _calibration_data(data: DataBundle | torch.Tensor | None, cfg: PtqConfig) -> torch.Tensor:

@@ -27,23 +27,21 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
 from torch import nn
 
-from slimkit.core.config import SlimConfig
 from slimkit.core.errors import ConfigError
 from slimkit.core.record import Record
 from slimkit.core.stages import StageContext, register_stage
 from slimkit.data.bundle import DataBundle
 from slimkit.data.split import calibration_subset
-from slimkit.distill.run import FinetuneConfig, finetune
+from slimkit.distill.run import finetune
 from slimkit.graph.select import select_layers
 from slimkit.io.model import SlimModel, set_mode
 from slimkit.measure import verify_finite
 from slimkit.quant.calibrate import calibrate_inputs, check_calibration
+from slimkit.quant.config import QatConfig
 from slimkit.quant.extreme import SignQuant, pack_layer, packed_bytes, spec_of
 from slimkit.quant.modules import QUANTIZABLE, FakeQuant, QuantLayer, snap_bias
 from slimkit.quant.plan import QUANTIZERS, QuantSpec, add_quant_transforms, wrap_layers
@@ -155,67 +153,6 @@ class LsqQuant(FakeQuant):
 
 
 QUANTIZERS.register("lsq", LsqQuant)
-
-
-class QatConfig(SlimConfig):
-    """Quantization-aware training: fake-quantize, fine-tune, then freeze integer weights.
-
-    Weights are quantized per output channel (symmetric), activations (each quantized
-    layer's input) per tensor. With ``weight_quantizer="lsq"`` (Esser et al. 2019) the step
-    sizes are learned together with the weights; ``affine`` keeps them fixed at their
-    initial value (plain STE QAT); ``binary`` / ``ternary`` train BWN / TWN weights (see
-    :mod:`slimkit.quant.extreme`). Fine-tuning runs the shared training loop (distillation
-    from the float model with ``finetune.distill``). At the end the learned scales become
-    fixed qparams and the weights integer codes, so the result exports like a PTQ model.
-
-    Example:
-        >>> QatConfig(weight_bits=4, act_bits=8, finetune={"epochs": 2, "lr": 1e-4})
-    """
-
-    kind: Literal["qat"] = "qat"
-    version: Literal[1] = Field(1, description="Config schema version.")
-    weight_bits: int = Field(4, ge=2, le=8, description="Weight code width (2..8; ignored by "
-                                                        "binary and ternary).")
-    weight_quantizer: str = Field(
-        "lsq", description="Weight quantizer: lsq (learned step), affine (fixed step), "
-                           "binary (1 bit, BWN) or ternary (2 bits, TWN).")
-    weight_granularity: str = Field("channel", description="tensor or channel[:AXIS] (one "
-                                                           "scale per output channel).")
-    weight_init: Literal["lsq", "range"] = Field(
-        "lsq", description="Initial weight step: lsq (2 mean|w| / sqrt(qmax)) or range "
-                           "(min/max, i.e. round-to-nearest).")
-    act_bits: int | None = Field(8, ge=2, le=8, description="Activation (layer input) width; "
-                                                            "None quantizes weights only.")
-    act_quantizer: Literal["lsq", "affine"] = Field(
-        "lsq", description="Activation quantizer: lsq (learned step) or affine (fixed).")
-    act_symmetric: bool = Field(False, description="Symmetric signed activations (else "
-                                                   "asymmetric unsigned with a zero point).")
-    first_last_bits: int | None = Field(
-        None, ge=2, le=8, description="Quantize the first and last selected layers at this "
-                                      "width with LSQ instead (binary/ternary networks keep "
-                                      "them at 8 bits).")
-    pack: bool = Field(True, description="Store <= 4-bit weight codes bit-packed (two INT4 "
-                                         "per byte, four 2-bit codes per byte) instead of one "
-                                         "int8 each; binary/ternary are always packed.")
-    include: list[str] = Field(default_factory=list,
-                               description="Only these layers (name, re:REGEX or type:Class).")
-    exclude: list[str] = Field(default_factory=list,
-                               description="Leave these layers in float (name, re:, type:).")
-    calib_samples: int = Field(256, ge=1, description="Training samples of the activation "
-                                                      "range calibration pass.")
-    act_calibration: str = Field("minmax", description="How activation ranges start: a "
-                                 "calibration method (minmax, percentile, mse, entropy).")
-    finetune: FinetuneConfig = Field(
-        default_factory=FinetuneConfig,
-        description="The QAT fine-tuning (optionally distilled from the float model).")
-
-    @field_validator("weight_quantizer")
-    @classmethod
-    def _known_quantizer(cls, name: str) -> str:
-        if name not in QUANTIZERS:
-            raise ValueError(f"unknown weight quantizer '{name}'; known: "
-                             f"{', '.join(QUANTIZERS.names())}")
-        return name
 
 
 def _layer_plan(names: list[str], cfg: QatConfig) -> dict[str, dict]:
@@ -353,7 +290,7 @@ def _qat(model: nn.Module, cfg: QatConfig, data: DataBundle,
     return work, record
 
 
-@register_stage(QatConfig, needs="training data")
+@register_stage(QatConfig)
 def qat(model: SlimModel, cfg: QatConfig,
         ctx: StageContext) -> tuple[SlimModel, Record]:
     """Quantization-aware training of a copy of ``model`` (see :func:`_qat`).

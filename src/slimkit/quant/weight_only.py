@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, field_validator
 from torch import nn
 
-from slimkit.core.config import SlimConfig
 from slimkit.core.errors import ConfigError, did_you_mean
 from slimkit.core.record import Record
 from slimkit.core.stages import StageContext, register_rebuilder, register_stage
@@ -29,6 +27,7 @@ from slimkit.graph.select import select_layers
 from slimkit.io.model import SlimModel, replace_module, set_mode
 from slimkit.measure import verify_finite
 from slimkit.quant.calibrate import check_calibration_inputs
+from slimkit.quant.config import WeightOnlyConfig
 from slimkit.quant.gptq import collect_hessians, gptq_quantize, output_error
 from slimkit.quant.packed import (
     PackedConv,
@@ -40,7 +39,6 @@ from slimkit.quant.packed import (
 from slimkit.quant.plan import byte_totals
 from slimkit.quant.primitives import (
     block_for,
-    check_group_size,
     dequantize_codes,
     rtn_quantize,
     storage_bits,
@@ -49,67 +47,6 @@ from slimkit.quant.primitives import (
 PLAN_FORMAT = "slimkit-weight-only-plan"
 LAYER_TYPES = {"Linear": ("Linear",), "Conv": ("Conv1d", "Conv2d", "Conv3d"),
                "Embedding": ("Embedding",)}
-
-
-class WeightOnlyConfig(SlimConfig):
-    """Weight-only quantization to packed 2..8-bit group-wise codes.
-
-    Activations stay float; each weight row is cut into groups of ``group_size`` input
-    columns with their own scale (and zero point). ``method="rtn"`` rounds to nearest;
-    ``method="gptq"`` (Frantar et al. 2023) compensates each column's rounding error on the
-    remaining columns using the layer's input Hessian from calibration data (Linear layers;
-    convolutions and embedding tables are rounded to nearest, and the record says so).
-    Linear layers run as ONNX Runtime's ``MatMulNBits``; packed convs and embedding tables
-    are unpacked by ONNX Runtime once, when the session loads.
-
-    Example:
-        >>> WeightOnlyConfig(bits=4, group_size=128, method="gptq", exclude=["head"])
-    """
-
-    kind: Literal["weight_only_quant"] = "weight_only_quant"
-    version: Literal[1] = Field(1, description="Config schema version.")
-    bits: int = Field(4, ge=2, le=8, description="Code width in bits (2..8); 2 and 4 pack "
-                      "4 and 2 codes per byte, 3 is stored in 4-bit and 5..7 in 8-bit slots.")
-    group_size: int = Field(128, ge=0, description="Input columns sharing one scale: a power "
-                            "of two >= 16, or 0 for one group per output row. A layer whose "
-                            "width is not a multiple gets its last group zero-padded "
-                            "(reported per layer).")
-    symmetric: bool = Field(True, description="Zero point fixed at the middle of the range "
-                            "(else per-group zero points covering [min, max]).")
-    method: Literal["rtn", "gptq"] = Field("rtn", description="rtn: round to nearest; gptq: "
-                                           "second-order error compensation (needs data).")
-    scale_dtype: Literal["float16", "float32"] = Field(
-        "float16", description="Storage type of the per-group scales and of the layer's "
-        "bias (computed in float32 either way).")
-    layer_types: list[Literal["Linear", "Conv", "Embedding"]] = Field(
-        default_factory=lambda: ["Linear"], min_length=1,
-        description="Kinds of layers to pack: Linear, Conv (1/2/3-d, weight seen as "
-        "out x in*kernel) and Embedding (tables packed row-wise). Linear only by default: "
-        "a 4-bit input layer (a ViT's patch embedding) can cost accuracy; opt in per model.")
-    include: list[str] = Field(default_factory=list,
-                               description="Only these layers (name, re:REGEX or type:Class).")
-    exclude: list[str] = Field(default_factory=list,
-                               description="Leave these layers float (name, re:REGEX, type:).")
-    calib_samples: int = Field(128, ge=1, description="Training samples used for calibration "
-                               "(GPTQ Hessians, output-error report).")
-    calib_batch: int = Field(32, ge=1, description="Batch size of the calibration passes.")
-    percdamp: float = Field(0.01, ge=0.0, le=1.0, description="GPTQ dampening, as a fraction "
-                            "of the Hessian's mean diagonal.")
-    gptq_blocksize: int = Field(128, ge=1, description="GPTQ lazy-batch width in columns.")
-    act_order: bool = Field(False, description="GPTQ: quantize columns by decreasing Hessian "
-                            "diagonal (group qparams then fixed from the original weights).")
-    damp_tries: int = Field(4, ge=0, le=10, description="GPTQ: times the dampening is raised "
-                            "tenfold when the Hessian is not positive definite, before the "
-                            "layer falls back to round-to-nearest.")
-    seed: int = Field(0, description="Seed of the calibration subset.")
-
-    @field_validator("group_size")
-    @classmethod
-    def _valid_group(cls, v: int) -> int:
-        try:
-            return check_group_size(v)
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from None
 
 
 def _shape(layer: nn.Module) -> tuple[int, int]:

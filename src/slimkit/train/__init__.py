@@ -1,9 +1,13 @@
-"""The shared training loop, its config, objectives and checkpoints."""
+"""The shared training loop, its config, objectives and checkpoints.
 
-from slimkit.train.bn import recalibrate_batchnorm
-from slimkit.train.config import EarlyStopping, TrainConfig
-from slimkit.train.loop import evaluate, fit
-from slimkit.train.objective import CrossEntropy, Objective
+Names are imported on first use (see :mod:`slimkit.core.lazy`): the configs need no torch.
+"""
 
-__all__ = ["CrossEntropy", "EarlyStopping", "Objective", "TrainConfig", "evaluate", "fit",
-           "recalibrate_batchnorm"]
+from slimkit.core.lazy import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "slimkit.train.bn": ("recalibrate_batchnorm",),
+    "slimkit.train.config": ("EarlyStopping", "TrainConfig"),
+    "slimkit.train.loop": ("evaluate", "fit"),
+    "slimkit.train.objective": ("CrossEntropy", "Objective"),
+})
