@@ -66,8 +66,9 @@ def verdict_lines(report: dict[str, Any]) -> list[str]:
     for c in v["criteria"]:
         mark = "[green]met[/]" if c["met"] else "[red]missed[/]"
         got = "—" if c["achieved"] is None else _num(c["achieved"])
-        by = "" if c["margin"] is None else f" (by {_num(abs(c['margin']))} {c['unit']})"
-        lines.append(f"  {c['name']}: asked {c['asked']} {c['unit']}, got {got}: {mark}{by}")
+        unit = f" {c['unit']}" if c["unit"] else ""
+        by = "" if c["margin"] is None else f" (by {_num(abs(c['margin']))}{unit})"
+        lines.append(f"  {c['name']}: asked {c['asked']}{unit}, got {got}: {mark}{by}")
     p = report["parity"]
     lines.append(f"ONNX Runtime vs PyTorch max |diff| = {p['max_abs_diff']:.2e} "
                  f"({'ok' if p['ok'] else 'ABOVE'} atol {p['atol']:g})")
