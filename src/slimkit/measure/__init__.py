@@ -9,7 +9,7 @@ import torch
 from slimkit.data.bundle import DataBundle
 from slimkit.io.model import SlimModel, set_mode
 from slimkit.measure.counts import count_flops, count_params, layer_table, layer_units
-from slimkit.measure.latency import compare_latency, ort_session, time_interleaved
+from slimkit.measure.latency import compare_latency, ort_session, ratio_ci, time_interleaved
 from slimkit.measure.memory import peak_memory
 from slimkit.measure.quality import accuracy, fidelity, predict
 
@@ -102,5 +102,6 @@ __all__ = [
     "ort_session",
     "peak_memory",
     "predict",
+    "ratio_ci",
     "time_interleaved",
 ]

@@ -6,6 +6,7 @@ Machines are noisy, so models that are compared are timed in one process, round-
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -25,12 +26,17 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def time_interleaved(
-    fns: Mapping[str, Callable[[], Any]], warmup: int = 3, repeats: int = 20
-) -> dict[str, dict[str, float]]:
+    fns: Mapping[str, Callable[[], Any]], warmup: int = 3, repeats: int = 20,
+    keep_samples: bool = False,
+) -> dict[str, dict[str, Any]]:
     """Time each zero-argument callable ``repeats`` times, interleaved round-robin.
 
+    Args:
+        keep_samples: also return every round's time (``samples_ms``; sample ``r`` of every
+            name comes from the same round, so they pair up, see :func:`ratio_ci`).
+
     Returns:
-        ``{name: {"median_ms", "p90_ms", "mean_ms", "repeats"}}``.
+        ``{name: {"median_ms", "p90_ms", "mean_ms", "repeats"[, "samples_ms"]}}``.
     """
     names = list(fns)
     for _ in range(warmup):
@@ -48,9 +54,33 @@ def time_interleaved(
             "p90_ms": percentile(s, 90),
             "mean_ms": statistics.fmean(s),
             "repeats": len(s),
+            **({"samples_ms": s} if keep_samples else {}),
         }
         for n, s in samples.items()
     }
+
+
+def ratio_ci(new: Sequence[float], old: Sequence[float], z: float = 1.96,
+             ) -> tuple[float, float, float]:
+    """The median of the paired ratios ``new[r] / old[r]`` (one pair per interleaved round)
+    and a distribution-free ~95% confidence interval for it.
+
+    The interval is given by order statistics: the median of ``n`` ratios lies between the
+    ``j``-th and ``k``-th smallest with ``j, k = (n -/+ z sqrt(n)) / 2`` (binomial normal
+    approximation), so no assumption on the shape of the timing noise is needed.
+
+    Returns:
+        ``(median ratio, low, high)``; ``> 1`` means ``new`` is slower.
+
+    Example:
+        >>> ratio_ci([2.0] * 30, [1.0] * 30)
+        (2.0, 2.0, 2.0)
+    """
+    ratios = sorted(a / b for a, b in zip(new, old, strict=True))
+    n = len(ratios)
+    j = math.floor((n - z * math.sqrt(n)) / 2)
+    k = math.ceil(1 + (n + z * math.sqrt(n)) / 2)
+    return (statistics.median(ratios), ratios[max(j - 1, 0)], ratios[min(k - 1, n - 1)])
 
 
 def torch_runner(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Callable[[], Any]:
@@ -78,6 +108,7 @@ def compare_latency(
     warmup: int = 3,
     repeats: int = 20,
     progress: bool = False,
+    keep_samples: bool = False,
 ) -> dict[str, Any]:
     """Latency of several models, in torch eager and (when an ONNX path is given) ONNX Runtime.
 
@@ -87,6 +118,7 @@ def compare_latency(
         batch_sizes: batch sizes to time.
         threads: intra-op threads for both runtimes (fixed, and recorded in the result).
         progress: show a progress bar (one step per runtime and batch size).
+        keep_samples: keep every round's time per model (see :func:`time_interleaved`).
 
     Returns:
         ``{"threads", "torch": {batch: {name: stats}}, "onnxruntime": {...}}``.
@@ -103,11 +135,12 @@ def compare_latency(
             for b in batch_sizes:
                 inputs = [_take(t, b) for t in example_batch]
                 fns = {n: torch_runner(m, inputs) for n, (m, _) in models.items()}
-                result["torch"][str(b)] = time_interleaved(fns, warmup, repeats)
+                result["torch"][str(b)] = time_interleaved(fns, warmup, repeats, keep_samples)
                 bar.advance(task)
                 if sessions:
                     fns = {n: ort_runner(s, inputs) for n, s in sessions.items()}
-                    result["onnxruntime"][str(b)] = time_interleaved(fns, warmup, repeats)
+                    result["onnxruntime"][str(b)] = time_interleaved(fns, warmup, repeats,
+                                                                     keep_samples)
                     bar.advance(task)
         return result
     finally:

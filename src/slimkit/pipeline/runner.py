@@ -10,6 +10,7 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from slimkit.measure import (
     fidelity,
     measure_static,
     predict,
+    ratio_ci,
 )
 from slimkit.pipeline.outdir import STATE, RunPaths, prepare_out, remove_checkpoints, sibling
 from slimkit.pipeline.recipe import recipe_to_dict
@@ -175,7 +177,7 @@ def environment(threads: int) -> dict[str, Any]:
 
 
 def _compare(models: dict[str, tuple[SlimModel, Path | None]], data: DataBundle | None,
-             recipe: Any, progress: bool = False) -> tuple[dict, dict]:
+             recipe: Any, progress: bool = False) -> tuple[dict, dict, dict]:
     """Check the final model's ONNX parity and time every model interleaved in one process.
 
     Args:
@@ -183,7 +185,8 @@ def _compare(models: dict[str, tuple[SlimModel, Path | None]], data: DataBundle 
             last one is the final model.
 
     Returns:
-        ``(latency per label, parity of the final model)``.
+        ``(latency per label, parity of the final model, each model's latency change from
+        the one before it)``.
     """
     final, final_onnx = list(models.values())[-1]
     opts = recipe.measure
@@ -196,12 +199,46 @@ def _compare(models: dict[str, tuple[SlimModel, Path | None]], data: DataBundle 
               else check_parity(final, final_onnx, (sample[:8],), atol=opts.parity_atol))
     lat = compare_latency({k: (m.module, p) for k, (m, p) in models.items()}, (sample,),
                           batch_sizes, threads=opts.threads, warmup=opts.warmup,
-                          repeats=opts.repeats, progress=progress)
+                          repeats=opts.repeats, progress=progress, keep_samples=True)
     latency = {label: {rt: {b: {k: r[label][k] for k in ("median_ms", "p90_ms")}
                             for b, r in lat[rt].items() if label in r}
                        for rt in ("torch", "onnxruntime")}
                for label in models}
-    return latency, parity
+    return latency, parity, _changes(lat, list(models))
+
+
+def _changes(lat: dict, labels: list[str]) -> dict[str, dict]:
+    """Per model after the first: its latency against the model before it, per runtime and
+    batch, as the median of paired per-round ratios with a 95% interval; ``slower``/``faster``
+    only when the interval excludes 1, else ``no difference`` (within the noise)."""
+    out: dict[str, dict] = {}
+    for prev, cur in zip(labels, labels[1:], strict=False):
+        out[cur] = {}
+        for rt in ("torch", "onnxruntime"):
+            for b, r in lat[rt].items():
+                if prev in r and cur in r:
+                    ratio, lo, hi = ratio_ci(r[cur]["samples_ms"], r[prev]["samples_ms"])
+                    verdict = "slower" if lo > 1 else "faster" if hi < 1 else "no difference"
+                    out[cur].setdefault(rt, {})[b] = {"time_ratio": ratio, "ci95": [lo, hi],
+                                                      "verdict": verdict}
+    return out
+
+
+def _flag_slower(stages: list[dict], changes: dict[str, dict], runtime: str,
+                 log: Callable[[str], None]) -> None:
+    """Record, and say, every stage that made the target runtime slower than the model it
+    started from (beyond the noise of the interleaved timing)."""
+    labels = [f"stage-{i}" for i in range(len(stages) - 1)] + ["final"]
+    for st, label in zip(stages, labels, strict=False):
+        st["latency_change"] = changes.get(label, {})
+        for b, c in st["latency_change"].get(runtime, {}).items():
+            if c["verdict"] == "slower":
+                lo, hi = c["ci95"]
+                msg = (f"stage {st['index'] + 1} ({st['kind']}) made {runtime} slower at batch "
+                       f"{b}: {c['time_ratio']:.2f}x the time of the model before it "
+                       f"(95% CI {lo:.2f}-{hi:.2f})")
+                st.setdefault("flags", []).append(msg)
+                log(f"warning: {msg}")
 
 
 def _export(model: SlimModel, path: Path, errors: dict[str, str], label: str) -> Path | None:
@@ -314,7 +351,9 @@ def _compress(model: SlimModel, baseline: SlimModel, data: DataBundle | None, re
     models["final"] = (final, _export(final, paths.work / "model.onnx", errors, "final"))
     for label, err in errors.items():
         log(f"ONNX export of {label} failed: {err}")
-    latency, parity = _compare(models, data, recipe, progress)
+    latency, parity, changes = _compare(models, data, recipe, progress)
+    _flag_slower(state["stages"], changes, recipe.target.min_speedup.runtime
+                 if recipe.target.min_speedup else "onnxruntime", log)
     base_m = {**state["baseline"], "latency": latency["baseline"],
               "onnx_size_bytes": _size(models["baseline"][1])}
     final_m = {**measure_static(final, data, layers=True), "size_bytes": dir_size(final_dir),
