@@ -50,7 +50,8 @@ def before_after(report: dict[str, Any]) -> Table:
     for rt in ("torch", "onnxruntime"):
         for b, r in cmp[rt].items():
             table.add_row(f"latency {rt} b={b}", _ms(base, rt, b), _ms(final, rt, b),
-                          f"{r['speedup']:.2f}x")
+                          f"{r['speedup']:.2f}x"
+                          + (" (within noise)" if r.get("within_noise") else ""))
     return table
 
 

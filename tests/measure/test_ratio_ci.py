@@ -60,3 +60,19 @@ def test_samples_are_kept_only_when_asked():
     assert "samples_ms" not in time_interleaved(fns, warmup=0, repeats=3)["a"]
     kept = time_interleaved(fns, warmup=0, repeats=3, keep_samples=True)
     assert len(kept["a"]["samples_ms"]) == len(kept["b"]["samples_ms"]) == 3
+
+
+def test_the_overall_speedup_carries_its_interval():
+    from slimkit.pipeline.runner import _comparison
+
+    lat = {"torch": {}, "onnxruntime": {"1": {
+        "baseline": {"samples_ms": [2.0 + i / 100 for i in range(30)]},
+        "final": {"samples_ms": [1.0 + i / 200 for i in range(30)]}}}}
+    overall = _changes(lat, ["baseline", "final"])["final"]
+    stats = {"onnxruntime": {"1": {"median_ms": 1.0}}, "torch": {}}
+    base = {"size_bytes": 4, "onnx_size_bytes": 4,
+            "latency": {"onnxruntime": {"1": {"median_ms": 2.0}}, "torch": {}}}
+    cmp = _comparison(base, {"size_bytes": 2, "onnx_size_bytes": 2, "latency": stats}, overall)
+    row = cmp["onnxruntime"]["1"]
+    assert row["speedup"] == 2.0 and row["speedup_ci95"] == [pytest.approx(2.0)] * 2
+    assert row["within_noise"] is False

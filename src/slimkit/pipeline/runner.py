@@ -204,7 +204,9 @@ def _compare(models: dict[str, tuple[SlimModel, Path | None]], data: DataBundle 
                             for b, r in lat[rt].items() if label in r}
                        for rt in ("torch", "onnxruntime")}
                for label in models}
-    return latency, parity, _changes(lat, list(models))
+    changes = _changes(lat, list(models))
+    changes["overall"] = _changes(lat, ["baseline", "final"]).get("final", {})
+    return latency, parity, changes
 
 
 def _changes(lat: dict, labels: list[str]) -> dict[str, dict]:
@@ -254,8 +256,11 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def _comparison(baseline: dict, final: dict) -> dict:
-    """Ratios baseline / final: size on disk, ONNX size, latency per runtime and batch."""
+def _comparison(baseline: dict, final: dict, overall: dict | None = None) -> dict:
+    """Ratios baseline / final: size on disk, ONNX size, latency per runtime and batch.
+
+    ``overall`` (baseline -> final from :func:`_changes`) adds each speedup's 95% interval
+    and whether it is beyond the noise (``within_noise``)."""
     out: dict[str, Any] = {"size_ratio": baseline["size_bytes"] / final["size_bytes"],
                            "onnx_size_ratio": _ratio(baseline["onnx_size_bytes"],
                                                      final["onnx_size_bytes"])}
@@ -265,6 +270,11 @@ def _comparison(baseline: dict, final: dict) -> dict:
                        "speedup": baseline["latency"][rt][b]["median_ms"]
                        / final["latency"][rt][b]["median_ms"]}
                    for b in baseline["latency"][rt] if b in final["latency"][rt]}
+        for b, c in (overall or {}).get(rt, {}).items():
+            if b in out[rt]:
+                lo, hi = c["ci95"]  # of the time ratio final / baseline; speedup inverts it
+                out[rt][b]["speedup_ci95"] = [1 / hi, 1 / lo]
+                out[rt][b]["within_noise"] = c["verdict"] == "no difference"
     out["batch_sizes"] = [int(b) for b in baseline["latency"]["torch"]]
     return out
 
@@ -360,7 +370,7 @@ def _compress(model: SlimModel, baseline: SlimModel, data: DataBundle | None, re
                "latency": latency["final"], "onnx_size_bytes": _size(models["final"][1])}
     for i, st in enumerate(state["stages"]):
         st["measure"]["latency"] = latency.get(f"stage-{i}", latency["final"])
-    comparison = _comparison(base_m, final_m)
+    comparison = _comparison(base_m, final_m, changes["overall"])
     report = {
         "slimkit_version": library_versions()["slimkit"],
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
