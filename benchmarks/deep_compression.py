@@ -54,6 +54,14 @@ from slimkit.prune.schedule import GradualPruneConfig, gradual_prune
 from slimkit.train import TrainConfig, evaluate, fit
 
 RESULTS = Path(__file__).parent / "results" / "deep_compression.json"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _relative(path: Path) -> str:
+    """A path as recorded in results: relative to the repository when inside it (no machine
+    paths in committed JSON), else just its name."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else path.name
 # Han et al. 2016, Tables 1-4: kept weights per layer, and the reported totals.
 KEEP = {  # ours (gradual pruning); compare PAPER[...]["keep"]
     "lenet300": {"fc1": 0.05, "fc2": 0.07, "fc3": 0.2},
@@ -249,7 +257,7 @@ def main() -> None:
         models = {name: run(name, data, args, Path(tmp)) for name in args.models}
     result = {"benchmark": "deep_compression", "data": data.name,
               "n_train": len(data.x_train), "n_test": len(data.x_test),
-              "settings": vars(args) | {"out": str(args.out),
+              "settings": vars(args) | {"out": _relative(args.out),
                   "optimizer": "adam, cosine schedule", "batch_size": 64,
                   "retrain_lr": args.lr, "centroid_lr": args.lr / 10,
                   "index_bits_conv": 8, "index_bits_fc": 5, "coder": "auto",

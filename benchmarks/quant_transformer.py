@@ -198,7 +198,7 @@ def hf_case(path: Path, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     calib = torch.randint(0, vocab, (args.calib // 4, args.seq_len), generator=gen)
     (tmp / "hf").mkdir()
     res = case(model, x, None, calib, args, tmp / "hf", VARIANTS)
-    res["model"] = str(path)
+    res["model"] = path.name  # a directory of this machine: its name only
     return res
 
 
