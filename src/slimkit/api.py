@@ -20,32 +20,72 @@ from slimkit.train.distributed import world
 from slimkit.train.loop import TrainConfig, fit
 
 
-def wrap(module: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor,
-         num_classes: int | None = None, name: str = "python") -> SlimModel:
-    """Describe any ``nn.Module`` by its example inputs (one tensor input, batch first).
+def wrap(module: nn.Module, example_inputs: Any, num_classes: int | None = None,
+         name: str = "python", output: str | None = None,
+         dynamic_axes: dict[str, dict[int, str]] | None = None) -> SlimModel:
+    """Describe any ``nn.Module`` by example inputs: a tensor, a tuple or a dict of tensors.
+
+    Args:
+        example_inputs: one batch as the model takes it: ``model(x)`` for a tensor,
+            ``model(*x)`` for a tuple, ``model(**x)`` for a dict (``input_ids``,
+            ``attention_mask``...); every tensor has the batch first.
+        output: the judged output's name when the model returns several (a tuple's
+            ``output_1``, a dict's or ``ModelOutput``'s key); the first output by default.
+        dynamic_axes: per input name, the axes besides the batch that vary
+            (``{"input_ids": {1: "sequence"}}``); they stay dynamic in ONNX.
+
+    Raises:
+        ConfigError: no tensor, a tensor without a batch axis, or an input name or output the
+            model does not have. ModelError: the model cannot run on the example.
 
     Example:
         >>> model = slimkit.wrap(net, torch.randn(1, 1, 28, 28))
+        >>> enc = slimkit.wrap(bert, {"input_ids": ids, "attention_mask": mask},
+        ...                    output="last_hidden_state",
+        ...                    dynamic_axes={"input_ids": {1: "sequence"},
+        ...                                  "attention_mask": {1: "sequence"}})
     """
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    if len(example_inputs) != 1:
-        raise ConfigError(f"example_inputs: slimkit models take one input tensor, got "
-                          f"{len(example_inputs)}")
-    x = example_inputs[0]
-    if x.dim() < 2:
-        raise ConfigError(f"example_inputs: expected a batch [N, ...], got shape {tuple(x.shape)}")
+    from slimkit.io import batch as B
+    from slimkit.io.model import TensorSpec
+
+    if isinstance(example_inputs, list):
+        example_inputs = tuple(example_inputs)
+    if isinstance(example_inputs, tuple) and len(example_inputs) == 1:
+        example_inputs = example_inputs[0]
+    tensors, input_names = B.leaves(example_inputs), B.names(example_inputs)
+    if not tensors or (isinstance(example_inputs, tuple | dict)
+                       and len(tensors) != len(example_inputs)):
+        raise ConfigError("example_inputs: give a tensor, a tuple or a dict of tensors")
+    for key, t in zip(input_names, tensors, strict=True):
+        if t.dim() < 1 or (len(tensors) == 1 and t.dim() < 2):
+            raise ConfigError(f"example_inputs: expected a batch [N, ...] for '{key}', got "
+                              f"shape {tuple(t.shape)}")
+    B.size(example_inputs)  # one batch axis for all
+    dynamic_axes = dynamic_axes or {}
+    unknown = sorted(set(dynamic_axes) - set(input_names))
+    if unknown:
+        raise ConfigError(f"dynamic_axes: no input named '{unknown[0]}'; the inputs are "
+                          f"{', '.join(input_names)}")
+    shapes = ", ".join(f"{k} {tuple(t.shape)}" for k, t in zip(input_names, tensors, strict=True))
     try:
         with torch.inference_mode():
-            out = set_mode(module, False)(x)
+            out = B.call(set_mode(module, False), example_inputs)
     except Exception as exc:
-        raise ModelError(f"model '{name}' cannot run on an input of shape {tuple(x.shape)}: "
-                         f"{str(exc).splitlines()[0]}") from None
-    if not isinstance(out, torch.Tensor):
-        raise ModelError(f"model '{name}' must return one tensor, got {type(out).__name__}")
-    return SlimModel(module=module, input_shape=tuple(x.shape[1:]),
-                     input_dtype=str(x.dtype).removeprefix("torch."), name=name,
-                     num_classes=num_classes or (out.shape[1] if out.dim() == 2 else None))
+        raise ModelError(f"model '{name}' cannot run on inputs {shapes}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                         ) from None
+    judged = B.select(out, output)
+    specs = tuple(TensorSpec(key, tuple(t.shape[1:]), str(t.dtype).removeprefix("torch."),
+                             {int(a): str(n) for a, n in dynamic_axes.get(key, {}).items()},
+                             int(t.max()) + 1 if not t.is_floating_point() and t.numel() else None)
+                  for key, t in zip(input_names, tensors, strict=True))
+    style = ("dict" if isinstance(example_inputs, dict)
+             else "tuple" if isinstance(example_inputs, tuple) else "tensor")
+    single = style == "tensor" and not specs[0].dynamic and specs[0].high is None
+    return SlimModel(module=module, input_shape=specs[0].shape, input_dtype=specs[0].dtype,
+                     name=name, inputs=None if single else specs, input_style=style,
+                     output=output,
+                     num_classes=num_classes or (judged.shape[1] if judged.dim() == 2 else None))
 
 
 def compress(model: SlimModel | nn.Module, data: DataBundle | None, recipe: Any,

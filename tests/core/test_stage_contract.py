@@ -30,6 +30,7 @@ from slimkit.core.errors import SlimkitError
 from slimkit.core.stages import STAGES, StageContext
 from slimkit.data.bundle import DataBundle
 from slimkit.export.onnx import check_parity, export_onnx
+from slimkit.io import batch as B
 from slimkit.io.artifact import load_artifact, save_artifact
 from slimkit.io.loader import load_zoo
 from slimkit.io.model import SlimModel, set_mode
@@ -124,10 +125,64 @@ class TwoOutputs(nn.Module):
         return self.head(feats), feats
 
 
-def _custom(cls: type[nn.Module]) -> SlimModel:
+class TupleInputs(nn.Module):
+    """Two positional inputs: an image and a vector of side features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.side = nn.Linear(5, 8)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, image: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(image)).mean((2, 3)) + torch.relu(self.side(side))
+        return self.head(h)
+
+
+class MaskedText(nn.Module):
+    """Dict inputs (``input_ids``, ``attention_mask``) of variable length, dict outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.ff = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        h = self.embed(input_ids)
+        h = self.norm(h + self.ff(h))
+        mask = attention_mask.unsqueeze(-1).to(h.dtype)
+        pooled = (h * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return {"logits": self.head(pooled), "pooled": pooled}
+
+
+def _custom(cls: type[nn.Module], example: Any = None, **kwargs: Any) -> SlimModel:
+    from slimkit.api import wrap
+
     torch.manual_seed(0)
-    return SlimModel(module=cls().eval(), input_shape=(3, 8, 8), name=cls.__name__,
-                     num_classes=10)
+    module = cls().eval()
+    if example is None:
+        return SlimModel(module=module, input_shape=(3, 8, 8), name=cls.__name__,
+                         num_classes=10)
+    return wrap(module, example, name=cls.__name__, num_classes=10, **kwargs)
+
+
+def _hf_classifier() -> SlimModel:
+    """A tiny BERT as Hugging Face builds it: dict inputs, a ``ModelOutput`` out."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from slimkit.api import wrap
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=32, num_labels=10,
+                        max_position_embeddings=32)
+    module = BertForSequenceClassification(config).eval()
+    ids = torch.randint(0, 50, (2, 12))
+    return wrap(module, {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                name="hf_bert", output="logits",
+                dynamic_axes={"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}})
 
 
 MODELS = {
@@ -139,22 +194,17 @@ MODELS = {
     "text": lambda: load_zoo("text_encoder", input_shape=(12,), num_classes=10, dim=16,
                              depth=1, heads=2, input_dtype="int64", vocab_size=50),
     "two_outputs": lambda: _custom(TwoOutputs),
+    "tuple_inputs": lambda: _custom(TupleInputs, (torch.randn(2, 3, 8, 8), torch.randn(2, 5))),
+    "dict_inputs": lambda: _custom(
+        MaskedText, {"input_ids": torch.randint(0, 50, (2, 12)),
+                     "attention_mask": torch.ones(2, 12, dtype=torch.int64)},
+        output="logits", dynamic_axes={"input_ids": {1: "sequence"},
+                                       "attention_mask": {1: "sequence"}}),
+    "hf_bert": _hf_classifier,
 }
 
 # (kind, model) pairs that must refuse with a slimkit error whose message matches.
-UNSUPPORTED: dict[tuple[str, str], str] = {
-    ("structured_prune", "two_outputs"): "needs a model returning one tensor, got tuple",
-}
-
-# Known gaps, to be closed by the real-workloads issue (any inputs and outputs): these pairs
-# fail today with a raw exception (verification, fine-tuning, fidelity and ONNX parity assume
-# one output tensor). Strict: a pair that starts passing fails here until it is removed.
-KNOWN_GAPS = {("distill", "two_outputs"), ("dynamic_quant", "two_outputs"),
-              ("encode", "two_outputs"), ("gradual_prune", "two_outputs"),
-              ("lowrank", "two_outputs"), ("magnitude_prune", "two_outputs"),
-              ("mixed_precision", "two_outputs"), ("nm_prune", "two_outputs"),
-              ("ptq", "two_outputs"), ("qat", "two_outputs"), ("sparse_train", "two_outputs"),
-              ("weight_only_quant", "two_outputs")}
+UNSUPPORTED: dict[tuple[str, str], str] = {}
 
 # ONNX parity tolerance per kind (default: the recipe's 1e-4). At 2-4 bits one quantization
 # step is large: an activation on a rounding boundary may take the neighbouring code in ONNX
@@ -163,30 +213,37 @@ PARITY_ATOL = {"mixed_precision": 1e-3}
 
 
 def _pairs() -> list:
-    return [pytest.param(kind, name, id=f"{kind}-{name}", marks=pytest.mark.xfail(
-                strict=True, raises=(TypeError, ValueError, AttributeError),
-                reason="tuple outputs: the real-workloads issue"))
-            if (kind, name) in KNOWN_GAPS else pytest.param(kind, name, id=f"{kind}-{name}")
+    return [pytest.param(kind, name, id=f"{kind}-{name}")
             for kind in STAGES.names() for name in MODELS]
 
 
 def _data(model: SlimModel) -> DataBundle:
     gen = torch.Generator().manual_seed(1)
 
-    def x(n: int) -> torch.Tensor:
-        if model.input_dtype.startswith("int"):
-            return torch.randint(0, 50, (n, *model.input_shape), generator=gen)
-        return torch.randn((n, *model.input_shape), generator=gen)
+    def one(spec: Any, n: int) -> torch.Tensor:
+        shape = (n, *spec.shape)
+        if "mask" in spec.name:  # padded sequences: each row keeps a random-length prefix
+            keep = torch.randint(3, spec.shape[0] + 1, (n, 1), generator=gen)
+            return (torch.arange(spec.shape[0]) < keep).long()
+        if spec.dtype.startswith("int"):
+            return torch.randint(0, 50, shape, generator=gen)
+        return torch.randn(shape, generator=gen)
+
+    def x(n: int) -> Any:
+        tensors = [one(spec, n) for spec in model.input_specs]
+        if model.input_style == "dict":
+            return {spec.name: t for spec, t in zip(model.input_specs, tensors, strict=True)}
+        return tuple(tensors) if model.input_style == "tuple" else tensors[0]
 
     return DataBundle(f"synthetic-{model.name}", x(96), torch.randint(0, 10, (96,), generator=gen),
                       x(32), torch.randint(0, 10, (32,), generator=gen), 10)
 
 
-def _outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _outputs(model: nn.Module, x: Any) -> tuple[torch.Tensor, ...]:
     set_mode(model, False)
     with torch.no_grad():
-        out = model(x)
-    return tuple(out) if isinstance(out, tuple) else (out,)
+        out = B.call(model, x)
+    return tuple(B.flatten(out).values())
 
 
 def _config(kind: str, overrides: dict[str, Any]) -> Any:
@@ -222,7 +279,7 @@ def test_stage_contract(kind: str, model_name: str, cases: dict, tmp_path: Path)
     base, data = cases[model_name]
     model = base.copy()
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
-    x = data.x_test[:8]
+    x = B.take(data.x_test, slice(0, 8))
     reference = _outputs(model.module, x)
     cfg = _config(kind, FAST.get(kind, {}))
     ctx = StageContext(data=data, progress=False, workdir=tmp_path / "work")
@@ -249,7 +306,7 @@ def test_stage_contract(kind: str, model_name: str, cases: dict, tmp_path: Path)
 
     # ONNX parity.
     onnx_path = export_onnx(out, tmp_path / "model.onnx")
-    parity = check_parity(out, onnx_path, (x,), atol=PARITY_ATOL.get(kind, 1e-4))
+    parity = check_parity(out, onnx_path, x, atol=PARITY_ATOL.get(kind, 1e-4))
     assert parity["ok"], parity
 
 
@@ -260,6 +317,6 @@ def test_identity_config_keeps_the_outputs(kind: str, model_name: str, cases: di
     overrides, atol = IDENTITY[kind]
     out, _ = STAGES.get(kind).apply(base.copy(), _config(kind, overrides),
                                     StageContext(data=data, progress=False))
-    x = data.x_test[:8]
+    x = B.take(data.x_test, slice(0, 8))
     for a, b in zip(_outputs(out.module, x), _outputs(base.module, x), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=atol)

@@ -182,7 +182,10 @@ def register_stage(config: type[SlimConfig],
                 raise MissingDataError(f"stage {kind}: {need} (give --data)")
             if ctx.teacher is None:
                 ctx = replace(ctx, teacher=model)
-            out, record = fn(model, cfg, ctx)
+            from slimkit.io.batch import judging  # io sits above core; only at call time
+
+            with judging(getattr(model, "output", None)):
+                out, record = fn(model, cfg, ctx)
             commit_transforms(out, record)
             return out, record
 

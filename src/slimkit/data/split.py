@@ -16,6 +16,7 @@ import torch
 
 from slimkit.core.errors import DataError
 from slimkit.data.validate import MIN_CALIBRATION_SAMPLES
+from slimkit.io import batch as B
 
 if TYPE_CHECKING:
     from slimkit.data.bundle import DataBundle
@@ -99,11 +100,11 @@ def split(x: torch.Tensor, y: torch.Tensor, test_fraction: float = 0.2, seed: in
         >>> [len(t) for t in split(x, y, 0.2, seed=0)]
         [8, 8, 2, 2]
     """
-    if len(x) != len(y):
-        raise DataError(f"x has {len(x)} samples but y has {len(y)} labels; they must match.")
+    if B.size(x) != len(y):
+        raise DataError(f"x has {B.size(x)} samples but y has {len(y)} labels; they must match.")
     train, test = split_indices(y, test_fraction, seed)
     tr, te = torch.from_numpy(train), torch.from_numpy(test)
-    return x[tr], y[tr], x[te], y[te]
+    return B.take(x, tr), y[tr], B.take(x, te), y[te]
 
 
 def calibration_indices(bundle: DataBundle, n: int, seed: int = 0) -> torch.Tensor:
@@ -133,13 +134,13 @@ def calibration_indices(bundle: DataBundle, n: int, seed: int = 0) -> torch.Tens
     """
     if n < 1:
         raise DataError(f"calibration subset size must be at least 1, got {n}.")
-    if len(bundle.x_train) < MIN_CALIBRATION_SAMPLES:
+    if bundle.n_train < MIN_CALIBRATION_SAMPLES:
         raise DataError(
             f"cannot calibrate on '{bundle.name}': its training split has "
-            f"{len(bundle.x_train)} sample(s), and statistics from fewer than "
+            f"{bundle.n_train} sample(s), and statistics from fewer than "
             f"{MIN_CALIBRATION_SAMPLES} describe those samples, not the data; give more data."
         )
-    n = min(n, len(bundle.x_train))
+    n = min(n, bundle.n_train)
     rng = _rng(seed)
     picked = _stratified_pick(bundle.y_train.cpu().numpy(), n, rng)
     return torch.from_numpy(rng.permutation(picked))
@@ -151,7 +152,7 @@ def calibration_subset(bundle: DataBundle, n: int, seed: int = 0) -> torch.Tenso
     Example:
         >>> calib = calibration_subset(bundle, 256, seed=0)  # doctest: +SKIP
     """
-    return bundle.x_train[calibration_indices(bundle, n, seed)].clone()
+    return B.tmap(torch.clone, B.take(bundle.x_train, calibration_indices(bundle, n, seed)))
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,
@@ -174,18 +175,18 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = F
     """
     if batch_size < 1:
         raise DataError(f"batch_size must be at least 1, got {batch_size}.")
-    if len(x) != len(y):
-        raise DataError(f"x has {len(x)} samples but y has {len(y)} labels; they must match.")
-    order = torch.randperm(len(x), generator=generator) if shuffle else None
+    if B.size(x) != len(y):
+        raise DataError(f"x has {B.size(x)} samples but y has {len(y)} labels; they must match.")
+    order = torch.randperm(B.size(x), generator=generator) if shuffle else None
     return _iterate(x, y, batch_size, order)
 
 
 def _iterate(x: torch.Tensor, y: torch.Tensor, batch_size: int, order: torch.Tensor | None
              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     # A separate generator so that argument errors in ``batches`` raise at call time.
-    for start in range(0, len(x), batch_size):
+    for start in range(0, B.size(x), batch_size):
         if order is None:
-            yield x[start:start + batch_size], y[start:start + batch_size]
+            yield B.take(x, slice(start, start + batch_size)), y[start:start + batch_size]
         else:
             idx = order[start:start + batch_size]
-            yield x[idx], y[idx]
+            yield B.take(x, idx), y[idx]

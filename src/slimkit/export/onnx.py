@@ -16,6 +16,7 @@ from slimkit.core.errors import ExportError, OutputExistsError
 from slimkit.core.files import atomic_path, ensure_absent
 from slimkit.export.fuse import fuse_file
 from slimkit.export.qdq import export_module, has_quant_layers, output_step, postprocess_qdq
+from slimkit.io import batch as B
 from slimkit.io.model import SlimModel, set_mode
 
 OPSET = 17
@@ -47,15 +48,22 @@ def export_onnx(model: SlimModel, path: str | Path, opset: int = OPSET) -> Path:
         with atomic_path(path) as tmp, warnings.catch_warnings(), _quiet_logs(), \
                 contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
+            input_names, output_names, axes = onnx_names(model, example)
             if is_exported:
-                batch = torch.export.Dim("batch", min=1, max=4096)
-                torch.onnx.export(model.module, example, str(tmp), dynamo=True, opset_version=18,
-                                  dynamic_shapes=({0: batch},), external_data=False)
+                dims = {n: torch.export.Dim(n, min=1, max=4096)
+                        for a in axes.values() for n in a.values()}
+                shapes = {k: {i: dims[n] for i, n in a.items()} for k, a in axes.items()
+                          if k in input_names}
+                args, kwargs = ((), example) if isinstance(example, dict) else (example, None)
+                torch.onnx.export(model.module, args, str(tmp), kwargs=kwargs, dynamo=True,
+                                  opset_version=18, external_data=False,
+                                  dynamic_shapes=shapes if kwargs else tuple(shapes.values()))
             else:
-                torch.onnx.export(module, example, str(tmp), dynamo=False,
-                                  opset_version=opset, input_names=["input"],
-                                  output_names=["output"],
-                                  dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+                # A dict batch goes last in ``args``: the exporter passes it as keywords.
+                args = (example,) if isinstance(example, dict) else example
+                torch.onnx.export(module, args, str(tmp), dynamo=False,
+                                  opset_version=opset, input_names=input_names,
+                                  output_names=output_names, dynamic_axes=axes)
                 if quantized:
                     postprocess_qdq(tmp)
                 if _has_dynamic_quant(module):
@@ -66,6 +74,29 @@ def export_onnx(model: SlimModel, path: str | Path, opset: int = OPSET) -> Path:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"ONNX export of '{model.name}' failed: {first}") from exc
     return path
+
+
+def onnx_names(model: SlimModel, example: Any) -> tuple[list[str], list[str], dict]:
+    """ONNX input and output names and dynamic axes for ``model``.
+
+    Inputs are named as the forward takes them (``input_ids``; ``input`` for one positional
+    tensor) in the forward's order, which is the order the exporter binds names in; outputs
+    as :func:`slimkit.io.batch.flatten` names them (``output``, ``logits``...). The batch
+    axis and the inputs' named dynamic axes stay dynamic.
+    """
+    import inspect
+
+    specs = {s.name: s for s in model.input_specs}
+    names = list(specs)
+    if isinstance(example, dict):
+        with contextlib.suppress(TypeError, ValueError):
+            order = list(inspect.signature(model.module.forward).parameters)
+            names.sort(key=lambda n: order.index(n) if n in order else len(order))
+    with torch.inference_mode():
+        outputs = list(B.flatten(B.call(model.module, example)))
+    axes = {n: {0: "batch", **specs[n].dynamic} for n in names}
+    axes.update({n: {0: "batch"} for n in outputs})
+    return names, outputs, axes
 
 
 def export_checked(model: SlimModel, path: str | Path, *, overwrite: bool = False,
@@ -127,42 +158,67 @@ def _quiet_logs() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def check_parity(model: SlimModel, onnx_path: str | Path, inputs: tuple[torch.Tensor, ...],
+def check_parity(model: SlimModel, onnx_path: str | Path, inputs: Any,
                  atol: float = 1e-4, threads: int = 1) -> dict[str, Any]:
-    """Run the same inputs through PyTorch and ONNX Runtime; report the max abs difference.
+    """Run the same inputs through PyTorch and ONNX Runtime; compare every output.
+
+    ``inputs`` is a batch as the model takes it (a tensor, a tuple, a dict; see
+    :func:`slimkit.io.batch.call`); ONNX Runtime is fed by input name, and every output is
+    compared by name (``outputs`` in the result holds each one's max abs difference).
 
     A quantized model's output is on a grid of step ``s``: the runtime's integer kernels may
     round a value on the other side of a rounding boundary than the float simulation, so the
     tolerance is at least two output steps there (``quant_step`` in the result). A dynamically
     quantized model rounds its activations at run time: a last-bit difference upstream (ONNX
     Runtime's LayerNorm against PyTorch's) can move one code, so the tolerance there is
-    ``DYNAMIC_RTOL`` of the output's largest magnitude (``rtol``); ``exact_fraction`` says how
+    ``DYNAMIC_RTOL`` of each output's largest magnitude (``rtol``); ``exact_fraction`` says how
     many outputs match to 1e-6.
 
     Returns:
-        ``{"max_abs_diff", "atol", "ok", "batch"}``; ``ok`` is False when the difference
-        exceeds ``atol`` (callers decide whether that is fatal).
+        ``{"max_abs_diff", "atol", "ok", "batch", "outputs"}``; ``ok`` is False when an
+        output differs by more than its tolerance (callers decide whether that is fatal).
+
+    Raises:
+        ExportError: the ONNX file lacks an input or output the model has, or an output's
+            shape differs.
     """
     from slimkit.io.onnx_model import ort_session
 
     set_mode(model.module, False)
     with torch.inference_mode():
-        ref = model.module(*inputs).float()
+        ref = {k: v.float() for k, v in B.flatten(B.call(model.module, inputs)).items()}
     session = ort_session(onnx_path, threads)
-    feed = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs, strict=True)}
-    got = torch.from_numpy(session.run(None, feed)[0]).float()
-    if got.shape != ref.shape:
-        raise ExportError(f"ONNX output shape {tuple(got.shape)} differs from PyTorch "
-                          f"{tuple(ref.shape)} for '{onnx_path}'")
-    diff = float((got - ref).abs().max())
-    out = {"max_abs_diff": diff, "atol": atol, "ok": diff <= atol, "batch": len(inputs[0])}
+    given = dict(zip(B.names(inputs), B.leaves(inputs), strict=True))
+    feed = {}
+    for i in session.get_inputs():
+        if i.name not in given:
+            raise ExportError(f"'{onnx_path}' takes an input '{i.name}' the batch lacks "
+                              f"(it has {', '.join(given)})")
+        feed[i.name] = given[i.name].numpy()
+    onnx_names_ = [o.name for o in session.get_outputs()]
+    if len(onnx_names_) != len(ref):
+        raise ExportError(f"'{onnx_path}' has {len(onnx_names_)} outputs, PyTorch "
+                          f"{len(ref)} ({', '.join(ref)})")
+    got = dict(zip(ref, (torch.from_numpy(a).float() for a in session.run(None, feed)),
+                   strict=True))
     step = output_step(model.module)
-    exact = float(((got - ref).abs() <= 1e-6).float().mean())
-    if step is not None:
-        atol = max(atol, 2 * step)
-        out.update({"quant_step": step, "atol": atol, "ok": diff <= atol, "exact_fraction": exact})
-    elif _has_dynamic_quant(model.module):
-        atol = max(atol, DYNAMIC_RTOL * float(ref.abs().max()))
-        out.update({"rtol": DYNAMIC_RTOL, "atol": atol, "ok": diff <= atol,
-                    "exact_fraction": exact})
+    dynamic = step is None and _has_dynamic_quant(model.module)
+    diffs, ok, exact, worst_atol = {}, True, [], atol
+    for name, r in ref.items():
+        g = got[name]
+        if g.shape != r.shape:
+            raise ExportError(f"ONNX output '{name}' has shape {tuple(g.shape)}, PyTorch "
+                              f"{tuple(r.shape)}, for '{onnx_path}'")
+        diffs[name] = float((g - r).abs().max()) if r.numel() else 0.0
+        tol = (max(atol, 2 * step) if step is not None
+               else max(atol, DYNAMIC_RTOL * float(r.abs().max())) if dynamic and r.numel()
+               else atol)
+        ok &= diffs[name] <= tol
+        worst_atol = max(worst_atol, tol)
+        exact.append(((g - r).abs() <= 1e-6).float().flatten())
+    out = {"max_abs_diff": max(diffs.values(), default=0.0), "atol": worst_atol, "ok": ok,
+           "batch": B.size(inputs), "outputs": diffs}
+    if step is not None or dynamic:
+        out["exact_fraction"] = float(torch.cat(exact).mean()) if exact else 1.0
+        out.update({"quant_step": step} if step is not None else {"rtol": DYNAMIC_RTOL})
     return out

@@ -26,6 +26,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from slimkit.io import batch as B
 from slimkit.io.model import modes_kept
 
 ADDS = {operator.add, operator.iadd, torch.add}
@@ -133,7 +134,7 @@ def _module_inputs(model: nn.Module, example: tuple[torch.Tensor, ...],
             calls.setdefault(name, []).append(args)
         hooks.append(m.register_forward_pre_hook(hook))
     try:
-        model(*example)
+        B.call(model, example)
     finally:
         for h in hooks:
             h.remove()

@@ -42,6 +42,45 @@ def modes_kept(module: nn.Module) -> Iterator[nn.Module]:
             m.training = flag
 
 
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input tensor: its forward argument name, per-sample shape and dtype.
+
+    Attributes:
+        name: the forward argument (``input_ids``) or ``input`` / ``input_1`` for positional ones.
+        shape: one sample's shape (no batch axis), at the example's sizes.
+        dtype: ``float32``, ``int64``, ...
+        dynamic: axes of the full tensor (the batch is 0) that vary, by name
+            (``{1: "sequence"}``); the batch axis is always dynamic.
+        high: integer inputs' exclusive upper bound for example values (the vocabulary size);
+            attention masks are examples of all ones.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    dynamic: dict[int, str] = field(default_factory=dict)
+    high: int | None = None
+
+    def example(self, batch: int, gen: torch.Generator) -> torch.Tensor:
+        shape = (batch, *self.shape)
+        if not self.dtype.startswith("int") and self.dtype != "bool":
+            return torch.randn(shape, generator=gen).to(getattr(torch, self.dtype))
+        if "mask" in self.name:
+            return torch.ones(shape, dtype=getattr(torch, self.dtype))
+        return torch.randint(0, max(1, self.high or 2), shape, generator=gen,
+                             dtype=getattr(torch, self.dtype))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype,
+                "dynamic": {str(k): v for k, v in self.dynamic.items()}, "high": self.high}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> TensorSpec:
+        return cls(raw["name"], tuple(raw["shape"]), raw["dtype"],
+                   {int(k): v for k, v in raw.get("dynamic", {}).items()}, raw.get("high"))
+
+
 @dataclass
 class SlimModel:
     """A PyTorch module plus its per-sample input spec and provenance.
@@ -57,6 +96,12 @@ class SlimModel:
         num_classes: output classes, when known.
         recipe: the recipe that produced it, when it came out of ``compress``.
         source: the path it was loaded from (outputs must never overwrite it).
+        inputs: every input tensor, for models that take several (``None``: the one input
+            ``input_shape`` / ``input_dtype`` describe).
+        input_style: how a batch is passed: ``tensor`` (``model(x)``), ``tuple``
+            (``model(*x)``) or ``dict`` (``model(**x)``).
+        output: the judged output's name (see :func:`slimkit.io.batch.flatten`); ``None``
+            judges the first output tensor.
     """
 
     module: nn.Module
@@ -68,15 +113,27 @@ class SlimModel:
     num_classes: int | None = None
     recipe: dict | None = None
     source: str | None = None  # the file or directory it was loaded from, if any
+    inputs: tuple[TensorSpec, ...] | None = None
+    input_style: str = "tensor"
+    output: str | None = None
 
-    def example_inputs(self, batch: int = 1, seed: int = 0) -> tuple[torch.Tensor]:
-        """Deterministic random inputs of the right shape and dtype."""
+    @property
+    def input_specs(self) -> tuple[TensorSpec, ...]:
+        """Every input tensor's spec (one for a single-tensor model)."""
+        if self.inputs:
+            return self.inputs
+        high = int((self.arch or {}).get("kwargs", {}).get("vocab_size", 2))
+        return (TensorSpec("input", tuple(self.input_shape), self.input_dtype, high=high),)
+
+    def example_inputs(self, batch: int = 1, seed: int = 0) -> tuple | dict:
+        """Deterministic random inputs of the right shapes and dtypes, as the model takes them:
+        a tuple of tensors (``model(*x)``) or, for ``input_style == "dict"``, a dict
+        (``model(**x)``); call the model with :func:`slimkit.io.batch.call`."""
         gen = torch.Generator().manual_seed(seed)
-        shape = (batch, *self.input_shape)
-        if self.input_dtype.startswith("int"):
-            high = int((self.arch or {}).get("kwargs", {}).get("vocab_size", 2))
-            return (torch.randint(0, high, shape, generator=gen),)
-        return (torch.randn(shape, generator=gen),)
+        tensors = [spec.example(batch, gen) for spec in self.input_specs]
+        if self.input_style == "dict":
+            return {spec.name: t for spec, t in zip(self.input_specs, tensors, strict=True)}
+        return tuple(tensors)
 
     def copy(self, module: nn.Module | None = None) -> SlimModel:
         """A deep copy (or this spec around another ``module``)."""
@@ -87,6 +144,12 @@ class SlimModel:
         return new
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "input_shape": list(self.input_shape),
-                "input_dtype": self.input_dtype, "num_classes": self.num_classes,
-                "arch": self.arch}
+        out = {"name": self.name, "input_shape": list(self.input_shape),
+               "input_dtype": self.input_dtype, "num_classes": self.num_classes,
+               "arch": self.arch}
+        if self.inputs:
+            out["inputs"] = [s.to_json() for s in self.inputs]
+            out["input_style"] = self.input_style
+        if self.output:
+            out["output"] = self.output
+        return out

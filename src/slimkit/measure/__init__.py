@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from slimkit.data.bundle import DataBundle
+from slimkit.io import batch as B
 from slimkit.io.model import SlimModel, set_mode
 from slimkit.measure.counts import count_flops, count_params, layer_table, layer_units
 from slimkit.measure.latency import compare_latency, ort_session, ratio_ci, time_interleaved
@@ -57,9 +58,11 @@ def verify_finite(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...] | No
         return None
     set_mode(module, False)
     with torch.inference_mode():
-        out = module(*inputs)
-    if not torch.isfinite(out).all():
-        raise ModelError(f"{where}: the model's output holds NaN/Inf{hint}")
+        out = B.call(module, inputs)
+    for name, t in B.flatten(out).items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            which = "output" if name == "output" else f"output '{name}'"
+            raise ModelError(f"{where}: the model's {which} holds NaN/Inf{hint}")
     return out
 
 

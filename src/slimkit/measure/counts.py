@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from slimkit.io import batch as B
 from slimkit.io.model import set_mode
 
 
@@ -198,7 +199,7 @@ def count_flops(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> dic
     """
     set_mode(model, False)
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model(*example_inputs)
+        B.call(model, example_inputs)
     per_module = counter.get_flop_counts()
     total = int(counter.get_total_flops())
     per_layer = {}

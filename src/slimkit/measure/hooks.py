@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from slimkit.io import batch as B
 from slimkit.io.model import modes_kept, set_mode
 
 
@@ -23,13 +24,13 @@ def hooked_passes(model: nn.Module, handles: list, batches: Iterable[tuple[torch
     Args:
         model: the model; its modes are restored afterwards.
         handles: the hook handles to remove when done.
-        batches: tuples of positional model inputs.
+        batches: model inputs as :func:`slimkit.io.batch.call` takes them.
     """
     try:
         with modes_kept(model), torch.inference_mode():
             set_mode(model, False)
             for batch in batches:
-                model(*batch)
+                B.call(model, batch)
     finally:
         for h in handles:
             h.remove()

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from slimkit.io import batch as B
 from slimkit.io.model import set_mode
 from slimkit.io.onnx_model import ort_session
 
@@ -89,14 +90,16 @@ def torch_runner(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Callable[[
 
     def run() -> Any:
         with torch.inference_mode():
-            return model(*inputs)
+            return B.call(model, inputs)
 
     return run
 
 
 def ort_runner(session: Any, inputs: Sequence[torch.Tensor]) -> Callable[[], Any]:
     """A zero-argument ONNX Runtime call on ``inputs``."""
-    feed = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs, strict=True)}
+    given = dict(zip(B.names(inputs), B.leaves(inputs), strict=True))
+    feed = {i.name: (given[i.name] if i.name in given else B.leaves(inputs)[k]).numpy()
+            for k, i in enumerate(session.get_inputs())}
     return lambda: session.run(None, feed)
 
 

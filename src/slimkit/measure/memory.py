@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from slimkit.io import batch as B
 from slimkit.io.model import set_mode
 
 
@@ -53,7 +54,7 @@ def peak_memory(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> dic
     set_mode(model, False)
     tracker = _LiveBytes()
     with torch.inference_mode(), tracker:
-        out = model(*example_inputs)
+        out = B.call(model, example_inputs)
     del out
     return {
         "weights_bytes": weights,

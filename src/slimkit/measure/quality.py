@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
+from slimkit.io import batch as B
 from slimkit.io.model import set_mode
 
 
-def predict(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-            batch_size: int = 256) -> torch.Tensor:
-    """Outputs of ``model`` (a module or any tensor -> tensor callable) over ``x``, batched."""
+def predict(model: Callable[..., Any], x: Any, batch_size: int = 256,
+            output: str | None = None) -> torch.Tensor:
+    """The judged output (see :func:`slimkit.io.batch.select`) of ``model`` (a module or any
+    callable) over the inputs ``x`` (a tensor, tuple or dict batch), batched."""
     device = torch.device("cpu")
     if isinstance(model, torch.nn.Module):
         set_mode(model, False)
         device = next(model.parameters(), torch.empty(0)).device
     outs = []
     with torch.inference_mode():
-        for i in range(0, len(x), batch_size):
-            outs.append(torch.as_tensor(model(x[i:i + batch_size].to(device))).float().cpu())
+        for i in range(0, B.size(x), batch_size):
+            xb = B.to(B.take(x, slice(i, i + batch_size)), device)
+            outs.append(torch.as_tensor(B.select(B.call(model, xb), output)).float().cpu())
     return torch.cat(outs)
 
 

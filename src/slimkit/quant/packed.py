@@ -8,6 +8,8 @@ storage_bits / 8]``, zero points packed per row), so the ONNX export hands the s
 native blockwise-int4/int8 kernel (symmetric 2/4/8-bit codes use its default zero point and
 store none). The forward dequantizes at every call and caches nothing in its state: the state
 dict holds only packed integers, scales, zero points and the bias, so files really shrink.
+The bias is stored as it is (in ``scale_dtype`` when that holds every value, else float32;
+never clamped like the positive scales), so negative biases keep their sign.
 
 Packed convs and embedding tables export a graph that unpacks the stored bytes with standard
 ops, which ONNX Runtime folds at load. The technique that builds these layers is
@@ -26,10 +28,10 @@ from torch import nn
 from slimkit.core.errors import ConfigError
 from slimkit.quant.config import check_group_size
 from slimkit.quant.primitives import (
+    bias_dtype,
     dequantize_packed,
     pack,
     pack_rows,
-    round_scale,
     storage_bits,
     unpack_rows,
 )
@@ -169,9 +171,13 @@ class PackedWeight(nn.Module):
             self.register_buffer("zero_points", torch.zeros(
                 rows, -(-self.n_blocks // per), dtype=torch.uint8))
 
-    def _init_bias(self, present: bool) -> None:
-        """A frozen bias stored in ``scale_dtype`` (its rounding is far below the codes')."""
-        self.bias = (nn.Parameter(torch.zeros(self.rows, dtype=SCALE_DTYPES[self.scale_dtype]),
+    def _init_bias(self, present: bool, dtype: str | None = None) -> None:
+        """A frozen bias stored in ``dtype`` (default ``scale_dtype``; fp16 rounding is far
+        below the codes')."""
+        dtype = dtype or self.scale_dtype
+        if dtype not in SCALE_DTYPES:
+            raise ConfigError(f"bias dtype '{dtype}' is not one of {list(SCALE_DTYPES)}")
+        self.bias = (nn.Parameter(torch.zeros(self.rows, dtype=SCALE_DTYPES[dtype]),
                                   requires_grad=False) if present else None)
 
     def _float_bias(self) -> torch.Tensor | None:
@@ -194,7 +200,13 @@ class PackedWeight(nn.Module):
         elif not bool((zeros == 1 << (self.bits - 1)).all()):
             raise ConfigError("symmetric codes must have the zero point 2**(bits-1)")
         if bias is not None:
-            self.bias.data.copy_(round_scale(bias.detach().float(), self.scale_dtype))
+            # a plain cast (round to nearest, sign kept); round_scale's clamp is for scales
+            stored = bias.detach().to(self.bias.dtype)
+            if not bool(torch.isfinite(stored).all()) and bool(torch.isfinite(bias).all()):
+                raise ConfigError(f"a bias value of {float(bias.abs().max()):.4g} does not fit "
+                                  f"{self.bias.dtype}: build the layer with bias_dtype "
+                                  "'float32'")
+            self.bias.data.copy_(stored)
         return self
 
     def _packed_repr(self) -> str:
@@ -236,16 +248,19 @@ class PackedLinear(PackedWeight):
         bits: code width, 2..8.
         block: group size along the input dimension (power of two >= 16).
         symmetric: zero point fixed at ``2**(bits-1)``.
-        scale_dtype: ``float16`` or ``float32``, for the scales and the bias.
+        scale_dtype: ``float16`` or ``float32``, for the scales (and by default the bias).
         bias: whether the layer has a bias.
+        bias_dtype: the bias's storage type (None: ``scale_dtype``); see
+            :func:`~slimkit.quant.primitives.bias_dtype`.
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int = 4, block: int = 128,
-                 symmetric: bool = True, scale_dtype: str = "float16", bias: bool = True) -> None:
+                 symmetric: bool = True, scale_dtype: str = "float16", bias: bool = True,
+                 bias_dtype: str | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self._init_packed(out_features, in_features, bits, block, symmetric, scale_dtype)
-        self._init_bias(bias)
+        self._init_bias(bias, bias_dtype)
 
     @classmethod
     def from_codes(cls, layer: nn.Linear, codes: torch.Tensor, scales: torch.Tensor,
@@ -254,7 +269,7 @@ class PackedLinear(PackedWeight):
         """Build from ``layer`` (for its bias) and codes/scales/zeros as
         :func:`~slimkit.quant.primitives.rtn_quantize` returns them."""
         new = cls(layer.in_features, layer.out_features, bits, block, symmetric, scale_dtype,
-                  layer.bias is not None)
+                  layer.bias is not None, bias_dtype(layer.bias, scale_dtype))
         return new.load_codes(codes, scales, zeros, layer.bias)
 
     def extra_repr(self) -> str:
@@ -279,16 +294,17 @@ class PackedConv(PackedWeight):
     Args:
         spec: the conv's arguments (``dim``, channels, kernel_size, stride, padding,
             dilation, groups, bias), as :meth:`spec_of` gives them.
-        bits, block, symmetric, scale_dtype: as in :class:`PackedLinear`.
+        bits, block, symmetric, scale_dtype, bias_dtype: as in :class:`PackedLinear`.
     """
 
     def __init__(self, spec: dict[str, Any], bits: int = 4, block: int = 128,
-                 symmetric: bool = True, scale_dtype: str = "float16") -> None:
+                 symmetric: bool = True, scale_dtype: str = "float16",
+                 bias_dtype: str | None = None) -> None:
         super().__init__()
         self.spec = dict(spec)
         shape = self.weight_shape
         self._init_packed(shape[0], math.prod(shape[1:]), bits, block, symmetric, scale_dtype)
-        self._init_bias(spec["bias"])
+        self._init_bias(spec["bias"], bias_dtype)
 
     @staticmethod
     def spec_of(conv: nn.modules.conv._ConvNd) -> dict[str, Any]:
@@ -344,11 +360,12 @@ class PackedEmbedding(PackedWeight):
 
 
 def packed_nbytes(in_features: int, out_features: int, bits: int, block: int,
-                  scale_dtype: str, bias: bool, symmetric: bool = True) -> int:
+                  scale_dtype: str, bias: bool, symmetric: bool = True,
+                  bias_dtype: str | None = None) -> int:
     """Bytes a :class:`PackedLinear` of this shape stores (without building it)."""
     sb, nb = storage_bits(bits), -(-in_features // block)
     per = 8 // sb
     zeros = 0 if symmetric and bits == sb else out_features * -(-nb // per)
     return (out_features * nb * (block // per)
             + out_features * nb * SCALE_DTYPES[scale_dtype].itemsize + zeros
-            + SCALE_DTYPES[scale_dtype].itemsize * out_features * int(bias))
+            + SCALE_DTYPES[bias_dtype or scale_dtype].itemsize * out_features * int(bias))

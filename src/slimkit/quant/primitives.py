@@ -237,10 +237,32 @@ def block_for(in_features: int, group_size: int) -> int:
 
 
 def round_scale(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
-    """The float32 value of ``scale`` once stored as ``scale_dtype`` (fp16 kept in its range)."""
+    """The float32 value of a *scale* once stored as ``scale_dtype``.
+
+    A scale is positive by construction, so fp16 storage clamps it into ``[tiny, max]`` (a
+    scale flushed to 0 would dequantize a whole group to 0). Only for scales: any signed
+    value (a bias) goes through :func:`bias_dtype` and a plain cast instead.
+    """
     if scale_dtype == "float16":
         return scale.clamp(_F16.tiny, _F16.max).to(torch.float16).to(torch.float32)
     return scale.to(torch.float32)
+
+
+def bias_dtype(bias: torch.Tensor | None, scale_dtype: str) -> str:
+    """The storage type of a packed layer's bias: ``scale_dtype`` when it holds every value.
+
+    fp16 keeps a bias's sign and about 3 significant digits (a rounding far below the
+    codes'), but not magnitudes beyond 65504 nor non-finite values; such a bias stays float32.
+
+    Example:
+        >>> bias_dtype(torch.tensor([-0.5, 1e5]), "float16")
+        'float32'
+    """
+    if scale_dtype != "float16" or bias is None:
+        return scale_dtype
+    b = bias.detach().float()
+    fits = b.numel() == 0 or (bool(torch.isfinite(b).all()) and float(b.abs().max()) <= _F16.max)
+    return "float16" if fits else "float32"
 
 
 def group_qparams(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: str = "float32",

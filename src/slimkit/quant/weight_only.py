@@ -38,6 +38,7 @@ from slimkit.quant.packed import (
 )
 from slimkit.quant.plan import byte_totals
 from slimkit.quant.primitives import (
+    bias_dtype,
     block_for,
     dequantize_codes,
     rtn_quantize,
@@ -62,6 +63,8 @@ def _entry(name: str, layer: nn.Module, cfg: WeightOnlyConfig) -> dict[str, Any]
     linear = isinstance(layer, nn.Linear)
     e: dict[str, Any] = {"type": type(layer).__name__, "in_features": k, "out_features": n,
                          "bias": bias}
+    if bias:  # stored as it is: in scale_dtype when that holds every value, else float32
+        e["bias_dtype"] = bias_dtype(layer.bias, cfg.scale_dtype)
     if isinstance(layer, nn.modules.conv._ConvNd):
         e["conv"] = PackedConv.spec_of(layer)
     elif isinstance(layer, nn.Embedding):
@@ -74,17 +77,19 @@ def _entry(name: str, layer: nn.Module, cfg: WeightOnlyConfig) -> dict[str, Any]
             "granularity": f"group:{block}", "padded_columns": (-k) % block,
             "bytes_before": 4 * (n * k + n * bias),
             "bytes_after": packed_nbytes(k, n, cfg.bits, block, cfg.scale_dtype, bias,
-                                         cfg.symmetric)}
+                                         cfg.symmetric, e.get("bias_dtype"))}
 
 
 def _empty_packed(e: dict[str, Any]) -> PackedWeight:
-    """An empty packed layer of the planned type and shape."""
+    """An empty packed layer of the planned type and shape (plans without ``bias_dtype``,
+    written before it was recorded, stored the bias in ``scale_dtype``)."""
     args = (e["bits"], e["block"], e["symmetric"], e["scale_dtype"])
     if "conv" in e:
-        return PackedConv(e["conv"], *args)
+        return PackedConv(e["conv"], *args, e.get("bias_dtype"))
     if e.get("type") == "Embedding":
         return PackedEmbedding(e["out_features"], e["in_features"], e["padding_idx"], *args)
-    return PackedLinear(e["in_features"], e["out_features"], *args, e["bias"])
+    return PackedLinear(e["in_features"], e["out_features"], *args, e["bias"],
+                        e.get("bias_dtype"))
 
 
 def _quantize_layer(layer: nn.Module, e: dict, cfg: WeightOnlyConfig,

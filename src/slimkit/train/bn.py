@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from slimkit.core.errors import ConfigError, DataError
+from slimkit.io import batch as B
 from slimkit.io.model import modes_kept
 
 
@@ -45,7 +46,7 @@ def recalibrate_batchnorm(model: nn.Module, inputs: tuple[torch.Tensor, ...],
     if batch_size < 1:
         raise ConfigError(f"recalibrate_batchnorm: batch_size must be at least 1, got "
                           f"{batch_size}")
-    n = len(inputs[0]) if inputs else 0
+    n = B.size(inputs) if B.leaves(inputs) else 0
     if n < 2:
         raise DataError(f"recalibrate_batchnorm needs at least 2 samples to estimate a "
                         f"variance, got {n}; pass more calibration inputs")
@@ -66,7 +67,7 @@ def recalibrate_batchnorm(model: nn.Module, inputs: tuple[torch.Tensor, ...],
         ok = False
         try:
             for s in starts:
-                model(*(t[s:s + bs] for t in inputs))
+                B.call(model, B.take(inputs, slice(s, s + bs)))
             ok = True
         finally:
             reached = 0

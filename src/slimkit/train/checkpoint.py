@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from slimkit.io import batch as B
 from slimkit.core.errors import ModelLoadError, ResumeError
 from slimkit.core.files import atomic_path
 from slimkit.core.hashing import update_with_state, update_with_tensor
@@ -21,7 +22,7 @@ from slimkit.core.hashing import update_with_state, update_with_tensor
 CHECKPOINT = "train-checkpoint.pt"
 
 
-def run_fingerprint(model: torch.nn.Module, data: tuple[torch.Tensor, ...],
+def run_fingerprint(model: torch.nn.Module, data: tuple,
                     config: dict[str, Any], objective: str) -> str:
     """Hash of the starting weights, the training data, the config (minus checkpointing), a
     description of the objective (its kind and settings) and the intra-op thread count.
@@ -31,7 +32,7 @@ def run_fingerprint(model: torch.nn.Module, data: tuple[torch.Tensor, ...],
     """
     h = hashlib.sha256()
     update_with_state(h, model.state_dict())
-    for t in data:
+    for t in B.leaves(tuple(data)):
         update_with_tensor(h, t)
     cfg = {k: v for k, v in config.items() if k != "checkpoint_every"}
     h.update(json.dumps([cfg, objective, {"threads": torch.get_num_threads()}],

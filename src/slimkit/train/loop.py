@@ -23,6 +23,7 @@ from torch import nn
 from slimkit.core.errors import ModelError
 from slimkit.core.seed import seed_everything
 from slimkit.data.bundle import DataBundle
+from slimkit.io import batch as B
 from slimkit.io.model import set_mode
 from slimkit.train.checkpoint import CHECKPOINT, load_checkpoint, run_fingerprint, save_checkpoint
 from slimkit.train.config import TrainConfig
@@ -193,7 +194,7 @@ class _Run:
 
     @property
     def n(self) -> int:
-        return len(self.train.x_train)
+        return self.train.n_train
 
     @classmethod
     def start(cls, model: nn.Module, data: DataBundle, cfg: TrainConfig, objective: Objective,
@@ -207,7 +208,7 @@ class _Run:
         model.to(device)
         gen = seed_everything(cfg.seed)
         train_data, val = _split_validation(data, cfg)
-        n = len(train_data.x_train)
+        n = train_data.n_train
         if n < size:
             raise ModelError(f"{label}: {n} training samples cannot feed {size} processes")
         total = cfg.max_steps or math.ceil(n / cfg.batch_size) * cfg.epochs  # steps beat epochs
@@ -257,7 +258,7 @@ class _Run:
                 and state["step"] != self.resumed_from):
             save_checkpoint(self.ckpt_path, self.snapshot())
         local = shard(idx, self.rank, self.size)
-        xb = self.train.x_train[local].to(self.device)
+        xb = B.to(B.take(self.train.x_train, local), self.device)
         yb = self.train.y_train[local].to(self.device)
         with self.autocast():
             loss, logits, _parts = self.objective(self.net, xb, yb)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from slimkit.io import batch as B
+
 
 class Objective(nn.Module):
     """Base class: ``forward(model, x, y) -> (loss, logits, parts)``.
@@ -28,6 +30,6 @@ class CrossEntropy(Objective):
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        logits = model(x)
+        logits = B.select(B.call(model, x))
         loss = nn.functional.cross_entropy(logits, y)
         return loss, logits, {"ce": float(loss.detach())}
