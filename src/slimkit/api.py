@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +20,13 @@ from slimkit.train.distributed import world
 from slimkit.train.loop import TrainConfig, fit
 
 
-def wrap(module: nn.Module, example_inputs: Any, num_classes: int | None = None,
+def wrap(module: nn.Module, example_inputs: Any = None, num_classes: int | None = None,
          name: str = "python", output: str | None = None,
          dynamic_axes: dict[str, dict[int, str]] | None = None) -> SlimModel:
     """Describe any ``nn.Module`` by example inputs: a tensor, a tuple or a dict of tensors.
+
+    A Hugging Face model (``from_pretrained``) needs no example: its named inputs and judged
+    output come from its config (:func:`slimkit.io.hf.describe_hf`).
 
     Args:
         example_inputs: one batch as the model takes it: ``model(x)`` for a tensor,
@@ -48,6 +51,16 @@ def wrap(module: nn.Module, example_inputs: Any, num_classes: int | None = None,
     from slimkit.io import batch as B
     from slimkit.io.model import TensorSpec
 
+    if example_inputs is None:
+        if not _is_hf(module):
+            raise ConfigError("example_inputs: give one batch as the model takes it (only "
+                              "Hugging Face models describe their own inputs)")
+        from slimkit.io.hf import describe_hf
+
+        model = describe_hf(set_mode(module, False), name=name)
+        model.output = output or model.output
+        model.num_classes = num_classes or model.num_classes
+        return model
     if isinstance(example_inputs, list):
         example_inputs = tuple(example_inputs)
     if isinstance(example_inputs, tuple) and len(example_inputs) == 1:
@@ -82,14 +95,20 @@ def wrap(module: nn.Module, example_inputs: Any, num_classes: int | None = None,
     style = ("dict" if isinstance(example_inputs, dict)
              else "tuple" if isinstance(example_inputs, tuple) else "tensor")
     single = style == "tensor" and not specs[0].dynamic and specs[0].high is None
+    from slimkit.io.hf import hf_arch
+
     return SlimModel(module=module, input_shape=specs[0].shape, input_dtype=specs[0].dtype,
                      name=name, inputs=None if single else specs, input_style=style,
-                     output=output,
+                     output=output, arch=hf_arch(module) if _is_hf(module) else None,
                      num_classes=num_classes or (judged.shape[1] if judged.dim() == 2 else None))
 
 
+def _is_hf(module: nn.Module) -> bool:
+    return hasattr(module, "config") and hasattr(module, "save_pretrained")
+
+
 def compress(model: SlimModel | nn.Module, data: DataBundle | None, recipe: Any,
-             out: str | Path, example_inputs: Sequence[torch.Tensor] | None = None,
+             out: str | Path, example_inputs: Any = None,
              overwrite: bool = False, resume: bool = False, progress: bool = True,
              log: Callable[[str], None] = print,
              keep_checkpoints: bool = False) -> dict[str, Any]:
@@ -101,11 +120,11 @@ def compress(model: SlimModel | nn.Module, data: DataBundle | None, recipe: Any,
         >>> report["verdict"]["met"]
     """
     if isinstance(model, nn.Module):
-        if example_inputs is None and data is None:
+        if example_inputs is None and data is None and not _is_hf(model):
             raise ConfigError("compress: a plain nn.Module needs example_inputs or data")
-        example = example_inputs if example_inputs is not None else data.example_inputs(2)
-        model = wrap(model, example,
-                     num_classes=data.num_classes if data else None)
+        example = (example_inputs if example_inputs is not None or _is_hf(model)
+                   else data.example_inputs(2))
+        model = wrap(model, example, num_classes=data.num_classes if data else None)
     if not hasattr(recipe, "stages"):
         recipe = load_recipe(recipe)
     return _run(model, data, recipe, out, overwrite=overwrite, resume=resume,

@@ -9,6 +9,7 @@ import torch
 import slimkit.io.hf
 from slimkit.core.errors import UntrustedPickleError
 from slimkit.export.onnx import check_parity, export_onnx
+from slimkit.io import batch as B
 from slimkit.io.loader import load_model
 
 transformers = pytest.importorskip("transformers")
@@ -31,14 +32,23 @@ def _bert_dir(tmp_path: Path, safe: bool = True) -> Path:
 def test_bert_directory_loads_offline_and_exports(tmp_path: Path):
     path = _bert_dir(tmp_path)
     model = load_model(str(path))
-    assert model.input_dtype == "int64" and model.num_classes == 3
-    x = torch.randint(0, 100, (2, 16))
-    model.input_shape = (16,)
+    # As it comes: named inputs of a dynamic sequence length, the ModelOutput's logits judged.
+    assert isinstance(model.module, transformers.BertForSequenceClassification)
+    assert [s.name for s in model.input_specs] == ["input_ids", "attention_mask",
+                                                   "token_type_ids"]
+    assert model.input_style == "dict" and model.output == "logits" and model.num_classes == 3
+    ids = torch.randint(0, 100, (3, 16))
+    mask = (torch.arange(16) < torch.tensor([[16], [9], [4]])).long()  # padded rows
+    x = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
     with torch.no_grad():
-        out = model.module(x)
-    assert out.shape == (2, 3) and torch.isfinite(out).all()
+        out = B.select(B.call(model.module, x), model.output)
+        alone = model.module(input_ids=ids[2:, :4]).logits  # row 2 without its padding
+    assert out.shape == (3, 3) and torch.isfinite(out).all()
+    torch.testing.assert_close(out[2:], alone, atol=1e-5, rtol=0)
     onnx_path = export_onnx(model, tmp_path / "bert.onnx")
-    assert check_parity(model, onnx_path, (x,), atol=1e-4)["ok"]
+    # Exported at the example's length 64, run at 16: the sequence axis stays dynamic.
+    parity = check_parity(model, onnx_path, x, atol=1e-4)
+    assert parity["ok"] and list(parity["outputs"]) == ["logits"], parity
 
 
 def test_pickled_bin_weights_need_trust(tmp_path: Path):

@@ -25,7 +25,7 @@ import torch
 from slimkit.core.errors import ModelLoadError, SlimkitError
 from slimkit.core.files import atomic_dir, sha256_file, write_bytes, write_json
 from slimkit.io.manifest import FORMAT, FORMAT_VERSION, validate_manifest
-from slimkit.io.model import SlimModel, set_mode
+from slimkit.io.model import SlimModel, TensorSpec, set_mode
 from slimkit.io.model_path import MANIFEST
 from slimkit.io.safety import load_exported
 from slimkit.io.transforms import replay_transforms
@@ -48,11 +48,17 @@ def library_versions() -> dict[str, str]:
 
 
 def export_program(model: SlimModel, max_batch: int = 4096) -> torch.export.ExportedProgram:
-    """``torch.export`` the model in eval mode with a dynamic batch dimension."""
+    """``torch.export`` the model in eval mode with a dynamic batch axis, and the inputs'
+    named dynamic axes (a sequence length) dynamic within what the model allows."""
     set_mode(model.module, False)
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     example = model.example_inputs(batch=2)
-    return torch.export.export(model.module, example, dynamic_shapes=({0: batch},))
+    shapes = [{0: batch, **{a: torch.export.Dim.AUTO for a in spec.dynamic}}
+              for spec in model.input_specs]
+    if isinstance(example, dict):
+        return torch.export.export(model.module, (), example, dynamic_shapes=dict(
+            zip(example, shapes, strict=True)))
+    return torch.export.export(model.module, example, dynamic_shapes=tuple(shapes))
 
 
 def save_graph(model: SlimModel, path: Path) -> None:
@@ -92,7 +98,7 @@ def save_artifact(model: SlimModel, path: str | Path, overwrite: bool = False,
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "name": model.name, "architecture": arch,
-            "input_spec": {"shape": list(model.input_shape), "dtype": model.input_dtype},
+            "input_spec": _input_spec(model),
             "num_classes": model.num_classes, "recipe": model.recipe,
             "history": model.history, "versions": library_versions(),
             "files": {f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size}
@@ -101,6 +107,15 @@ def save_artifact(model: SlimModel, path: str | Path, overwrite: bool = False,
         }
         write_json(tmp / MANIFEST, manifest)
     return path
+
+
+def _input_spec(model: SlimModel) -> dict[str, Any]:
+    spec: dict[str, Any] = {"shape": list(model.input_shape), "dtype": model.input_dtype}
+    if model.inputs:
+        spec.update(inputs=[s.to_json() for s in model.inputs], style=model.input_style)
+    if model.output:
+        spec["output"] = model.output
+    return spec
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -160,7 +175,7 @@ def load_artifact(path: str | Path, trust_pickle: bool = False,
     arch = manifest["architecture"]
     spec = manifest["input_spec"]
     state = load_weights(path / WEIGHTS)
-    if "zoo" in arch:
+    if "zoo" in arch or "hf" in arch:
         module = _rebuild_zoo(arch, state, path / WEIGHTS)
     elif template is not None and _fits(template, state):
         module = copy.deepcopy(template)
@@ -176,13 +191,19 @@ def load_artifact(path: str | Path, trust_pickle: bool = False,
         raise ModelLoadError(f"weights in '{path / WEIGHTS}' do not fit the architecture: "
                              f"{str(exc).splitlines()[0]}") from None
     set_mode(module, False)
+    inputs = tuple(TensorSpec.from_json(s) for s in spec["inputs"]) if spec.get("inputs") else None
     return SlimModel(module=module, input_shape=tuple(spec["shape"]), input_dtype=spec["dtype"],
-                     name=manifest.get("name") or str(path), arch=arch,
+                     inputs=inputs, input_style=spec.get("style", "tensor"),
+                     output=spec.get("output"), name=manifest.get("name") or str(path), arch=arch,
                      history=manifest.get("history", []), num_classes=manifest.get("num_classes"),
                      recipe=manifest.get("recipe"), source=str(path))
 
 
 def _build_zoo(arch: dict[str, Any]) -> torch.nn.Module:
+    if "hf" in arch:
+        from slimkit.io.hf import build_hf
+
+        return replay_transforms(build_hf(arch), arch.get("transforms", []))
     from slimkit.zoo import build_model
 
     module = build_model(arch["zoo"], tuple(arch["input_shape"]), arch["num_classes"],
@@ -263,6 +284,13 @@ def _graph_input(program: torch.export.ExportedProgram) -> tuple[list[int | None
 
 def _check_graph_input(program: torch.export.ExportedProgram, spec: dict[str, Any],
                        mpath: Path) -> None:
+    if spec.get("inputs"):
+        n = len(program.graph_signature.user_inputs)
+        if n != len(spec["inputs"]):
+            raise ModelLoadError(f"'{mpath}' is malformed at input_spec.inputs: it lists "
+                                 f"{len(spec['inputs'])} inputs, the graph takes {n}; "
+                                 "re-create the artifact")
+        return
     shape, dtype = _graph_input(program)
     fits = len(shape) == len(spec["shape"]) and all(
         d is None or d == s for d, s in zip(shape, spec["shape"], strict=True))

@@ -89,7 +89,7 @@ def load_hf_dir(path: Path, trust_pickle: bool = False, seq_len: int = 128,
     named = [a for a in (config.architectures or []) if isinstance(a, str)
              and hasattr(getattr(transformers, a, None), "from_pretrained")]
     for auto in (*named, "AutoModelForSequenceClassification", "AutoModelForImageClassification",
-                 "AutoModel"):
+                 "AutoModelForCausalLM", "AutoModel"):
         cls = getattr(transformers, auto)
         try:
             model = cls.from_pretrained(path, local_files_only=True,
@@ -100,13 +100,83 @@ def load_hf_dir(path: Path, trust_pickle: bool = False, seq_len: int = 128,
             continue
     if model is None:
         raise ModelLoadError(f"'{path}': no transformers auto class can build {config.model_type}")
-    model.eval()
-    if getattr(config, "image_size", None) and getattr(config, "num_channels", None):
+    return describe_hf(model.eval(), name=str(path), seq_len=seq_len)
+
+
+def describe_hf(model: nn.Module, name: str = "huggingface", seq_len: int = 128) -> SlimModel:
+    """A Hugging Face model as it comes, described by its named inputs and judged output.
+
+    Vision models take ``pixel_values`` ``(channels, image_size, image_size)``; text models
+    ``input_ids`` and ``attention_mask`` (and ``token_type_ids`` where the model has token
+    types) of a dynamic ``sequence`` length, ``seq_len`` in examples. The judged output is
+    ``logits`` for classifiers and language models, ``last_hidden_state`` for bare encoders.
+    Key/value caches are turned off (``use_cache``): outputs are tensors.
+    """
+    import inspect
+
+    from slimkit.io import batch as B
+    from slimkit.io.model import TensorSpec
+
+    config = model.config
+    if getattr(config, "use_cache", False):
+        config.use_cache = False
+    params = inspect.signature(model.forward).parameters
+    if "pixel_values" in params:
         size = config.image_size
-        shape, dtype, name = (config.num_channels, size, size), "float32", "pixel_values"
+        size = tuple(size) if isinstance(size, list | tuple) else (size, size)
+        inputs: tuple[TensorSpec, ...] = (
+            TensorSpec("pixel_values", (config.num_channels, *size), "float32"),)
     else:
-        shape, dtype, name = (seq_len,), "int64", "input_ids"
-    arch = {"hf_vocab": getattr(config, "vocab_size", None)}
-    return SlimModel(module=HFLogits(model, name).eval(), input_shape=shape, input_dtype=dtype,
-                     name=str(path), arch=None, num_classes=getattr(config, "num_labels", None),
-                     recipe=None, history=[{"source": "huggingface", **arch}])
+        limit = getattr(config, "max_position_embeddings", None) or seq_len
+        seq = min(seq_len, limit)
+        dyn = {1: "sequence"}
+        inputs = (TensorSpec("input_ids", (seq,), "int64", dyn, config.vocab_size),
+                  TensorSpec("attention_mask", (seq,), "int64", dyn, 2))
+        if "token_type_ids" in params and (getattr(config, "type_vocab_size", 0) or 0) > 1:
+            inputs += (TensorSpec("token_type_ids", (seq,), "int64", dyn,
+                                  config.type_vocab_size),)
+    slim = SlimModel(module=model, input_shape=inputs[0].shape, input_dtype=inputs[0].dtype,
+                     name=name, inputs=inputs, input_style="dict", arch=hf_arch(model),
+                     history=[{"source": "huggingface", "class": type(model).__name__}])
+    with torch.inference_mode():
+        flat = B.flatten(B.call(model, slim.example_inputs(1)))
+    slim.output = "logits" if "logits" in flat else next(iter(flat))
+    if "ForSequenceClassification" in type(model).__name__ or \
+            "ForImageClassification" in type(model).__name__:
+        slim.num_classes = getattr(config, "num_labels", None)
+    return slim
+
+
+def hf_arch(model: nn.Module) -> dict | None:
+    """The rebuildable spec of a transformers model (its class name and config), or None for
+    any other module (a directory's custom code included: its artifact stores a graph)."""
+    config = getattr(model, "config", None)
+    if config is None or build_hf_class(type(model).__name__) is not type(model):
+        return None
+    return {"hf": type(model).__name__, "config": config.to_dict()}
+
+
+def build_hf_class(name: str) -> type | None:
+    """transformers' own model class ``name`` (never a directory's custom code), or None."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    cls = getattr(transformers, name, None)
+    return cls if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) \
+        else None
+
+
+def build_hf(arch: dict) -> nn.Module:
+    """A transformers model of ``arch["hf"]`` (a class name) built from ``arch["config"]``
+    with fresh weights, in eval mode: how an artifact rebuilds the user's own class.
+
+    Raises:
+        ModelLoadError: transformers is missing, or the name is not one of its model classes.
+    """
+    cls = build_hf_class(arch["hf"])
+    if cls is None:
+        raise ModelLoadError(f"architecture '{arch['hf']}' is not a transformers model class "
+                             "(install the extra: pip install 'slimkit[hf]')")
+    config = cls.config_class.from_dict(dict(arch["config"]))
+    return cls(config).eval()

@@ -59,9 +59,20 @@ class FileEntry(_Strict):
     bytes: Annotated[StrictInt, Field(ge=0)]
 
 
-class InputSpec(_Strict):
-    shape: Annotated[list[Size], Field(min_length=1)]
+class TensorEntry(_Strict):
+    name: StrictStr
+    shape: list[Size]
     dtype: Annotated[StrictStr, AfterValidator(_check_dtype)]
+    dynamic: dict[StrictStr, StrictStr] = Field(default_factory=dict)
+    high: Size | None = None
+
+
+class InputSpec(_Strict):
+    shape: list[Size]
+    dtype: Annotated[StrictStr, AfterValidator(_check_dtype)]
+    inputs: Annotated[list[TensorEntry], Field(min_length=1)] | None = None
+    style: Literal["tensor", "tuple", "dict"] = "tensor"
+    output: StrictStr | None = None
 
 
 class Transform(BaseModel):
@@ -78,6 +89,12 @@ class ZooArch(_Strict):
     input_shape: Annotated[list[Size], Field(min_length=1)]
     num_classes: Size
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    transforms: list[Transform] = Field(default_factory=list)
+
+
+class HfArch(_Strict):
+    hf: StrictStr
+    config: dict[str, Any]
     transforms: list[Transform] = Field(default_factory=list)
 
 
@@ -148,10 +165,13 @@ def validate_manifest(raw: Any, mpath: Path, weights: str) -> dict[str, Any]:
     if missing:
         raise ModelLoadError(f"'{mpath}' lacks {', '.join(missing)}; re-create the artifact")
     _check(Manifest, raw, mpath)
-    if ("zoo" in arch) == ("pt2" in arch):
+    kinds = [k for k in ("zoo", "hf", "pt2") if k in arch]
+    if len(kinds) != 1:
         raise _malformed(mpath, "architecture", "it must hold exactly one of 'zoo' (a zoo "
-                                                "spec) or 'pt2' (a graph file)")
-    _check(ZooArch if "zoo" in arch else Pt2Arch, arch, mpath, "architecture")
+                                                "spec), 'hf' (a transformers class and "
+                                                "config) or 'pt2' (a graph file)")
+    _check({"zoo": ZooArch, "hf": HfArch, "pt2": Pt2Arch}[kinds[0]], arch, mpath,
+           "architecture")
     shape = raw["input_spec"]["shape"]
     if "zoo" in arch and arch["input_shape"] != shape:
         raise _malformed(mpath, "input_spec.shape", f"{shape} differs from "

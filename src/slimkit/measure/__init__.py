@@ -12,7 +12,7 @@ from slimkit.io.model import SlimModel, set_mode
 from slimkit.measure.counts import count_flops, count_params, layer_table, layer_units
 from slimkit.measure.latency import compare_latency, ort_session, ratio_ci, time_interleaved
 from slimkit.measure.memory import peak_memory
-from slimkit.measure.quality import accuracy, fidelity, predict
+from slimkit.measure.quality import accuracy, fidelity, output_fidelity, predict
 
 
 def measure_static(model: SlimModel, data: DataBundle | None = None,
@@ -34,7 +34,8 @@ def measure_static(model: SlimModel, data: DataBundle | None = None,
     flops = count_flops(model.module, example)
     out.update(flops=flops["flops"], macs=flops["macs"])
     out["peak_memory_bytes"] = peak_memory(model.module, example)["peak_memory_bytes"]
-    out["accuracy"] = (accuracy(predict(model.module, data.x_test), data.y_test)
+    out["accuracy"] = (accuracy(predict(model.module, data.x_test, output=model.output),
+                                data.y_test)
                        if data is not None else None)
     if layers:
         out["layers"] = layer_table(model.module, example)
@@ -71,13 +72,45 @@ def check_finite(model: SlimModel, inputs: tuple[torch.Tensor, ...], where: str)
     verify_finite(model.module, inputs, where)
 
 
+def _check_inputs(model: SlimModel, data: DataBundle) -> None:
+    """The data's inputs against the model's: names (for dict inputs), count, shapes apart
+    from the dynamic axes."""
+    from slimkit.core.errors import DataError
+
+    if not model.inputs:
+        return
+    names, tensors = B.names(data.x_test), B.leaves(data.x_test)
+    if model.input_style == "dict":
+        want = [s.name for s in model.inputs]
+        missing, extra = sorted(set(want) - set(names)), sorted(set(names) - set(want))
+        if missing or extra:
+            raise DataError(f"data '{data.name}' gives inputs {', '.join(names)} but model "
+                            f"'{model.name}' takes {', '.join(want)}"
+                            + (f" (missing: {', '.join(missing)})" if missing else "")
+                            + (f" (not taken: {', '.join(extra)})" if extra else ""))
+        given = dict(zip(names, tensors, strict=True))
+        tensors = [given[n] for n in want]
+    elif len(tensors) != len(model.inputs):
+        raise DataError(f"data '{data.name}' gives {len(tensors)} input tensors but model "
+                        f"'{model.name}' takes {len(model.inputs)}")
+    for spec, t in zip(model.inputs, tensors, strict=True):
+        shape = list(t.shape[1:])
+        fixed = [d for i, d in enumerate(shape, 1) if i not in spec.dynamic]
+        want_fixed = [d for i, d in enumerate(spec.shape, 1) if i not in spec.dynamic]
+        if len(shape) != len(spec.shape) or fixed != want_fixed:
+            raise DataError(f"data '{data.name}' gives input '{spec.name}' samples of shape "
+                            f"{tuple(shape)} but model '{model.name}' takes "
+                            f"{tuple(spec.shape)} (dynamic axes: {spec.dynamic or 'none'})")
+
+
 def check_fits(model: SlimModel, data: DataBundle | None) -> None:
     """Raise DataError/ModelError when ``data`` cannot feed ``model`` (shape, classes)."""
     from slimkit.core.errors import DataError, ModelError
 
     if data is None:
         return
-    if tuple(data.input_shape) != tuple(model.input_shape):
+    _check_inputs(model, data)
+    if not model.inputs and tuple(data.input_shape) != tuple(model.input_shape):
         raise DataError(f"data '{data.name}' gives samples of shape {tuple(data.input_shape)} "
                         f"but model '{model.name}' takes {tuple(model.input_shape)}; "
                         "use data that fits the model")
@@ -99,6 +132,7 @@ __all__ = [
     "count_flops",
     "count_params",
     "fidelity",
+    "output_fidelity",
     "layer_table",
     "layer_units",
     "measure_static",

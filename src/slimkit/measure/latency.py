@@ -136,7 +136,7 @@ def compare_latency(
         with Progress(disable=not progress, transient=True) as bar:
             task = bar.add_task("timing", total=len(batch_sizes) * (2 if sessions else 1))
             for b in batch_sizes:
-                inputs = [_take(t, b) for t in example_batch]
+                inputs = B.tmap(lambda t, b=b: _take(t, b), example_batch)
                 fns = {n: torch_runner(m, inputs) for n, (m, _) in models.items()}
                 result["torch"][str(b)] = time_interleaved(fns, warmup, repeats, keep_samples)
                 bar.advance(task)

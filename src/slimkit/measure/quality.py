@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -45,3 +46,45 @@ def fidelity(reference: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
         "max_abs_diff": float((a - b).abs().max()),
         "top1_agreement": float((a.argmax(1) == b.argmax(1)).double().mean()),
     }
+
+
+def sqnr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of ``other`` against ``reference``, in dB (float64)."""
+    ref, err = reference.double(), other.double() - reference.double()
+    noise = float(err.pow(2).sum())
+    return float("inf") if noise == 0 else 10 * math.log10(max(float(ref.pow(2).sum()),
+                                                                 1e-300) / noise)
+
+
+def output_fidelity(reference: Callable[..., Any], other: Callable[..., Any], x: Any,
+                    output: str | None = None, batch_size: int = 256) -> dict[str, Any]:
+    """How closely ``other`` reproduces ``reference`` on inputs ``x``, on every output.
+
+    The judged output (``output``, else the first) gives the top-level figures of
+    :func:`fidelity`; ``per_output`` holds each output's cosine, SQNR (dB) and max |diff|,
+    so that a quantized encoder's hidden states are judged, not only its logits.
+    """
+    refs: dict[str, list[torch.Tensor]] = {}
+    outs: dict[str, list[torch.Tensor]] = {}
+    for m, store in ((reference, refs), (other, outs)):
+        if isinstance(m, torch.nn.Module):
+            set_mode(m, False)
+        with torch.inference_mode():
+            for i in range(0, B.size(x), batch_size):
+                flat = B.flatten(B.call(m, B.take(x, slice(i, i + batch_size))))
+                for k, v in flat.items():
+                    store.setdefault(k, []).append(v.float().cpu())
+    per_output = {}
+    for k, parts in refs.items():
+        a = torch.cat(parts)
+        b = torch.cat(outs[k]) if k in outs else None
+        if b is None or b.shape != a.shape:
+            per_output[k] = {"error": "missing or reshaped in the compressed model"}
+            continue
+        flat_a, flat_b = a.reshape(len(a), -1).double(), b.reshape(len(b), -1).double()
+        per_output[k] = {"cosine": float(torch.nn.functional.cosine_similarity(
+                             flat_a, flat_b, dim=1, eps=1e-12).mean()),
+                         "sqnr_db": sqnr_db(a, b), "max_abs_diff": float((a - b).abs().max())}
+    key = output if output in refs else next(iter(refs))
+    judged = fidelity(torch.cat(refs[key]), torch.cat(outs[key]))
+    return {**judged, "output": key, "per_output": per_output}

@@ -26,6 +26,7 @@ from slimkit.core.stages import REBUILDERS, STAGES, StageContext
 from slimkit.data.bundle import DataBundle
 from slimkit.data.validate import data_warnings
 from slimkit.export.onnx import check_parity, export_onnx
+from slimkit.io import batch as B
 from slimkit.io.artifact import WEIGHTS, library_versions, load_artifact, save_artifact
 from slimkit.io.model import SlimModel
 from slimkit.io.transforms import replay_transforms
@@ -34,9 +35,8 @@ from slimkit.measure import (
     check_finite,
     check_fits,
     compare_latency,
-    fidelity,
     measure_static,
-    predict,
+    output_fidelity,
     ratio_ci,
 )
 from slimkit.pipeline.outdir import STATE, RunPaths, prepare_out, remove_checkpoints, sibling
@@ -54,7 +54,7 @@ def fingerprint(model: SlimModel, data: DataBundle | None, recipe: dict,
     update_with_state(h, model.module.state_dict())
     if data is not None:
         h.update(data.name.encode())
-        for t in (data.x_train, data.y_train, data.x_test, data.y_test):
+        for t in B.leaves((data.x_train, data.y_train, data.x_test, data.y_test)):
             update_with_tensor(h, t)
     h.update(json.dumps(recipe, sort_keys=True).encode())
     h.update(f"threads={threads or torch.get_num_threads()}".encode())
@@ -192,11 +192,12 @@ def _compare(models: dict[str, tuple[SlimModel, Path | None]], data: DataBundle 
     opts = recipe.measure
     batch_sizes = sorted(set(opts.batch_sizes) | ({recipe.target.min_speedup.batch}
                                                   if recipe.target.min_speedup else set()))
-    sample = (data.x_test[: max(batch_sizes)] if data is not None
-              else final.example_inputs(max(batch_sizes))[0])
+    sample = (B.take(data.x_test, slice(0, max(batch_sizes))) if data is not None
+              else final.example_inputs(max(batch_sizes)))
     parity = ({"ok": False, "error": "the final model could not be exported to ONNX"}
               if final_onnx is None
-              else check_parity(final, final_onnx, (sample[:8],), atol=opts.parity_atol))
+              else check_parity(final, final_onnx, B.take(sample, slice(0, 8)),
+                                atol=opts.parity_atol))
     lat = compare_latency({k: (m.module, p) for k, (m, p) in models.items()}, (sample,),
                           batch_sizes, threads=opts.threads, warmup=opts.warmup,
                           repeats=opts.repeats, progress=progress, keep_samples=True)
@@ -380,8 +381,8 @@ def _compress(model: SlimModel, baseline: SlimModel, data: DataBundle | None, re
                          parity),
         "baseline": base_m, "final": final_m, "stages": state["stages"],
         "comparison": comparison, "parity": parity,
-        "fidelity": (fidelity(predict(baseline.module, data.x_test),
-                              predict(final.module, data.x_test)) if data is not None else None),
+        "fidelity": (output_fidelity(baseline.module, final.module, data.x_test,
+                                     baseline.output) if data is not None else None),
         "environment": environment(recipe.measure.threads),
         "outputs": {"artifact": str(paths.out / "model"),
                     "onnx": str(paths.out / "model.onnx") if models["final"][1] else None},
@@ -398,6 +399,6 @@ def _size(path: Path | None) -> int | None:
 def _describe_data(data: DataBundle | None) -> dict | None:
     if data is None:
         return None
-    return {"name": data.name, "n_train": len(data.x_train), "n_test": len(data.x_test),
+    return {"name": data.name, "n_train": data.n_train, "n_test": data.n_test,
             "input_shape": list(data.input_shape), "num_classes": data.num_classes,
             "warnings": data_warnings(data)}

@@ -8,12 +8,13 @@ quantizers' qparams. The checks refuse calibration data that cannot give ranges.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from slimkit.core.errors import ConfigError, DataError, did_you_mean
+from slimkit.io import batch as B
 from slimkit.measure.hooks import hooked_passes
 from slimkit.quant.observers import Observer, make_observer
 
@@ -21,9 +22,11 @@ if TYPE_CHECKING:
     from slimkit.quant.modules import QuantLayer
 
 
-def batches_of(data: torch.Tensor, batch_size: int) -> Iterable[tuple[torch.Tensor]]:
-    """``data`` in consecutive batches along dim 0, as 1-tuples of model inputs."""
-    return ((data[i:i + batch_size],) for i in range(0, len(data), batch_size))
+def batches_of(data: Any, batch_size: int) -> Iterable[tuple]:
+    """``data`` (a tensor, tuple or dict batch) in consecutive batches along dim 0, as
+    1-tuples of model inputs (see :func:`slimkit.io.batch.call`)."""
+    return ((B.take(data, slice(i, i + batch_size)),)
+            for i in range(0, B.size(data), batch_size))
 
 
 def collect(model: nn.Module, points: dict[str, tuple[str, str]],
@@ -71,12 +74,20 @@ def collect(model: nn.Module, points: dict[str, tuple[str, str]],
     return observers
 
 
-def check_calibration(x: torch.Tensor, what: str = "calibration data") -> None:
+def check_calibration(x: Any, what: str = "calibration data") -> None:
     """Refuse calibration inputs that cannot give activation ranges (QAT, mixed precision).
+
+    For several inputs, every one is checked for NaN/Inf and the first (the pixels or token
+    ids; an attention mask of all ones is fine) for constancy.
 
     Raises:
         DataError: empty, NaN/Inf, or constant (e.g. all zeros) inputs.
     """
+    tensors = B.leaves(x)
+    for t in tensors[1:]:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise DataError(f"{what} holds NaN/Inf values: clean the dataset first")
+    x = tensors[0] if tensors else torch.empty(0)
     if x.numel() == 0:
         raise DataError(f"{what} is empty: give at least one training sample")
     if x.is_floating_point():
@@ -87,15 +98,23 @@ def check_calibration(x: torch.Tensor, what: str = "calibration data") -> None:
                             "activation ranges would be empty; use real samples")
 
 
-def check_calibration_inputs(x: torch.Tensor, where: str) -> torch.Tensor:
+def check_calibration_inputs(inputs: Any, where: str) -> Any:
     """Raise DataError for calibration inputs that are empty, non-finite or constant.
 
     The messages start with ``where`` (the stage name); integer inputs (token ids) are
     checked for constancy too. :func:`check_calibration` is the variant for training data.
+    For several inputs, every one is checked for NaN/Inf and the first for constancy.
 
     Returns:
-        ``x`` unchanged.
+        ``inputs`` unchanged.
     """
+    tensors = B.leaves(inputs)
+    for t in tensors[1:]:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise DataError(f"{where}: the calibration inputs hold "
+                            f"{int((~torch.isfinite(t)).sum())} NaN/Inf values; "
+                            "clean the data before quantizing")
+    x = tensors[0] if tensors else torch.empty(0)
     if x.numel() == 0:
         raise DataError(f"{where}: the calibration set is empty; give data with samples")
     if x.is_floating_point():
@@ -106,7 +125,7 @@ def check_calibration_inputs(x: torch.Tensor, where: str) -> torch.Tensor:
     if bool((x == x.flatten()[0]).all()):
         raise DataError(f"{where}: the calibration inputs are constant (every value is "
                         f"{float(x.flatten()[0]):g}); give real samples so activations vary")
-    return x
+    return inputs
 
 
 def calibrate_inputs(model: nn.Module, layers: dict[str, QuantLayer], x: torch.Tensor,

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimkit.io import batch as B
 from slimkit.core.errors import ConfigError, did_you_mean
 from slimkit.core.record import Record
 from slimkit.core.stages import StageContext, register_rebuilder, register_stage
@@ -26,7 +27,7 @@ from slimkit.data.split import calibration_subset
 from slimkit.graph.select import select_layers
 from slimkit.io.model import SlimModel, replace_module, set_mode
 from slimkit.measure import verify_finite
-from slimkit.quant.calibrate import check_calibration_inputs, hooked_passes
+from slimkit.quant.calibrate import batches_of, check_calibration_inputs, hooked_passes
 from slimkit.quant.config import DynamicQuantConfig
 from slimkit.quant.dynamic_linear import DynamicQuantLinear
 from slimkit.quant.modules import OTHER_TYPES
@@ -114,8 +115,7 @@ def _dynamic_quant(model: nn.Module, cfg: DynamicQuantConfig, data: DataBundle |
     errors: dict[str, float] = {}
     if calib_x is not None:
         check_calibration_inputs(calib_x, "dynamic_quant")
-        batches = [(calib_x[i:i + cfg.calib_batch],)
-                   for i in range(0, len(calib_x), cfg.calib_batch)]
+        batches = list(batches_of(calib_x, cfg.calib_batch))
         errors = layer_errors(work, chosen, cfg.activations, batches, cfg.reduce_range)
     keep = _keep_float(errors, cfg)
     plan: dict[str, Any] = {"format": PLAN_FORMAT, "version": 1, "layers": {}}
@@ -126,7 +126,7 @@ def _dynamic_quant(model: nn.Module, cfg: DynamicQuantConfig, data: DataBundle |
         replace_module(work, name, DynamicQuantLinear.from_linear(layer, cfg.activations,
                                                                   cfg.reduce_range))
         plan["layers"][name] = _entry(layer, cfg, errors.get(name))
-    verify_finite(work, (calib_x[:2],) if calib_x is not None else example_inputs,
+    verify_finite(work, (B.take(calib_x, slice(0, 2)),) if calib_x is not None else example_inputs,
                  "dynamic_quant")
     set_mode(work, model.training)
     return work, _record(plan, skipped)

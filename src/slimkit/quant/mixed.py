@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimkit.io import batch as B
 from slimkit.core.errors import ConfigError
 from slimkit.core.record import Record
 from slimkit.core.stages import StageContext, register_stage
@@ -229,14 +230,14 @@ def _mixed_precision(model: nn.Module, cfg: MixedPrecisionConfig, data: DataBund
     if not chosen:
         raise ConfigError("mixed_precision: the model has no Linear/Conv layer to quantize "
                           "(check include/exclude)")
-    calib = calibration_subset(data, min(cfg.calib_samples, len(data.x_train)))
+    calib = calibration_subset(data, min(cfg.calib_samples, data.n_train))
     check_calibration(calib)
     # Choices are made on a validation slice of the training split; the test split only
     # reports the outcome (selecting on it would make the reported drop optimistic).
     val = split_indices(data.y_train, 0.2, seed=0)[1][: cfg.eval_samples]
-    ev = (data.x_train[val], data.y_train[val])
-    n_test = cfg.eval_samples or len(data.x_test)
-    test = (data.x_test[:n_test], data.y_test[:n_test])
+    ev = (B.take(data.x_train, val), data.y_train[val])
+    n_test = cfg.eval_samples or data.n_test
+    test = (B.take(data.x_test, slice(0, n_test)), data.y_test[:n_test])
     base = 100 * evaluate(ref, *ev)
     sens = layer_sensitivity(ref, chosen, cfg.bits, calib, cfg.sensitivity, ev)
     sizes = {n: {b: weight_bytes(m.weight, b) for b in [FLOAT, *cfg.bits]}

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slimkit.io import batch as B
 from slimkit.core.errors import ConfigError
 from slimkit.core.record import Record
 from slimkit.core.stages import StageContext, register_stage
@@ -258,7 +259,7 @@ def _qat(model: nn.Module, cfg: QatConfig, data: DataBundle,
     if not chosen:
         raise ConfigError("qat: the model has no Linear/Conv layer to quantize (check "
                           "include/exclude)")
-    calib = calibration_subset(data, min(cfg.calib_samples, len(data.x_train)))
+    calib = calibration_subset(data, min(cfg.calib_samples, data.n_train))
     check_calibration(calib)
     layers = wrap_layers(work, _layer_plan(list(chosen), cfg))
     for ql in layers.values():
@@ -274,7 +275,7 @@ def _qat(model: nn.Module, cfg: QatConfig, data: DataBundle,
                        label="qat", checkpoint_dir=checkpoint_dir)
     acc["trained_fake_quant"] = evaluate(work, data.x_test, data.y_test)
     plan, packed_plan, rows = _convert(work, layers, cfg)
-    verify_finite(work, (calib[:8],), "qat", hint="; lower the learning rate or use more bits")
+    verify_finite(work, (B.take(calib, slice(0, 8)),), "qat", hint="; lower the learning rate or use more bits")
     acc["after"] = evaluate(work, data.x_test, data.y_test)
     record = Record(skipped=skipped, details={"plan": plan, "packed_plan": packed_plan,
                                               "accuracy": acc, "finetune": history})
