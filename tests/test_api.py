@@ -33,13 +33,20 @@ def test_wrap_checks_the_module_against_its_example():
     assert m.input_shape == (4,) and m.num_classes == 3
     with pytest.raises(ModelError, match=r"cannot run on an input of shape \(2, 5\)"):
         slimkit.wrap(nn.Linear(4, 3), torch.randn(2, 5))
-    with pytest.raises(ConfigError, match="one input tensor"):
+    with pytest.raises(ModelError, match=r"cannot run on inputs input \(2, 4\), input_1 "):
         slimkit.wrap(nn.Linear(4, 3), (torch.randn(2, 4), torch.randn(2, 4)))
 
     class Pair(nn.Module):
-        def forward(self, x):
-            return x, x
+        def forward(self, x, y):
+            return {"sum": x + y, "diff": x - y}
 
-    with pytest.raises(ModelError, match="must return one tensor"):
-        slimkit.wrap(Pair(), torch.randn(2, 4))
+    pair = slimkit.wrap(Pair(), (torch.randn(2, 4), torch.randn(2, 4)), output="diff")
+    assert pair.input_style == "tuple" and pair.output == "diff"
+    assert [s.name for s in pair.input_specs] == ["input", "input_1"]
+    with pytest.raises(ConfigError, match="output: the model has no output 'prod'; its "
+                                          "outputs are sum, diff"):
+        slimkit.wrap(Pair(), (torch.randn(2, 4), torch.randn(2, 4)), output="prod")
+    with pytest.raises(ConfigError, match="dynamic_axes: no input named 'ids'; the inputs "
+                                          "are x"):
+        slimkit.wrap(nn.Linear(4, 3), {"x": torch.randn(2, 4)}, dynamic_axes={"ids": {1: "s"}})
     assert "compress" in slimkit.__all__ and slimkit.__version__

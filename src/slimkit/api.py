@@ -79,15 +79,20 @@ def wrap(module: nn.Module, example_inputs: Any = None, num_classes: int | None 
     if unknown:
         raise ConfigError(f"dynamic_axes: no input named '{unknown[0]}'; the inputs are "
                           f"{', '.join(input_names)}")
-    shapes = ", ".join(f"{k} {tuple(t.shape)}" for k, t in zip(input_names, tensors, strict=True))
+    shapes = (f"an input of shape {tuple(tensors[0].shape)}" if len(tensors) == 1 else "inputs "
+              + ", ".join(f"{k} {tuple(t.shape)}" for k, t in zip(input_names, tensors,
+                                                                  strict=True)))
     try:
         with torch.inference_mode():
             out = B.call(set_mode(module, False), example_inputs)
     except Exception as exc:
-        raise ModelError(f"model '{name}' cannot run on inputs {shapes}: "
+        raise ModelError(f"model '{name}' cannot run on {shapes}: "
                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
                          ) from None
-    judged = B.select(out, output)
+    try:
+        judged = B.select(out, output)
+    except ModelError as exc:
+        raise ConfigError(f"output: {exc}") from None
     specs = tuple(TensorSpec(key, tuple(t.shape[1:]), str(t.dtype).removeprefix("torch."),
                              {int(a): str(n) for a, n in dynamic_axes.get(key, {}).items()},
                              int(t.max()) + 1 if not t.is_floating_point() and t.numel() else None)

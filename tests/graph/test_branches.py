@@ -157,3 +157,27 @@ def test_find_branches_leaves_the_model_alone():
     find_branches(model, X)
     assert not any(m.training for m in model.modules())
     assert all(type(m) is not torch.fx.GraphModule for m in model.modules())
+
+
+class _KeywordResidual(nn.Module):
+    """Residual adds in a forward that takes keyword inputs and returns two outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(6, 8)
+        self.f = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, scale: float = 2.0,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.relu(self.stem(x)) * bias
+        h = h + self.f(h) * scale
+        return self.head(h), h
+
+
+def test_a_forward_called_with_keyword_inputs_is_searched():
+    x, bias = torch.randn(2, 6), torch.randn(2, 8)
+    for example in ({"x": x, "bias": bias}, (x, bias)):
+        branches, skipped = find_branches(_KeywordResidual(), example)
+        assert skipped == []
+        assert [(b.module, b.nodes, b.modules) for b in branches] == [("", ["f", "mul_1"], ["f"])]

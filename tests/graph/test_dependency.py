@@ -12,6 +12,7 @@ from tests.prune._structured_models import (
     GroupedNet,
     MHANet,
     Rolled,
+    SideNet,
     SplitNet,
 )
 from torch import nn
@@ -186,3 +187,16 @@ def test_head_dims_lock_splits_of_different_sizes_in_one_module():
 def test_unknown_attention_mode_names_the_known_ones():
     with pytest.raises(ConfigError, match="head_dims"):
         build_dependency_graph(ConvNet(), X, "dims")
+
+
+@pytest.mark.parametrize("style", ["tuple", "dict"])
+def test_several_inputs_are_traced_and_every_output_keeps_its_size(style: str):
+    image, side = torch.randn(2, 3, 8, 8), torch.randn(2, 5)
+    x = {"image": image, "side": side} if style == "dict" else (image, side)
+    gs = _groups(SideNet(), x)
+    assert gs["conv1"].prunable and gs["conv1"].size == 8
+    # conv2's channels are the "features" output (and feed the logits): fixed, with the reason
+    assert not gs["conv2"].prunable and gs["conv2"].why == ["<root>: output: model output"]
+    assert {m.param for m in gs["conv2"].members} >= {"conv2.weight", "side.weight",
+                                                      "head.weight"}
+    assert _groups(SideNet(), ({"image": image, "side": side},))["conv1"].prunable  # (x,)

@@ -131,3 +131,30 @@ def test_manifest_missing_keys_or_unlisted_weights(tmp_path: Path):
     mpath.write_text(json.dumps(manifest))
     with pytest.raises(ModelLoadError, match="lacks architecture, files.weights.safetensors"):
         load_artifact(tmp_path / "a")
+
+
+def test_graph_artifact_keeps_non_persistent_buffers(tmp_path):
+    """A buffer the weights file does not hold (registered non-persistent, as HF's
+    position_ids) keeps its value in the .pt2 graph: zeroing it would change the outputs."""
+    import torch
+    from torch import nn
+
+    from slimkit.api import wrap
+    from slimkit.io.artifact import load_artifact, save_artifact
+
+    class Shifted(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+            self.register_buffer("offset", torch.arange(4.0) + 1, persistent=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x + self.offset)
+
+    torch.manual_seed(0)
+    model = wrap(Shifted().eval(), torch.randn(2, 4))
+    save_artifact(model, tmp_path / "a")
+    back = load_artifact(tmp_path / "a")
+    x = torch.randn(5, 4)
+    assert isinstance(back.module, torch.fx.GraphModule)
+    torch.testing.assert_close(back.module(x), model.module(x), rtol=0, atol=0)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
+
+from slimkit.io import batch as B
 
 
 class ConvNet(nn.Module):
@@ -152,6 +156,24 @@ class Rolled(nn.Module):
         return self.out(torch.roll(self.conv(x), 1, dims=1)).mean((2, 3))
 
 
+class SideNet(nn.Module):
+    """Two inputs (an image and side features, positional or by name), two outputs: the
+    logits and the features they come from (so conv2's channels reach an output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 12, 3, padding=1)
+        self.side = nn.Linear(5, 12)
+        self.head = nn.Linear(12, 4)
+
+    def forward(self, image: torch.Tensor, side: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = torch.relu(self.bn1(self.conv1(image)))
+        feats = torch.relu(self.conv2(h)).mean((2, 3)) + self.side(side)
+        return {"logits": self.head(feats), "features": feats}
+
+
 def init_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random BatchNorm statistics and affine terms, so that BN slicing errors show."""
     gen = torch.Generator().manual_seed(seed)
@@ -165,11 +187,11 @@ def init_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def eval_out(model: nn.Module, x: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """``model(*x)`` in eval mode without gradients."""
+def eval_out(model: nn.Module, x: tuple | dict) -> Any:
+    """``model(*x)`` (``model(**x)`` for a dict) in eval mode without gradients."""
     model.eval()
     with torch.no_grad():
-        return model(*x)
+        return B.call(model, x)
 
 
 def n_params(m: nn.Module) -> int:

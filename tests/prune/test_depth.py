@@ -15,9 +15,10 @@ from torch import fx, nn
 
 from slimkit.core.errors import ConfigError, ModelError
 from slimkit.data import build_bundle, calibration_subset
+from slimkit.data.bundle import DataBundle
 from slimkit.export.onnx import check_parity, export_onnx
 from slimkit.graph.branches import find_branches
-from slimkit.io.model import SlimModel
+from slimkit.io.model import SlimModel, TensorSpec
 from slimkit.measure.relative import fractions_of
 from slimkit.prune.depth import (
     output_change,
@@ -125,18 +126,28 @@ def test_score_is_the_relative_output_change_and_zero_for_a_dead_branch():
     assert scores[1] == 0.0  # its branch outputs exactly zero: removing it changes nothing
 
 
-def test_output_change_of_a_broken_model_is_infinite_and_non_tensors_are_named():
+def test_output_change_of_a_broken_model_is_infinite():
     ref = torch.ones(2, 3)
     nan = nn.Sequential(nn.Linear(3, 3), nn.Hardtanh())
     nan[0].weight.data.fill_(float("nan"))
     assert output_change(nan, (torch.ones(2, 3),), ref) == float("inf")
 
-    class Pair(nn.Module):
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return x, x
 
-    with pytest.raises(ModelError, match="returns one tensor; Pair returned tuple"):
-        output_change(Pair(), (ref,), ref)
+class _Pair(nn.Module):
+    """Dict inputs, two outputs: ``{"same": a, "double": 2 * b}``."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"same": a, "double": 2 * b}
+
+
+def test_output_change_averages_the_relative_change_of_every_output():
+    a, b = torch.ones(2, 3), torch.full((2, 3), 3.0)
+    ref = {"same": a, "double": b}  # "double" moves by ||2b - b||^2 / ||b||^2 = 1
+    assert output_change(_Pair(), {"a": a, "b": b}, ref) == pytest.approx(0.5, rel=1e-12)
+    assert output_change(_Pair(), ({"a": a, "b": b / 2},), ref) == 0.0  # (x,) unwraps
+    with pytest.raises(ModelError, match=r"outputs \['same'\] of the reference; _Pair "
+                                         r"returned \['same', 'double'\]"):
+        output_change(_Pair(), {"a": a, "b": b}, {"same": a})
 
 
 def test_rank_orders_by_score_and_reports_excluded_branches():
@@ -174,6 +185,56 @@ def test_blocks_share_removes_the_least_important_and_the_plan_replays(tmp_path:
     assert {k: v.shape for k, v in replayed.state_dict().items()} == shapes
     replayed.load_state_dict(small.state_dict())
     torch.testing.assert_close(eval_out(replayed, X), eval_out(small, X), rtol=0, atol=0)
+
+
+class _TwoBlocks(nn.Module):
+    """Keyword inputs, two residual blocks of different weight, two outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(6, 8)
+        self.f = nn.Linear(8, 8)
+        self.g = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+        with torch.no_grad():
+            self.g.weight.mul_(0.01)  # g's branch matters least
+            self.g.bias.zero_()
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = torch.relu(self.stem(x)) * gate
+        h = h + self.f(h)
+        h = h + self.g(h)
+        return {"logits": self.head(h), "hidden": h}
+
+
+def test_blocks_on_dict_data_score_every_output_and_remove_the_least_important():
+    torch.manual_seed(0)
+    model = _TwoBlocks()
+    gen = torch.Generator().manual_seed(0)
+
+    def x(n: int) -> dict[str, torch.Tensor]:
+        return {"x": torch.randn(n, 6, generator=gen), "gate": torch.rand(n, 8, generator=gen)}
+
+    data = DataBundle("two-blocks", x(32), torch.randint(0, 3, (32,), generator=gen), x(8),
+                      torch.randint(0, 3, (8,), generator=gen), 3)
+    small, rec = stage_on(structured_prune, SlimModel(
+        module=model, input_shape=(6,), inputs=(TensorSpec("x", (6,)), TensorSpec("gate", (8,))),
+        input_style="dict"), StructuredPruneConfig(ratio=0.0, blocks=0.5), data)
+    scores = rec.details["blocks"]["scores"]
+    assert set(scores) == {"/add", "/add_1"} and scores["/add_1"] < scores["/add"]
+    assert _removed_blocks(rec) == [""] and rec.details["plans"][0]["blocks"][0]["add"] == "add_1"
+    inputs = x(4)
+    without_g = copy.deepcopy(model)
+    without_g.g = _Zero()
+    want, got = eval_out(without_g, (inputs,)), eval_out(small, (inputs,))
+    assert list(got) == ["logits", "hidden"]
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-6)
+
+
+class _Zero(nn.Module):
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(h)
 
 
 def test_blocks_with_a_flops_target_reaches_it_and_exports(tmp_path: Path):

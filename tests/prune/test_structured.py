@@ -16,13 +16,17 @@ from tests.prune._structured_models import (
     GroupedNet,
     Rolled,
     SEDecoderNet,
+    SideNet,
     SplitNet,
     init_bn,
 )
 from torch import nn
 
 from slimkit.core.errors import ConfigError, ModelError
+from slimkit.core.stages import StageContext
+from slimkit.data.bundle import DataBundle
 from slimkit.graph.dependency import build_dependency_graph
+from slimkit.io import batch as B
 from slimkit.prune.structured import (
     StructuredPruneConfig,
     apply_structured,
@@ -503,3 +507,65 @@ def test_a_run_time_head_size_under_a_flops_target_names_the_module():
     assert rec.details["flops"]["after"] < rec.details["flops"]["before"]
     assert small.blocks[0].attn.qkv.weight.shape == model.blocks[0].attn.qkv.weight.shape
     assert any("blocks.0.attn" in s["why"] for s in rec.skipped)
+
+
+def _side_inputs(style: str, n: int = 3, seed: int = 0) -> tuple | dict:
+    gen = torch.Generator().manual_seed(seed)
+    image, side = torch.randn(n, 3, 8, 8, generator=gen), torch.randn(n, 5, generator=gen)
+    return {"image": image, "side": side} if style == "dict" else (image, side)
+
+
+def _side_net() -> nn.Module:
+    torch.manual_seed(0)
+    return init_bn(SideNet())
+
+
+@pytest.mark.parametrize("style", ["tuple", "dict"])
+def test_several_inputs_and_outputs_equal_the_original_with_removed_channels_zeroed(style):
+    net = _side_net().double()
+    x = B.tmap(torch.Tensor.double, _side_inputs(style))
+    plan = plan_structured(net, StructuredPruneConfig(ratio=0.5, allocation="uniform"),
+                           example_inputs=x)
+    assert [g["root"] for g in plan["groups"]] == ["conv1"]  # conv2 feeds the features output
+    assert {"what": "group 1 (conv2, 12 channels)",
+            "why": "<root>: output: model output"} in plan["skipped"]
+    keep = _group_keep(plan, "conv1")
+    assert len(keep) == 4
+    small = apply_structured(net, plan)
+    ref = copy.deepcopy(net)
+    with torch.no_grad():
+        ref.conv2.weight[:, [c for c in range(8) if c not in keep]] = 0
+    got, want = B.flatten(B.call(small.eval(), x)), B.flatten(B.call(ref.eval(), x))
+    assert list(got) == ["logits", "features"]
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-10)
+    assert small.conv1.out_channels == 4 and small.conv2.in_channels == 4
+
+
+def test_stage_on_dict_inputs_checks_every_output_and_keeps_the_input_model():
+    from slimkit.api import wrap
+
+    net = _side_net()
+    model = wrap(net, _side_inputs("dict", n=2), output="features")
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    out, rec = structured_prune(model, StructuredPruneConfig(ratio=0.5), StageContext())
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert rec.details["layers"]["conv1"] == {"before": [8, 3], "after": [4, 3]}
+    x = _side_inputs("dict", n=4, seed=1)
+    shapes = {k: v.shape for k, v in B.flatten(B.call(out.module.eval(), x)).items()}
+    assert shapes == {"logits": (4, 4), "features": (4, 12)}
+    assert rec.details["flops"]["after"] < rec.details["flops"]["before"]
+
+
+def test_taylor_on_dict_data_scores_as_on_the_same_tuple_data():
+    """The judged output's loss drives the scores, whatever way the inputs are passed."""
+    def bundle(style: str) -> DataBundle:
+        labels = torch.randint(0, 4, (24,), generator=torch.Generator().manual_seed(2))
+        return DataBundle("side", _side_inputs(style, 24), labels, _side_inputs(style, 8, 1),
+                          labels[:8], 4)
+
+    cfg = StructuredPruneConfig(ratio=0.5, criterion="taylor", calib_batches=2,
+                                calib_batch_size=8)
+    plans = [plan_structured(_side_net(), cfg, data=bundle(style)) for style in ("dict",
+                                                                                 "tuple")]
+    assert plans[0]["groups"] == plans[1]["groups"] and len(plans[0]["groups"][0]["keep"]) == 4

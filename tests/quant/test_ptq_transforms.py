@@ -87,8 +87,75 @@ def test_smoothquant_keeps_outputs_and_flattens_activation_ranges():
     x = torch.randn(64, 5, 16, dtype=torch.float64)
     ref = net(x)
     before = channel_absmax(net, ["ln"], x)["ln"]
-    done = smooth(net, x, alpha=0.5)
-    assert sorted(done) == ["fc", "k", "q"]
+    smoothed, skipped = smooth(net, x, alpha=0.5)
+    assert smoothed == {"q": "ln", "k": "ln", "fc": "ln2"} and skipped == []
     torch.testing.assert_close(net(x), ref, rtol=1e-10, atol=1e-10)
     after = channel_absmax(net, ["ln"], x)["ln"]
     assert after.max() / after.min() < 0.5 * before.max() / before.min()
+
+
+class _Mlp(nn.Module):
+    """LayerNorm -> fc1 -> ReLU -> fc2, a GELU-fed fc3, and a Linear ``shared`` called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(16)
+        self.fc1 = nn.Linear(16, 24)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(24, 16)
+        self.fc3 = nn.Linear(16, 16)
+        self.ln2 = nn.LayerNorm(16)
+        self.shared = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc2(self.act(self.fc1(self.ln(x))))
+        y = self.fc3(nn.functional.gelu(y))
+        h = self.ln2(y)
+        return self.shared(h) + self.shared(h)
+
+
+def test_smoothquant_folds_through_relu_into_the_linear_before():
+    torch.manual_seed(0)
+    net = _Mlp().double().eval()
+    with torch.no_grad():
+        net.fc1.weight[:3] *= 40.0  # outlier channels of fc2's input
+        net.fc1.bias[:3] *= 40.0
+    x = torch.randn(128, 16, dtype=torch.float64)
+    ref = net(x)
+    before = channel_absmax(net, ["fc2"], x, where="input")["fc2"]
+    smoothed, skipped = smooth(net, x, alpha=0.5)
+    torch.testing.assert_close(net(x), ref, rtol=1e-10, atol=1e-10)
+    after = channel_absmax(net, ["fc2"], x, where="input")["fc2"]
+    assert smoothed == {"fc1": "ln", "fc2": "fc1"}
+    assert after.max() / after.median() < 0.5 * before.max() / before.median()
+    why = {s["what"]: s["why"] for s in skipped}
+    assert set(why) == {"fc3", "shared"}, why
+    assert "GELU" in why["fc3"] and "more than once" in why["shared"]
+
+
+def test_smoothquant_targets_and_untraceable_models():
+    torch.manual_seed(0)
+    net = _Mlp().double().eval()
+    x = torch.randn(32, 16, dtype=torch.float64)
+    smoothed, skipped = smooth(net, x, targets={"fc2"})
+    assert smoothed == {"fc2": "fc1"} and skipped == []
+
+    class Blind(_Mlp):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) if bool(x.isfinite().all()) else x
+
+    blind = Blind().double().eval()
+    ref = blind(x)
+    smoothed, skipped = smooth(blind, x)
+    assert smoothed == {} and torch.equal(blind(x), ref)
+    assert [s["what"] for s in skipped] == ["fc1", "fc2", "fc3", "shared"]
+    assert all("could not be traced" in s["why"] for s in skipped)
+
+
+def test_ptq_smoothquant_on_a_convnet_says_why_nothing_was_smoothed():
+    net, x = _convnet().float(), torch.randn(16, 3, 10, 10)
+    _, rec = _ptq(net, PtqConfig(smoothquant=True, min_conv_reduction=0), x)
+    why = {s["what"]: s["why"] for s in rec.skipped}
+    assert rec.details["smoothed"] == {} and why["6"].startswith("SmoothQuant:")
+    _, rec = _ptq(net, PtqConfig(smoothquant=True, min_conv_reduction=0, exclude=["6"]), x)
+    assert any(s["what"] == "smoothquant" and "no Linear" in s["why"] for s in rec.skipped)

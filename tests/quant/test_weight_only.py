@@ -254,3 +254,62 @@ def test_gptq_covers_linears_and_rounds_convs_to_nearest(digits):
     assert layers[conv]["method"] == "rtn" and "gptq covers Linear" in layers[conv]["method_note"]
     assert layers[lin]["method"] == "gptq" and "output_rel_error_rtn" in layers[lin]
     assert any("gptq covers Linear" in c for c in rec.changed)
+
+
+def test_fp16_biases_keep_their_sign_in_torch_and_onnx(tmp_path: Path):
+    """Issue 15, item 6: fp16 storage clamped every bias like a scale (negative -> +6.1e-05)."""
+    from slimkit.quant.packed import PackedConv
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv1d(4, 24, 3), nn.ReLU(), nn.Flatten(), nn.Linear(24 * 14, 32),
+                        nn.GELU(), nn.Linear(32, 6)).eval()
+    with torch.no_grad():
+        for i in (0, 3, 5):
+            net[i].bias.sub_(0.5)
+    model = SlimModel(net, (4, 16), name="neg-bias")
+    cfg = WeightOnlyConfig(bits=8, group_size=16, layer_types=["Linear", "Conv"])
+    small, rec = stage_on(weight_only_quant, net, cfg, example_inputs=model.example_inputs(2))
+    assert isinstance(small[0], PackedConv) and isinstance(small[5], PackedLinear)
+    for i in (0, 3, 5):
+        ref = net[i].bias.detach()
+        assert small[i].bias.dtype == torch.float16 and bool((ref < 0).any())
+        torch.testing.assert_close(small[i].bias, ref.half(), rtol=0, atol=0)
+        assert rec.details["plan"]["layers"][str(i)]["bias_dtype"] == "float16"
+    x = model.example_inputs(64)[0]
+    with torch.no_grad():
+        err = (small(x) - net(x)).double().pow(2).mean() / net(x).double().pow(2).mean()
+    assert float(err) < 1e-3  # int8: ~1e-5 (the clamped biases gave ~0.3)
+    q = model.copy(small)
+    q.arch = None
+    path = export_onnx(q, tmp_path / "q.onnx")
+    parity = check_parity(q, path, q.example_inputs(5), atol=1e-4)
+    assert parity["ok"], parity
+
+
+def test_a_bias_beyond_float16_stays_float32_and_round_trips(tmp_path: Path):
+    from slimkit.io import load_artifact, save_artifact
+    from slimkit.quant.packed import packed_nbytes
+    from slimkit.quant.primitives import bias_dtype
+
+    assert bias_dtype(torch.tensor([-0.5, 7e4]), "float16") == "float32"
+    assert bias_dtype(torch.tensor([-0.5, 6e4]), "float16") == "float16"
+    assert bias_dtype(torch.tensor([7e4]), "float32") == "float32"
+    torch.manual_seed(0)
+    model = load_zoo("lenet300", input_shape=(1, 8, 8), num_classes=10)
+    fc = [m for m in model.module.modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        fc[0].bias[0] = -7e4  # a dead unit fp16 cannot hold (-inf)
+        fc[1].bias.sub_(0.5)
+    out, rec = weight_only_quant(model, WeightOnlyConfig(bits=4, group_size=16))
+    layers = rec.details["plan"]["layers"]
+    first, second = [n for n, m in model.module.named_modules() if isinstance(m, nn.Linear)][:2]
+    assert layers[first]["bias_dtype"] == "float32" and layers[second]["bias_dtype"] == "float16"
+    packed = out.module.get_submodule(first)
+    assert packed.bias.dtype == torch.float32 and float(packed.bias[0]) == -7e4
+    assert packed.nbytes() == layers[first]["bytes_after"] == packed_nbytes(
+        64, 300, 4, 16, "float16", True, True, "float32")
+    save_artifact(out, tmp_path / "q")
+    back = load_artifact(tmp_path / "q")
+    assert back.module.get_submodule(first).bias.dtype == torch.float32
+    x = model.example_inputs(3)
+    torch.testing.assert_close(back.module(*x), out.module.eval()(*x), rtol=0, atol=0)

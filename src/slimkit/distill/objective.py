@@ -48,6 +48,7 @@ from slimkit.distill.projectors import (
     resolve_layout,
     to_channels_first,
 )
+from slimkit.io import batch as B
 from slimkit.io.model import modes_kept, set_mode
 from slimkit.train.objective import Objective
 
@@ -80,15 +81,31 @@ def _device(model: nn.Module, default: torch.device) -> torch.device:
     return param.device if param is not None else default
 
 
-def _dry_run(model: nn.Module, names: list[str], x: Tensor, label: str,
-             ) -> tuple[Tensor, FeatureTaps]:
+def _input_device(x: B.Inputs) -> torch.device:
+    """Where a batch lives (its first tensor's device)."""
+    tensors = B.leaves(x)
+    return tensors[0].device if tensors else torch.device("cpu")
+
+
+def _shapes(x: B.Inputs) -> str:
+    """A batch's tensor shapes for messages: ``(2, 3, 8, 8)`` or ``input_ids (2, 12), ...``."""
+    if isinstance(x, Tensor):
+        return str(tuple(x.shape))
+    return ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(B.names(x), B.leaves(x),
+                                                             strict=False))
+
+
+def _dry_run(model: nn.Module, names: list[str], x: B.Inputs, label: str,
+             output: str | None = None) -> tuple[Tensor, FeatureTaps]:
+    """The judged output (logits; ``output`` by name, else :func:`slimkit.io.batch.select`'s)
+    of one eval-mode forward pass, and the tapped features."""
     taps = FeatureTaps(model, names, label)
     try:
         with torch.no_grad(), _eval_mode(model), taps:
-            out = model(x.to(_device(model, x.device)))
+            out = B.select(B.call(model, B.to(x, _device(model, _input_device(x)))), output)
     except (RuntimeError, ValueError, TypeError) as err:
         raise ModelError(f"{label} ({type(model).__name__}) failed on example_x of shape "
-                         f"{tuple(x.shape)}: {err}") from err
+                         f"{_shapes(x)}: {err}") from err
     return out, taps
 
 
@@ -110,7 +127,9 @@ class DistillObjective(Objective):
 
     ``forward(model, x, y)`` returns the total loss, the student's logits, and ``parts``: the
     unweighted float value of every term ("ce", "kd", "<loss>:<student>-><teacher>", "hidden",
-    "attention", "exit_ce", "exit_kd", "exit_hint").
+    "attention", "exit_ce", "exit_kd", "exit_hint"). Logits are each model's judged output
+    (:func:`slimkit.io.batch.select`: the stage's ``SlimModel.output``, or ``teacher_output``
+    for the teacher); feature taps are by layer name whatever the models return.
 
     Build it with :func:`build_objective` (same arguments). Submodules: ``feature_projectors``
     (one per feature pair), ``hidden_projectors`` (one per transformer pair), ``exit_heads``
@@ -119,8 +138,9 @@ class DistillObjective(Objective):
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: DistillConfig,
-                 example_x: Tensor) -> None:
+                 example_x: B.Inputs, teacher_output: str | None = None) -> None:
         super().__init__()
+        self._teacher_output = teacher_output
         if cfg.needs_teacher and teacher is None:
             raise ConfigError("distill: logits, features and transformer terms need a teacher "
                               "model; give one, or keep only self_distill (set logits: null)")
@@ -136,7 +156,8 @@ class DistillObjective(Objective):
         s_logits, s_taps = _dry_run(student, self._student_names, example_x, "student")
         t_taps = None
         if teacher is not None and cfg.needs_teacher:
-            t_logits, t_taps = _dry_run(teacher, self._teacher_names, example_x, "teacher")
+            t_logits, t_taps = _dry_run(teacher, self._teacher_names, example_x, "teacher",
+                                        teacher_output)
             if cfg.logits is not None:
                 _check_logits(s_logits, t_logits)
         self._build_feature_projectors(student, teacher, s_taps, t_taps)
@@ -237,15 +258,18 @@ class DistillObjective(Objective):
             if sd.feature_weight > 0:
                 self.exit_projectors.append(channel_map(width, deep_width, 2, layout, name))
 
-    def forward(self, model: nn.Module, x: Tensor, y: Tensor,
+    def forward(self, model: nn.Module, x: B.Inputs, y: Tensor,
                 ) -> tuple[Tensor, Tensor, Parts]:
         """Total loss, the student's logits, and each term's float value.
+
+        ``x`` is a batch as :func:`slimkit.io.batch.call` takes it (a tensor, a tuple or a
+        dict); the logits are each model's judged output (:func:`slimkit.io.batch.select`).
 
         Raises:
             ModelError: a tapped layer did not run, or teacher and student logits differ.
         """
         with FeatureTaps(_inner(model), self._student_names, "student") as s_taps:
-            logits = model(x)
+            logits = B.select(B.call(model, x))
         t_logits, t_taps = None, None
         if self.cfg.needs_teacher:
             t_logits, t_taps = self._run_teacher(x)
@@ -260,13 +284,16 @@ class DistillObjective(Objective):
                                self._exit_terms(self.cfg.self_distill, logits, s_taps, y))
         return loss, logits, parts
 
-    def _run_teacher(self, x: Tensor) -> tuple[Tensor, FeatureTaps]:
+    def _run_teacher(self, x: B.Inputs) -> tuple[Tensor, FeatureTaps]:
+        """The teacher's judged output (logits) and taps, moved to the batch's device."""
         teacher = self._teacher[0]
+        device = _input_device(x)
         taps = FeatureTaps(teacher, self._teacher_names, "teacher")
         with torch.no_grad(), _eval_mode(teacher), taps:
-            t_logits = teacher(x.to(_device(teacher, x.device)))
-        taps.features = {k: v.to(x.device) for k, v in taps.features.items()}
-        return t_logits.to(x.device), taps
+            t_logits = B.select(B.call(teacher, B.to(x, _device(teacher, device))),
+                                self._teacher_output)
+        taps.features = {k: v.to(device) for k, v in taps.features.items()}
+        return t_logits.to(device), taps
 
     def _logit_terms(self, logits: Tensor, t_logits: Tensor | None, y: Tensor,
                      ) -> tuple[Tensor, Parts]:
@@ -329,7 +356,7 @@ class DistillObjective(Objective):
 
 
 def build_objective(student: nn.Module, teacher: nn.Module | None, cfg: DistillConfig,
-                    example_x: Tensor) -> Objective:
+                    example_x: B.Inputs, teacher_output: str | None = None) -> Objective:
     """Build the distillation objective for ``student`` (and ``teacher``) from ``cfg``.
 
     Args:
@@ -337,8 +364,12 @@ def build_objective(student: nn.Module, teacher: nn.Module | None, cfg: DistillC
         teacher: the fixed teacher, or None for self-distillation only. It is never modified
             and never becomes a submodule of the objective.
         cfg: which terms to use.
-        example_x: one input batch; its forward pass gives the shapes of the projectors and
-            exit heads, which are created here (deterministically, in config order).
+        example_x: one input batch (a tensor, a tuple or a dict, as
+            :func:`slimkit.io.batch.call` takes it); its forward pass gives the shapes of the
+            projectors and exit heads, which are created here (deterministically, in config
+            order). Logit terms use each model's judged output (:func:`slimkit.io.batch.select`).
+        teacher_output: the teacher's judged output by :func:`slimkit.io.batch.flatten` name
+            (its ``SlimModel.output``); None: the one the student is judged by.
 
     Returns:
         A :class:`DistillObjective`; train its parameters with the student's.
@@ -350,7 +381,7 @@ def build_objective(student: nn.Module, teacher: nn.Module | None, cfg: DistillC
             cannot be matched; a model that fails on ``example_x``.
 
     Example:
-        >>> objective = build_objective(student, teacher, DistillConfig(), x[:8])
+        >>> objective = build_objective(student, teacher, DistillConfig(), B.take(x, slice(0, 8)))
         >>> loss, logits, parts = objective(student, x, y)
     """
-    return DistillObjective(student, teacher, cfg, example_x)
+    return DistillObjective(student, teacher, cfg, example_x, teacher_output)

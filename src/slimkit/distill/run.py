@@ -5,11 +5,13 @@ Distillation owns no loop: it builds an Objective and hands it to ``slimkit.trai
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from slimkit.core.errors import ConfigError
@@ -23,9 +25,31 @@ from slimkit.distill.config import (  # noqa: F401  (also importable from here)
     FinetuneConfig,
 )
 from slimkit.distill.objective import build_objective
-from slimkit.io.model import SlimModel
+from slimkit.io import batch as B
+from slimkit.io.model import SlimModel, modes_kept, set_mode
 from slimkit.train.config import TrainConfig
 from slimkit.train.loop import evaluate, fit
+
+
+def _example(data: DataBundle) -> B.Inputs:
+    """Two training samples as the model takes them, for the objective's dry run."""
+    return B.take(data.x_train, slice(0, 2))
+
+
+def _judged_name(model: SlimModel, x: B.Inputs) -> str | None:
+    """The name of ``model``'s judged output: its ``output``, else its first output's (found
+    with one eval-mode forward pass on ``x``), so that a teacher or an assistant loaded apart
+    from the student is judged by its own output, not by the student's name for it."""
+    if model.output is not None:
+        return model.output
+    module = model.module
+    device = next(iter(module.parameters()), torch.empty(0)).device
+    try:
+        with torch.no_grad(), modes_kept(module):
+            set_mode(module, False)
+            return next(iter(B.flatten(B.call(module, B.to(x, device)))), None)
+    except (RuntimeError, ValueError, TypeError):
+        return None  # the objective's dry run reports the failure, naming the model
 
 
 def finetune(model: nn.Module, data: DataBundle, cfg: TrainConfig,
@@ -33,7 +57,8 @@ def finetune(model: nn.Module, data: DataBundle, cfg: TrainConfig,
              after_step: Callable[[nn.Module], None] | None = None,
              progress: bool = False, label: str = "fine-tune",
              checkpoint_dir: str | Path | None = None) -> dict[str, Any]:
-    """Train ``model`` in place; with ``cfg.distill`` the loss distils from ``teacher``.
+    """Train ``model`` in place; with ``cfg.distill`` the loss distils from ``teacher``
+    (the logits: both models' judged output, :func:`slimkit.io.batch.select`).
 
     Raises:
         ConfigError: distillation asks for a teacher and none is given.
@@ -43,7 +68,7 @@ def finetune(model: nn.Module, data: DataBundle, cfg: TrainConfig,
     if distill_cfg is not None:
         if distill_cfg.needs_teacher and teacher is None:
             raise ConfigError(f"{label}: distill needs a teacher model and none was given")
-        objective = build_objective(model, teacher, distill_cfg, data.x_train[:2])
+        objective = build_objective(model, teacher, distill_cfg, _example(data))
     return fit(model, data, cfg, objective=objective, after_step=after_step,
                checkpoint_dir=checkpoint_dir, progress=progress, label=label)
 
@@ -51,8 +76,12 @@ def finetune(model: nn.Module, data: DataBundle, cfg: TrainConfig,
 def _distill(student: nn.Module, teacher: nn.Module | None, data: DataBundle,
              cfg: DistillStageConfig, assistant: nn.Module | None = None,
              progress: bool = False, checkpoint_dir: str | Path | None = None,
+             teacher_output: str | None = None, assistant_output: str | None = None,
              ) -> tuple[nn.Module, Record]:
     """Distil ``teacher`` into a copy of ``student`` (through ``assistant`` when given).
+
+    ``teacher_output`` / ``assistant_output`` name the teacher's and the assistant's judged
+    outputs (None: the student's, :func:`slimkit.io.batch.select`'s default).
 
     Returns:
         The trained copy and a Record with accuracies of teacher, assistant and student.
@@ -61,22 +90,25 @@ def _distill(student: nn.Module, teacher: nn.Module | None, data: DataBundle,
     record = Record()
     details: dict[str, Any] = {}
     if teacher is not None:
-        details["teacher_top1"] = evaluate(teacher, data.x_test, data.y_test)
+        with _judged(teacher_output):
+            details["teacher_top1"] = evaluate(teacher, data.x_test, data.y_test)
     details["student_top1_before"] = evaluate(student, data.x_test, data.y_test)
     if assistant is not None:
         if teacher is None:
             raise ConfigError("distill: an assistant needs a teacher")
-        objective = build_objective(assistant, teacher, cfg.loss, data.x_train[:2])
         assert cfg.assistant is not None
-        details["assistant_train"] = fit(
-            assistant, data, cfg.assistant.train, objective, progress=progress,
-            label="assistant",
-            checkpoint_dir=Path(checkpoint_dir) / "assistant" if checkpoint_dir else None)
-        details["assistant_top1"] = evaluate(assistant, data.x_test, data.y_test)
+        with _judged(assistant_output):  # the assistant is the student here
+            objective = build_objective(assistant, teacher, cfg.loss, _example(data),
+                                        teacher_output)
+            details["assistant_train"] = fit(
+                assistant, data, cfg.assistant.train, objective, progress=progress,
+                label="assistant",
+                checkpoint_dir=Path(checkpoint_dir) / "assistant" if checkpoint_dir else None)
+            details["assistant_top1"] = evaluate(assistant, data.x_test, data.y_test)
         record.changed.append(f"assistant {cfg.assistant.model} distilled from the teacher: "
                               f"top-1 {details['assistant_top1']:.2%}")
-        teacher = assistant
-    objective = build_objective(student, teacher, cfg.loss, data.x_train[:2])
+        teacher, teacher_output = assistant, assistant_output
+    objective = build_objective(student, teacher, cfg.loss, _example(data), teacher_output)
     details["student_train"] = fit(student, data, cfg.train, objective, progress=progress,
                                    label="distill", checkpoint_dir=checkpoint_dir)
     details["student_top1"] = evaluate(student, data.x_test, data.y_test)
@@ -87,20 +119,30 @@ def _distill(student: nn.Module, teacher: nn.Module | None, data: DataBundle,
     return student, record
 
 
+def _judged(output: str | None) -> contextlib.AbstractContextManager[None]:
+    """Judge ``output`` within the block (None: keep the judged output as it is)."""
+    return B.judging(output) if output is not None else contextlib.nullcontext()
+
+
 @register_stage(DistillStageConfig)
 def distill(model: SlimModel, cfg: DistillStageConfig,
             ctx: StageContext) -> tuple[SlimModel, Record]:
     """Train a copy of ``model`` as a student of ``ctx.teacher`` (or ``cfg.teacher``), through
-    ``cfg.assistant`` when given (see :func:`_distill`)."""
+    ``cfg.assistant`` when given (see :func:`_distill`). Logit KD compares each model's judged
+    output (its ``SlimModel.output``, else its first)."""
     from slimkit.io.loader import load_model, load_zoo
 
     teacher = ctx.teacher_module
+    teacher_output = None if ctx.teacher is None else ctx.teacher.output
     if cfg.teacher is not None:
-        teacher = load_model(cfg.teacher, data=ctx.data).module
-    assistant = None
+        loaded = load_model(cfg.teacher, data=ctx.data)
+        teacher, teacher_output = loaded.module, _judged_name(loaded, _example(ctx.data))
+    assistant, assistant_output = None, None
     if cfg.assistant is not None:
         name = cfg.assistant.model.removeprefix("zoo:")
-        assistant = load_zoo(name, ctx.data, **cfg.assistant.kwargs).module
+        built = load_zoo(name, ctx.data, **cfg.assistant.kwargs)
+        assistant, assistant_output = built.module, _judged_name(built, _example(ctx.data))
     module, record = _distill(model.module, teacher, ctx.data, cfg, assistant, ctx.progress,
-                              checkpoint_dir=ctx.workdir)
+                              checkpoint_dir=ctx.workdir, teacher_output=teacher_output,
+                              assistant_output=assistant_output)
     return model.copy(module), record

@@ -63,11 +63,14 @@ def pack_command(model: str, out: Path, bits: int | None = None, overwrite: bool
             raise ModelError(f"'{model}' was not packed: the file written for '{out}' does not "
                              "read back: " + str(exc).replace(f"'{tmp}' ", "", 1)) from None
         if bundle is not None:
+            from slimkit.io.batch import judging
             from slimkit.train.loop import evaluate
 
-            report["top1"] = {"model": evaluate(loaded.module, bundle.x_test, bundle.y_test),
-                              "packed": evaluate(packed.module, bundle.x_test, bundle.y_test),
-                              "data": bundle.name, "n_test": len(bundle.x_test)}
+            with judging(loaded.output):  # top-1 of the output the model is judged by
+                report["top1"] = {
+                    "model": evaluate(loaded.module, bundle.x_test, bundle.y_test),
+                    "packed": evaluate(packed.module, bundle.x_test, bundle.y_test),
+                    "data": bundle.name, "n_test": bundle.n_test}
     report["path"] = str(out)
     return report
 

@@ -35,7 +35,7 @@ from slimkit.encode.cluster import apply_clusters_to, plan_layer
 from slimkit.encode.codec import decode_tensor, encode_raw, encode_shared
 from slimkit.encode.config import EncodeConfig
 from slimkit.io.artifact import check_fit
-from slimkit.io.model import SlimModel, set_mode
+from slimkit.io.model import SlimModel, TensorSpec, set_mode
 
 MAGIC = b"\x89SLM\r\n\x1a\n"
 FORMAT_VERSION = 1
@@ -66,6 +66,18 @@ def _ensure_shared(weight: torch.Tensor, bits: int, cfg: EncodeConfig,
     return out, True
 
 
+def _input_spec(model: SlimModel) -> dict[str, Any]:
+    """What the model takes and which output is judged, as an artifact's manifest records
+    it: ``shape`` and ``dtype`` of the (first) input, plus, for models with several inputs,
+    every input's spec and how they are passed (``style``), and the judged ``output``."""
+    spec: dict[str, Any] = {"shape": list(model.input_shape), "dtype": model.input_dtype}
+    if model.inputs:
+        spec.update(inputs=[s.to_json() for s in model.inputs], style=model.input_style)
+    if model.output:
+        spec["output"] = model.output
+    return spec
+
+
 def pack_bytes(model: SlimModel, cfg: EncodeConfig | None = None) -> tuple[bytes, dict]:
     """Encode ``model`` as the bytes of a ``.slim`` file, in memory.
 
@@ -74,7 +86,8 @@ def pack_bytes(model: SlimModel, cfg: EncodeConfig | None = None) -> tuple[bytes
     under ``clustered_at_pack``); every other tensor is stored raw.
 
     Args:
-        model: the model; its ``arch`` (a zoo spec) lets :func:`unpack` rebuild it alone.
+        model: the model; its ``arch`` (a zoo or Hugging Face spec) lets :func:`unpack` rebuild
+            it alone.
         cfg: bits, offset widths, coder and selectors (default :class:`EncodeConfig`).
 
     Returns:
@@ -101,8 +114,8 @@ def pack_bytes(model: SlimModel, cfg: EncodeConfig | None = None) -> tuple[bytes
         payloads.append(data)
         offset += len(data)
     manifest = {"format": "slimkit-packed", "name": model.name, "architecture": model.arch,
-                "input_spec": {"shape": list(model.input_shape), "dtype": model.input_dtype},
-                "num_classes": model.num_classes, "payload_bytes": offset, "tensors": entries}
+                "input_spec": _input_spec(model), "num_classes": model.num_classes,
+                "payload_bytes": offset, "tensors": entries}
     text = zlib.compress(json.dumps(manifest, separators=(",", ":")).encode(), 9)
     header = HEADER.pack(MAGIC, FORMAT_VERSION, FLAG_DEFLATED, len(text),
                          hashlib.sha256(text).digest())
@@ -203,6 +216,29 @@ def _shape(value: Any, where: str, low: int = 0) -> list[int]:
     return [_count(s, f"{where}[{i}]", low) for i, s in enumerate(value)]
 
 
+def _check_inputs(spec: dict[str, Any]) -> None:
+    """The optional several-input part of ``input_spec``: ``inputs``, ``style``, ``output``."""
+    inputs = spec.get("inputs")
+    if inputs is not None:
+        if not isinstance(inputs, list) or not inputs:
+            raise ValueError("input_spec.inputs must be a non-empty list")
+        for i, raw in enumerate(inputs):
+            where = f"input_spec.inputs[{i}]"
+            if not isinstance(raw, dict) or not isinstance(raw.get("name"), str) \
+                    or not isinstance(raw.get("dtype"), str):
+                raise ValueError(f"{where} must be an object with a name and a dtype")
+            _shape(raw.get("shape"), f"{where}.shape")
+            if not isinstance(raw.get("dynamic", {}), dict):
+                raise ValueError(f"{where}.dynamic must be an object")
+            if raw.get("high") is not None:
+                _count(raw["high"], f"{where}.high")
+    if spec.get("style", "tensor") not in ("tensor", "tuple", "dict"):
+        raise ValueError(f"input_spec.style must be tensor, tuple or dict, not "
+                         f"{spec.get('style')!r:.40}")
+    if not isinstance(spec.get("output", ""), str | None):
+        raise ValueError("input_spec.output must be a string")
+
+
 def _check_manifest(manifest: Any) -> None:
     """Types and sizes of everything read before decoding, each error naming its key path.
 
@@ -216,6 +252,7 @@ def _check_manifest(manifest: Any) -> None:
     if not isinstance(spec, dict) or not isinstance(spec.get("dtype"), str):
         raise ValueError("input_spec must be an object with shape and dtype")
     _shape(spec.get("shape"), "input_spec.shape", low=1)
+    _check_inputs(spec)
     if not (arch is None or isinstance(arch, dict)):
         raise ValueError(f"architecture must be an object or null, not {arch!r:.40}")
     if manifest.get("num_classes") is not None:
@@ -322,7 +359,7 @@ def _reference(path: Path, arch: dict | None,
     architecture needs real values to build; loading the state dict checks it then."""
     if template is not None:
         return {k: tuple(v.shape) for k, v in template.state_dict().items()}
-    if not (arch and "zoo" in arch):
+    if not (arch and ("zoo" in arch or "hf" in arch)):
         raise _fail(path, "it records no rebuildable architecture; pass a template module "
                           "of the same architecture")
     try:
@@ -336,9 +373,14 @@ def _reference(path: Path, arch: dict | None,
 
 
 def _build(arch: dict[str, Any]) -> torch.nn.Module:
-    """The zoo model with the recorded structural changes replayed (pruned, factorized,
-    quantized layers), as an artifact rebuilds it."""
+    """The zoo model (or the Hugging Face class and config) with the recorded structural
+    changes replayed (pruned, factorized, quantized layers), as an artifact rebuilds it."""
     from slimkit.io.transforms import replay_transforms
+
+    if "hf" in arch:
+        from slimkit.io.hf import build_hf
+
+        return replay_transforms(build_hf(arch), arch.get("transforms", []))
     from slimkit.zoo import build_model
 
     module = build_model(arch["zoo"], tuple(arch["input_shape"]), arch["num_classes"],
@@ -384,6 +426,12 @@ def unpack(path: str | Path, template: torch.nn.Module | None = None) -> SlimMod
         raise _fail(path, f"its tensors do not fit the architecture: "
                           f"{str(exc).splitlines()[0]}") from None
     set_mode(module, False)
+    try:
+        inputs = (tuple(TensorSpec.from_json(s) for s in spec["inputs"]) if spec.get("inputs")
+                  else None)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _fail(path, f"its input_spec.inputs cannot be read: {exc}") from None
     return SlimModel(module=module, input_shape=tuple(spec["shape"]), input_dtype=spec["dtype"],
                      name=manifest.get("name") or str(path), arch=arch,
-                     num_classes=manifest.get("num_classes"))
+                     num_classes=manifest.get("num_classes"), inputs=inputs,
+                     input_style=spec.get("style", "tensor"), output=spec.get("output"))

@@ -124,15 +124,15 @@ def _branch(gm: fx.GraphModule, add: fx.Node, branch: fx.Node,
     return sorted(nodes, key=order.__getitem__)
 
 
-def _module_inputs(model: nn.Module, example: tuple[torch.Tensor, ...],
-                   ) -> dict[str, list[tuple]]:
-    """Each module's positional inputs on the example (one entry per call)."""
-    calls: dict[str, list[tuple]] = {}
+def _module_inputs(model: nn.Module, example: B.Inputs,
+                   ) -> dict[str, list[tuple[tuple, dict[str, Any]]]]:
+    """Each module's inputs on the example, ``(args, kwargs)`` per call."""
+    calls: dict[str, list[tuple[tuple, dict[str, Any]]]] = {}
     hooks = []
     for name, m in model.named_modules():
-        def hook(_m: nn.Module, args: tuple, name: str = name) -> None:
-            calls.setdefault(name, []).append(args)
-        hooks.append(m.register_forward_pre_hook(hook))
+        def hook(_m: nn.Module, args: tuple, kwargs: dict[str, Any], name: str = name) -> None:
+            calls.setdefault(name, []).append((args, dict(kwargs)))
+        hooks.append(m.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         B.call(model, example)
     finally:
@@ -141,13 +141,35 @@ def _module_inputs(model: nn.Module, example: tuple[torch.Tensor, ...],
     return calls
 
 
-def find_branches(model: nn.Module, example: tuple[torch.Tensor, ...],
+def _positional(gm: fx.GraphModule, args: tuple, kwargs: dict[str, Any]) -> list[Any]:
+    """The traced forward's placeholders, in order, from a call's ``args`` and ``kwargs``
+    (keyword inputs such as ``input_ids=...`` by name; defaults where neither gives one).
+
+    Raises:
+        TypeError: a placeholder no argument gives (``*args``, ``**kwargs``).
+    """
+    values: list[Any] = []
+    for node in (n for n in gm.graph.nodes if n.op == "placeholder"):
+        name = str(node.target)
+        if len(values) < len(args):
+            values.append(args[len(values)])
+        elif name in kwargs:
+            values.append(kwargs[name])
+        elif node.args:
+            values.append(node.args[0])
+        else:
+            raise TypeError(f"no value for the forward argument '{name}'")
+    return values
+
+
+def find_branches(model: nn.Module, example: B.Inputs,
                   ) -> tuple[list[Branch], list[dict[str, str]]]:
     """Every removable residual branch of ``model``, and the modules that were not searched.
 
     Args:
         model: any module (not modified).
-        example: inputs of one forward pass (shapes decide which adds are residual).
+        example: inputs of one forward pass, as the model takes them (a tensor, a tuple or a
+            dict; shapes decide which adds are residual).
 
     Returns:
         ``(branches, skipped)``; ``skipped`` names the modules that could not be searched
@@ -163,7 +185,7 @@ def find_branches(model: nn.Module, example: tuple[torch.Tensor, ...],
         return _find(model, example)
 
 
-def _find(model: nn.Module, example: tuple[torch.Tensor, ...],
+def _find(model: nn.Module, example: B.Inputs,
           ) -> tuple[list[Branch], list[dict[str, str]]]:
     inputs = _module_inputs(model, example)
     params_of = dict(model.named_modules())
@@ -185,7 +207,7 @@ def _find(model: nn.Module, example: tuple[torch.Tensor, ...],
         if not adds:
             continue
         try:
-            ShapeProp(gm).propagate(*inputs[name][0])
+            ShapeProp(gm).propagate(*_positional(gm, *inputs[name][0]))
         except Exception as exc:  # noqa: BLE001 - keyword-only inputs etc.: not searched
             skipped.append({"what": f"module {name or '(model)'}",
                             "why": f"its adds' shapes could not be measured ({type(exc).__name__}"

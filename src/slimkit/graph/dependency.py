@@ -15,6 +15,11 @@ instead: channel ``j`` is position ``j`` of every head (q and k rows, contracted
 ``q @ k^T``; v rows and the out-projection columns they feed), and all splits inside one module
 (q, k, v reshaped with one head-size attribute) are coupled so that every head keeps one size.
 
+The model takes its inputs as users' models do (a tensor, positional tensors, or keyword ones
+such as ``input_ids`` and ``attention_mask``; see :mod:`slimkit.io.batch`) and may return
+several outputs (a tuple, a dict, a ``ModelOutput``): the inputs' and every output's sizes are
+fixed, so channels reaching any output are kept as a classifier head's outputs are.
+
 Read-only: the model is captured in eval mode and its mode is restored; nothing is mutated.
 
 Example:
@@ -28,7 +33,6 @@ from __future__ import annotations
 import operator
 import traceback
 from collections import defaultdict
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -40,6 +44,7 @@ from slimkit.core.errors import ConfigError, ModelError
 from slimkit.graph.attention import scale_follows_head_size
 from slimkit.graph.labels import STATIC, Labels, LabelSet, static
 from slimkit.graph.ops import OP_RULES, OpContext, SplitLog, unknown_rule
+from slimkit.io import batch as B
 
 #: ``attention`` modes: the prunable unit of a dim split into (heads, head_dim).
 ATTENTION_UNITS = {"heads": "heads", "head_dims": "inner"}
@@ -122,16 +127,28 @@ class DependencyGraph:
         return {"groups": [asdict(g) for g in self.groups], "unsupported": self.unsupported}
 
 
-def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> Any:
+def export_arguments(example_inputs: B.Inputs) -> tuple[tuple, dict[str, Any]]:
+    """``(args, kwargs)`` of the forward call :func:`slimkit.io.batch.call` makes with a batch:
+    a tensor or tuple gives positional arguments, a dict keyword ones."""
+    return B.call(lambda *args, **kwargs: (tuple(args), dict(kwargs)), example_inputs)
+
+
+def capture(model: nn.Module, example_inputs: B.Inputs) -> Any:
     """``torch.export`` the model in eval mode (its mode is restored afterwards).
+
+    Args:
+        model: the model.
+        example_inputs: one batch as the model takes it (see :mod:`slimkit.io.batch`): a
+            tensor, a tuple of positional inputs (``(x,)`` too) or a dict of keyword inputs.
 
     Raises:
         ModelError: the model cannot be captured; names the module and the exporter's complaint.
     """
+    args, kwargs = export_arguments(example_inputs)
     was_training = model.training
     model.eval()
     try:
-        return torch.export.export(model, tuple(example_inputs), strict=False)
+        return torch.export.export(model, args, kwargs=kwargs or None, strict=False)
     except Exception as exc:
         where = module_in_traceback(model, exc)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
@@ -205,8 +222,8 @@ def _walk(ep: Any, log: SplitLog) -> tuple[LabelSet, dict[str, Labels], set[int]
             env[node] = _apply_rule(ls, node, env, log, unsupported)
             for arr in _arrays(env[node]):
                 seen.update(arr[arr >= 0].tolist())
-        elif node.op == "output":
-            for arr in _arrays(_sub(node.args, env)):
+        elif node.op == "output":  # every output (tuple, dict, ModelOutput: flat here) keeps
+            for arr in _arrays(_sub(node.args, env)):  # its size, as a single one does
                 ls.lock(arr, "", "output", "model output")
     return ls, params, seen, unsupported
 
@@ -255,13 +272,14 @@ def _arrays(x: Any) -> list[np.ndarray]:
     return []
 
 
-def build_dependency_graph(model: nn.Module, example_inputs: Sequence[torch.Tensor],
+def build_dependency_graph(model: nn.Module, example_inputs: B.Inputs,
                            attention: str = "heads") -> DependencyGraph:
     """Capture ``model`` and group its coupled channels.
 
     Args:
         model: any ``torch.export``-able module (not modified).
-        example_inputs: one batch of inputs, as the model's forward takes them.
+        example_inputs: one batch of inputs, as the model's forward takes them: a tensor, a
+            tuple of positional inputs or a dict of keyword inputs (:mod:`slimkit.io.batch`).
         attention: ``"heads"``: attention is pruned by whole heads; ``"head_dims"``: by
             position inside every head (all heads keep one, smaller, head size).
 
@@ -428,13 +446,13 @@ def _dedupe(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     return out
 
 
-def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor],
+def analyze(model: nn.Module, example_inputs: B.Inputs,
             attention: str = "heads") -> dict[str, Any]:
     """What structured pruning could do to ``model``, before any work starts.
 
     Args:
         model: the model (not modified).
-        example_inputs: one batch of inputs.
+        example_inputs: one batch of inputs (a tensor, a tuple or a dict of tensors).
         attention: ``"heads"`` or ``"head_dims"`` (see :func:`build_dependency_graph`).
 
     Returns:
@@ -464,4 +482,4 @@ def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor],
 
 
 __all__ = ["STATIC", "DependencyGraph", "Group", "Member", "analyze", "build_dependency_graph",
-           "capture", "module_in_traceback"]
+           "capture", "export_arguments", "module_in_traceback"]

@@ -69,7 +69,9 @@ def save_graph(model: SlimModel, path: Path) -> None:
     """
     hollow = copy.deepcopy(model.module)
     with torch.no_grad():
-        for t in [*hollow.parameters(), *hollow.buffers()]:
+        # What the weights file restores is zeroed; a non-persistent buffer (HF's
+        # position_ids) is kept, since loading the weights would not bring it back.
+        for t in hollow.state_dict().values():
             t.zero_()
     raw = io.BytesIO()
     torch.export.save(export_program(model.copy(hollow)), raw)

@@ -20,6 +20,7 @@ from torch import nn
 from slimkit.core.errors import ConfigError, did_you_mean
 from slimkit.core.stages import register_rebuilder
 from slimkit.graph.select import select_layers
+from slimkit.io import batch as B
 from slimkit.io.model import replace_module
 from slimkit.lowrank import matrix, tensor  # noqa: F401  (register the factorizers)
 from slimkit.lowrank.base import (
@@ -80,21 +81,24 @@ def _select(model: nn.Module, cfg: LowRankConfig) -> tuple[dict[str, nn.Module],
     return chosen, refused, skipped
 
 
-def capture_inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+def capture_inputs(model: nn.Module, names: list[str], x: B.Inputs) -> dict[str, torch.Tensor]:
     """The input each named layer sees on ``x`` (first call only), from one forward pass.
 
+    ``x`` is a batch as :func:`slimkit.io.batch.call` takes it (a tensor, a tuple or a dict).
     The model's train/eval flags are restored afterwards, so the caller's model is unchanged.
     """
     modules = dict(model.named_modules())
     seen: dict[str, torch.Tensor] = {}
 
     def hook(name: str) -> Callable:
-        def fn(_: nn.Module, args: tuple) -> None:
-            seen.setdefault(name, args[0].detach().clone())
+        def fn(_: nn.Module, args: tuple, kwargs: dict) -> None:
+            first = args[0] if args else next(iter(kwargs.values()), None)
+            if isinstance(first, torch.Tensor):
+                seen.setdefault(name, first.detach().clone())
         return fn
 
-    hooked_passes(model, [modules[n].register_forward_pre_hook(hook(n)) for n in names],
-                  [(x,)])
+    hooked_passes(model, [modules[n].register_forward_pre_hook(hook(n), with_kwargs=True)
+                          for n in names], [x])
     return seen
 
 
@@ -213,11 +217,13 @@ def plan_layer(name: str, layer: nn.Module, cfg: LowRankConfig,
     return entry, factors
 
 
-def build_plan(model: nn.Module, cfg: LowRankConfig, calib_x: torch.Tensor | None = None,
-               timing_x: torch.Tensor | None = None) -> tuple[dict, dict[str, Factors]]:
+def build_plan(model: nn.Module, cfg: LowRankConfig, calib_x: B.Inputs | None = None,
+               timing_x: B.Inputs | None = None) -> tuple[dict, dict[str, Factors]]:
     """The plan and the factors computed on the way (so applying need not recompute them).
 
     Args:
+        calib_x: the calibration batch (a tensor, a tuple or a dict, as
+            :func:`slimkit.io.batch.call` takes it).
         timing_x: input batch for ``check_latency`` (defaults to ``calib_x``).
     """
     chosen, refused, skipped = _select(model, cfg)
@@ -227,7 +233,7 @@ def build_plan(model: nn.Module, cfg: LowRankConfig, calib_x: torch.Tensor | Non
                           "give data (or calib_x)")
     need = list(chosen) if cfg.rank == "sensitivity" and calib_x is not None else []
     calib = capture_inputs(model, need, calib_x) if need else {}
-    timing = (capture_inputs(model, list(chosen), timing_x[: cfg.latency_batch])
+    timing = (capture_inputs(model, list(chosen), B.take(timing_x, slice(0, cfg.latency_batch)))
               if cfg.check_latency else {})
     layers, factors = dict(refused), {}
     with single_threaded_blas():
@@ -248,13 +254,14 @@ def build_plan(model: nn.Module, cfg: LowRankConfig, calib_x: torch.Tensor | Non
 
 
 def plan_lowrank(model: nn.Module, cfg: LowRankConfig,
-                 calib_x: torch.Tensor | None = None) -> dict:
+                 calib_x: B.Inputs | None = None) -> dict:
     """Choose a method and rank for every selected layer; ``model`` is not modified.
 
     Args:
         model: any module with Linear/Conv layers.
         cfg: the lowrank config.
-        calib_x: a calibration batch, needed by ``rank="sensitivity"`` and ``check_latency``.
+        calib_x: a calibration batch (a tensor, a tuple or a dict of model inputs), needed by
+            ``rank="sensitivity"`` and ``check_latency``.
 
     Returns:
         A JSON-serializable plan: ``{"layers": {name: {"method", "rank", "params_before",

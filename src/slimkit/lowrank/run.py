@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
 from slimkit.core.errors import ConfigError
@@ -15,6 +13,7 @@ from slimkit.core.stages import StageContext, register_stage
 from slimkit.data.bundle import DataBundle
 from slimkit.data.split import calibration_subset
 from slimkit.distill.run import finetune
+from slimkit.io import batch as B
 from slimkit.io.model import SlimModel, set_mode
 from slimkit.lowrank.config import LowRankConfig
 from slimkit.lowrank.plan import apply_in_place, build_plan
@@ -22,7 +21,7 @@ from slimkit.measure import verify_finite
 from slimkit.measure.counts import count_flops, count_params
 
 
-def _flops(model: nn.Module, example: Sequence[torch.Tensor] | None) -> dict | None:
+def _flops(model: nn.Module, example: B.Inputs | None) -> dict | None:
     return None if example is None else count_flops(model, example)
 
 
@@ -70,7 +69,7 @@ def _totals(record: Record, model: nn.Module, new: nn.Module, before: dict | Non
 
 def _lowrank(model: nn.Module, cfg: LowRankConfig, data: DataBundle | None = None,
              teacher: nn.Module | None = None, progress: bool = False,
-             example_inputs: Sequence[torch.Tensor] | None = None) -> tuple[nn.Module, Record]:
+             example_inputs: B.Inputs | None = None) -> tuple[nn.Module, Record]:
     """Factorize a copy of ``model``'s Linear/Conv layers; ``model`` itself is left untouched.
 
     Each selected layer is replaced by an ``nn.Sequential`` of smaller layers at the same
@@ -84,7 +83,8 @@ def _lowrank(model: nn.Module, cfg: LowRankConfig, data: DataBundle | None = Non
         teacher: for ``finetune.distill``; defaults to the original ``model``.
         progress: show the fine-tuning progress bar.
         example_inputs: inputs for FLOPs, verification and the latency check when no data
-            is given (``data.example_inputs(1)`` otherwise).
+            is given (``data.example_inputs(1)`` otherwise): a tuple or a dict of tensors as
+            :func:`slimkit.io.batch.call` takes them.
 
     Returns:
         The factorized copy and a Record: per layer the method, rank, params and FLOPs
@@ -105,12 +105,12 @@ def _lowrank(model: nn.Module, cfg: LowRankConfig, data: DataBundle | None = Non
     work = copy.deepcopy(model)
     calib = calibration_subset(data, cfg.calib_samples, cfg.seed) if data is not None else None
     example = data.example_inputs(1) if data is not None else example_inputs
-    timing = calib if calib is not None else (example[0] if example is not None else None)
+    timing = calib if calib is not None else example
     plan, factors = build_plan(work, cfg, calib, timing)
     before = _flops(work, example)
     apply_in_place(work, plan, factors)
     after = _flops(work, example)
-    verify_finite(work, tuple(example) if example is not None else None, "lowrank")
+    verify_finite(work, example, "lowrank")
     record = _record(plan, before, after)
     record.details["totals"] = _totals(record, model, work, before, after)
     if cfg.finetune is not None and cfg.finetune.epochs > 0:

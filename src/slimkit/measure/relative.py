@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from slimkit.io import batch as B
 from slimkit.measure.counts import count_flops, count_params
 from slimkit.measure.latency import time_interleaved, torch_runner
 
@@ -27,7 +28,7 @@ def fractions_of(base: nn.Module, keys: Sequence[str], example: tuple[torch.Tens
         >>> frac = fractions_of(net, ["flops", "latency"], (torch.randn(1, 3, 32, 32),))
         >>> frac["flops"](pruned)  # 0.5 = half the FLOPs
     """
-    inputs = [tuple(t[torch.arange(b) % len(t)] for t in example) for b in batches or []]
+    inputs = [B.take(example, torch.arange(b) % B.size(example)) for b in batches or []]
 
     def latency(m: nn.Module) -> float:
         return max(_latency_ratio(base, m, x, threads) for x in inputs or [example])

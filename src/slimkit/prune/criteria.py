@@ -31,6 +31,7 @@ from torch import nn
 
 from slimkit.core.registry import Registry
 from slimkit.graph.dependency import Group, Member
+from slimkit.io import batch as B
 
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
@@ -118,9 +119,13 @@ def random(inp: ScoreInputs) -> np.ndarray:
     return np.random.default_rng(inp.seed * 100_003 + inp.group.id).random(inp.group.size)
 
 
-def taylor_grads(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+def taylor_grads(model: nn.Module, batches: list[tuple[B.Inputs, torch.Tensor | None]],
                  ) -> dict[str, torch.Tensor]:
     """``sum over batches |grad * w|`` for every parameter (cross-entropy loss on the labels).
+
+    Each batch's inputs are as the model takes them (:mod:`slimkit.io.batch`); the loss is on
+    the judged output (:func:`slimkit.io.batch.select`): cross-entropy where it is
+    ``[batch, classes]`` logits and labels are given, else its mean square.
 
     The model is used in eval mode (BatchNorm statistics are not updated); its weights and any
     gradients it held before are left as they were.
@@ -133,7 +138,7 @@ def taylor_grads(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tenso
     try:
         for x, y in batches:
             model.zero_grad(set_to_none=True)
-            out = model(x)
+            out = B.select(B.call(model, x))
             loss = torch.nn.functional.cross_entropy(out, y) if y is not None and \
                 out.dim() == 2 else out.float().pow(2).mean()
             loss.backward()

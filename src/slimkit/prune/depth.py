@@ -8,7 +8,8 @@ layer prune, that is the question", ACCV 2020). :mod:`slimkit.graph.branches` fi
 branches; here they are scored, chosen and removed.
 
 Importance of a branch: how much the model's output changes without it, on calibration inputs,
-``||y_without - y||^2 / ||y||^2`` (the lesion measure of Veit et al. 2016; label-free).
+``||y_without - y||^2 / ||y||^2`` (the lesion measure of Veit et al. 2016; label-free), averaged
+over the outputs of a model that has several.
 
 Removal rewrites only the module that holds the add: its forward is re-traced with ``torch.fx``
 and becomes a ``GraphModule`` with the same class name, the same child module names (so
@@ -28,6 +29,7 @@ from torch import nn
 
 from slimkit.core.errors import ConfigError, ModelError
 from slimkit.graph.branches import Branch, find_branches, trace_module
+from slimkit.io import batch as B
 from slimkit.io.model import modes_kept, replace_module
 
 
@@ -85,31 +87,45 @@ def remove_branches(model: nn.Module, branches: Sequence[dict[str, Any]]) -> nn.
     return model
 
 
-def output_change(model: nn.Module, inputs: tuple[torch.Tensor, ...],
-                  reference: torch.Tensor) -> float:
+def output_change(model: nn.Module, inputs: B.Inputs, reference: Any) -> float:
     """``||model(inputs) - reference||^2 / ||reference||^2`` in float64, in eval mode.
 
-    A NaN or Inf output counts as an infinite change (never the smallest).
+    For a model with several outputs (a tuple, a dict, a ``ModelOutput``), the mean of that
+    relative change over every output (:func:`slimkit.io.batch.flatten`), so each output
+    counts alike whatever its scale. A NaN or Inf output counts as an infinite change (never
+    the smallest).
+
+    Args:
+        model: the model (its modes are restored).
+        inputs: a batch as the model takes it (:mod:`slimkit.io.batch`).
+        reference: the outputs to compare with, as the model returns them.
 
     Raises:
-        ModelError: the model does not return one tensor.
+        ModelError: the model returns no tensor, or other outputs than ``reference``.
     """
     with modes_kept(model), torch.no_grad():
-        out = model.eval()(*inputs)
-    if not isinstance(out, torch.Tensor):
-        raise ModelError(f"output change needs a model that returns one tensor; "
-                         f"{type(model).__name__} returned {type(out).__name__}")
-    out, ref = out.double(), reference.double()
-    change = float(((out - ref) ** 2).sum()) / (float((ref ** 2).sum()) or 1.0)
+        out = B.flatten(B.call(model.eval(), inputs))
+    ref = B.flatten(reference)
+    if not ref or list(out) != list(ref):
+        raise ModelError(f"output change needs the outputs {list(ref)} of the reference; "
+                         f"{type(model).__name__} returned {list(out) or 'no tensor'}")
+    changes = []
+    for name, r in ref.items():
+        o, r = out[name].double(), r.double()
+        if o.shape != r.shape:
+            return math.inf
+        changes.append(float(((o - r) ** 2).sum()) / (float((r ** 2).sum()) or 1.0))
+    change = sum(changes) / len(changes)
     return change if math.isfinite(change) else math.inf
 
 
 def score_branches(model: nn.Module, branches: Sequence[Branch],
-                   inputs: tuple[torch.Tensor, ...]) -> list[float]:
-    """Relative output change ``||y_without - y||^2 / ||y||^2`` of removing each branch alone."""
+                   inputs: B.Inputs) -> list[float]:
+    """Relative output change ``||y_without - y||^2 / ||y||^2`` of removing each branch alone
+    (every output counts, see :func:`output_change`)."""
     scores = []
     with modes_kept(model), torch.no_grad():
-        ref = model.eval()(*inputs)
+        ref = B.call(model.eval(), inputs)
         for b in branches:
             module = model.get_submodule(b.module)
             trial = replace_module(model, b.module, _shallow(module, [b.as_dict()], b.module))
@@ -120,16 +136,15 @@ def score_branches(model: nn.Module, branches: Sequence[Branch],
     return scores
 
 
-def rank_branches(model: nn.Module, example: tuple[torch.Tensor, ...],
-                  inputs: tuple[torch.Tensor, ...],
+def rank_branches(model: nn.Module, example: B.Inputs, inputs: B.Inputs,
                   excluded: Callable[[str], bool] | None = None,
                   ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Removable branches, least important first, each with its ``score``; and what was skipped.
 
     Args:
         model: the model (not modified).
-        example: inputs to find the branches with.
-        inputs: calibration inputs to score them on.
+        example: inputs to find the branches with (a batch as the model takes it).
+        inputs: calibration inputs to score them on (a batch as the model takes it).
         excluded: ``name -> bool``: branches touching such a module are kept (and reported).
     """
     found, skipped = find_branches(model, example)

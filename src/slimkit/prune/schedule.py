@@ -189,7 +189,7 @@ def _gradual_prune(model: nn.Module, cfg: GradualPruneConfig, data: DataBundle |
     if not layers:
         raise ConfigError(f"gradual_prune: no layer of types {cfg.layer_types} to prune after "
                           "include/exclude")
-    steps = total_steps(cfg.train, len(data.x_train))
+    steps = total_steps(cfg.train, data.n_train)
     planned = plan_schedule(cfg, steps)
     before = {name: sparsity(m.weight) for name, m in layers.items()}
     schedule = _Schedule(cfg, layers, planned)

@@ -15,6 +15,7 @@ from torch import nn
 
 from slimkit.core.errors import ConfigError
 from slimkit.data.bundle import DataBundle
+from slimkit.io import batch as B
 from slimkit.prune.config import SlimmingConfig
 from slimkit.train import fit
 from slimkit.train.objective import Objective
@@ -23,15 +24,16 @@ NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerN
 
 
 class NormScaleL1(Objective):
-    """Cross-entropy plus ``penalty * sum(|gamma|)`` over the model's normalization scales."""
+    """Cross-entropy (on the judged output) plus ``penalty * sum(|gamma|)`` over the model's
+    normalization scales."""
 
     def __init__(self, penalty: float) -> None:
         super().__init__()
         self.penalty = penalty
 
-    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+    def forward(self, model: nn.Module, x: B.Inputs, y: torch.Tensor,
                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        logits = model(x)
+        logits = B.select(B.call(model, x))
         ce = nn.functional.cross_entropy(logits, y)
         l1 = sum(m.weight.abs().sum() for m in model.modules()
                  if isinstance(m, NORMS) and getattr(m, "weight", None) is not None)

@@ -141,7 +141,7 @@ def _sparse_train(model: nn.Module, cfg: SparseTrainConfig, data: DataBundle | N
     held = MaskedWeights(layers, magnitude_masks(weights, {n: 1 - d for n, d in
                                                            densities.items()}))
     held.apply()
-    end = int(cfg.end_fraction * total_steps(cfg.train, len(data.x_train)))
+    end = int(cfg.end_fraction * total_steps(cfg.train, data.n_train))
     updates: list[dict[str, Any]] = []
     state = {"step": 0}
 

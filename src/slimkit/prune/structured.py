@@ -52,7 +52,6 @@ Example:
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +64,7 @@ from slimkit.core.record import Record
 from slimkit.core.stages import StageContext, register_stage
 from slimkit.data.bundle import DataBundle
 from slimkit.distill.run import finetune
+from slimkit.io import batch as B
 from slimkit.io.model import SlimModel, modes_kept
 from slimkit.prune.slimming import slimming_train
 from slimkit.prune.structured_config import TARGET_KEYS, StructuredPruneConfig
@@ -133,7 +133,7 @@ class _Pruned:
 
 
 def _orchestrate(model: nn.Module, cfg: StructuredPruneConfig, data: DataBundle | None,
-                 example: tuple[torch.Tensor, ...], ratio: float | None = None,
+                 example: B.Inputs, ratio: float | None = None,
                  training: _Training | None = None) -> _Pruned:
     """Structured pruning, the one way: plan -> apply (-> fine-tune), step by step.
 
@@ -193,7 +193,7 @@ def _goal(cfg: StructuredPruneConfig, ratio: float | None, target: Target | None
 
 def plan_structured(model: nn.Module, cfg: StructuredPruneConfig,
                     data: DataBundle | None = None,
-                    example_inputs: Sequence[torch.Tensor] | None = None,
+                    example_inputs: B.Inputs | None = None,
                     ratio: float | None = None) -> dict[str, Any]:
     """Plan which channels to keep, for ``cfg.ratio``, ``cfg.target`` or the given ``ratio``.
 
@@ -205,7 +205,9 @@ def plan_structured(model: nn.Module, cfg: StructuredPruneConfig,
             and the plan gets a ``target`` entry (ratio, achieved, asked, reached). ``steps``,
             ``slimming`` and ``finetune`` are ignored here (see :func:`structured_prune`).
         data: calibration data (needed by ``taylor``).
-        example_inputs: inputs to trace with (default: two training samples of ``data``).
+        example_inputs: inputs to trace with, as the model takes them (a tuple of positional
+            inputs, ``(x,)``, or a dict of keyword ones; default: two training samples of
+            ``data``).
         ratio: overrides ``cfg.ratio``.
 
     Returns:
@@ -240,8 +242,10 @@ def structured_prune(model: SlimModel, cfg: StructuredPruneConfig,
     """Remove whole channels/heads/conv groups/blocks from a copy of ``model``; verify it.
 
     Args:
-        model: any ``torch.export``-able module, wrapped (left untouched); its example inputs
-            (batch 2) trace and verify.
+        model: any ``torch.export``-able module, wrapped (left untouched), with any inputs
+            (a tensor, a tuple, a dict) and outputs (a tensor, a tuple, a dict, a
+            ``ModelOutput``); its example inputs (batch 2) trace and verify. Channels reaching
+            any output keep their sizes.
         cfg: the config (ratio or target, criterion, allocation, rounding, selection...).
         ctx: ``data`` for ``taylor``, block scores and ``finetune``; ``teacher`` for
             ``finetune.distill`` (default: the unpruned model); ``progress``; ``workdir``
@@ -261,7 +265,7 @@ def structured_prune(model: SlimModel, cfg: StructuredPruneConfig,
     Raises:
         ConfigError: bad selectors (naming the closest layer), taylor or finetune without data.
         ModelError: the model cannot be captured, or the pruned model fails / gives NaN/Inf /
-            changes its output shape on the example inputs (naming the reason).
+            changes an output's shape on the example inputs (naming the reason).
 
     Example:
         >>> small, rec = structured_prune(model, StructuredPruneConfig(target={"flops": 0.5}))
@@ -273,11 +277,11 @@ def structured_prune(model: SlimModel, cfg: StructuredPruneConfig,
         raise ConfigError("structured_prune: finetune needs data (give --data)")
     teacher = module if ctx.teacher_module is None else ctx.teacher_module
     with modes_kept(module):  # measuring switches modes; the user's model keeps its own
-        ref_shape = _forward(module, example).shape
+        shapes = _shapes(_forward(module, example))
         pruned = _orchestrate(module, cfg, ctx.data, example,
                               training=_Training(teacher, ctx.progress, ctx.workdir))
         result = copy.deepcopy(module) if pruned.model is module else pruned.model
-        _verify(result, example, ref_shape)
+        _verify(result, example, shapes)
         record = _record(module, result, example, pruned, cfg)
     # The architecture changed: the artifact rebuilds it by replaying each plan.
     record.transforms += [("structured_prune", p) for p in record.details["plans"]
@@ -285,7 +289,7 @@ def structured_prune(model: SlimModel, cfg: StructuredPruneConfig,
     return model.copy(result), record
 
 
-def _record(original: nn.Module, result: nn.Module, example: tuple[torch.Tensor, ...],
+def _record(original: nn.Module, result: nn.Module, example: B.Inputs,
             pruned: _Pruned, cfg: StructuredPruneConfig) -> Record:
     record = base_record(pruned.base, result, example,
                          [pruned.plan(i) for i in range(len(pruned.raw_plans))])
@@ -302,41 +306,57 @@ def _record(original: nn.Module, result: nn.Module, example: tuple[torch.Tensor,
     return record
 
 
-def _example(data: DataBundle | None,
-             example_inputs: Sequence[torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
+def _example(data: DataBundle | None, example_inputs: B.Inputs | None) -> B.Inputs:
+    """The batch to trace, measure and verify with: the given one, else two training samples
+    (as the model takes them: one tensor in a tuple, or the data's tuple or dict)."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
     if example_inputs is not None:
-        return tuple(example_inputs)
+        return example_inputs if isinstance(example_inputs, dict) else tuple(example_inputs)
     if data is not None:
-        return (data.x_train[:2],)
+        x = B.take(data.x_train, slice(0, 2))
+        return x if isinstance(x, tuple | dict) else (x,)
     raise ConfigError("structured_prune needs example_inputs (or data) to trace the model")
 
 
-def _forward(model: nn.Module, example: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def _forward(model: nn.Module, example: B.Inputs) -> dict[str, torch.Tensor]:
+    """Every output tensor of one eval-mode pass, by name (:func:`slimkit.io.batch.flatten`)."""
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(*example)
+            out = B.flatten(B.call(model, example))
     finally:
         model.train(was)
-    if not isinstance(out, torch.Tensor):
-        raise ModelError(f"structured_prune needs a model returning one tensor, got "
-                         f"{type(out).__name__}")
+    if not out:
+        raise ModelError("structured_prune needs a model that returns at least one tensor; "
+                         f"{type(model).__name__} returned none")
     return out
 
 
-def _verify(model: nn.Module, example: tuple[torch.Tensor, ...],
-            shape: torch.Size) -> None:
-    """Forward pass, NaN/Inf check, output shape unchanged."""
+def _shapes(outputs: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in outputs.items()}
+
+
+def _verify(model: nn.Module, example: B.Inputs, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Forward pass, NaN/Inf check, every output's shape unchanged."""
     try:
         out = _forward(model, example)
     except Exception as exc:
         raise pruned_failure(model, exc) from exc
-    if out.shape != shape:
-        raise ModelError(f"pruning changed the output shape {tuple(shape)} -> "
-                         f"{tuple(out.shape)}")
-    if not torch.isfinite(out).all():
-        raise ModelError("the pruned model produced NaN/Inf on the example inputs")
+    got = _shapes(out)
+    if got != shapes:
+        if list(got) != list(shapes):
+            raise ModelError(f"pruning changed the model's outputs {list(shapes)} -> "
+                             f"{list(got)}")
+        name = next(k for k in shapes if got[k] != shapes[k])
+        which = "" if list(shapes) == ["output"] else f" of output '{name}'"
+        raise ModelError(f"pruning changed the output shape{which} {shapes[name]} -> "
+                         f"{got[name]}")
+    bad = [k for k, v in out.items() if not torch.isfinite(v).all()]
+    if bad:
+        which = "" if list(out) == ["output"] else f" (output '{bad[0]}')"
+        raise ModelError(f"the pruned model produced NaN/Inf on the example inputs{which}")
 
 
 __all__ = ["PLAN_FORMAT", "TARGET_KEYS", "StructuredPruneConfig", "Target", "apply_structured",

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimkit.io import batch as B
 from slimkit.io.model import modes_kept
 from slimkit.prune.depth import output_change, rank_branches, without_branches
 from slimkit.prune.structured_plan import Job, calib_indices
@@ -45,7 +46,7 @@ class Depth:
 def prune_depth(model: nn.Module, job: Job, target: Target | None) -> Depth:
     """Remove the residual branches ``job.cfg.blocks`` asks for (see :class:`Depth`)."""
     cfg, data, example = job.cfg, job.data, job.example
-    inputs = (data.x_train[calib_indices(data, cfg)],) if data is not None else example
+    inputs = (B.take(data.x_train, calib_indices(data, cfg)),) if data is not None else example
     ranked, skipped = rank_branches(model, example, inputs, job.selection.covers)
     trials: list[dict[str, Any]] = []
     step, judge = None, None
@@ -62,7 +63,7 @@ def prune_depth(model: nn.Module, job: Job, target: Target | None) -> Depth:
 
 
 def auto_blocks(model: nn.Module, job: Job, ranked: list[dict[str, Any]], target: Target,
-                trials: list[dict], inputs: tuple[torch.Tensor, ...]) -> tuple[int, Step, str]:
+                trials: list[dict], inputs: B.Inputs) -> tuple[int, Step, str]:
     """How many blocks to remove: of the ways to meet every target, the one that changes least.
 
     For k = 0, 1, ... blocks (least important first), channels are pruned to the flops/params
@@ -117,13 +118,13 @@ def auto_blocks(model: nn.Module, job: Job, ranked: list[dict[str, Any]], target
     return best[1], best[2], judge
 
 
-def _judge(model: nn.Module, job: Job, inputs: tuple[torch.Tensor, ...],
+def _judge(model: nn.Module, job: Job, inputs: B.Inputs,
            ) -> Callable[[nn.Module], float] | None:
     """``candidate -> output change`` on the calibration inputs, or None without data."""
     if job.data is None:
         return None
     with modes_kept(model), torch.no_grad():
-        reference = model.eval()(*inputs)
+        reference = B.call(model.eval(), inputs)
 
     def change(candidate: nn.Module) -> float:
         candidate = copy.deepcopy(candidate)  # the statistics it returns with stay as pruned

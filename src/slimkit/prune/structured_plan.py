@@ -28,6 +28,7 @@ from slimkit.graph.dependency import (
     module_in_traceback,
 )
 from slimkit.graph.select import select_layers
+from slimkit.io import batch as B
 from slimkit.prune.allocate import ALLOCATORS, AllocRequest
 from slimkit.prune.criteria import CRITERIA, ScoreInputs, taylor_grads
 from slimkit.prune.depth import remove_branches
@@ -79,13 +80,14 @@ class Job:
     Attributes:
         cfg: the config.
         data: calibration data (``taylor``, block scores), or None.
-        example: the inputs the model is traced, measured and verified with.
+        example: the inputs the model is traced, measured and verified with (a batch as the
+            model takes it: a tuple of positional inputs or a dict of keyword ones).
         selection: ``include``/``exclude`` resolved on the model being pruned.
     """
 
     cfg: StructuredPruneConfig
     data: DataBundle | None
-    example: tuple[torch.Tensor, ...]
+    example: B.Inputs
     selection: Selection
 
 
@@ -128,9 +130,9 @@ def _calibration(model: nn.Module, data: DataBundle | None, cfg: StructuredPrune
         raise ConfigError("structured_prune: criterion 'taylor' needs calibration data "
                           "(give data / --data)")
     idx = calib_indices(data, cfg)
-    x, y = data.x_train[idx], data.y_train[idx]
+    x, y = B.take(data.x_train, idx), data.y_train[idx]
     bs = cfg.calib_batch_size
-    batches = [(x[i:i + bs], y[i:i + bs]) for i in range(0, len(x), bs)]
+    batches = [(B.take(x, slice(i, i + bs)), y[i:i + bs]) for i in range(0, B.size(x), bs)]
     return taylor_grads(model, batches)
 
 

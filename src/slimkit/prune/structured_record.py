@@ -15,12 +15,13 @@ import torch
 from torch import nn
 
 from slimkit.core.record import Record
+from slimkit.io import batch as B
 from slimkit.prune.hf_config import sync_hf_config
 from slimkit.prune.structured_depth import Depth
 from slimkit.prune.structured_target import Target
 
 
-def base_record(original: nn.Module, pruned: nn.Module, example: tuple[torch.Tensor, ...],
+def base_record(original: nn.Module, pruned: nn.Module, example: B.Inputs,
                 plans: list[dict[str, Any]]) -> Record:
     """Layers resized, params/FLOPs before and after, the plans and the skipped entries."""
     from slimkit.measure.counts import count_flops, count_params

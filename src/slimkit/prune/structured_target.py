@@ -13,9 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-import torch
 from torch import nn
 
+from slimkit.io import batch as B
 from slimkit.measure.relative import Fractions, fractions_of
 from slimkit.prune.allocate import SearchResult, search_ratio
 from slimkit.prune.structured_config import StructuredPruneConfig
@@ -63,7 +63,7 @@ class Target:
                                     for k, f in self.asked.items()})
 
 
-def make_target(cfg: StructuredPruneConfig, example: tuple[torch.Tensor, ...],
+def make_target(cfg: StructuredPruneConfig, example: B.Inputs,
                 base: nn.Module) -> Target | None:
     """The measurements of ``cfg.target`` as fractions of ``base`` (None in ratio mode)."""
     if cfg.target is None:

@@ -18,13 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimkit.io import batch as B
 from slimkit.core.errors import ConfigError, did_you_mean
 from slimkit.core.record import Record
 from slimkit.core.stages import StageContext, register_rebuilder, register_stage
 from slimkit.data.bundle import DataBundle
 from slimkit.data.split import calibration_subset
 from slimkit.graph.select import select_layers
+from slimkit.io import batch as B
 from slimkit.io.model import SlimModel, replace_module, set_mode
 from slimkit.measure import verify_finite
 from slimkit.quant.calibrate import batches_of, check_calibration_inputs, hooked_passes

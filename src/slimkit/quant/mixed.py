@@ -31,13 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimkit.io import batch as B
 from slimkit.core.errors import ConfigError
 from slimkit.core.record import Record
 from slimkit.core.stages import StageContext, register_stage
 from slimkit.data.bundle import DataBundle
 from slimkit.data.split import calibration_subset, split_indices
 from slimkit.graph.select import select_layers
+from slimkit.io import batch as B
 from slimkit.io.model import SlimModel, set_mode
 from slimkit.measure.quality import predict
 from slimkit.quant.calibrate import calibrate_inputs, check_calibration

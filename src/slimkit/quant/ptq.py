@@ -31,6 +31,7 @@ from slimkit.data.bundle import DataBundle
 from slimkit.data.split import calibration_subset
 from slimkit.graph.chains import output_links
 from slimkit.graph.select import select_layers
+from slimkit.io import batch as B
 from slimkit.io.model import SlimModel, set_mode
 from slimkit.measure import verify_finite
 from slimkit.quant.calibrate import collect
@@ -47,9 +48,9 @@ def _calibration_data(data: DataBundle | torch.Tensor | None, cfg: PtqConfig) ->
         raise DataError("ptq needs calibration data: give a dataset (--data) or a tensor")
     if isinstance(data, DataBundle):
         return calibration_subset(data, cfg.num_samples, cfg.seed)
-    if len(data) == 0:
+    if not B.leaves(data) or B.size(data) == 0:
         raise DataError("ptq: the calibration tensor is empty")
-    return data[: cfg.num_samples]
+    return B.take(data, slice(0, cfg.num_samples))
 
 
 def act_spec(cfg: PtqConfig) -> QuantSpec:
@@ -207,12 +208,12 @@ def _ptq(model: nn.Module, cfg: PtqConfig, data: DataBundle | torch.Tensor | Non
                         "(tiny input scale: constant calibration data?); clipped"}
                        for n, ql in wrapped.items() if snap_bias(ql)]
     freeze(m)
-    verify_finite(m, (calib[: cfg.batch_size],), "ptq")
+    verify_finite(m, (B.take(calib, slice(0, cfg.batch_size)),), "ptq")
     record.details["layers"] = {n: _describe(n, wrapped[n], layers[n], cfg) for n in wrapped}
     record.changed += [f"{n}: int{wrapped[n].weight_fq.bits} weights ({cfg.weight_granularity}), "
                        f"{cfg.activations} activations ({cfg.calibration})" for n in wrapped]
     record.details.update({"plan": {"layers": plan, "frozen": True}, "bn_pairs": pairs,
-                           "calibration": cfg.calibration, "num_samples": len(calib)})
+                           "calibration": cfg.calibration, "num_samples": B.size(calib)})
     return m, record
 
 
@@ -225,12 +226,27 @@ def _prepare(m: nn.Module, cfg: PtqConfig, calib: torch.Tensor, record: Record) 
         details["equalized"] = equalize(m)
         record.changed += [f"{a} / {b}: equalized" for a, b in details["equalized"]]
     if cfg.smoothquant:
-        from slimkit.quant.smoothquant import smooth
-
-        details["smoothed"] = smooth(m, calib, cfg.smoothquant_alpha, cfg.batch_size)
-        record.changed += [f"{n}: smoothed (alpha {cfg.smoothquant_alpha})"
-                           for n in details["smoothed"]]
+        details["smoothed"] = _smoothquant(m, cfg, calib, record)
     return details
+
+
+def _smoothquant(m: nn.Module, cfg: PtqConfig, calib: torch.Tensor,
+                 record: Record) -> dict[str, str]:
+    """SmoothQuant on the Linear layers PTQ will quantize; each one it cannot smooth is
+    recorded as skipped with the reason (the option never goes silently unused)."""
+    from slimkit.quant.smoothquant import smooth
+
+    targets = set(select_layers(m, ("Linear",), cfg.include, cfg.exclude)[0])
+    if not targets:
+        record.skipped.append({"what": "smoothquant", "why": "SmoothQuant moves Linear input "
+                               "outliers into weights, and no Linear layer is quantized here "
+                               "(none in the model, or none left by include/exclude)"})
+        return {}
+    smoothed, skipped = smooth(m, calib, cfg.smoothquant_alpha, cfg.batch_size, targets)
+    record.changed += [f"{n}: input smoothed into {src} (SmoothQuant, alpha "
+                       f"{cfg.smoothquant_alpha})" for n, src in smoothed.items()]
+    record.skipped += skipped
+    return smoothed
 
 
 @register_stage(PtqConfig)

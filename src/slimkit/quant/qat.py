@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slimkit.io import batch as B
 from slimkit.core.errors import ConfigError
 from slimkit.core.record import Record
 from slimkit.core.stages import StageContext, register_stage
@@ -39,6 +38,7 @@ from slimkit.data.bundle import DataBundle
 from slimkit.data.split import calibration_subset
 from slimkit.distill.run import finetune
 from slimkit.graph.select import select_layers
+from slimkit.io import batch as B
 from slimkit.io.model import SlimModel, set_mode
 from slimkit.measure import verify_finite
 from slimkit.quant.calibrate import calibrate_inputs, check_calibration
@@ -275,7 +275,8 @@ def _qat(model: nn.Module, cfg: QatConfig, data: DataBundle,
                        label="qat", checkpoint_dir=checkpoint_dir)
     acc["trained_fake_quant"] = evaluate(work, data.x_test, data.y_test)
     plan, packed_plan, rows = _convert(work, layers, cfg)
-    verify_finite(work, (B.take(calib, slice(0, 8)),), "qat", hint="; lower the learning rate or use more bits")
+    verify_finite(work, (B.take(calib, slice(0, 8)),), "qat",
+                  hint="; lower the learning rate or use more bits")
     acc["after"] = evaluate(work, data.x_test, data.y_test)
     record = Record(skipped=skipped, details={"plan": plan, "packed_plan": packed_plan,
                                               "accuracy": acc, "finetune": history})

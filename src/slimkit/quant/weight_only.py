@@ -24,9 +24,10 @@ from slimkit.core.stages import StageContext, register_rebuilder, register_stage
 from slimkit.data.bundle import DataBundle
 from slimkit.data.split import calibration_subset
 from slimkit.graph.select import select_layers
+from slimkit.io import batch as B
 from slimkit.io.model import SlimModel, replace_module, set_mode
 from slimkit.measure import verify_finite
-from slimkit.quant.calibrate import check_calibration_inputs
+from slimkit.quant.calibrate import batches_of, check_calibration_inputs
 from slimkit.quant.config import WeightOnlyConfig
 from slimkit.quant.gptq import collect_hessians, gptq_quantize, output_error
 from slimkit.quant.packed import (
@@ -121,8 +122,7 @@ def _quantize_layer(layer: nn.Module, e: dict, cfg: WeightOnlyConfig,
     return packed, stats
 
 
-def _calibration(cfg: WeightOnlyConfig, data: DataBundle | None,
-                 calib_x: torch.Tensor | None) -> torch.Tensor | None:
+def _calibration(cfg: WeightOnlyConfig, data: DataBundle | None, calib_x: Any) -> Any:
     if calib_x is None and data is not None:
         calib_x = calibration_subset(data, cfg.calib_samples, cfg.seed)
     if calib_x is None:
@@ -155,7 +155,7 @@ def _select(model: nn.Module, cfg: WeightOnlyConfig) -> tuple[dict[str, nn.Modul
 
 def _weight_only_quant(model: nn.Module, cfg: WeightOnlyConfig, data: DataBundle | None = None,
                        example_inputs: Sequence[torch.Tensor] | None = None,
-                       calib_x: torch.Tensor | None = None) -> tuple[nn.Module, Record]:
+                       calib_x: Any = None) -> tuple[nn.Module, Record]:
     """Replace a copy's Linear / Conv / Embedding layers by packed ones (``model`` untouched).
 
     Args:
@@ -164,7 +164,8 @@ def _weight_only_quant(model: nn.Module, cfg: WeightOnlyConfig, data: DataBundle
         data: calibration data (``cfg.calib_samples`` stratified training samples); needed by
             GPTQ, optional for RTN (then used to report each layer's output error).
         example_inputs: inputs for the verification forward pass when no data is given.
-        calib_x: calibration inputs given directly (instead of ``data``).
+        calib_x: calibration inputs given directly (instead of ``data``): a tensor, tuple or
+            dict batch.
 
     Returns:
         The quantized copy and a Record: per layer bits, scheme, group size, padding, bytes
@@ -186,8 +187,7 @@ def _weight_only_quant(model: nn.Module, cfg: WeightOnlyConfig, data: DataBundle
     hess = {}
     linears = [n for n, m in chosen.items() if isinstance(m, nn.Linear)]
     if calib is not None and linears:
-        batches = [(calib[i:i + cfg.calib_batch],) for i in range(0, len(calib), cfg.calib_batch)]
-        hess = collect_hessians(work, linears, batches)
+        hess = collect_hessians(work, linears, batches_of(calib, cfg.calib_batch))
     plan = {"format": PLAN_FORMAT, "version": 1, "layers": {}}
     for name, layer in chosen.items():
         e = _entry(name, layer, cfg)
@@ -199,8 +199,8 @@ def _weight_only_quant(model: nn.Module, cfg: WeightOnlyConfig, data: DataBundle
         packed, stats = _quantize_layer(layer, e, cfg, hess.get(name))
         replace_module(work, name, packed)
         plan["layers"][name] = {**e, **stats,
-                                "calibration_samples": None if calib is None else len(calib)}
-    example = (calib[:2],) if calib is not None else example_inputs
+                                "calibration_samples": None if calib is None else B.size(calib)}
+    example = (B.take(calib, slice(0, 2)),) if calib is not None else example_inputs
     verify_finite(work, example, "weight_only_quant")
     set_mode(work, model.training)
     return work, _record(plan, skipped)

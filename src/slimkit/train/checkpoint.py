@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from slimkit.io import batch as B
 from slimkit.core.errors import ModelLoadError, ResumeError
 from slimkit.core.files import atomic_path
 from slimkit.core.hashing import update_with_state, update_with_tensor
+from slimkit.io import batch as B
 
 CHECKPOINT = "train-checkpoint.pt"
 
