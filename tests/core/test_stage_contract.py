@@ -185,6 +185,29 @@ def _hf_classifier() -> SlimModel:
                 dynamic_axes={"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}})
 
 
+def _hf_encoder() -> SlimModel:
+    """A tiny BERT encoder as ``AutoModel`` gives it: last_hidden_state judged (embeddings)."""
+    from transformers import BertConfig, BertModel
+
+    from slimkit.api import wrap
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)
+    return wrap(BertModel(config).eval(), name="hf_encoder")
+
+
+def _hf_lm() -> SlimModel:
+    """A tiny GPT-2 causal LM as ``AutoModelForCausalLM`` gives it: logits [B, T, V] judged."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from slimkit.api import wrap
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32)
+    return wrap(GPT2LMHeadModel(config).eval(), name="hf_lm")
+
+
 MODELS = {
     "residual_cnn": lambda: _custom(ResidualCNN),
     "concat_split": lambda: _custom(ConcatSplit),
@@ -201,7 +224,12 @@ MODELS = {
         output="logits", dynamic_axes={"input_ids": {1: "sequence"},
                                        "attention_mask": {1: "sequence"}}),
     "hf_bert": _hf_classifier,
+    "hf_encoder": _hf_encoder,
+    "hf_lm": _hf_lm,
 }
+
+# The task each model's data is for (classification when not listed).
+TASK = {"hf_encoder": "embedding", "hf_lm": "causal_lm"}
 
 # (kind, model) pairs that must refuse with a slimkit error whose message matches.
 UNSUPPORTED: dict[tuple[str, str], str] = {}
@@ -226,7 +254,7 @@ def _data(model: SlimModel) -> DataBundle:
             keep = torch.randint(3, spec.shape[0] + 1, (n, 1), generator=gen)
             return (torch.arange(spec.shape[0]) < keep).long()
         if spec.dtype.startswith("int"):
-            return torch.randint(0, 50, shape, generator=gen)
+            return torch.randint(0, min(50, spec.high or 50), shape, generator=gen)
         return torch.randn(shape, generator=gen)
 
     def x(n: int) -> Any:
@@ -235,6 +263,10 @@ def _data(model: SlimModel) -> DataBundle:
             return {spec.name: t for spec, t in zip(model.input_specs, tensors, strict=True)}
         return tuple(tensors) if model.input_style == "tuple" else tensors[0]
 
+    task = TASK.get(model.name, "classification")
+    if task != "classification":
+        return DataBundle(f"synthetic-{model.name}", x(96), torch.zeros(96, dtype=torch.long),
+                          x(32), torch.zeros(32, dtype=torch.long), 0, task=task)
     return DataBundle(f"synthetic-{model.name}", x(96), torch.randint(0, 10, (96,), generator=gen),
                       x(32), torch.randint(0, 10, (32,), generator=gen), 10)
 

@@ -18,7 +18,11 @@ class DataBundle:
             (float32, or int64 tokens), or a tuple or dict of tensors for models that take
             several (``input_ids`` and ``attention_mask``), all with the sample first; see
             :mod:`slimkit.io.batch`.
-        num_classes: number of classes; labels lie in ``[0, num_classes)``.
+        num_classes: number of classes; labels lie in ``[0, num_classes)`` (0 when the task
+            has no classes).
+        task: what the model is for (:mod:`slimkit.measure.tasks`): ``classification``,
+            ``regression`` (float targets in ``y``), ``causal_lm`` or ``embedding`` (no
+            labels: ``y`` holds zeros).
         meta: free-form facts for the report (source, split seed, normalization).
     """
 
@@ -29,6 +33,7 @@ class DataBundle:
     y_test: torch.Tensor
     num_classes: int
     meta: dict = field(default_factory=dict)
+    task: str = "classification"
 
     @property
     def input_shape(self) -> tuple[int, ...]:

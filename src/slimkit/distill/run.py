@@ -27,8 +27,10 @@ from slimkit.distill.config import (  # noqa: F401  (also importable from here)
 from slimkit.distill.objective import build_objective
 from slimkit.io import batch as B
 from slimkit.io.model import SlimModel, modes_kept, set_mode
+from slimkit.measure.tasks import get_task
 from slimkit.train.config import TrainConfig
 from slimkit.train.loop import evaluate, fit
+from slimkit.train.objective import default_objective
 
 
 def _example(data: DataBundle) -> B.Inputs:
@@ -69,6 +71,8 @@ def finetune(model: nn.Module, data: DataBundle, cfg: TrainConfig,
         if distill_cfg.needs_teacher and teacher is None:
             raise ConfigError(f"{label}: distill needs a teacher model and none was given")
         objective = build_objective(model, teacher, distill_cfg, _example(data))
+    elif data.task != "classification":
+        objective = default_objective(data.task, teacher)
     return fit(model, data, cfg, objective=objective, after_step=after_step,
                checkpoint_dir=checkpoint_dir, progress=progress, label=label)
 
@@ -89,10 +93,19 @@ def _distill(student: nn.Module, teacher: nn.Module | None, data: DataBundle,
     student = copy.deepcopy(student)
     record = Record()
     details: dict[str, Any] = {}
+    # Top-1 for classification, else the task's primary metric (perplexity, cosine...).
+    metric = "top1" if data.task == "classification" else get_task(data.task).primary
+
+    def test(m: nn.Module) -> float:
+        return evaluate(m, data.x_test, data.y_test, task=data.task)
+
+    def shown(value: float) -> str:
+        return f"top-1 {value:.2%}" if metric == "top1" else f"{metric} {value:.4g}"
+
     if teacher is not None:
         with _judged(teacher_output):
-            details["teacher_top1"] = evaluate(teacher, data.x_test, data.y_test)
-    details["student_top1_before"] = evaluate(student, data.x_test, data.y_test)
+            details[f"teacher_{metric}"] = test(teacher)
+    details[f"student_{metric}_before"] = test(student)
     if assistant is not None:
         if teacher is None:
             raise ConfigError("distill: an assistant needs a teacher")
@@ -104,17 +117,17 @@ def _distill(student: nn.Module, teacher: nn.Module | None, data: DataBundle,
                 assistant, data, cfg.assistant.train, objective, progress=progress,
                 label="assistant",
                 checkpoint_dir=Path(checkpoint_dir) / "assistant" if checkpoint_dir else None)
-            details["assistant_top1"] = evaluate(assistant, data.x_test, data.y_test)
+            details[f"assistant_{metric}"] = test(assistant)
         record.changed.append(f"assistant {cfg.assistant.model} distilled from the teacher: "
-                              f"top-1 {details['assistant_top1']:.2%}")
+                              f"{shown(details[f'assistant_{metric}'])}")
         teacher, teacher_output = assistant, assistant_output
     objective = build_objective(student, teacher, cfg.loss, _example(data), teacher_output)
     details["student_train"] = fit(student, data, cfg.train, objective, progress=progress,
                                    label="distill", checkpoint_dir=checkpoint_dir)
-    details["student_top1"] = evaluate(student, data.x_test, data.y_test)
+    details[f"student_{metric}"] = test(student)
     record.changed.append(f"student distilled for {details['student_train']['steps']} steps: "
-                          f"top-1 {details['student_top1_before']:.2%} -> "
-                          f"{details['student_top1']:.2%}")
+                          f"{shown(details[f'student_{metric}_before'])} -> "
+                          f"{shown(details[f'student_{metric}']).split()[-1]}")
     record.details = details
     return student, record
 

@@ -59,8 +59,10 @@ def export_onnx(model: SlimModel, path: str | Path, opset: int = OPSET) -> Path:
                                   opset_version=18, external_data=False,
                                   dynamic_shapes=shapes if kwargs else tuple(shapes.values()))
             else:
-                # A dict batch goes last in ``args``: the exporter passes it as keywords.
-                args = (example,) if isinstance(example, dict) else example
+                args = example
+                if isinstance(example, dict):  # the named inputs alone become graph inputs
+                    module = _Keywords(module, input_names)
+                    args = tuple(example[n] for n in input_names)
                 torch.onnx.export(module, args, str(tmp), dynamo=False,
                                   opset_version=opset, input_names=input_names,
                                   output_names=output_names, dynamic_axes=axes)
@@ -76,22 +78,27 @@ def export_onnx(model: SlimModel, path: str | Path, opset: int = OPSET) -> Path:
     return path
 
 
+class _Keywords(torch.nn.Module):
+    """Positional inputs passed on as keywords: the graph takes exactly the named inputs (a
+    forward's other arguments, as GPT-2's ``logits_to_keep``, keep their defaults)."""
+
+    def __init__(self, module: torch.nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.module, self.names = module, names
+
+    def forward(self, *tensors: torch.Tensor) -> Any:
+        return self.module(**dict(zip(self.names, tensors, strict=True)))
+
+
 def onnx_names(model: SlimModel, example: Any) -> tuple[list[str], list[str], dict]:
     """ONNX input and output names and dynamic axes for ``model``.
 
     Inputs are named as the forward takes them (``input_ids``; ``input`` for one positional
-    tensor) in the forward's order, which is the order the exporter binds names in; outputs
-    as :func:`slimkit.io.batch.flatten` names them (``output``, ``logits``...). The batch
-    axis and the inputs' named dynamic axes stay dynamic.
+    tensor); outputs as :func:`slimkit.io.batch.flatten` names them (``output``,
+    ``logits``...). The batch axis and the inputs' named dynamic axes stay dynamic.
     """
-    import inspect
-
     specs = {s.name: s for s in model.input_specs}
     names = list(specs)
-    if isinstance(example, dict):
-        with contextlib.suppress(TypeError, ValueError):
-            order = list(inspect.signature(model.module.forward).parameters)
-            names.sort(key=lambda n: order.index(n) if n in order else len(order))
     with torch.inference_mode():
         outputs = list(B.flatten(B.call(model.module, example)))
     axes = {n: {0: "batch", **specs[n].dynamic} for n in names}

@@ -35,7 +35,16 @@ def encode_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
     """Split ``state`` into safetensors entries and an encoding table (dense or bitmask)."""
     tensors: dict[str, torch.Tensor] = {}
     encoding: dict[str, dict] = {}
+    seen: dict[tuple, str] = {}
     for name, t in state.items():
+        # Tied weights (an LM head sharing the embedding) are one tensor under two names:
+        # stored once, the second name an alias of the first.
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+               tuple(t.stride()), t.dtype, t.device)
+        if t.numel() and key in seen:
+            encoding[name] = {"format": "alias", "of": seen[key]}
+            continue
+        seen[key] = name
         t = t.detach().cpu().contiguous()
         if _worth_sparse(t):
             mask = (t != 0).flatten().numpy()
@@ -84,7 +93,11 @@ def decode_state(tensors: dict[str, torch.Tensor], encoding: dict,
     if not isinstance(encoding, dict):
         raise ModelLoadError(f"'{source}' has a malformed slimkit_encoding (not an object)")
     state = {k: v for k, v in tensors.items() if "::" not in k}
+    aliases = {k: e for k, e in encoding.items() if isinstance(e, dict)
+               and e.get("format") == "alias"}
     for name, enc in encoding.items():
+        if name in aliases:
+            continue
         try:
             shape, mask_bytes, values = _bitmask_parts(name, enc, tensors)
         except ValueError as exc:
@@ -97,6 +110,12 @@ def decode_state(tensors: dict[str, torch.Tensor], encoding: dict,
         dense = torch.zeros(numel, dtype=values.dtype)
         dense[torch.from_numpy(mask)] = values
         state[name] = dense.reshape(shape)
+    for name, enc in aliases.items():
+        if enc.get("of") not in state or enc.get("of") in aliases:
+            raise ModelLoadError(f"'{source}': tensor '{name}' is an alias of "
+                                 f"'{enc.get('of')!s:.80}', which the file does not hold; "
+                                 "re-create the file")
+        state[name] = state[enc["of"]]
     return state
 
 

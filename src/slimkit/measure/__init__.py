@@ -16,7 +16,8 @@ from slimkit.measure.quality import accuracy, fidelity, output_fidelity, predict
 
 
 def measure_static(model: SlimModel, data: DataBundle | None = None,
-                   layers: bool = False) -> dict[str, Any]:
+                   layers: bool = False, reference: torch.nn.Module | None = None,
+                   ) -> dict[str, Any]:
     """Everything about one model that needs no second model and no timing.
 
     Parameters are the weights the model computes with, whatever their dtype: a quantized
@@ -26,8 +27,11 @@ def measure_static(model: SlimModel, data: DataBundle | None = None,
         ``params``, ``nonzero_params``, ``bits_per_param`` (mean stored width of a parameter:
         code width for quantized weights, dtype width otherwise), ``flops``/``macs`` per
         sample, ``peak_memory_bytes`` at batch 1, ``accuracy`` on ``data``'s test split (None
-        without data), and with ``layers`` the per-layer table (:func:`layer_table`: one row per
-        layer under its original name, with ``weight_bits`` and stored ``bytes``).
+        without data or for tasks other than classification), ``metrics``: the data's task's
+        metrics (:mod:`slimkit.measure.tasks`; an embedding's against ``reference``, the
+        uncompressed model), and with ``layers`` the per-layer table (:func:`layer_table`:
+        one row per layer under its original name, with ``weight_bits`` and stored
+        ``bytes``).
     """
     example = data.example_inputs(1) if data is not None else model.example_inputs(1)
     out: dict[str, Any] = dict(count_params(model.module, bits=True))
@@ -36,7 +40,15 @@ def measure_static(model: SlimModel, data: DataBundle | None = None,
     out["peak_memory_bytes"] = peak_memory(model.module, example)["peak_memory_bytes"]
     out["accuracy"] = (accuracy(predict(model.module, data.x_test, output=model.output),
                                 data.y_test)
-                       if data is not None else None)
+                       if data is not None and data.task == "classification" else None)
+    out["metrics"] = None
+    if data is not None:
+        from slimkit.io.batch import judging
+        from slimkit.measure.tasks import data_batches, get_task
+
+        with judging(model.output):
+            out["metrics"] = get_task(data.task).evaluate(
+                model.module, data_batches(data.x_test, data.y_test), reference)
     if layers:
         out["layers"] = layer_table(model.module, example)
     return out

@@ -47,7 +47,8 @@ class Task:
             ``(inputs, labels)``; ``reference`` is the uncompressed model (or None).
         higher_is_better: per metric, its direction.
         primary: the metric early stopping and selections use.
-        loss: ``fn(outputs, inputs, labels) -> loss`` for fine-tuning (None: cannot train).
+        loss: ``fn(outputs, inputs, labels, reference_outputs) -> loss`` for fine-tuning;
+            ``reference_outputs`` are the uncompressed model's (None when there is none).
         needs_labels: whether batches must carry labels.
         needs_reference: whether the metrics compare with the uncompressed model.
     """
@@ -56,7 +57,7 @@ class Task:
     metrics: Callable[[nn.Module, Batches, nn.Module | None], dict[str, float]]
     higher_is_better: dict[str, bool]
     primary: str
-    loss: Callable[[Any, Any, torch.Tensor], torch.Tensor] | None = None
+    loss: Callable[[Any, Any, torch.Tensor, Any], torch.Tensor] | None = None
     needs_labels: bool = True
     needs_reference: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -161,7 +162,7 @@ def _causal_lm(model: nn.Module, batches: Batches, _ref: Any) -> dict[str, float
     return {"perplexity": math.exp(total / weight), "loss": total / weight}
 
 
-def _lm_loss(out: Any, x: Any, _y: torch.Tensor) -> torch.Tensor:
+def _lm_loss(out: Any, x: Any, _y: torch.Tensor, _ref: Any) -> torch.Tensor:
     ce, w = _lm_parts(B.select(out), x)
     return (ce * w).sum() / w.sum().clamp_min(1.0)
 
@@ -201,17 +202,21 @@ def _embedding(model: nn.Module, batches: Batches, reference: nn.Module) -> dict
     return {"cosine": cosine, "neighbour_top1": float(same)}
 
 
-def _embedding_loss(out: Any, x: Any, y: torch.Tensor) -> torch.Tensor:
-    raise ConfigError("embedding: fine-tuning an encoder needs its uncompressed model as "
-                      "the teacher; use the distill stage")
+def _embedding_loss(out: Any, x: Any, _y: torch.Tensor, ref: Any) -> torch.Tensor:
+    """1 - cosine to the uncompressed model's embedding: an encoder has no labels, so it is
+    fine-tuned to give back what it gave before compression."""
+    if ref is None:
+        raise ConfigError("embedding: fine-tuning an encoder needs its uncompressed model as "
+                          "the reference (the stage's teacher)")
+    return 1 - F.cosine_similarity(embed(out, x), embed(ref, x).detach(), dim=1).mean()
 
 
 TASKS.register("classification", Task(
     "classification", _classification, {"top1": True, "top5": True}, "top1",
-    loss=lambda out, _x, y: F.cross_entropy(B.select(out), y)))
+    loss=lambda out, _x, y, _r: F.cross_entropy(B.select(out), y)))
 TASKS.register("regression", Task(
     "regression", _regression, {"mse": False, "mae": False}, "mse",
-    loss=lambda out, _x, y: F.mse_loss(B.select(out).reshape(y.shape), y.to(torch.float32))))
+    loss=lambda out, _x, y, _r: F.mse_loss(B.select(out).reshape(y.shape), y.float())))
 TASKS.register("causal_lm", Task(
     "causal_lm", _causal_lm, {"perplexity": False, "loss": False}, "perplexity",
     loss=_lm_loss, needs_labels=False))

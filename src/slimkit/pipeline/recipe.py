@@ -41,6 +41,11 @@ class Target(SlimConfig):
     max_accuracy_drop: float | None = Field(
         None, ge=0, le=100, description="Largest allowed top-1 drop, in absolute percentage "
                                         "points (0..100).")
+    max_metric_drop: dict[str, Annotated[float, Field(ge=0)]] | None = Field(
+        None, description="Largest allowed loss per metric of the data's task, in the "
+                          "metric's own units and direction: {perplexity: 0.5} allows 0.5 "
+                          "more perplexity, {cosine: 0.005} 0.005 less cosine, {top1: 0.01} "
+                          "one point of top-1.")
     min_size_ratio: float | None = Field(
         None, gt=0, description="Baseline / final artifact size on disk, at least this.")
     min_speedup: SpeedupTarget | None = Field(None, description="Latency target.")

@@ -41,7 +41,7 @@ from slimkit.measure import (
 )
 from slimkit.pipeline.outdir import STATE, RunPaths, prepare_out, remove_checkpoints, sibling
 from slimkit.pipeline.recipe import recipe_to_dict
-from slimkit.pipeline.verdict import judge
+from slimkit.pipeline.verdict import check_target, judge
 from slimkit.train.distributed import barrier, world
 
 
@@ -62,8 +62,8 @@ def fingerprint(model: SlimModel, data: DataBundle | None, recipe: dict,
 
 
 def _measure_checkpoint(model: SlimModel, data: DataBundle | None, ckpt: Path,
-                        layers: bool = False) -> dict:
-    m = measure_static(model, data, layers=layers)
+                        layers: bool = False, reference: torch.nn.Module | None = None) -> dict:
+    m = measure_static(model, data, layers=layers, reference=reference)
     m["size_bytes"] = dir_size(ckpt)
     return m
 
@@ -95,7 +95,8 @@ def _run_stages(model: SlimModel, data: DataBundle | None, recipe: Any, paths: R
                  "config": json.loads(cfg.model_dump_json())}
         model.history.append({k: entry[k] for k in ("index", "kind", "config", "changed",
                                                     "skipped")})
-        _finish_stage(model, record, entry, data, paths, state, last=i + 1 == len(recipe.stages))
+        _finish_stage(model, record, entry, data, paths, state, last=i + 1 == len(recipe.stages),
+                      reference=ctx.teacher.module if ctx.teacher else None)
         acc = entry.get("measure", {}).get("accuracy")
         ctx.log(f"stage {i + 1} {cfg.kind}: {len(record.changed)} changed, "
                 f"{len(record.skipped)} skipped, {seconds:.1f}s"
@@ -107,7 +108,8 @@ def _run_stages(model: SlimModel, data: DataBundle | None, recipe: Any, paths: R
 
 
 def _finish_stage(model: SlimModel, record: Record, entry: dict, data: DataBundle | None,
-                  paths: RunPaths, state: dict, last: bool) -> None:
+                  paths: RunPaths, state: dict, last: bool,
+                  reference: torch.nn.Module | None = None) -> None:
     """Checkpoint the stage's model, continue from the checkpoint's bytes, record the stage.
 
     Under torchrun every rank trains and rank 0 alone writes; the others adopt its checkpoint
@@ -122,7 +124,7 @@ def _finish_stage(model: SlimModel, record: Record, entry: dict, data: DataBundl
         _adopt_checkpoint(model, paths.checkpoint(i))
     if rank != 0:
         return
-    entry["measure"] = _measure_checkpoint(model, data, paths.checkpoint(i))
+    entry["measure"] = _measure_checkpoint(model, data, paths.checkpoint(i), reference=reference)
     state["stages"].append(entry)
     # What rebuilds the structure when a model has no zoo spec to carry it (see _reload).
     state.setdefault("transforms", []).append(
@@ -304,6 +306,7 @@ def compress(model: SlimModel, data: DataBundle | None, recipe: Any, out: str | 
     """
     recipe_dict = recipe_to_dict(recipe)
     check_fits(model, data)
+    check_target(recipe.target, data)
     out = Path(out)
     rank = world()[0]
     baseline = model.copy()
@@ -367,7 +370,8 @@ def _compress(model: SlimModel, baseline: SlimModel, data: DataBundle | None, re
                  if recipe.target.min_speedup else "onnxruntime", log)
     base_m = {**state["baseline"], "latency": latency["baseline"],
               "onnx_size_bytes": _size(models["baseline"][1])}
-    final_m = {**measure_static(final, data, layers=True), "size_bytes": dir_size(final_dir),
+    final_m = {**measure_static(final, data, layers=True, reference=baseline.module),
+               "size_bytes": dir_size(final_dir),
                "latency": latency["final"], "onnx_size_bytes": _size(models["final"][1])}
     for i, st in enumerate(state["stages"]):
         st["measure"]["latency"] = latency.get(f"stage-{i}", latency["final"])
@@ -378,7 +382,7 @@ def _compress(model: SlimModel, baseline: SlimModel, data: DataBundle | None, re
         "model": model.describe(), "data": _describe_data(data), "recipe": recipe_dict,
         "target": recipe_dict["target"],
         "verdict": judge(recipe.target, base_m, final_m, comparison, errors.get("final"),
-                         parity),
+                         parity, task=data.task if data is not None else None),
         "baseline": base_m, "final": final_m, "stages": state["stages"],
         "comparison": comparison, "parity": parity,
         "fidelity": (output_fidelity(baseline.module, final.module, data.x_test,

@@ -15,8 +15,32 @@ def _criterion(name: str, asked: float, achieved: float | None, higher_is_better
             "margin": margin, "unit": unit}
 
 
+def check_target(target: Any, data: Any) -> None:
+    """Refuse, before any work, a ``max_metric_drop`` naming a metric the data's task does not
+    have, or one without data to measure it on.
+
+    Raises:
+        ConfigError: naming the metric and the task's metrics.
+    """
+    from slimkit.core.errors import ConfigError
+    from slimkit.measure.tasks import get_task
+
+    asked = getattr(target, "max_metric_drop", None) or {}
+    if not asked:
+        return
+    if data is None:
+        raise ConfigError("target.max_metric_drop needs data to measure the metric on "
+                          "(give --data)")
+    task = get_task(data.task)
+    for name in asked:
+        if name not in task.higher_is_better:
+            raise ConfigError(f"target.max_metric_drop: task '{task.name}' has no metric "
+                              f"'{name}'; its metrics are {', '.join(task.higher_is_better)}")
+
+
 def judge(target: Any, baseline: dict, final: dict, comparison: dict,
-          export_error: str | None = None, parity: dict | None = None) -> dict[str, Any]:
+          export_error: str | None = None, parity: dict | None = None,
+          task: str | None = None) -> dict[str, Any]:
     """Compare the final model with the baseline on every criterion the target names.
 
     Args:
@@ -39,6 +63,15 @@ def judge(target: Any, baseline: dict, final: dict, comparison: dict,
             drop = 100.0 * (baseline["accuracy"]["top1"] - final["accuracy"]["top1"])
         criteria.append(_criterion("max_accuracy_drop", target.max_accuracy_drop, drop,
                                    higher_is_better=False, unit="points"))
+    for metric, asked in (getattr(target, "max_metric_drop", None) or {}).items():
+        from slimkit.measure.tasks import get_task
+
+        before = (baseline.get("metrics") or {}).get(metric)
+        after = (final.get("metrics") or {}).get(metric)
+        drop = (get_task(task).drop(metric, before, after)
+                if before is not None and after is not None else None)
+        criteria.append(_criterion(f"max_metric_drop ({metric})", asked, drop,
+                                   higher_is_better=False, unit=""))
     if target.min_size_ratio is not None:
         criteria.append(_criterion("min_size_ratio", target.min_size_ratio,
                                    comparison.get("size_ratio"), True, "x"))

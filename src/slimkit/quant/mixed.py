@@ -46,7 +46,7 @@ from slimkit.quant.extreme import pack_layer
 from slimkit.quant.modules import QUANTIZABLE, snap_bias
 from slimkit.quant.plan import QuantSpec, add_quant_transforms, wrap_layers
 from slimkit.quant.primitives import fake_quantize
-from slimkit.train.loop import evaluate
+from slimkit.train.loop import score
 
 FLOAT = 32  # "bits" of a layer left in float
 #: Most assignments searched exhaustively before falling back to the greedy allocation.
@@ -93,7 +93,7 @@ def layer_sensitivity(model: nn.Module, layers: dict[str, nn.Module], bits: list
     if metric == "accuracy":
         if eval_data is None:
             raise ConfigError("sensitivity 'accuracy' needs evaluation data")
-        base = 100 * evaluate(model, *eval_data)
+        base = score(model, *eval_data)
     else:
         ref = predict(model, x)
     table: dict[str, dict[int, float]] = {}
@@ -104,7 +104,7 @@ def layer_sensitivity(model: nn.Module, layers: dict[str, nn.Module], bits: list
             layer.weight.data = _rtn(w, b)
             try:
                 if metric == "accuracy":
-                    table[name][b] = base - 100 * evaluate(model, *eval_data)
+                    table[name][b] = base - score(model, *eval_data)
                 else:
                     table[name][b] = _damage(predict(model, x), ref, metric)
             finally:
@@ -191,7 +191,7 @@ def _fallback(model: nn.Module, names: list[str], sens: dict, cfg: MixedPrecisio
     for step in range(len(order) + 1):
         if step:
             assign[order[step - 1]] = FLOAT
-        drop = base - 100 * evaluate(build_mixed(model, assign, cfg.act_bits, calib)[0], *ev)
+        drop = base - score(build_mixed(model, assign, cfg.act_bits, calib)[0], *ev)
         trail.append({"float_layers": order[:step], "accuracy_drop": drop})
         if drop <= cfg.max_accuracy_drop:
             return assign, trail, True
@@ -235,10 +235,10 @@ def _mixed_precision(model: nn.Module, cfg: MixedPrecisionConfig, data: DataBund
     # Choices are made on a validation slice of the training split; the test split only
     # reports the outcome (selecting on it would make the reported drop optimistic).
     val = split_indices(data.y_train, 0.2, seed=0)[1][: cfg.eval_samples]
-    ev = (B.take(data.x_train, val), data.y_train[val])
+    ev = (B.take(data.x_train, val), data.y_train[val], 256, data.task)
     n_test = cfg.eval_samples or data.n_test
-    test = (B.take(data.x_test, slice(0, n_test)), data.y_test[:n_test])
-    base = 100 * evaluate(ref, *ev)
+    test = (B.take(data.x_test, slice(0, n_test)), data.y_test[:n_test], 256, data.task)
+    base = score(ref, *ev)
     sens = layer_sensitivity(ref, chosen, cfg.bits, calib, cfg.sensitivity, ev)
     sizes = {n: {b: weight_bytes(m.weight, b) for b in [FLOAT, *cfg.bits]}
              for n, m in chosen.items()}
@@ -254,11 +254,11 @@ def _mixed_precision(model: nn.Module, cfg: MixedPrecisionConfig, data: DataBund
         assign, met, method = allocate_bits(sens, sizes, budget)
         trail = []
     work, plan, packed_plan = build_mixed(ref, assign, cfg.act_bits, calib)
-    test_float = 100 * evaluate(ref, *test)
+    test_float = score(ref, *test)
     achieved = {"weight_bytes": sum(sizes[n][b] for n, b in assign.items()),
                 "float_weight_bytes": float_bytes,
-                "validation_accuracy_drop": base - 100 * evaluate(work, *ev),
-                "accuracy_float": test_float, "accuracy": 100 * evaluate(work, *test)}
+                "validation_accuracy_drop": base - score(work, *ev),
+                "accuracy_float": test_float, "accuracy": score(work, *test)}
     achieved["accuracy_drop"] = test_float - achieved["accuracy"]
     achieved["met"] = met
     return work, _record(assign, sens, sizes, skipped, {

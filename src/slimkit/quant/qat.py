@@ -269,15 +269,15 @@ def _qat(model: nn.Module, cfg: QatConfig, data: DataBundle,
     ranges = (calibrate_inputs(work, layers, calib, cfg.act_calibration)
               if cfg.act_bits is not None else {})
     # evaluate() switches to eval mode: measure a copy so the caller's model keeps its mode.
-    acc = {"float": evaluate(copy.deepcopy(model), data.x_test, data.y_test),
-           "quantized_before_training": evaluate(work, data.x_test, data.y_test)}
+    acc = {"float": evaluate(copy.deepcopy(model), data.x_test, data.y_test, task=data.task),
+           "quantized_before_training": evaluate(work, data.x_test, data.y_test, task=data.task)}
     history = finetune(work, data, cfg.finetune, teacher=teacher, progress=progress,
                        label="qat", checkpoint_dir=checkpoint_dir)
-    acc["trained_fake_quant"] = evaluate(work, data.x_test, data.y_test)
+    acc["trained_fake_quant"] = evaluate(work, data.x_test, data.y_test, task=data.task)
     plan, packed_plan, rows = _convert(work, layers, cfg)
     verify_finite(work, (B.take(calib, slice(0, 8)),), "qat",
                   hint="; lower the learning rate or use more bits")
-    acc["after"] = evaluate(work, data.x_test, data.y_test)
+    acc["after"] = evaluate(work, data.x_test, data.y_test, task=data.task)
     record = Record(skipped=skipped, details={"plan": plan, "packed_plan": packed_plan,
                                               "accuracy": acc, "finetune": history})
     for name, row in rows.items():

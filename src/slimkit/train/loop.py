@@ -28,14 +28,40 @@ from slimkit.io.model import set_mode
 from slimkit.train.checkpoint import CHECKPOINT, load_checkpoint, run_fingerprint, save_checkpoint
 from slimkit.train.config import TrainConfig
 from slimkit.train.distributed import average_gradients, shard, world
-from slimkit.train.objective import CrossEntropy, Objective
+from slimkit.train.objective import Objective, default_objective
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
-    """Top-1 accuracy (fraction) of ``model`` on ``(x, y)``."""
-    from slimkit.measure.quality import accuracy, predict
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256,
+             task: str = "classification") -> float:
+    """The task's primary metric of ``model`` on ``(x, y)``: top-1 accuracy (fraction) for
+    classification, perplexity for a causal LM, ... (see :mod:`slimkit.measure.tasks`)."""
+    if task == "classification":
+        from slimkit.measure.quality import accuracy, predict
 
-    return accuracy(predict(model, x, batch_size), y)["top1"]
+        return accuracy(predict(model, x, batch_size), y)["top1"]
+    from slimkit.measure.tasks import data_batches, get_task
+
+    t = get_task(task)
+    return t.evaluate(model, data_batches(x, y, batch_size))[t.primary]
+
+
+def score(model: nn.Module, x: Any, y: torch.Tensor, batch_size: int = 256,
+          task: str = "classification") -> float:
+    """A higher-is-better quality for selections: top-1 in points (0..100) for
+    classification, else the task's primary metric, negated when lower is better (perplexity).
+    Differences of scores are drops in those units."""
+    value = evaluate(model, x, y, batch_size, task)
+    if task == "classification":
+        return 100 * value
+    return value if _metric(task)[1] else -value
+
+
+def _metric(task: str) -> tuple[str, bool]:
+    """The epoch log's metric name and whether higher is better."""
+    from slimkit.measure.tasks import get_task
+
+    t = get_task(task)
+    return t.primary, t.higher_is_better[t.primary]
 
 
 def _optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -135,7 +161,8 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig,
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     home = next(model.parameters()).device
-    run = _Run.start(model, data, cfg, objective or CrossEntropy(), checkpoint_dir, label)
+    run = _Run.start(model, data, cfg, objective or default_objective(data.task),
+                     checkpoint_dir, label)
     state = run.state
     columns = [TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("{task.fields[info]}"),
                TimeRemainingColumn()]
@@ -158,8 +185,9 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig,
             stopped_early = _end_epoch(model, data, run.val, cfg, state, start)
             entry = state["history"][-1]
             state["epoch_gen_state"] = run.gen.get_state()
+            metric = _metric(data.task)[0]
             bar.update(task, info=f"epoch {entry['epoch']} loss {entry['loss']:.3f} "
-                       f"test {entry['test_top1']:.2%}")
+                       f"test {metric} {entry['test_' + metric]:.4g}")
     run.finish(home)
     return {"epochs": state["history"], "steps": state["step"], "stopped_early": stopped_early,
             "resumed_from_step": run.resumed_from, "world_size": run.size}
@@ -281,7 +309,8 @@ class _Run:
         if after_step:
             after_step(self.model)
         state["running"] += float(loss.detach()) * len(local)
-        state["correct"] += int((logits.detach().argmax(1) == yb).sum())
+        if logits.dim() == 2 and len(logits) == len(yb) and not yb.is_floating_point():
+            state["correct"] += int((logits.detach().argmax(1) == yb).sum())
         state["seen"] += len(local)
         state["step"] += 1
         return float(loss.detach())
@@ -315,20 +344,25 @@ def _describe(objective: Objective) -> str:
 
 def _end_epoch(model: nn.Module, data: DataBundle, val: tuple | None, cfg: TrainConfig,
                state: dict[str, Any], start: float) -> bool:
-    """Record the epoch, evaluate, and decide early stopping. Returns True to stop."""
+    """Record the epoch, evaluate, and decide early stopping (on the validation split, by
+    the task's primary metric in its direction). Returns True to stop."""
+    metric, higher = _metric(data.task)
     seen = max(1, state["seen"])
+    val_score = evaluate(model, *val, task=data.task) if val else None
     entry = {"epoch": state["epoch"] + 1, "loss": state["running"] / seen,
-             "train_top1": state["correct"] / seen,
-             "test_top1": evaluate(model, data.x_test, data.y_test),
-             "val_top1": evaluate(model, *val) if val else None,
-             "seconds": time.perf_counter() - start}
+             f"test_{metric}": evaluate(model, data.x_test, data.y_test, task=data.task),
+             f"val_{metric}": val_score, "seconds": time.perf_counter() - start}
+    if data.task == "classification":
+        entry["train_top1"] = state["correct"] / seen
     state["history"].append(entry)
     state.update(epoch=state["epoch"] + 1, step_in_epoch=0, running=0.0, correct=0, seen=0)
     if cfg.early_stopping is None:
         return False
     es = cfg.early_stopping
-    if state["best"] is None or entry["val_top1"] > state["best"] + es.min_delta:
-        state["best"], state["bad_epochs"] = entry["val_top1"], 0
+    gain = None if state["best"] is None else (
+        val_score - state["best"] if higher else state["best"] - val_score)
+    if gain is None or gain > es.min_delta:
+        state["best"], state["bad_epochs"] = val_score, 0
         state["best_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return False
     state["bad_epochs"] += 1

@@ -33,3 +33,32 @@ class CrossEntropy(Objective):
         logits = B.select(B.call(model, x))
         loss = nn.functional.cross_entropy(logits, y)
         return loss, logits, {"ce": float(loss.detach())}
+
+
+class TaskLoss(Objective):
+    """Training on a task's own loss (:mod:`slimkit.measure.tasks`): mean squared error for
+    regression, next-token cross-entropy for a causal language model, cosine to the
+    uncompressed model's embedding (``reference``, never trained) for an encoder."""
+
+    def __init__(self, task: str, reference: nn.Module | None = None) -> None:
+        super().__init__()
+        from slimkit.measure.tasks import get_task
+
+        self.task = get_task(task)
+        self._reference = (reference,)  # a tuple: not a submodule, so never trained
+
+    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        out = B.call(model, x)
+        ref = None
+        if self._reference[0] is not None:
+            with torch.no_grad():
+                ref = B.call(self._reference[0].eval(), x)
+        loss = self.task.loss(out, x, y, ref)
+        return loss, B.select(out), {self.task.name: float(loss.detach())}
+
+
+def default_objective(task: str, reference: nn.Module | None = None) -> Objective:
+    """Cross-entropy for classification, the task's own loss otherwise (``reference``: the
+    uncompressed model, which an embedding task trains towards)."""
+    return CrossEntropy() if task == "classification" else TaskLoss(task, reference)
