@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,59 @@ class DataBundle:
         from slimkit.io.batch import size
 
         return size(self.x_test)
+
+    streaming = False
+
+    def batches(self, split: str = "test", batch_size: int | None = 256,
+                ) -> Iterator[tuple[Any, torch.Tensor]]:
+        """``(inputs, labels)`` batches of ``split`` in order: ``train``, ``test``, or
+        ``val``, a fixed 20% of the training split (class-stratified, seed 0) on which
+        selections are made (never the test split); see also :class:`StreamData`."""
+        from slimkit.io.batch import take
+
+        x, y = self._split(split)
+        n = len(y)
+        step = batch_size or max(n, 1)
+        for i in range(0, n, step):
+            yield take(x, slice(i, i + step)), y[i:i + step]
+
+    def _split(self, split: str) -> tuple[Any, torch.Tensor]:
+        from slimkit.io.batch import take
+
+        if split == "train":
+            return self.x_train, self.y_train
+        if split == "test":
+            return self.x_test, self.y_test
+        if split == "val":
+            from slimkit.data.split import split_indices
+
+            idx = torch.from_numpy(split_indices(self.y_train, 0.2, seed=0)[1])
+            return take(self.x_train, idx), self.y_train[idx]
+        raise ValueError(f"unknown split '{split}' (train, val or test)")
+
+    def head(self, split: str, n: int) -> tuple[Any, torch.Tensor]:
+        """The first ``n`` samples of ``split`` (all when it has fewer)."""
+        from slimkit.io.batch import take
+
+        x, y = self._split(split)
+        return take(x, slice(0, n)), y[:n]
+
+    def calibration(self, n: int, seed: int = 0) -> Any:
+        """A class-stratified, seed-determined subset of ``n`` training inputs."""
+        from slimkit.data.split import calibration_subset
+
+        return calibration_subset(self, n, seed)
+
+    def fingerprint(self) -> str:
+        """A hash of every tensor (what makes a resumable run the same run)."""
+        import hashlib
+
+        from slimkit.io.batch import leaves
+
+        h = hashlib.sha256(self.name.encode())
+        for t in leaves((self.x_train, self.y_train, self.x_test, self.y_test)):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
 
     def example_inputs(self, batch: int = 1) -> tuple | dict:
         """The first ``batch`` test samples as the model takes them (see ``io.batch.call``):

@@ -152,6 +152,8 @@ def calibration_subset(bundle: DataBundle, n: int, seed: int = 0) -> torch.Tenso
     Example:
         >>> calib = calibration_subset(bundle, 256, seed=0)  # doctest: +SKIP
     """
+    if getattr(bundle, "streaming", False):
+        return bundle.calibration(n, seed)
     return B.tmap(torch.clone, B.take(bundle.x_train, calibration_indices(bundle, n, seed)))
 
 

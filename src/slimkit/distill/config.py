@@ -24,12 +24,30 @@ _LAYOUT_HELP = ("How to read a 3-D feature: channels_first [B, C, L] (Conv1d), c
 
 
 class LogitKD(SlimConfig):
-    """Hinton et al. (2015) soft targets: ``alpha·CE + (1−alpha)·T²·KL`` on the logits."""
+    """Soft targets from the teacher's judged output, mixed with the task's hard-label loss.
 
-    temperature: float = Field(4.0, gt=0.0, description="Softening temperature T (> 0).")
+    ``alpha·hard + (1−alpha)·soft``, per the data's task (:mod:`slimkit.distill.outputs`):
+
+    - classification: cross-entropy and Hinton et al.'s (2015) ``T²·KL`` on the logits;
+    - causal_lm: next-token cross-entropy and ``T²·KL`` per token over the vocabulary, both
+      averaged over the tokens ``attention_mask`` keeps;
+    - regression: MSE to the targets and MSE to the teacher's output;
+    - embedding: no labels, so only the soft part: ``1 − cosine`` (or MSE) between the
+      student's and the teacher's mean-pooled embeddings (``alpha`` and ``temperature`` unused).
+    """
+
+    temperature: float = Field(4.0, gt=0.0, description="Softening temperature T (> 0) of the "
+                                                         "KL (classification, causal_lm).")
     alpha: float = Field(0.5, ge=0.0, le=1.0,
-                         description="Weight of the hard-label cross-entropy; the soft-target "
-                                     "term gets 1 - alpha.")
+                         description="Weight of the hard-label loss (cross-entropy, next-token "
+                                     "cross-entropy, MSE to the targets); the soft-target term "
+                                     "gets 1 - alpha. Unused for embedding (no labels).")
+    loss: Literal["auto", "kl", "mse", "cosine"] = Field(
+        "auto", description="How the student's output is compared with the teacher's: kl "
+                            "(softened class or token distributions: classification, "
+                            "causal_lm), mse (regression outputs, or embeddings), cosine "
+                            "(1 - cosine of embeddings). auto: kl for classification and "
+                            "causal_lm, mse for regression, cosine for embedding.")
 
 
 class FeaturePair(SlimConfig):

@@ -15,9 +15,11 @@ from torch import Tensor
 __all__ = [
     "attention_map_loss",
     "attention_transfer_loss",
+    "cosine_embedding_loss",
     "hidden_state_loss",
     "hint_loss",
     "kd_loss",
+    "output_mse_loss",
     "similarity_preserving_loss",
     "soft_target_kl",
 ]
@@ -29,24 +31,34 @@ def _same_shape(what: str, student: Tensor, teacher: Tensor, hint: str) -> None:
                          f"shape {tuple(teacher.shape)}; {hint}")
 
 
-def soft_target_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+def soft_target_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
+                   mask: Tensor | None = None) -> Tensor:
     """The soft-target term of Hinton et al. (2015): ``T² · KL(softmax(t/T) ‖ softmax(s/T))``.
 
     Hinton, Vinyals and Dean, "Distilling the Knowledge in a Neural Network" (2015). The ``T²``
     factor keeps the gradient scale independent of ``T`` (soft-target gradients scale as
-    ``1/T²``). The KL is summed over classes and averaged over rows ("batchmean"); logits with
-    more than two dims (e.g. per token) are flattened to rows ``[-1, num_classes]``.
+    ``1/T²``). The KL is summed over classes (the last dim) and averaged over rows
+    ("batchmean"); logits with more than two dims (e.g. ``[B, T, V]``, one distribution per
+    token) are flattened to rows ``[-1, num_classes]``. With ``mask``, the average is over the
+    rows it keeps: ``Σ m_r KL_r / Σ m_r`` (padding tokens of a language model count for
+    nothing; a mask that keeps no row gives 0).
 
     Args:
         student_logits: ``[..., K]`` logits of the student.
         teacher_logits: same shape; detached here.
         temperature: ``T > 0``; larger values soften both distributions.
+        mask: optional ``[...]`` weights (the logits' shape without the last dim), e.g. an
+            ``attention_mask``; nonzero keeps a row.
 
     Returns:
         A scalar tensor.
 
     Raises:
-        ValueError: for a non-positive temperature or different shapes.
+        ValueError: for a non-positive temperature, different shapes, or a mask whose shape
+            is not the logits' without the last dim.
+
+    Example:
+        >>> soft_target_kl(student_lm(ids), teacher_lm(ids), 2.0, mask=attention_mask)
     """
     if temperature <= 0:
         raise ValueError(f"soft_target_kl: temperature must be > 0, got {temperature}")
@@ -55,8 +67,60 @@ def soft_target_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: 
     k = student_logits.shape[-1]
     log_ps = F.log_softmax(student_logits.reshape(-1, k) / temperature, dim=-1)
     log_pt = F.log_softmax(teacher_logits.detach().reshape(-1, k) / temperature, dim=-1)
-    kl = F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True)
-    return kl * temperature**2
+    if mask is None:
+        kl = F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True)
+        return kl * temperature**2
+    if tuple(mask.shape) != tuple(student_logits.shape[:-1]):
+        raise ValueError(f"soft_target_kl: mask shape {tuple(mask.shape)} must be the logits' "
+                         f"{tuple(student_logits.shape)} without the last dim")
+    weight = (mask.reshape(-1) != 0).to(log_ps.dtype)
+    per_row = F.kl_div(log_ps, log_pt, reduction="none", log_target=True).sum(-1)
+    return (per_row * weight).sum() / weight.sum().clamp_min(1.0) * temperature**2
+
+
+def cosine_embedding_loss(student_emb: Tensor, teacher_emb: Tensor) -> Tensor:
+    """``1 − mean_i cos(e_s,i, e_t,i)``: how far the student's embeddings point from the
+    teacher's.
+
+    Sentence-encoder distillation matches directions rather than class scores, since an
+    embedding has no softmax (cosine is what retrieval with the embeddings uses); compare
+    DistilBERT's cosine embedding loss (Sanh et al., 2019).
+
+    Args:
+        student_emb: ``[B, D]`` student embeddings.
+        teacher_emb: ``[B, D]`` teacher embeddings; detached here.
+
+    Returns:
+        A scalar tensor in ``[0, 2]``; 0 when every pair points the same way.
+
+    Raises:
+        ValueError: when the shapes differ.
+    """
+    _same_shape("cosine_embedding_loss", student_emb, teacher_emb,
+                "both models must embed into the same dimension")
+    return 1 - F.cosine_similarity(student_emb, teacher_emb.detach(), dim=-1).mean()
+
+
+def output_mse_loss(student_out: Tensor, teacher_out: Tensor) -> Tensor:
+    """``mean((s − t)²)`` between the student's and the teacher's outputs.
+
+    The output-regression form of distillation of Ba & Caruana, "Do Deep Nets Really Need to
+    be Deep?" (NeurIPS 2014): the student regresses the teacher's outputs (here a regressor's
+    predictions, or embeddings when MSE is asked for).
+
+    Args:
+        student_out: the student's output.
+        teacher_out: the teacher's, same shape; detached here.
+
+    Returns:
+        A scalar tensor.
+
+    Raises:
+        ValueError: when the shapes differ.
+    """
+    _same_shape("output_mse_loss", student_out, teacher_out,
+                "both models must give outputs of the same shape")
+    return F.mse_loss(student_out, teacher_out.detach())
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,

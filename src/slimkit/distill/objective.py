@@ -39,6 +39,7 @@ from slimkit.distill.losses import (
     similarity_preserving_loss,
     soft_target_kl,
 )
+from slimkit.distill.outputs import output_loss
 from slimkit.distill.projectors import (
     ExitHead,
     Projector,
@@ -50,6 +51,7 @@ from slimkit.distill.projectors import (
 )
 from slimkit.io import batch as B
 from slimkit.io.model import modes_kept, set_mode
+from slimkit.measure.tasks import Task
 from slimkit.train.objective import Objective
 
 __all__ = ["FEATURE_LOSSES", "DistillObjective", "build_objective"]
@@ -109,27 +111,22 @@ def _dry_run(model: nn.Module, names: list[str], x: B.Inputs, label: str,
     return out, taps
 
 
-def _check_logits(student: Tensor, teacher: Tensor) -> None:
-    if student.shape != teacher.shape:
-        raise ModelError(
-            f"teacher logits have shape {tuple(teacher.shape)} but the student's have "
-            f"{tuple(student.shape)}; logit KD needs both models to predict the same classes. "
-            "Use a teacher with the student's num_classes, or set logits: null and distill "
-            "features only")
-
-
 def _add(a: tuple[Tensor, Parts], b: tuple[Tensor, Parts]) -> tuple[Tensor, Parts]:
     return a[0] + b[0], {**a[1], **b[1]}
 
 
 class DistillObjective(Objective):
-    """Cross-entropy or logit KD, plus feature, transformer and self-distillation terms.
+    """The task's loss or logit KD, plus feature, transformer and self-distillation terms.
 
     ``forward(model, x, y)`` returns the total loss, the student's logits, and ``parts``: the
     unweighted float value of every term ("ce", "kd", "<loss>:<student>-><teacher>", "hidden",
-    "attention", "exit_ce", "exit_kd", "exit_hint"). Logits are each model's judged output
+    "attention", "exit_ce", "exit_kd", "exit_hint"; "mse" for regression's targets, "embed"
+    for an encoder's embedding loss). Logits are each model's judged output
     (:func:`slimkit.io.batch.select`: the stage's ``SlimModel.output``, or ``teacher_output``
-    for the teacher); feature taps are by layer name whatever the models return.
+    for the teacher); feature taps are by layer name whatever the models return. How the
+    logits are trained depends on the data's task (:mod:`slimkit.distill.outputs`):
+    cross-entropy and softmax KD for a classifier, the same per token (padding masked) for a
+    causal LM, MSE for a regressor, cosine (or MSE) of the embeddings for an encoder.
 
     Build it with :func:`build_objective` (same arguments). Submodules: ``feature_projectors``
     (one per feature pair), ``hidden_projectors`` (one per transformer pair), ``exit_heads``
@@ -138,9 +135,11 @@ class DistillObjective(Objective):
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: DistillConfig,
-                 example_x: B.Inputs, teacher_output: str | None = None) -> None:
+                 example_x: B.Inputs, teacher_output: str | None = None,
+                 task: str | Task | None = None) -> None:
         super().__init__()
         self._teacher_output = teacher_output
+        self.task = task.name if isinstance(task, Task) else (task or "classification")
         if cfg.needs_teacher and teacher is None:
             raise ConfigError("distill: logits, features and transformer terms need a teacher "
                               "model; give one, or keep only self_distill (set logits: null)")
@@ -149,6 +148,7 @@ class DistillObjective(Objective):
                               "and use self_distill to let a model teach its own exits")
         self.cfg = cfg.model_copy(deep=True)  # later edits to cfg must not desync the heads
         cfg = self.cfg
+        self._outputs = output_loss(self.task, cfg, has_teacher=teacher is not None)
         self._teacher: tuple[nn.Module, ...] = () if teacher is None else (teacher,)
         student = _inner(student)
         self._attention: list[tuple[str, str, int, str, str, int]] = []
@@ -158,8 +158,9 @@ class DistillObjective(Objective):
         if teacher is not None and cfg.needs_teacher:
             t_logits, t_taps = _dry_run(teacher, self._teacher_names, example_x, "teacher",
                                         teacher_output)
-            if cfg.logits is not None:
-                _check_logits(s_logits, t_logits)
+            with torch.no_grad():  # fail now, naming both shapes, not at the first step
+                self._outputs.check(s_logits, t_logits.to(s_logits.device),
+                                    B.to(example_x, s_logits.device))
         self._build_feature_projectors(student, teacher, s_taps, t_taps)
         self._build_hidden_projectors(s_taps, t_taps)
         self._build_exits(student, s_taps, s_logits)
@@ -273,7 +274,7 @@ class DistillObjective(Objective):
         t_logits, t_taps = None, None
         if self.cfg.needs_teacher:
             t_logits, t_taps = self._run_teacher(x)
-        loss, parts = self._logit_terms(logits, t_logits, y)
+        loss, parts = self._outputs(logits, t_logits, x, y)
         if t_taps is not None and self.cfg.features:
             loss, parts = _add((loss, parts), self._feature_terms(s_taps, t_taps))
         if t_taps is not None and self.cfg.transformer is not None:
@@ -294,18 +295,6 @@ class DistillObjective(Objective):
                                 self._teacher_output)
         taps.features = {k: v.to(device) for k, v in taps.features.items()}
         return t_logits.to(device), taps
-
-    def _logit_terms(self, logits: Tensor, t_logits: Tensor | None, y: Tensor,
-                     ) -> tuple[Tensor, Parts]:
-        """``alpha·CE + (1−alpha)·T²·KL`` as in :func:`~slimkit.distill.losses.kd_loss`."""
-        ce = F.cross_entropy(logits, y)
-        kd = self.cfg.logits
-        if kd is None or t_logits is None:
-            return ce, {"ce": float(ce.detach())}
-        _check_logits(logits, t_logits)
-        soft = soft_target_kl(logits, t_logits, kd.temperature)
-        loss = kd.alpha * ce + (1.0 - kd.alpha) * soft
-        return loss, {"ce": float(ce.detach()), "kd": float(soft.detach())}
 
     def _feature_terms(self, s_taps: FeatureTaps, t_taps: FeatureTaps) -> tuple[Tensor, Parts]:
         weighted, parts = [], {}
@@ -356,7 +345,8 @@ class DistillObjective(Objective):
 
 
 def build_objective(student: nn.Module, teacher: nn.Module | None, cfg: DistillConfig,
-                    example_x: B.Inputs, teacher_output: str | None = None) -> Objective:
+                    example_x: B.Inputs, teacher_output: str | None = None,
+                    task: str | Task | None = None) -> Objective:
     """Build the distillation objective for ``student`` (and ``teacher``) from ``cfg``.
 
     Args:
@@ -370,18 +360,22 @@ def build_objective(student: nn.Module, teacher: nn.Module | None, cfg: DistillC
             order). Logit terms use each model's judged output (:func:`slimkit.io.batch.select`).
         teacher_output: the teacher's judged output by :func:`slimkit.io.batch.flatten` name
             (its ``SlimModel.output``); None: the one the student is judged by.
+        task: the data's task (``DataBundle.task``); None is classification. It decides how
+            the logits are trained (:mod:`slimkit.distill.outputs`): softmax KD for class or
+            token logits, MSE for a regressor, cosine or MSE of the embeddings for an encoder.
 
     Returns:
         A :class:`DistillObjective`; train its parameters with the student's.
 
     Raises:
         ConfigError: a term needs a teacher and none was given; an unknown layer name (naming
-            the closest one); a transformer block without recomputable attention.
-        ModelError: teacher and student logits of different shapes (logit KD); features that
+            the closest one); a transformer block without recomputable attention; a logit loss
+            or self_distill that does not apply to the task.
+        ModelError: teacher and student outputs of different shapes (logit KD); features that
             cannot be matched; a model that fails on ``example_x``.
 
     Example:
         >>> objective = build_objective(student, teacher, DistillConfig(), B.take(x, slice(0, 8)))
         >>> loss, logits, parts = objective(student, x, y)
     """
-    return DistillObjective(student, teacher, cfg, example_x, teacher_output)
+    return DistillObjective(student, teacher, cfg, example_x, teacher_output, task)

@@ -25,6 +25,7 @@ from slimkit.distill.config import (  # noqa: F401  (also importable from here)
     FinetuneConfig,
 )
 from slimkit.distill.objective import build_objective
+from slimkit.distill.outputs import output_loss
 from slimkit.io import batch as B
 from slimkit.io.model import SlimModel, modes_kept, set_mode
 from slimkit.measure.tasks import get_task
@@ -60,7 +61,8 @@ def finetune(model: nn.Module, data: DataBundle, cfg: TrainConfig,
              progress: bool = False, label: str = "fine-tune",
              checkpoint_dir: str | Path | None = None) -> dict[str, Any]:
     """Train ``model`` in place; with ``cfg.distill`` the loss distils from ``teacher``
-    (the logits: both models' judged output, :func:`slimkit.io.batch.select`).
+    (the logits: both models' judged output, :func:`slimkit.io.batch.select`, trained as the
+    data's task says: :mod:`slimkit.distill.outputs`).
 
     Raises:
         ConfigError: distillation asks for a teacher and none is given.
@@ -70,7 +72,8 @@ def finetune(model: nn.Module, data: DataBundle, cfg: TrainConfig,
     if distill_cfg is not None:
         if distill_cfg.needs_teacher and teacher is None:
             raise ConfigError(f"{label}: distill needs a teacher model and none was given")
-        objective = build_objective(model, teacher, distill_cfg, _example(data))
+        objective = build_objective(model, teacher, distill_cfg, _example(data),
+                                    task=data.task)
     elif data.task != "classification":
         objective = default_objective(data.task, teacher)
     return fit(model, data, cfg, objective=objective, after_step=after_step,
@@ -90,6 +93,7 @@ def _distill(student: nn.Module, teacher: nn.Module | None, data: DataBundle,
     Returns:
         The trained copy and a Record with accuracies of teacher, assistant and student.
     """
+    output_loss(data.task, cfg.loss, has_teacher=teacher is not None)  # refuse before any work
     student = copy.deepcopy(student)
     record = Record()
     details: dict[str, Any] = {}
@@ -112,7 +116,7 @@ def _distill(student: nn.Module, teacher: nn.Module | None, data: DataBundle,
         assert cfg.assistant is not None
         with _judged(assistant_output):  # the assistant is the student here
             objective = build_objective(assistant, teacher, cfg.loss, _example(data),
-                                        teacher_output)
+                                        teacher_output, task=data.task)
             details["assistant_train"] = fit(
                 assistant, data, cfg.assistant.train, objective, progress=progress,
                 label="assistant",
@@ -121,7 +125,8 @@ def _distill(student: nn.Module, teacher: nn.Module | None, data: DataBundle,
         record.changed.append(f"assistant {cfg.assistant.model} distilled from the teacher: "
                               f"{shown(details[f'assistant_{metric}'])}")
         teacher, teacher_output = assistant, assistant_output
-    objective = build_objective(student, teacher, cfg.loss, _example(data), teacher_output)
+    objective = build_objective(student, teacher, cfg.loss, _example(data), teacher_output,
+                                task=data.task)
     details["student_train"] = fit(student, data, cfg.train, objective, progress=progress,
                                    label="distill", checkpoint_dir=checkpoint_dir)
     details[f"student_{metric}"] = test(student)

@@ -64,10 +64,11 @@ def leaves(inputs: Inputs) -> list[torch.Tensor]:
     inputs = _unwrap(inputs)
     if isinstance(inputs, torch.Tensor):
         return [inputs]
-    items = inputs.values() if isinstance(inputs, Mapping) else inputs
-    if not isinstance(items, Iterable):
+    if isinstance(inputs, Mapping):
+        inputs = list(inputs.values())
+    if not isinstance(inputs, list | tuple):
         return []
-    return [t for item in items for t in leaves(item)]
+    return [t for item in inputs for t in leaves(item)]
 
 
 def names(inputs: Inputs) -> list[str]:

@@ -38,17 +38,15 @@ def measure_static(model: SlimModel, data: DataBundle | None = None,
     flops = count_flops(model.module, example)
     out.update(flops=flops["flops"], macs=flops["macs"])
     out["peak_memory_bytes"] = peak_memory(model.module, example)["peak_memory_bytes"]
-    out["accuracy"] = (accuracy(predict(model.module, data.x_test, output=model.output),
-                                data.y_test)
-                       if data is not None and data.task == "classification" else None)
     out["metrics"] = None
     if data is not None:
-        from slimkit.io.batch import judging
-        from slimkit.measure.tasks import data_batches, get_task
+        from slimkit.measure.tasks import get_task
 
-        with judging(model.output):
+        with B.judging(model.output):
             out["metrics"] = get_task(data.task).evaluate(
-                model.module, data_batches(data.x_test, data.y_test), reference)
+                model.module, lambda: data.batches("test"), reference)
+    out["accuracy"] = (out["metrics"] if data is not None and data.task == "classification"
+                       else None)
     if layers:
         out["layers"] = layer_table(model.module, example)
     return out
@@ -91,7 +89,8 @@ def _check_inputs(model: SlimModel, data: DataBundle) -> None:
 
     if not model.inputs:
         return
-    names, tensors = B.names(data.x_test), B.leaves(data.x_test)
+    example = data.example_inputs(2)
+    names, tensors = B.names(example), B.leaves(example)
     if model.input_style == "dict":
         want = [s.name for s in model.inputs]
         missing, extra = sorted(set(want) - set(names)), sorted(set(names) - set(want))

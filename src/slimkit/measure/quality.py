@@ -58,7 +58,8 @@ def sqnr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
 
 def output_fidelity(reference: Callable[..., Any], other: Callable[..., Any], x: Any,
                     output: str | None = None, batch_size: int = 256) -> dict[str, Any]:
-    """How closely ``other`` reproduces ``reference`` on inputs ``x``, on every output.
+    """How closely ``other`` reproduces ``reference`` on inputs ``x`` (a batch, or a function
+    returning an iterable of batches: a stream), on every output.
 
     The judged output (``output``, else the first) gives the top-level figures of
     :func:`fidelity`; ``per_output`` holds each output's cosine, SQNR (dB) and max |diff|,
@@ -66,13 +67,14 @@ def output_fidelity(reference: Callable[..., Any], other: Callable[..., Any], x:
     """
     refs: dict[str, list[torch.Tensor]] = {}
     outs: dict[str, list[torch.Tensor]] = {}
+    chunks = x if callable(x) else (
+        lambda: (B.take(x, slice(i, i + batch_size)) for i in range(0, B.size(x), batch_size)))
     for m, store in ((reference, refs), (other, outs)):
         if isinstance(m, torch.nn.Module):
             set_mode(m, False)
         with torch.inference_mode():
-            for i in range(0, B.size(x), batch_size):
-                flat = B.flatten(B.call(m, B.take(x, slice(i, i + batch_size))))
-                for k, v in flat.items():
+            for xb in chunks():
+                for k, v in B.flatten(B.call(m, xb)).items():
                     store.setdefault(k, []).append(v.float().cpu())
     per_output = {}
     for k, parts in refs.items():

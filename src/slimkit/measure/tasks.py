@@ -216,7 +216,8 @@ TASKS.register("classification", Task(
     loss=lambda out, _x, y, _r: F.cross_entropy(B.select(out), y)))
 TASKS.register("regression", Task(
     "regression", _regression, {"mse": False, "mae": False}, "mse",
-    loss=lambda out, _x, y, _r: F.mse_loss(B.select(out).reshape(y.shape), y.float())))
+    loss=lambda out, _x, y, _r: F.mse_loss(B.select(out).reshape(y.shape),
+                                          y.to(B.select(out).dtype))))
 TASKS.register("causal_lm", Task(
     "causal_lm", _causal_lm, {"perplexity": False, "loss": False}, "perplexity",
     loss=_lm_loss, needs_labels=False))

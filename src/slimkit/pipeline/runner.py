@@ -54,8 +54,11 @@ def fingerprint(model: SlimModel, data: DataBundle | None, recipe: dict,
     update_with_state(h, model.module.state_dict())
     if data is not None:
         h.update(data.name.encode())
-        for t in B.leaves((data.x_train, data.y_train, data.x_test, data.y_test)):
-            update_with_tensor(h, t)
+        if data.streaming:
+            h.update(data.fingerprint().encode())
+        else:
+            for t in B.leaves((data.x_train, data.y_train, data.x_test, data.y_test)):
+                update_with_tensor(h, t)
     h.update(json.dumps(recipe, sort_keys=True).encode())
     h.update(f"threads={threads or torch.get_num_threads()}".encode())
     return h.hexdigest()
@@ -194,7 +197,7 @@ def _compare(models: dict[str, tuple[SlimModel, Path | None]], data: DataBundle 
     opts = recipe.measure
     batch_sizes = sorted(set(opts.batch_sizes) | ({recipe.target.min_speedup.batch}
                                                   if recipe.target.min_speedup else set()))
-    sample = (B.take(data.x_test, slice(0, max(batch_sizes))) if data is not None
+    sample = (data.example_inputs(max(batch_sizes)) if data is not None
               else final.example_inputs(max(batch_sizes)))
     parity = ({"ok": False, "error": "the final model could not be exported to ONNX"}
               if final_onnx is None
@@ -385,7 +388,8 @@ def _compress(model: SlimModel, baseline: SlimModel, data: DataBundle | None, re
                          parity, task=data.task if data is not None else None),
         "baseline": base_m, "final": final_m, "stages": state["stages"],
         "comparison": comparison, "parity": parity,
-        "fidelity": (output_fidelity(baseline.module, final.module, data.x_test,
+        "fidelity": (output_fidelity(baseline.module, final.module,
+                                     lambda: (x for x, _ in data.batches("test")),
                                      baseline.output) if data is not None else None),
         "environment": environment(recipe.measure.threads),
         "outputs": {"artifact": str(paths.out / "model"),
@@ -405,4 +409,5 @@ def _describe_data(data: DataBundle | None) -> dict | None:
         return None
     return {"name": data.name, "n_train": data.n_train, "n_test": data.n_test,
             "input_shape": list(data.input_shape), "num_classes": data.num_classes,
-            "warnings": data_warnings(data)}
+            "task": data.task, "streaming": data.streaming,
+            "warnings": [] if data.streaming else data_warnings(data)}

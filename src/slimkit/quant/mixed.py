@@ -35,9 +35,8 @@ from slimkit.core.errors import ConfigError
 from slimkit.core.record import Record
 from slimkit.core.stages import StageContext, register_stage
 from slimkit.data.bundle import DataBundle
-from slimkit.data.split import calibration_subset, split_indices
+from slimkit.data.split import calibration_subset
 from slimkit.graph.select import select_layers
-from slimkit.io import batch as B
 from slimkit.io.model import SlimModel, set_mode
 from slimkit.measure.quality import predict
 from slimkit.quant.calibrate import calibrate_inputs, check_calibration
@@ -230,14 +229,14 @@ def _mixed_precision(model: nn.Module, cfg: MixedPrecisionConfig, data: DataBund
     if not chosen:
         raise ConfigError("mixed_precision: the model has no Linear/Conv layer to quantize "
                           "(check include/exclude)")
-    calib = calibration_subset(data, min(cfg.calib_samples, data.n_train))
+    calib = calibration_subset(data, min(cfg.calib_samples, data.n_train or cfg.calib_samples))
     check_calibration(calib)
-    # Choices are made on a validation slice of the training split; the test split only
-    # reports the outcome (selecting on it would make the reported drop optimistic).
-    val = split_indices(data.y_train, 0.2, seed=0)[1][: cfg.eval_samples]
-    ev = (B.take(data.x_train, val), data.y_train[val], 256, data.task)
-    n_test = cfg.eval_samples or data.n_test
-    test = (B.take(data.x_test, slice(0, n_test)), data.y_test[:n_test], 256, data.task)
+    # Choices are made on the validation split (a fixed slice of the training split, or a
+    # stream's own); the test split only reports the outcome (selecting on it would make the
+    # reported drop optimistic). Both are bounded by eval_samples.
+    limit = cfg.eval_samples or 10**9
+    ev = (*data.head("val", limit), 256, data.task)
+    test = (*data.head("test", limit), 256, data.task)
     base = score(ref, *ev)
     sens = layer_sensitivity(ref, chosen, cfg.bits, calib, cfg.sensitivity, ev)
     sizes = {n: {b: weight_bytes(m.weight, b) for b in [FLOAT, *cfg.bits]}

@@ -46,7 +46,7 @@ from slimkit.quant.primitives import choose_qparams, qrange
 def _calibration_data(data: DataBundle | torch.Tensor | None, cfg: PtqConfig) -> torch.Tensor:
     if data is None:
         raise DataError("ptq needs calibration data: give a dataset (--data) or a tensor")
-    if isinstance(data, DataBundle):
+    if isinstance(data, DataBundle) or getattr(data, "streaming", False):
         return calibration_subset(data, cfg.num_samples, cfg.seed)
     if not B.leaves(data) or B.size(data) == 0:
         raise DataError("ptq: the calibration tensor is empty")

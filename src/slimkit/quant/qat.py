@@ -47,7 +47,7 @@ from slimkit.quant.extreme import SignQuant, pack_layer, packed_bytes, spec_of
 from slimkit.quant.modules import QUANTIZABLE, FakeQuant, QuantLayer, snap_bias
 from slimkit.quant.plan import QUANTIZERS, QuantSpec, add_quant_transforms, wrap_layers
 from slimkit.quant.primitives import SCALE_FLOOR, _grouped, choose_qparams, reduce_range
-from slimkit.train.loop import evaluate
+from slimkit.train.loop import evaluate_data
 
 
 def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
@@ -259,7 +259,7 @@ def _qat(model: nn.Module, cfg: QatConfig, data: DataBundle,
     if not chosen:
         raise ConfigError("qat: the model has no Linear/Conv layer to quantize (check "
                           "include/exclude)")
-    calib = calibration_subset(data, min(cfg.calib_samples, data.n_train))
+    calib = calibration_subset(data, min(cfg.calib_samples, data.n_train or cfg.calib_samples))
     check_calibration(calib)
     layers = wrap_layers(work, _layer_plan(list(chosen), cfg))
     for ql in layers.values():
@@ -269,15 +269,15 @@ def _qat(model: nn.Module, cfg: QatConfig, data: DataBundle,
     ranges = (calibrate_inputs(work, layers, calib, cfg.act_calibration)
               if cfg.act_bits is not None else {})
     # evaluate() switches to eval mode: measure a copy so the caller's model keeps its mode.
-    acc = {"float": evaluate(copy.deepcopy(model), data.x_test, data.y_test, task=data.task),
-           "quantized_before_training": evaluate(work, data.x_test, data.y_test, task=data.task)}
+    acc = {"float": evaluate_data(copy.deepcopy(model), data),
+           "quantized_before_training": evaluate_data(work, data)}
     history = finetune(work, data, cfg.finetune, teacher=teacher, progress=progress,
                        label="qat", checkpoint_dir=checkpoint_dir)
-    acc["trained_fake_quant"] = evaluate(work, data.x_test, data.y_test, task=data.task)
+    acc["trained_fake_quant"] = evaluate_data(work, data)
     plan, packed_plan, rows = _convert(work, layers, cfg)
     verify_finite(work, (B.take(calib, slice(0, 8)),), "qat",
                   hint="; lower the learning rate or use more bits")
-    acc["after"] = evaluate(work, data.x_test, data.y_test, task=data.task)
+    acc["after"] = evaluate_data(work, data)
     record = Record(skipped=skipped, details={"plan": plan, "packed_plan": packed_plan,
                                               "accuracy": acc, "finetune": history})
     for name, row in rows.items():

@@ -32,6 +32,9 @@ def run_fingerprint(model: torch.nn.Module, data: tuple,
     """
     h = hashlib.sha256()
     update_with_state(h, model.state_dict())
+    for item in data:
+        if isinstance(item, str):  # a stream's own fingerprint
+            h.update(item.encode())
     for t in B.leaves(tuple(data)):
         update_with_tensor(h, t)
     cfg = {k: v for k, v in config.items() if k != "checkpoint_every"}

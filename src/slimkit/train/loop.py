@@ -45,6 +45,15 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return t.evaluate(model, data_batches(x, y, batch_size))[t.primary]
 
 
+def evaluate_data(model: nn.Module, data: Any, split: str = "test",
+                  batch_size: int = 256) -> float:
+    """:func:`evaluate` over a dataset's split, in memory or streamed (``data.batches``)."""
+    from slimkit.measure.tasks import get_task
+
+    t = get_task(data.task)
+    return t.evaluate(model, lambda: data.batches(split, batch_size))[t.primary]
+
+
 def score(model: nn.Module, x: Any, y: torch.Tensor, batch_size: int = 256,
           task: str = "classification") -> float:
     """A higher-is-better quality for selections: top-1 in points (0..100) for
@@ -109,9 +118,12 @@ def _autocast(cfg: TrainConfig, device: torch.device) -> tuple[Any, torch.amp.Gr
 
 
 def _split_validation(data: DataBundle, cfg: TrainConfig) -> tuple[DataBundle, tuple | None]:
-    """Hold out a deterministic validation split when early stopping is on (never the test)."""
+    """Hold out a deterministic validation split when early stopping is on (never the test);
+    a stream's is its ``val`` stream (or held-out first batches), read as it comes."""
     if cfg.early_stopping is None:
         return data, None
+    if data.streaming:
+        return data, ("stream",)
     from slimkit.data.split import split
 
     xt, yt, xv, yv = split(data.x_train, data.y_train, cfg.early_stopping.val_fraction,
@@ -133,6 +145,28 @@ def _batches(n: int, cfg: TrainConfig, gen: torch.Generator, start: int, world_s
         idx = perm[lo:lo + cfg.batch_size]
         if i >= start and len(idx) >= world_size:
             yield i, idx
+
+
+def _epoch(run: _Run, start: int) -> Iterator[tuple[int, Any, torch.Tensor, int]]:
+    """(step index within the epoch, this rank's inputs and labels, global batch size).
+
+    In memory: a seeded permutation of the training split in ``cfg.batch_size`` batches. A
+    stream: its own batches (its loader sets their size) in its own order (resuming skips
+    the ``start`` batches already trained on); under torchrun every rank reads the stream
+    and keeps its shard of each batch's rows (as a DistributedSampler would of a map-style
+    dataset).
+    """
+    if not run.train.streaming:
+        for i, idx in _batches(run.n, run.cfg, run.gen, start, run.size):
+            local = shard(idx, run.rank, run.size)
+            yield i, B.take(run.train.x_train, local), run.train.y_train[local], len(idx)
+        return
+    for i, (x, y) in enumerate(run.train.batches("train")):
+        n = len(y)
+        if i < start or n < run.size:
+            continue
+        local = shard(torch.arange(n), run.rank, run.size)
+        yield i, B.take(x, local), y[local], n
 
 
 def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig,
@@ -175,10 +209,10 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig,
             run.gen.set_state(state["epoch_gen_state"])
             set_mode(model, True)
             run.objective.train()
-            for i, idx in _batches(run.n, cfg, run.gen, state["step_in_epoch"], run.size):
+            for i, xb, yb, n in _epoch(run, state["step_in_epoch"]):
                 if state["step"] >= run.total:
                     break
-                loss = run.step(idx, after_step)
+                loss = run.step(xb, yb, n, after_step)
                 state["step_in_epoch"] = i + 1
                 bar.update(task, advance=1, info=f"epoch {state['epoch'] + 1} "
                            f"loss {loss:.3f}")
@@ -221,7 +255,7 @@ class _Run:
     resumed_from: int | None = None
 
     @property
-    def n(self) -> int:
+    def n(self) -> int | None:
         return self.train.n_train
 
     @classmethod
@@ -231,15 +265,15 @@ class _Run:
         rank, size = world()
         device = _device(cfg)
         objective = objective.to(device)
-        fingerprint = run_fingerprint(model, (data.x_train, data.y_train), cfg.model_dump(),
-                                      _describe(objective))
+        what = ((data.fingerprint(),) if data.streaming else (data.x_train, data.y_train))
+        fingerprint = run_fingerprint(model, what, cfg.model_dump(), _describe(objective))
         model.to(device)
         gen = seed_everything(cfg.seed)
         train_data, val = _split_validation(data, cfg)
-        n = train_data.n_train
-        if n < size:
-            raise ModelError(f"{label}: {n} training samples cannot feed {size} processes")
-        total = cfg.max_steps or math.ceil(n / cfg.batch_size) * cfg.epochs  # steps beat epochs
+        total = cfg.max_steps or _total(train_data, cfg, label)  # steps beat epochs
+        if not train_data.streaming and train_data.n_train < size:
+            raise ModelError(f"{label}: {train_data.n_train} training samples cannot feed "
+                             f"{size} processes")
         params = [p for p in [*model.parameters(), *objective.parameters()] if p.requires_grad]
         opt = _optimizer(params, cfg)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total))
@@ -278,22 +312,23 @@ class _Run:
                 "scheduler": self.sched.state_dict(), "torch_rng": torch.get_rng_state(),
                 "scaler": self.scaler.state_dict() if self.scaler else None, **self.state}
 
-    def step(self, idx: torch.Tensor, after_step: Callable[[nn.Module], None] | None) -> float:
-        """One optimizer step on the global batch ``idx`` (this rank's shard); its loss."""
+    def step(self, xb: Any, yb: torch.Tensor, global_n: int,
+             after_step: Callable[[nn.Module], None] | None) -> float:
+        """One optimizer step on this rank's shard ``(xb, yb)`` of a global batch of
+        ``global_n`` samples; its loss."""
         state, cfg = self.state, self.cfg
         if (self.ckpt_path and cfg.checkpoint_every and self.rank == 0 and state["step"] > 0
                 and state["step"] % cfg.checkpoint_every == 0
                 and state["step"] != self.resumed_from):
             save_checkpoint(self.ckpt_path, self.snapshot())
-        local = shard(idx, self.rank, self.size)
-        xb = B.to(B.take(self.train.x_train, local), self.device)
-        yb = self.train.y_train[local].to(self.device)
+        xb, yb = B.to(xb, self.device), yb.to(self.device)
+        local_n = len(yb)
         with self.autocast():
             loss, logits, _parts = self.objective(self.net, xb, yb)
         if not torch.isfinite(loss):
             self._diverged(loss)
         self.opt.zero_grad(set_to_none=True)
-        scaled = loss * (len(local) * self.size / len(idx))  # global-batch mean under DDP
+        scaled = loss * (local_n * self.size / global_n)  # global-batch mean under DDP
         (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         average_gradients(self.extra)
         if self.scaler:
@@ -308,10 +343,10 @@ class _Run:
         self.sched.step()
         if after_step:
             after_step(self.model)
-        state["running"] += float(loss.detach()) * len(local)
+        state["running"] += float(loss.detach()) * local_n
         if logits.dim() == 2 and len(logits) == len(yb) and not yb.is_floating_point():
             state["correct"] += int((logits.detach().argmax(1) == yb).sum())
-        state["seen"] += len(local)
+        state["seen"] += local_n
         state["step"] += 1
         return float(loss.detach())
 
@@ -336,6 +371,20 @@ class _Run:
         set_mode(self.model, False)
 
 
+def _total(data: Any, cfg: TrainConfig, label: str) -> int:
+    """Optimizer steps for ``cfg.epochs`` epochs of ``data``."""
+    if not data.streaming:
+        return math.ceil(data.n_train / cfg.batch_size) * cfg.epochs
+    per_epoch = data.epoch_batches()
+    if per_epoch is None:
+        from slimkit.core.errors import ConfigError
+
+        raise ConfigError(f"{label}: the train stream of '{data.name}' has no length (a "
+                          "generator or IterableDataset); set max_steps, or give "
+                          "StreamData(length=batches per epoch)")
+    return per_epoch * cfg.epochs
+
+
 def _describe(objective: Objective) -> str:
     """What the objective optimizes, for the run fingerprint (kind and settings)."""
     cfg = getattr(objective, "cfg", None)
@@ -348,9 +397,12 @@ def _end_epoch(model: nn.Module, data: DataBundle, val: tuple | None, cfg: Train
     the task's primary metric in its direction). Returns True to stop."""
     metric, higher = _metric(data.task)
     seen = max(1, state["seen"])
-    val_score = evaluate(model, *val, task=data.task) if val else None
+    if val == ("stream",):
+        val_score = evaluate_data(model, data, "val")
+    else:
+        val_score = evaluate(model, *val, task=data.task) if val else None
     entry = {"epoch": state["epoch"] + 1, "loss": state["running"] / seen,
-             f"test_{metric}": evaluate(model, data.x_test, data.y_test, task=data.task),
+             f"test_{metric}": evaluate_data(model, data, "test"),
              f"val_{metric}": val_score, "seconds": time.perf_counter() - start}
     if data.task == "classification":
         entry["train_top1"] = state["correct"] / seen
