@@ -157,3 +157,7 @@ def test_a_stream_and_a_bundle_give_the_same_compress_verdict(tmp_path):
     assert crit["name"] == "max_metric_drop (perplexity)"
     assert crit["achieved"] == pytest.approx(final["perplexity"] - base["perplexity"])
     assert report["data"]["n_test"] is None and report["fidelity"]["output"] == "logits"
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert '<th scope="row">Perplexity</th>' in html and "Top-1 accuracy" not in html
+    assert "Perplexity against size on disk" in html
+    assert f"perplexity {base['perplexity']:.4g} → {final['perplexity']:.4g}" in html

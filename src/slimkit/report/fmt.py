@@ -228,3 +228,15 @@ def fmt_value(value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     return str(value)
+
+
+def quality(measure: Any) -> tuple[str, float] | None:
+    """A model's headline quality: ``("top-1 accuracy (%)", 95.1)`` for a classifier, else
+    the task's primary (first) metric as it is (``("perplexity", 12.3)``)."""
+    top1 = finite(dig(measure, "accuracy", "top1"))
+    if top1 is not None:
+        return "top-1 accuracy (%)", top1 * 100
+    for key, value in as_mapping(dig(measure, "metrics")).items():
+        if finite(value) is not None:
+            return str(key), float(value)
+    return None

@@ -21,6 +21,7 @@ from slimkit.report.fmt import (
     by_batch,
     dig,
     finite,
+    quality,
 )
 from slimkit.report.layers import layer_pairs
 
@@ -73,13 +74,28 @@ def _series(report: Mapping[str, Any]) -> list[tuple[str, str, Mapping[str, Any]
 
 
 def _top1_percent(measure: Mapping[str, Any]) -> float | None:
-    value = finite(dig(measure, "accuracy", "top1"))
-    return None if value is None else value * 100
+    """The plotted quality: top-1 in percent, or another task's primary metric."""
+    found = quality(measure)
+    return None if found is None else found[1]
+
+
+def _quality_word(series: list) -> str:
+    label = _quality_label(series)
+    return "Accuracy" if label.startswith("top-1") else label.replace("_", " ").capitalize()
+
+
+def _quality_label(series: list) -> str:
+    for _, _, m in series:
+        found = quality(m)
+        if found is not None:
+            return found[0]
+    return "top-1 accuracy (%)"
 
 
 def _accuracy_vs_size(series: list[tuple[str, str, Mapping[str, Any]]]) -> Plot:
-    title = "Accuracy vs size"
-    caption = "Top-1 accuracy against size on disk, from the baseline through each stage."
+    title = f"{_quality_word(series)} vs size"
+    what = _quality_label(series).removesuffix(" (%)").capitalize()
+    caption = f"{what} against size on disk, from the baseline through each stage."
     points = [
         (label, role, finite(dig(m, "size_bytes")), _top1_percent(m)) for label, role, m in series
     ]
@@ -88,7 +104,7 @@ def _accuracy_vs_size(series: list[tuple[str, str, Mapping[str, Any]]]) -> Plot:
         return Plot(title, caption, missing="no stage has both a size and an accuracy")
     scale, unit = _byte_scale(max(p[2] for p in points))
     scaled = [(label, role, x / scale, y) for label, role, x, y in points]
-    uri = _trajectory(scaled, f"size on disk ({unit})", title)
+    uri = _trajectory(scaled, f"size on disk ({unit})", title, _quality_label(series))
     return Plot(title, caption, uri)
 
 
@@ -122,22 +138,26 @@ def _latency_ms(measure: Mapping[str, Any], key: tuple[str, str]) -> float | Non
 
 
 def _accuracy_vs_latency(report: Mapping[str, Any], series: list) -> Plot:
-    title = "Accuracy vs latency"
+    title = f"{_quality_word(series)} vs latency"
     key = _latency_key(report, series)
     if key is None:
-        caption = "Top-1 accuracy against median latency."
+        what = _quality_label(series).removesuffix(" (%)").capitalize()
+        caption = f"{what} against median latency."
         return Plot(title, caption, missing="no latency was measured")
     runtime = RUNTIME_NAMES.get(key[0], key[0])
-    caption = f"Top-1 accuracy against median latency ({runtime}, batch {key[1]})."
+    what = _quality_label(series).removesuffix(" (%)").capitalize()
+    caption = f"{what} against median latency ({runtime}, batch {key[1]})."
     points = [(label, role, _latency_ms(m, key), _top1_percent(m)) for label, role, m in series]
     points = [p for p in points if p[2] is not None and p[3] is not None]
     if not points:
         return Plot(title, caption, missing="no stage has both a latency and an accuracy")
-    uri = _trajectory(points, f"median latency, ms ({runtime}, batch {key[1]})", title)
+    uri = _trajectory(points, f"median latency, ms ({runtime}, batch {key[1]})", title,
+                      _quality_label(series))
     return Plot(title, caption, uri)
 
 
-def _trajectory(points: list[tuple[str, str, float, float]], xlabel: str, title: str) -> str:
+def _trajectory(points: list[tuple[str, str, float, float]], xlabel: str, title: str,
+                ylabel: str = "top-1 accuracy (%)") -> str:
     """A connected scatter in pipeline order; points at the same spot share one label."""
     fig, ax = _new_figure(6.4, 4.2)
     xs = [p[2] for p in points]
@@ -173,14 +193,14 @@ def _trajectory(points: list[tuple[str, str, float, float]], xlabel: str, title:
             color="#1f2328",
         )
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=11)
     ax.grid(True, alpha=0.3)
     ax.margins(x=0.18, y=0.2)
     if max(ys) - min(ys) < 0.05:  # one level: matplotlib's default span would be ±5 points
         ax.set_ylim(min(ys) - 0.5, max(ys) + 0.5)
     low, high = ax.get_ylim()
-    if max(ys) <= 100 < high:  # accuracy never exceeds 100%: do not draw ticks above it
+    if ylabel.startswith("top-1") and max(ys) <= 100 < high:  # accuracy stays <= 100%
         ax.set_ylim(low, max(100.2, max(ys) + 0.1))
     fig.legend(loc="outside lower center", ncols=3, fontsize=8, frameon=False)
     return _to_data_uri(fig)

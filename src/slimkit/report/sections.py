@@ -206,6 +206,12 @@ def highlights(report: Mapping[str, Any]) -> str:
     if before is not None and after is not None:
         delta = (after - before) * 100
         chips.append(f"top-1 {fmt_pct(before)} → {fmt_pct(after)} ({delta:+.2f} pts)")
+    elif dig(report, "baseline", "metrics"):  # another task: its first (primary) metric
+        name = next(iter(as_mapping(dig(report, "baseline", "metrics"))))
+        b = finite(dig(report, "baseline", "metrics", name))
+        f = finite(dig(report, "final", "metrics", name))
+        if b is not None and f is not None:
+            chips.append(f"{name} {b:.4g} → {f:.4g}")
     if not chips:
         return ""
     return (
@@ -240,6 +246,10 @@ def parity(report: Mapping[str, Any]) -> str:
             f"top-1 agreement {fmt_pct(fidelity.get('top1_agreement'))}",
             f"max abs diff {fmt_sci(fidelity.get('max_abs_diff'))}",
         ]
+        per_output = as_mapping(fidelity.get("per_output"))
+        if len(per_output) > 1:  # every output of a multi-output model, by name
+            parts += [f"{name}: cosine {fmt_value(dig(v, 'cosine'))}, SQNR "
+                      f"{fmt_value(dig(v, 'sqnr_db'))} dB" for name, v in per_output.items()]
         out += (
             '<p id="fidelity"><strong>Fidelity.</strong> Final vs baseline outputs on the test '
             f"set: {esc(' · '.join(parts))}</p>"

@@ -28,6 +28,7 @@ from slimkit.report.fmt import (
     fmt_pct,
     fmt_seconds,
     fmt_value,
+    quality,
 )
 from slimkit.report.layers import layer_pairs
 
@@ -130,9 +131,19 @@ def before_after(report: Mapping[str, Any]) -> str:
         ratio = comparison.get(ratio_key) if ratio_key else None
         change = _ratio_cell(base.get(key), final.get(key), "smaller", "larger", ratio)
         rows.append(_row(label, fmt(base.get(key)), fmt(final.get(key)), change))
-    for label, key in (("Top-1 accuracy", "top1"), ("Top-5 accuracy", "top5")):
-        b, f = dig(base, "accuracy", key), dig(final, "accuracy", key)
-        rows.append(_row(label, fmt_pct(b), fmt_pct(f), _delta_cell(b, f)))
+    if base.get("accuracy") is not None or final.get("accuracy") is not None or not (
+            base.get("metrics") or final.get("metrics")):
+        for label, key in (("Top-1 accuracy", "top1"), ("Top-5 accuracy", "top5")):
+            b, f = dig(base, "accuracy", key), dig(final, "accuracy", key)
+            rows.append(_row(label, fmt_pct(b), fmt_pct(f), _delta_cell(b, f)))
+    else:  # another task's metrics (perplexity, cosine, MSE...), in their own units
+        metrics = {**as_mapping(base.get("metrics")), **as_mapping(final.get("metrics"))}
+        for key in metrics:
+            b, f = finite(dig(base, "metrics", key)), finite(dig(final, "metrics", key))
+            change = (f'<td class="num">{f - b:+.4g}</td>' if b is not None and f is not None
+                      else f'<td class="num na">{DASH}</td>')
+            rows.append(_row(key.replace("_", " ").capitalize(), fmt_value(b), fmt_value(f),
+                             change))
     return (
         '<section id="before-after"><h2>Baseline vs final</h2>'
         '<table class="compare"><thead><tr><th>Metric</th><th class="num">Baseline</th>'
@@ -165,17 +176,22 @@ def _skip_item(item: Any) -> str:
     return esc(fmt_value(item))
 
 
-def _top1_cell(measure: Any, baseline_top1: float | None) -> str:
-    top1 = finite(dig(measure, "accuracy", "top1"))
-    if top1 is None:
+def _top1_cell(measure: Any, baseline: Any) -> str:
+    """The stage's quality (top-1, or the task's primary metric) and its change."""
+    found, base = quality(measure), quality(baseline) if baseline is not None else None
+    if found is None:
         return f'<td class="num na">{DASH}</td>'
+    label, value = found
+    top1 = label.startswith("top-1")
     note = ""
-    if baseline_top1 is not None:
-        note = f'<div class="small">{(top1 - baseline_top1) * 100:+.2f} pts</div>'
-    return f'<td class="num">{esc(fmt_pct(top1))}{note}</td>'
+    if base is not None and base[0] == label:
+        delta = f"{value - base[1]:+.2f} pts" if top1 else f"{value - base[1]:+.4g}"
+        note = f'<div class="small">{delta}</div>'
+    shown = fmt_pct(value / 100) if top1 else f"{value:.4g}"
+    return f'<td class="num">{esc(shown)}{note}</td>'
 
 
-def _measure_cells(measure: Any, baseline_top1: float | None) -> str:
+def _measure_cells(measure: Any, baseline_top1: Any) -> str:
     return (
         f"{_top1_cell(measure, baseline_top1)}"
         f'<td class="num">{esc(fmt_bytes(dig(measure, "size_bytes")))}</td>'
@@ -183,7 +199,7 @@ def _measure_cells(measure: Any, baseline_top1: float | None) -> str:
     )
 
 
-def _stage_row(position: int, stage: Any, baseline_top1: float | None) -> str:
+def _stage_row(position: int, stage: Any, baseline_top1: Any) -> str:
     stage = as_mapping(stage)
     index = stage.get("index", position)
     kind = esc(fmt_value(stage.get("kind", "stage")))
@@ -203,7 +219,7 @@ def stages(report: Mapping[str, Any]) -> str:
     """One row per stage, framed by the baseline and the final model for reference."""
     items = as_list(report.get("stages"))
     baseline = report.get("baseline")
-    base_top1 = finite(dig(baseline, "accuracy", "top1"))
+    base_top1 = baseline
     seconds = [finite(dig(s, "seconds")) for s in items]
     total = (
         sum(s for s in seconds if s is not None) if any(s is not None for s in seconds) else None
@@ -221,10 +237,12 @@ def stages(report: Mapping[str, Any]) -> str:
         f"{_measure_cells(report.get('final'), base_top1)}"
         f'<td class="num">{esc(total_text)}</td></tr>'
     )
+    found = quality(baseline)
+    header = "Top-1" if found is None or found[0].startswith("top-1") else found[0].capitalize()
     return (
         '<section id="stages"><h2>Stages</h2><table class="stages"><thead><tr>'
         '<th class="num">#</th><th>Kind</th><th>What changed</th><th>Skipped, and why</th>'
-        '<th class="num">Top-1</th><th class="num">Size</th><th class="num">Non-zero '
+        f'<th class="num">{esc(header)}</th><th class="num">Size</th><th class="num">Non-zero '
         'params</th><th class="num">Time</th></tr></thead><tbody>'
         f"{''.join(rows)}</tbody></table></section>"
     )
