@@ -200,3 +200,40 @@ def test_several_inputs_are_traced_and_every_output_keeps_its_size(style: str):
     assert {m.param for m in gs["conv2"].members} >= {"conv2.weight", "side.weight",
                                                       "head.weight"}
     assert _groups(SideNet(), ({"image": image, "side": side},))["conv1"].prunable  # (x,)
+
+
+class _FusedQKV(nn.Module):
+    """GPT-2's attention in plain torch: one projection makes q, k and v, split by a size.
+
+    ``width_attr`` names the attribute the split size is kept in: ``split_size`` follows the
+    heads (the slicer sets it); any other name is a size nobody updates.
+    """
+
+    def __init__(self, width_attr: str = "split_size") -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = 2, 4
+        setattr(self, width_attr, 8)
+        self.width_attr = width_attr
+        self.qkv, self.out = nn.Linear(6, 24), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).split(getattr(self, self.width_attr), dim=2)
+        q, k, v = (t.view(*t.shape[:2], -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        ctx = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(ctx.transpose(1, 2).reshape(*x.shape[:2], -1))
+
+
+def test_a_fused_qkv_projection_split_by_split_size_prunes_whole_heads_alike():
+    g = _groups(_FusedQKV(), (torch.randn(2, 5, 6),))["qkv"]
+    assert (g.size, g.heads, g.prunable) == (2, [""], True)
+    # head 1: its rows of q (4..7), of k (12..15) and of v (20..23); its columns of out
+    assert _member(g, "qkv.weight", 0).indices[1] == [4, 5, 6, 7, 12, 13, 14, 15,
+                                                      20, 21, 22, 23]
+    assert _member(g, "out.weight", 1).indices[1] == [4, 5, 6, 7]
+
+
+def test_a_fused_qkv_split_by_a_size_nobody_updates_is_locked_with_its_reason():
+    report = analyze(_FusedQKV("width"), (torch.randn(2, 5, 6),))
+    (locked,) = [g for g in report["unprunable"] if g["root"] == "qkv"]
+    assert "split into fixed sizes [8, 8, 8]" in locked["why"][0]
+    assert [g["root"] for g in report["prunable"]] == []

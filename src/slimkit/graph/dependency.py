@@ -9,6 +9,9 @@ parameters form a *group*. Removing channel ``i`` of a group removes, for every 
 ``(param, dim)``, the indices ``members[k].indices[i]``: a conv's output row and bias, the
 BatchNorm entries and running stats, the next conv's input column, both sides of a residual
 add, ``H*W`` columns of a Linear after ``flatten``, a whole attention head of q/k/v/out...
+A fused q/k/v projection split by a size its module keeps (GPT-2's ``c_attn``, a Hugging Face
+``Conv1D`` whose weight is ``[in, out]``; see :mod:`slimkit.graph.layers`) loses the same heads
+from q, k and v.
 
 With ``attention="head_dims"`` a split ``E -> (heads, head_dim)`` is pruned by inner position
 instead: channel ``j`` is position ``j`` of every head (q and k rows, contracted together by
@@ -41,8 +44,9 @@ import torch
 from torch import nn
 
 from slimkit.core.errors import ConfigError, ModelError
-from slimkit.graph.attention import scale_follows_head_size
+from slimkit.graph.attention import scale_follows_head_size, split_follows_heads
 from slimkit.graph.labels import STATIC, Labels, LabelSet, static
+from slimkit.graph.layers import out_dim
 from slimkit.graph.ops import OP_RULES, OpContext, SplitLog, unknown_rule
 from slimkit.io import batch as B
 
@@ -51,8 +55,6 @@ ATTENTION_UNITS = {"heads": "heads", "head_dims": "inner"}
 #: Ops between a query projection and its use that keep its rows (walked back to find it).
 _QUERY_PATH = {"view", "reshape", "_unsafe_view", "unflatten", "transpose", "permute", "clone",
                "contiguous", "mul", "div", "_to_copy", "alias", "expand", "dropout"}
-
-PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 #: Modules whose forward checks sizes against attributes the slicer does not rewrite: all
 #: their tensors keep their sizes (the channels around them stay prunable where not coupled).
@@ -298,6 +300,7 @@ def build_dependency_graph(model: nn.Module, example_inputs: B.Inputs,
     ls, params, seen, unsupported = _walk(ep, log)
     if attention == "head_dims":
         _couple_module_splits(ls, log.splits)
+    _resolve_fused_splits(model, ls, log)
     _lock_fixed_modules(model, ls, params)
     seen_roots = {ls.find(v) for v in seen}
     locked: dict[int, list[str]] = defaultdict(list)
@@ -332,6 +335,39 @@ def _couple_module_splits(ls: LabelSet, splits: list[tuple[str, np.ndarray]]) ->
             continue
         for a in arrays[1:]:
             ls.unite(arrays[0], a, module, "view")
+
+
+def _resolve_fused_splits(model: nn.Module, ls: LabelSet, log: SplitLog) -> None:
+    """Prune a fused q/k/v projection (GPT-2's ``c_attn``) by heads, or lock it.
+
+    Its output is split into equal pieces of a size fixed at trace time. They stay equal when
+    the same positions go from every piece and the split size follows the pruned heads: the
+    module holds it in an attribute equal to head count x head size
+    (:func:`~slimkit.graph.attention.split_follows_heads`; the slicer sets it with the heads),
+    and every position of every piece is inside a head split of that module. Otherwise the
+    pieces keep their sizes.
+    """
+    modules = dict(model.named_modules())
+    ok = []
+    for module, pieces in log.fused:
+        if split_follows_heads(modules.get(module), len(pieces[0])):
+            for p in pieces[1:]:
+                ls.unite(pieces[0], p, module, "split")
+            ok.append((module, pieces))
+        else:
+            _lock_split(ls, module, pieces, "")
+    for module, pieces in ok:
+        split = {r for m, labels in log.splits if m == module for r in ls.roots(labels).tolist()}
+        if any(r >= 0 and r not in split for p in pieces for r in ls.roots(p).tolist()):
+            _lock_split(ls, module, pieces, ", some of whose positions are not split into "
+                                            "heads there")
+
+
+def _lock_split(ls: LabelSet, module: str, pieces: list[np.ndarray], extra: str) -> None:
+    sizes = [len(p) for p in pieces]
+    ls.lock(np.concatenate(pieces), module, "split",
+            f"split into fixed sizes {sizes} (chunk(n) can be pruned, as can a fused q/k/v "
+            f"projection split by a `split_size` equal to heads x head size){extra}")
 
 
 def _lock_fixed_modules(model: nn.Module, ls: LabelSet, params: dict[str, Labels]) -> None:
@@ -379,7 +415,7 @@ def _make_groups(model: nn.Module, comps: dict, locked: dict[int, list[str]],
 def _root(members: list[Member], modules: dict[str, nn.Module]) -> str:
     for m in members:
         mod_name = m.param.rsplit(".", 1)[0] if "." in m.param else ""
-        if m.dim == 0 and isinstance(modules.get(mod_name), PRODUCERS):
+        if m.dim == out_dim(modules.get(mod_name)):  # None for any non-layer: never equal
             return mod_name
     first = members[0].param
     return first.rsplit(".", 1)[0] if "." in first else first
@@ -412,28 +448,35 @@ def _attach_queries(model: nn.Module, ls: LabelSet, index: dict[int, Group],
                   if g.head_dims and scale_follows_head_size(modules.get(module), g.size)]
         if not groups:
             continue
-        params = _query_projection(node, names)
+        params, missing = _query_projection(node, names)
         for g in groups:
             if params:
                 g.queries += [p for p in params if p not in g.queries]
             else:
                 g.prunable = False
                 g.why.append(f"{module or '<root>'}: the attention scale follows the head size "
-                             "and its query projection was not found; give the module a float "
-                             "`scaling` attribute that is not 1/sqrt(head size)")
+                             f"and {missing}")
 
 
-def _query_projection(node: torch.fx.Node, names: dict[str, str]) -> list[str]:
-    """The weight (and bias) of the Linear that produced ``node``, through reshapes."""
+def _query_projection(node: torch.fx.Node, names: dict[str, str]) -> tuple[list[str], str]:
+    """The weight (and bias) of the Linear that produced ``node``, through reshapes; else
+    ``[]`` and why not."""
     while isinstance(node, torch.fx.Node) and node.op == "call_function":
         op = _op_name(node.target)
         if op == "linear":
             return [names[a.name] for a in node.args[1:3]
-                    if isinstance(a, torch.fx.Node) and a.name in names]
+                    if isinstance(a, torch.fx.Node) and a.name in names], ""
+        if op == "getitem" and isinstance(node.args[0], torch.fx.Node) and \
+                _op_name(node.args[0].target) in ("split", "split_with_sizes", "chunk"):
+            # q is one piece of a fused q/k/v projection (GPT-2's c_attn): a plan scales
+            # whole tensors, so the query rows alone cannot be rescaled
+            return [], ("its query projection is fused with the keys and values (a plan "
+                        "rescales whole tensors); prune whole heads instead (attention: heads)")
         if op.rstrip("_") not in _QUERY_PATH or not node.args:
-            return []
+            break
         node = node.args[0]
-    return []
+    return [], ("its query projection was not found; give the module a float `scaling` "
+                "attribute that is not 1/sqrt(head size)")
 
 
 def _dedupe(rows: list[dict[str, str]]) -> list[dict[str, str]]:

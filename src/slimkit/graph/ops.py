@@ -30,11 +30,16 @@ class SplitLog:
             size in an attribute (a head count, or a head size).
         queries: ``(module, node, labels)``: the left operand of a contraction of two labelled
             dims (the queries of ``q @ k^T`` / SDPA) and the contracted labels; ``inner`` mode.
+        fused: ``(module, pieces)``: a labelled dim split into equal pieces of a size fixed at
+            trace time (GPT-2's ``c_attn(x).split(self.split_size, dim=2)`` into q, k, v). The
+            analysis decides: pruned alike when the module holds that size in an attribute the
+            slicer keeps up to date and every piece is split into heads; locked otherwise.
     """
 
     unit: str = "heads"
     splits: list[tuple[str, np.ndarray]] = field(default_factory=list)
     queries: list[tuple[str, torch.fx.Node, np.ndarray]] = field(default_factory=list)
+    fused: list[tuple[str, list[np.ndarray]]] = field(default_factory=list)
 
 
 @dataclass
@@ -426,8 +431,13 @@ def _split(ctx: OpContext, args: list[Any]) -> tuple:
         ctx.lock(x[d], "unbind picks fixed indices")
         return tuple([a.copy() for k, a in enumerate(x) if k != d] for _ in shapes)
     if ctx.op != "chunk" and (x[d] >= 0).any():
-        # split(size)/split_with_sizes carry sizes fixed at trace time; chunk(n) adapts.
-        ctx.lock(x[d], f"split into fixed sizes {sizes} (chunk(n) can be pruned)")
+        # split(size)/split_with_sizes carry sizes fixed at trace time; chunk(n) adapts. Equal
+        # pieces of a size the module holds (a fused q/k/v projection) are left to the
+        # analysis, which knows the module (SplitLog.fused).
+        if len(set(sizes)) == 1 and len(sizes) > 1:
+            ctx.log.fused.append((ctx.module, [p.copy() for p in pieces]))
+        else:
+            ctx.lock(x[d], f"split into fixed sizes {sizes} (chunk(n) can be pruned)")
     elif len(set(sizes)) == 1:
         # Equal pieces stay equal only if the same positions go from every piece.
         for p in pieces[1:]:

@@ -243,8 +243,12 @@ def _rebuild_zoo(arch: dict[str, Any], state: dict[str, torch.Tensor],
     if all(name in persistent for name, _ in reference.named_buffers()):
         # Every tensor is about to be overwritten by the checked weights: allocate the checked
         # structure itself (uninitialized) instead of building the dense original first.
-        return reference.to_empty(device="cpu")
-    return _build_zoo(arch)  # a buffer the weights do not restore needs its initial value
+        module = reference.to_empty(device="cpu")
+    else:
+        module = _build_zoo(arch)  # a buffer the weights do not restore needs its value
+    if hasattr(module, "tie_weights"):  # transformers: the LM head is the embedding again
+        module.tie_weights()
+    return module
 
 
 def check_fit(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]],

@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from slimkit.graph.attention import HEAD_ATTRS, HEAD_SIZE_ATTRS
+from slimkit.graph.layers import linear_features
 
 
 def _hf_configs(model: nn.Module) -> dict[int, tuple[object, list[tuple[str, nn.Module]]]]:
@@ -43,10 +44,20 @@ def _widths(before: nn.Module, after: nn.Module, width: int | None,
         if in_width is None and isinstance(m, nn.LayerNorm) and \
                 int(m.normalized_shape[-1]) == width:
             out[n] = int(new[n].normalized_shape[-1])
-        elif in_width is not None and isinstance(m, nn.Linear) and \
-                (m.in_features, m.out_features) == (in_width, width):
-            out[n] = new[n].out_features
+        elif in_width is not None and linear_features(m) == (in_width, width):
+            out[n] = linear_features(new[n])[1]  # nn.Linear, or an HF Conv1D (GPT-2)
     return out
+
+
+def _ffn_width(cfg: object, hidden: int | None) -> tuple[str, int | None]:
+    """The config key of the FFN width and the width it gives: ``intermediate_size``, or
+    GPT-2's ``n_inner``, whose ``None`` means ``4 * hidden_size``."""
+    if not isinstance(getattr(cfg, "intermediate_size", None), int) and hasattr(cfg, "n_inner"):
+        inner = cfg.n_inner
+        if isinstance(inner, int):
+            return "n_inner", inner
+        return "n_inner", 4 * hidden if isinstance(hidden, int) else None
+    return "intermediate_size", getattr(cfg, "intermediate_size", None)
 
 
 def sync_hf_config(original: nn.Module, pruned: nn.Module,
@@ -54,10 +65,10 @@ def sync_hf_config(original: nn.Module, pruned: nn.Module,
     """Make the transformers configs inside ``pruned`` describe its pruned sizes.
 
     ``num_attention_heads`` and the head size follow the attention modules, ``hidden_size``
-    the LayerNorms of the hidden width, ``intermediate_size`` the Linears that had that width,
-    each when every layer agrees. A config holds one value per key: per-layer sizes, and a
-    head size that the architecture derives from ``hidden_size / num_attention_heads``, cannot
-    be expressed and are reported instead.
+    the LayerNorms of the hidden width, ``intermediate_size`` (GPT-2: ``n_inner``) the
+    Linears (or HF ``Conv1D`` s) that had that width, each when every layer agrees. A config
+    holds one value per key: per-layer sizes, and a head size that the architecture derives
+    from ``hidden_size / num_attention_heads``, cannot be expressed and are reported instead.
 
     Args:
         original: the model before pruning (not modified).
@@ -73,27 +84,37 @@ def sync_hf_config(original: nn.Module, pruned: nn.Module,
     for cfg, mods in _hf_configs(pruned).values():
         # the pruned copy's config still holds the original sizes until it is updated here
         hidden = getattr(cfg, "hidden_size", None)
-        inter = getattr(cfg, "intermediate_size", None)
+        inter_key, inter = _ffn_width(cfg, hidden)
         found = {
             "num_attention_heads": _int_attrs(mods, HEAD_ATTRS),
             "hidden_size": _widths(original, pruned, hidden),
-            "intermediate_size": _widths(original, pruned, inter, hidden) if hidden else {},
+            inter_key: _widths(original, pruned, inter, hidden) if hidden and inter else {},
         }
         for key, per_module in found.items():
-            _set_key(cfg, key, per_module, changed, skipped)
+            _set_key(cfg, key, per_module, changed, skipped, inter if key == inter_key else None,
+                     pin=getattr(cfg, "hidden_size", None) != hidden)
         _sync_head_size(cfg, _int_attrs(mods, HEAD_SIZE_ATTRS), changed, skipped)
     return changed, skipped
 
 
 def _set_key(cfg: object, key: str, per_module: dict[str, int], changed: list[str],
-             skipped: list[dict[str, str]]) -> None:
-    old = getattr(cfg, key, None)
+             skipped: list[dict[str, str]], implied: int | None = None,
+             pin: bool = False) -> None:
+    """Set ``cfg.key`` to the one value every layer in ``per_module`` agrees on.
+
+    ``implied``: the size a key holding None stands for (GPT-2's ``n_inner``: 4 x
+    ``hidden_size``). With ``pin`` (``hidden_size`` changed) it is written out even when
+    unchanged, or the default would move with the hidden size.
+    """
+    stored = getattr(cfg, key, None)
+    old = stored if stored is not None else implied
     values = sorted(set(per_module.values()))
-    if not isinstance(old, int) or not values or values == [old]:
+    if not isinstance(old, int) or not values or \
+            (values == [old] and not (stored is None and pin)):
         return
     if len(values) == 1:
         setattr(cfg, key, values[0])
-        changed.append(f"config.{key}: {old} -> {values[0]}")
+        changed.append(f"config.{key}: {stored} -> {values[0]}")
         return
     skipped.append({"what": f"config.{key}",
                     "why": f"layers differ ({per_module}); a config holds one value, so it "
@@ -119,7 +140,8 @@ def _sync_head_size(cfg: object, per_module: dict[str, int], changed: list[str],
                         "why": f"config.head_dim = {values[0]} differs from hidden_size / "
                                f"num_attention_heads = {derived}: architectures that read "
                                "config.head_dim (ViT) rebuild this size, those that derive it "
-                               "(BERT) rebuild the unpruned head size from the config alone"})
+                               "(BERT, GPT-2) rebuild the unpruned head size from the config "
+                               "alone"})
 
 
 __all__ = ["sync_hf_config"]

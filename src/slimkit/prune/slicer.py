@@ -21,8 +21,11 @@ from slimkit.graph.attention import (
     HEAD_ATTRS,
     HEAD_SIZE_ATTRS,
     SCALE_ATTRS,
+    WIDTH_ATTRS,
+    head_width,
     scale_follows_head_size,
 )
+from slimkit.graph.layers import is_hf_conv1d
 
 #: ``fn(module, old_shapes)`` refreshing a module's size attributes after its tensors shrank.
 ATTR_UPDATERS: Registry[Callable[[nn.Module, dict[str, tuple[int, ...]]], None]] = \
@@ -45,6 +48,12 @@ def _conv(m: nn.Module, old: dict[str, tuple[int, ...]]) -> None:
 @ATTR_UPDATERS.register("linear")
 def _linear(m: nn.Module, old: dict[str, tuple[int, ...]]) -> None:
     m.out_features, m.in_features = m.weight.shape
+
+
+@ATTR_UPDATERS.register("hf_conv1d")
+def _hf_conv1d(m: nn.Module, old: dict[str, tuple[int, ...]]) -> None:
+    # weight [in, out]; its forward shapes the output with nf
+    m.nx, m.nf = (int(s) for s in m.weight.shape)
 
 
 @ATTR_UPDATERS.register("batchnorm")
@@ -78,7 +87,7 @@ def _updater_for(m: nn.Module) -> str | None:
     for cls, name in kinds:
         if isinstance(m, cls):
             return name
-    return None
+    return "hf_conv1d" if is_hf_conv1d(m) else None
 
 
 def apply_slices(model: nn.Module, slices: dict[str, dict[str, list[int]]],
@@ -101,7 +110,7 @@ def apply_slices(model: nn.Module, slices: dict[str, dict[str, list[int]]],
     """
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(dict(model.named_buffers(remove_duplicate=False)))
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
     replaced: dict[int, torch.Tensor] = {}
     old_shapes: dict[str, dict[str, tuple[int, ...]]] = {}
     for name, dims in slices.items():
@@ -115,16 +124,15 @@ def apply_slices(model: nn.Module, slices: dict[str, dict[str, list[int]]],
                                                            device=new.device))
         if name in (scale or {}):
             new = new * scale[name]
-        mod_name, _, attr = name.rpartition(".")
-        old_shapes.setdefault(mod_name, {})[attr] = tuple(t.shape)
         if isinstance(t, nn.Parameter):
             replaced[id(t)] = nn.Parameter(new.clone(), requires_grad=t.requires_grad)
         else:
             replaced[id(t)] = new.clone()
-    for m in model.modules():  # every owner, so tied tensors stay tied
-        for store in (m._parameters, m._buffers):
-            for k, v in store.items():
+    for mod_name, m in model.named_modules(remove_duplicate=False):
+        for store in (m._parameters, m._buffers):  # every owner: tied tensors stay tied, and
+            for k, v in store.items():  # each owner's sizes follow (a tied embedding's too)
                 if v is not None and id(v) in replaced:
+                    old_shapes.setdefault(mod_name, {})[k] = tuple(v.shape)
                     store[k] = replaced[id(v)]
     for mod_name, old in old_shapes.items():
         kind = _updater_for(modules[mod_name])
@@ -145,15 +153,16 @@ def _module(modules: dict[str, nn.Module], name: str) -> str:
 
 
 def set_heads(module: nn.Module, count: int) -> None:
-    """Set every head-count attribute of an attention module (and the sizes derived from it)."""
+    """Set every head-count attribute of an attention module (and the widths derived from it)."""
+    width = head_width(module)
     for attr in HEAD_ATTRS:
         if isinstance(getattr(module, attr, None), int):
             setattr(module, attr, count)
-    _sync_all_head_size(module)
+    _sync_widths(module, width)
 
 
 def set_head_dim(module: nn.Module, size: int) -> None:
-    """Set the head-size attributes of an attention module (and ``all_head_size``).
+    """Set the head-size attributes of an attention module (and its widths, ``all_head_size``).
 
     A ``scaling`` that follows the head size becomes ``size ** -0.5``, as a module built for
     that size computes it; the plan's query scale factor keeps the product equal to the
@@ -161,6 +170,7 @@ def set_head_dim(module: nn.Module, size: int) -> None:
     """
     old = next((getattr(module, a) for a in HEAD_SIZE_ATTRS
                 if isinstance(getattr(module, a, None), int)), None)
+    width = head_width(module)
     if old is not None and scale_follows_head_size(module, old):
         for attr in SCALE_ATTRS:
             if isinstance(getattr(module, attr, None), float):
@@ -168,14 +178,15 @@ def set_head_dim(module: nn.Module, size: int) -> None:
     for attr in HEAD_SIZE_ATTRS:
         if isinstance(getattr(module, attr, None), int):
             setattr(module, attr, size)
-    _sync_all_head_size(module)
+    _sync_widths(module, width)
 
 
-def _sync_all_head_size(module: nn.Module) -> None:
-    count = next((getattr(module, a) for a in HEAD_ATTRS
-                  if isinstance(getattr(module, a, None), int)), None)
-    size = next((getattr(module, a) for a in HEAD_SIZE_ATTRS
-                 if isinstance(getattr(module, a, None), int)), None)
-    if count is not None and size is not None and \
-            isinstance(getattr(module, "all_head_size", None), int):
-        module.all_head_size = count * size
+def _sync_widths(module: nn.Module, old: int | None) -> None:
+    """Width attributes (``all_head_size``, GPT-2's ``split_size``) that were head count x
+    head size before the change are that product again."""
+    new = head_width(module)
+    if old is None or new is None:
+        return
+    for attr in WIDTH_ATTRS:
+        if isinstance(getattr(module, attr, None), int) and getattr(module, attr) == old:
+            setattr(module, attr, new)

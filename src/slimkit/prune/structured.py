@@ -25,7 +25,8 @@ API
 
 How it works: :mod:`slimkit.graph.dependency` captures the model with ``torch.export`` and
 groups coupled channels (conv -> BN -> next conv, residual adds, concat, split/chunk,
-flatten -> Linear, depthwise and grouped convs, attention heads, embeddings); a criterion scores
+flatten -> Linear, depthwise and grouped convs, attention heads, GPT-2's fused q/k/v
+``Conv1D``, embeddings and the LM head tied to them); a criterion scores
 each group's channels over all of its parameters; an allocator decides how many to keep; the
 slicer builds new, smaller ``nn.Parameter`` s and updates ``in_channels``/``out_features``/
 ``num_features``/``normalized_shape``/``groups``/head counts/head sizes. Nothing is masked.

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from slimkit.core.record import Record
+from slimkit.graph.layers import is_hf_conv1d
 from slimkit.io import batch as B
 from slimkit.prune.hf_config import sync_hf_config
 from slimkit.prune.structured_depth import Depth
@@ -96,8 +97,14 @@ def _layer_sizes(before: nn.Module, after: nn.Module) -> dict[str, dict[str, lis
         w = getattr(m, "weight", None)
         ow = getattr(old.get(name), "weight", None)
         if isinstance(w, torch.Tensor) and isinstance(ow, torch.Tensor) and w.shape != ow.shape:
-            out[name] = {"before": list(ow.shape[:2]), "after": list(w.shape[:2])}
+            out[name] = {"before": _out_in(m, ow), "after": _out_in(m, w)}
     return out
+
+
+def _out_in(module: nn.Module, weight: torch.Tensor) -> list[int]:
+    """A weight's (out, in) sizes (an HF ``Conv1D`` keeps them as [in, out])."""
+    sizes = list(weight.shape[:2])
+    return sizes[::-1] if is_hf_conv1d(module) else sizes
 
 
 __all__ = ["base_record", "record_depth", "record_target", "record_unfused", "sync_configs",
