@@ -246,7 +246,11 @@ def _rebuild_zoo(arch: dict[str, Any], state: dict[str, torch.Tensor],
         module = reference.to_empty(device="cpu")
     else:
         module = _build_zoo(arch)  # a buffer the weights do not restore needs its value
-    if hasattr(module, "tie_weights"):  # transformers: the LM head is the embedding again
+    # transformers: a tied LM head is the embedding tensor again (not when a stage replaced
+    # the head, e.g. by a quantized layer with its own codes).
+    head = getattr(module, "get_output_embeddings", lambda: None)()
+    if isinstance(head, torch.nn.Linear) and getattr(
+            getattr(module, "config", None), "tie_word_embeddings", False):
         module.tie_weights()
     return module
 
