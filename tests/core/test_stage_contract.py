@@ -29,6 +29,7 @@ from torch import nn
 from slimkit.core.errors import SlimkitError
 from slimkit.core.stages import STAGES, StageContext
 from slimkit.data.bundle import DataBundle
+from slimkit.data.stream import StreamData
 from slimkit.export.onnx import check_parity, export_onnx
 from slimkit.io import batch as B
 from slimkit.io.artifact import load_artifact, save_artifact
@@ -352,3 +353,30 @@ def test_identity_config_keeps_the_outputs(kind: str, model_name: str, cases: di
     x = B.take(data.x_test, slice(0, 8))
     for a, b in zip(_outputs(out.module, x), _outputs(base.module, x), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=atol)
+
+
+def _as_stream(data: DataBundle, batch: int = 16) -> StreamData:
+    """The same samples as a stream of dict/tuple batches (a list: re-iterable, sized)."""
+    def chunks(x: Any, y: torch.Tensor) -> list:
+        return [(B.take(x, slice(i, i + batch)), y[i:i + batch])
+                for i in range(0, len(y), batch)]
+
+    return StreamData(f"stream-{data.name}", train=chunks(data.x_train, data.y_train),
+                      test=chunks(data.x_test, data.y_test), task=data.task,
+                      num_classes=data.num_classes)
+
+
+@pytest.mark.parametrize("model_name", ["dict_inputs", "hf_lm"])
+@pytest.mark.parametrize("kind", STAGES.names())
+def test_every_kind_runs_on_a_stream(kind: str, model_name: str, cases: dict, tmp_path: Path):
+    """Calibration, fine-tuning and selections read batches from a stream as they come."""
+    base, data = cases[model_name]
+    x = B.take(data.x_test, slice(0, 8))
+    reference = _outputs(base.module, x)
+    cfg = _config(kind, FAST.get(kind, {}))
+    out, record = STAGES.get(kind).apply(base.copy(), cfg, StageContext(
+        data=_as_stream(data), progress=False, workdir=tmp_path / "work"))
+    got = _outputs(out.module, x)
+    assert [(t.shape, t.dtype) for t in got] == [(t.shape, t.dtype) for t in reference]
+    assert all(torch.isfinite(t).all() for t in got)
+    assert record.changed or record.skipped

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from slimkit.core.errors import ConfigError, ModelError
+from slimkit.core.errors import ConfigError, DataError, ModelError
 from slimkit.data.bundle import DataBundle
 from slimkit.measure.quality import accuracy
 from slimkit.measure.tasks import custom_task, data_batches, embed, get_task
@@ -143,3 +143,20 @@ def test_metric_drop_follows_the_metric_direction():
     with pytest.raises(ConfigError, match="task 'causal_lm' has no metric 'top1'; its metrics "
                                           "are perplexity, loss"):
         check_target(Target(max_metric_drop={"top1": 0.01}), data)
+
+
+def test_data_whose_input_names_differ_from_the_model_is_refused():
+    from slimkit.api import wrap
+    from slimkit.measure import check_fits
+
+    x, y = _lm_data(n=8)
+    model = wrap(TinyLM(), {k: v[:2] for k, v in x.items()},
+                 dynamic_axes={"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}})
+    wrong = {"input_ids": x["input_ids"], "mask": x["attention_mask"]}
+    data = DataBundle("lm", wrong, y, wrong, y, 0, task="causal_lm")
+    with pytest.raises(DataError, match="data 'lm' gives inputs input_ids, mask but model "
+                                        "'python' takes input_ids, attention_mask "
+                                        r"\(missing: attention_mask\) \(not taken: mask\)"):
+        check_fits(model, data)
+    longer = {k: torch.cat([v, v], 1) for k, v in x.items()}  # the sequence axis is dynamic
+    check_fits(model, DataBundle("lm", longer, y, longer, y, 0, task="causal_lm"))

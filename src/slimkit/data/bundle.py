@@ -97,6 +97,14 @@ class DataBundle:
 
         return calibration_subset(self, n, seed)
 
+    def calibration_batch(self, n: int, seed: int = 0) -> tuple[Any, torch.Tensor]:
+        """:meth:`calibration`'s samples with their labels (importance scores need both)."""
+        from slimkit.data.split import calibration_indices
+        from slimkit.io.batch import take
+
+        idx = calibration_indices(self, n, seed)
+        return take(self.x_train, idx), self.y_train[idx]
+
     def fingerprint(self) -> str:
         """A hash of every tensor (what makes a resumable run the same run)."""
         import hashlib

@@ -182,6 +182,11 @@ class StreamData:
                             f"{B.size(x)} sample(s); give at least {MIN_CALIBRATION_SAMPLES}")
         return x
 
+    def calibration_batch(self, n: int, seed: int = 0) -> tuple[Any, torch.Tensor]:
+        """:meth:`calibration`'s samples with their labels."""
+        x = self.calibration(n, seed)
+        return x, self.head("train", B.size(x))[1]
+
     def example_inputs(self, batch: int = 1) -> tuple | dict:
         x, _ = self.head("test", batch)
         x = B.tmap(torch.clone, x)

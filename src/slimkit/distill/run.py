@@ -30,13 +30,13 @@ from slimkit.io import batch as B
 from slimkit.io.model import SlimModel, modes_kept, set_mode
 from slimkit.measure.tasks import get_task
 from slimkit.train.config import TrainConfig
-from slimkit.train.loop import evaluate, fit
+from slimkit.train.loop import evaluate_data, fit
 from slimkit.train.objective import default_objective
 
 
 def _example(data: DataBundle) -> B.Inputs:
     """Two training samples as the model takes them, for the objective's dry run."""
-    return B.take(data.x_train, slice(0, 2))
+    return data.head("train", 2)[0]
 
 
 def _judged_name(model: SlimModel, x: B.Inputs) -> str | None:
@@ -101,7 +101,7 @@ def _distill(student: nn.Module, teacher: nn.Module | None, data: DataBundle,
     metric = "top1" if data.task == "classification" else get_task(data.task).primary
 
     def test(m: nn.Module) -> float:
-        return evaluate(m, data.x_test, data.y_test, task=data.task)
+        return evaluate_data(m, data)
 
     def shown(value: float) -> str:
         return f"top-1 {value:.2%}" if metric == "top1" else f"{metric} {value:.4g}"

@@ -315,7 +315,7 @@ def _example(data: DataBundle | None, example_inputs: B.Inputs | None) -> B.Inpu
     if example_inputs is not None:
         return example_inputs if isinstance(example_inputs, dict) else tuple(example_inputs)
     if data is not None:
-        x = B.take(data.x_train, slice(0, 2))
+        x = data.head("train", 2)[0]
         return x if isinstance(x, tuple | dict) else (x,)
     raise ConfigError("structured_prune needs example_inputs (or data) to trace the model")
 

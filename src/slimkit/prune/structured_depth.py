@@ -18,7 +18,7 @@ from torch import nn
 from slimkit.io import batch as B
 from slimkit.io.model import modes_kept
 from slimkit.prune.depth import output_change, rank_branches, without_branches
-from slimkit.prune.structured_plan import Job, calib_indices
+from slimkit.prune.structured_plan import Job
 from slimkit.prune.structured_target import Step, Target, width_step
 from slimkit.train.bn import recalibrate_batchnorm
 
@@ -46,7 +46,8 @@ class Depth:
 def prune_depth(model: nn.Module, job: Job, target: Target | None) -> Depth:
     """Remove the residual branches ``job.cfg.blocks`` asks for (see :class:`Depth`)."""
     cfg, data, example = job.cfg, job.data, job.example
-    inputs = (B.take(data.x_train, calib_indices(data, cfg)),) if data is not None else example
+    n = cfg.calib_batches * cfg.calib_batch_size
+    inputs = (data.calibration_batch(n, cfg.seed)[0],) if data is not None else example
     ranked, skipped = rank_branches(model, example, inputs, job.selection.covers)
     trials: list[dict[str, Any]] = []
     step, judge = None, None

@@ -20,7 +20,6 @@ from torch import nn
 from slimkit.core.errors import ConfigError, ModelError
 from slimkit.core.stages import register_rebuilder
 from slimkit.data.bundle import DataBundle
-from slimkit.data.split import calibration_indices
 from slimkit.graph.dependency import (
     DependencyGraph,
     Group,
@@ -117,11 +116,6 @@ def selected_groups(model: nn.Module, graph: DependencyGraph, cfg: StructuredPru
     return groups, skipped
 
 
-def calib_indices(data: DataBundle, cfg: StructuredPruneConfig) -> torch.Tensor:
-    """The calibration samples (every class, not a sorted prefix), seed-determined."""
-    return calibration_indices(data, cfg.calib_batches * cfg.calib_batch_size, cfg.seed)
-
-
 def _calibration(model: nn.Module, data: DataBundle | None, cfg: StructuredPruneConfig,
                  ) -> dict[str, torch.Tensor] | None:
     if cfg.criterion != "taylor":
@@ -129,8 +123,7 @@ def _calibration(model: nn.Module, data: DataBundle | None, cfg: StructuredPrune
     if data is None:
         raise ConfigError("structured_prune: criterion 'taylor' needs calibration data "
                           "(give data / --data)")
-    idx = calib_indices(data, cfg)
-    x, y = B.take(data.x_train, idx), data.y_train[idx]
+    x, y = data.calibration_batch(cfg.calib_batches * cfg.calib_batch_size, cfg.seed)
     bs = cfg.calib_batch_size
     batches = [(B.take(x, slice(i, i + bs)), y[i:i + bs]) for i in range(0, B.size(x), bs)]
     return taylor_grads(model, batches)
@@ -310,5 +303,5 @@ def _rebuild(model: nn.Module, plan: dict) -> nn.Module:
 
 
 __all__ = ["PLAN_FORMAT", "Job", "RatioPlanner", "Selection", "apply_structured", "build_plan",
-           "calib_indices", "changes_structure", "pruned_failure", "replay_plan",
+           "changes_structure", "pruned_failure", "replay_plan",
            "score_groups", "select", "selected_groups", "unfused_copy", "with_unfused"]
