@@ -91,7 +91,7 @@ def _shrunk(recipe: dict) -> dict:
 
 def test_readme_holds_only_blocks_this_test_knows():
     assert {lang for lang, _ in BLOCKS} == {"bash", "yaml", "python"}
-    assert len(_blocks("yaml")) == 2 and len(_blocks("python")) == 2
+    assert len(_blocks("yaml")) == 2 and len(_blocks("python")) == 3
     assert len(_blocks("bash")) == 3
 
 
@@ -185,7 +185,7 @@ def test_the_structured_pruning_block_runs():
 
 
 def test_the_python_api_block_runs(tmp_path: Path, monkeypatch, capsys):
-    [block] = [b for b in _blocks("python") if "slimkit.compress(" in b]
+    [block] = [b for b in _blocks("python") if "slimkit.compress(" in b and "train_zoo" in b]
     for old, _, _ in SUBSTITUTIONS:
         assert old in block, f"substitution '{old}' no longer applies: update the test"
     monkeypatch.chdir(tmp_path)
@@ -196,6 +196,20 @@ def test_the_python_api_block_runs(tmp_path: Path, monkeypatch, capsys):
     assert met in ("True", "False") and float(ratio) > 4
     assert ns["record"].details and (tmp_path / "out" / "report.json").is_file()
     assert ns["tuned"].module is not ns["model"].module
+
+
+def test_the_models_and_data_block_runs_as_written(tmp_path: Path, monkeypatch, capsys):
+    """A Hugging Face LM as it comes, fed by a generator, judged by perplexity."""
+    [block] = [b for b in _blocks("python") if "StreamData" in b]
+    monkeypatch.chdir(tmp_path)
+    ns: dict[str, Any] = {}
+    exec(compile(block, "README.md (models and data)", "exec"), ns)
+    perplexity, met = capsys.readouterr().out.strip().splitlines()[-1].split()
+    report = ns["report"]
+    assert float(perplexity) == pytest.approx(report["final"]["metrics"]["perplexity"])
+    assert met == str(report["verdict"]["met"])
+    assert report["verdict"]["criteria"][0]["name"] == "max_metric_drop (perplexity)"
+    assert (tmp_path / "out-lm" / "model.onnx").is_file()
 
 
 # ------------------------------------------------------------------------------ bash blocks

@@ -21,6 +21,7 @@ _EXPORTS = {
     "compress": "slimkit.api", "train_zoo": "slimkit.api", "wrap": "slimkit.api",
     "SlimkitError": "slimkit.core.errors",
     "load_data": "slimkit.data", "DataBundle": "slimkit.data.bundle",
+    "StreamData": "slimkit.data.stream", "custom_task": "slimkit.measure.tasks",
     "SlimModel": "slimkit.io", "load_artifact": "slimkit.io", "load_model": "slimkit.io",
     "save_artifact": "slimkit.io",
     "measure_static": "slimkit.measure",
