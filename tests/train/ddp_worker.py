@@ -26,7 +26,7 @@ class ScaledCE(Objective):
         return loss, logits, {}
 
 
-def main(out: str, uneven: bool = False) -> None:
+def main(out: str, uneven: bool = False, stream: bool = False) -> None:
     init_from_env()
     torch.set_num_threads(1)
     d = load_digits()
@@ -34,6 +34,12 @@ def main(out: str, uneven: bool = False) -> None:
     y = torch.tensor(d.target, dtype=torch.int64)
     n = 1399 if uneven else 1400  # uneven: the last global batch (99) splits 50 / 49
     data = DataBundle("digits-ddp", x[:n], y[:n], x[1400:], y[1400:], 10)
+    if stream:  # the same samples as a stream of batches of 100, read in order by every rank
+        from slimkit.data.stream import StreamData
+
+        chunks = [(x[i:i + 100], y[i:i + 100]) for i in range(0, n, 100)]
+        data = StreamData("digits-stream", train=chunks, test=[(x[1400:], y[1400:])],
+                          num_classes=10, holdout=0)
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     objective = ScaledCE() if uneven else None
@@ -51,4 +57,4 @@ def main(out: str, uneven: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], uneven=len(sys.argv) > 2 and sys.argv[2] == "uneven")
+    main(sys.argv[1], uneven="uneven" in sys.argv[2:], stream="stream" in sys.argv[2:])

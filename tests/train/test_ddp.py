@@ -49,6 +49,15 @@ def test_uneven_last_batch_and_objective_parameters_match_too(tmp_path: Path):
 
 
 @pytest.mark.timeout(300)
+def test_a_stream_is_sharded_across_ranks_like_one_process(tmp_path: Path):
+    """Each rank keeps its rows of every streamed batch: two processes train as one."""
+    single = _run(tmp_path, 1, "stream")
+    double = _run(tmp_path, 2, "stream")
+    for name in single:
+        torch.testing.assert_close(double[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.timeout(300)
 def test_compress_under_torchrun_fine_tunes_on_two_ranks(tmp_path: Path):
     from slimkit.cli import main
 
