@@ -50,3 +50,32 @@ def test_wrap_checks_the_module_against_its_example():
                                           "are x"):
         slimkit.wrap(nn.Linear(4, 3), {"x": torch.randn(2, 4)}, dynamic_axes={"ids": {1: "s"}})
     assert "compress" in slimkit.__all__ and slimkit.__version__
+
+
+def test_compress_returns_the_model_in_the_users_class(tmp_path):
+    """The result is the report plus the compressed model, loaded back into the user's own
+    class when its structure did not change (magnitude pruning keeps it)."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 3)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    x = torch.randn(64, 8)
+    data = slimkit.DataBundle("toy", x, (x[:, 0] > 0).long(), x, (x[:, 0] > 0).long(), 3)
+    recipe = {"stages": [{"kind": "magnitude_prune", "sparsity": 0.5}],
+              "measure": {"batch_sizes": [1], "repeats": 2, "warmup": 1}}
+    result = slimkit.compress(net, data, recipe, tmp_path / "out", progress=False,
+                              log=lambda _m: None)
+    assert result["verdict"]["met"] is True and result.report["outputs"] == result["outputs"]
+    assert type(result.model.module) is Net
+    assert result.onnx == tmp_path / "out" / "model.onnx" and result.html.is_file()
+    weights = torch.cat([m.weight.flatten() for m in (result.model.module.fc1,
+                                                      result.model.module.fc2)])
+    assert float((weights == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+    assert torch.count_nonzero(net.fc1.weight) == net.fc1.weight.numel()  # input untouched

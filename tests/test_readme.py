@@ -210,6 +210,8 @@ def test_the_models_and_data_block_runs_as_written(tmp_path: Path, monkeypatch, 
     assert met == str(report["verdict"]["met"])
     assert report["verdict"]["criteria"][0]["name"] == "max_metric_drop (perplexity)"
     assert (tmp_path / "out-lm" / "model.onnx").is_file()
+    # The result holds the compressed model in its own transformers class.
+    assert type(report.model.module) is type(ns["lm"]) and report.onnx.is_file()
 
 
 # ------------------------------------------------------------------------------ bash blocks

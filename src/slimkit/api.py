@@ -116,13 +116,13 @@ def compress(model: SlimModel | nn.Module, data: DataBundle | None, recipe: Any,
              out: str | Path, example_inputs: Any = None,
              overwrite: bool = False, resume: bool = False, progress: bool = True,
              log: Callable[[str], None] = print,
-             keep_checkpoints: bool = False) -> dict[str, Any]:
+             keep_checkpoints: bool = False) -> CompressResult:
     """Compress ``model`` with ``recipe`` (a path, YAML text, dict or Recipe); see the runner.
 
     Example:
         >>> report = slimkit.compress(net, data, "recipe.yaml", "out/",
         ...                           example_inputs=data.example_inputs())
-        >>> report["verdict"]["met"]
+        >>> report["verdict"]["met"], report.model, report.onnx  # see CompressResult
     """
     if isinstance(model, nn.Module):
         if example_inputs is None and data is None and not _is_hf(model):
@@ -132,8 +132,44 @@ def compress(model: SlimModel | nn.Module, data: DataBundle | None, recipe: Any,
         model = wrap(model, example, num_classes=data.num_classes if data else None)
     if not hasattr(recipe, "stages"):
         recipe = load_recipe(recipe)
-    return _run(model, data, recipe, out, overwrite=overwrite, resume=resume,
-                progress=progress, log=log, keep_checkpoints=keep_checkpoints)
+    report = _run(model, data, recipe, out, overwrite=overwrite, resume=resume,
+                  progress=progress, log=log, keep_checkpoints=keep_checkpoints)
+    return CompressResult(report, template=model.module)
+
+
+class CompressResult(dict):
+    """What ``compress`` gives back: the report (this dict, as in ``report.json``) plus the
+    compressed model and the paths of what was written.
+
+    Attributes:
+        model: the compressed model, loaded from the artifact on first use: in the user's own
+            class when the weights fit it (no structural change), in its transformers or zoo
+            class (rebuilt and replayed) when it has one, else as a ``torch.export`` graph.
+        artifact, onnx, html: the paths written (``onnx`` None when the export failed).
+    """
+
+    def __init__(self, report: dict[str, Any], template: nn.Module | None = None) -> None:
+        super().__init__(report)
+        self._template = template
+        self._model: SlimModel | None = None
+        outputs = report.get("outputs") or {}
+        self.artifact = Path(outputs["artifact"]) if outputs.get("artifact") else None
+        self.onnx = Path(outputs["onnx"]) if outputs.get("onnx") else None
+        self.html = self.artifact.parent / "report.html" if self.artifact else None
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return dict(self)
+
+    @property
+    def model(self) -> SlimModel:
+        if self._model is None:
+            from slimkit.io.artifact import load_artifact
+
+            if self.artifact is None:
+                raise ConfigError("this run wrote no artifact (a worker rank under torchrun)")
+            self._model = load_artifact(self.artifact, template=self._template)
+        return self._model
 
 
 def train_zoo(name: str, data: DataBundle, config: TrainConfig, out: str | Path | None = None,
