@@ -57,6 +57,7 @@ def export_onnx(model: SlimModel, path: str | Path, opset: int = OPSET) -> Path:
                 args, kwargs = ((), example) if isinstance(example, dict) else (example, None)
                 torch.onnx.export(model.module, args, str(tmp), kwargs=kwargs, dynamo=True,
                                   opset_version=18, external_data=False,
+                                  input_names=input_names, output_names=output_names,
                                   dynamic_shapes=shapes if kwargs else tuple(shapes.values()))
             else:
                 args = example

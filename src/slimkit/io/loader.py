@@ -9,10 +9,10 @@ import torch
 from slimkit.core.errors import ModelLoadError
 from slimkit.data.bundle import DataBundle
 from slimkit.io.artifact import load_artifact
-from slimkit.io.model import SlimModel, set_mode
+from slimkit.io.model import SlimModel
 from slimkit.io.model_path import model_format
 from slimkit.io.onnx_model import OnnxModel, load_onnx
-from slimkit.io.safety import load_exported
+from slimkit.io.pt2 import load_pt2
 
 DEFAULT_SHAPE = (1, 28, 28)
 DEFAULT_CLASSES = 10
@@ -34,19 +34,6 @@ def load_zoo(name: str, data: DataBundle | None = None,
     module = build_model(name, shape, classes, **kwargs)
     return SlimModel(module=module, input_shape=shape, input_dtype=dtype, name=f"zoo:{name}",
                      arch=getattr(module, "slimkit_spec", None), num_classes=classes)
-
-
-def load_pt2(path: Path, trust_pickle: bool = False) -> SlimModel:
-    """Load a ``torch.export`` archive; its input spec comes from the exported graph."""
-    program = load_exported(str(path), trust_pickle)
-    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
-    user_inputs = program.graph_signature.user_inputs
-    val = next(n.meta["val"] for n in placeholders if n.name == user_inputs[0])
-    shape = tuple(int(d) for d in val.shape[1:])
-    module = program.module()
-    set_mode(module, False)
-    dtype = str(val.dtype).removeprefix("torch.")
-    return SlimModel(module=module, input_shape=shape, input_dtype=dtype, name=str(path))
 
 
 def load_model(spec: str, *, data: DataBundle | None = None, trust_pickle: bool = False,
