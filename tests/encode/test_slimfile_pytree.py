@@ -12,7 +12,7 @@ from torch import nn
 
 from slimkit.api import wrap
 from slimkit.core.errors import ModelLoadError
-from slimkit.encode import EncodeConfig, pack, pack_bytes, slimfile, unpack
+from slimkit.encode import EncodeConfig, pack, pack_bytes, unpack
 from slimkit.encode.slimfile import HEADER
 from slimkit.io import batch as B
 from slimkit.io.model import SlimModel
@@ -73,8 +73,8 @@ def test_a_single_tensor_models_input_spec_is_unchanged():
     ({"output": 3}, "input_spec.output"),
 ])
 def test_a_malformed_input_spec_is_refused(text, tmp_path, monkeypatch, edit, pattern):
-    real = slimfile._input_spec
-    monkeypatch.setattr(slimfile, "_input_spec", lambda m: {**real(m), **edit})
+    real = SlimModel.input_spec
+    monkeypatch.setattr(SlimModel, "input_spec", lambda m: {**real(m), **edit})
     path = tmp_path / "bad.slim"
     pack(text, path)
     with pytest.raises(ModelLoadError, match=pattern.replace("[", r"\[").replace("]", r"\]")):

@@ -35,7 +35,7 @@ from slimkit.encode.cluster import apply_clusters_to, plan_layer
 from slimkit.encode.codec import decode_tensor, encode_raw, encode_shared
 from slimkit.encode.config import EncodeConfig
 from slimkit.io.artifact import check_fit
-from slimkit.io.model import SlimModel, TensorSpec, set_mode
+from slimkit.io.model import SlimModel, set_mode
 
 MAGIC = b"\x89SLM\r\n\x1a\n"
 FORMAT_VERSION = 1
@@ -64,18 +64,6 @@ def _ensure_shared(weight: torch.Tensor, bits: int, cfg: EncodeConfig,
     out = weight.clone()
     apply_clusters_to(out, plan_layer(weight, bits, cfg.codebook_dtype, cfg.max_iter))
     return out, True
-
-
-def _input_spec(model: SlimModel) -> dict[str, Any]:
-    """What the model takes and which output is judged, as an artifact's manifest records
-    it: ``shape`` and ``dtype`` of the (first) input, plus, for models with several inputs,
-    every input's spec and how they are passed (``style``), and the judged ``output``."""
-    spec: dict[str, Any] = {"shape": list(model.input_shape), "dtype": model.input_dtype}
-    if model.inputs:
-        spec.update(inputs=[s.to_json() for s in model.inputs], style=model.input_style)
-    if model.output:
-        spec["output"] = model.output
-    return spec
 
 
 def pack_bytes(model: SlimModel, cfg: EncodeConfig | None = None) -> tuple[bytes, dict]:
@@ -114,7 +102,7 @@ def pack_bytes(model: SlimModel, cfg: EncodeConfig | None = None) -> tuple[bytes
         payloads.append(data)
         offset += len(data)
     manifest = {"format": "slimkit-packed", "name": model.name, "architecture": model.arch,
-                "input_spec": _input_spec(model), "num_classes": model.num_classes,
+                "input_spec": model.input_spec(), "num_classes": model.num_classes,
                 "payload_bytes": offset, "tensors": entries}
     text = zlib.compress(json.dumps(manifest, separators=(",", ":")).encode(), 9)
     header = HEADER.pack(MAGIC, FORMAT_VERSION, FLAG_DEFLATED, len(text),
@@ -427,11 +415,8 @@ def unpack(path: str | Path, template: torch.nn.Module | None = None) -> SlimMod
                           f"{str(exc).splitlines()[0]}") from None
     set_mode(module, False)
     try:
-        inputs = (tuple(TensorSpec.from_json(s) for s in spec["inputs"]) if spec.get("inputs")
-                  else None)
+        fields = SlimModel.spec_fields(spec)
     except (KeyError, TypeError, ValueError) as exc:
         raise _fail(path, f"its input_spec.inputs cannot be read: {exc}") from None
-    return SlimModel(module=module, input_shape=tuple(spec["shape"]), input_dtype=spec["dtype"],
-                     name=manifest.get("name") or str(path), arch=arch,
-                     num_classes=manifest.get("num_classes"), inputs=inputs,
-                     input_style=spec.get("style", "tensor"), output=spec.get("output"))
+    return SlimModel(module=module, **fields, name=manifest.get("name") or str(path), arch=arch,
+                     num_classes=manifest.get("num_classes"))

@@ -25,7 +25,7 @@ import torch
 from slimkit.core.errors import ModelLoadError, SlimkitError
 from slimkit.core.files import atomic_dir, sha256_file, write_bytes, write_json
 from slimkit.io.manifest import FORMAT, FORMAT_VERSION, validate_manifest
-from slimkit.io.model import SlimModel, TensorSpec, set_mode
+from slimkit.io.model import SlimModel, set_mode
 from slimkit.io.model_path import MANIFEST
 from slimkit.io.safety import load_exported
 from slimkit.io.transforms import replay_transforms
@@ -100,7 +100,7 @@ def save_artifact(model: SlimModel, path: str | Path, overwrite: bool = False,
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "name": model.name, "architecture": arch,
-            "input_spec": _input_spec(model),
+            "input_spec": model.input_spec(),
             "num_classes": model.num_classes, "recipe": model.recipe,
             "history": model.history, "versions": library_versions(),
             "files": {f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size}
@@ -109,15 +109,6 @@ def save_artifact(model: SlimModel, path: str | Path, overwrite: bool = False,
         }
         write_json(tmp / MANIFEST, manifest)
     return path
-
-
-def _input_spec(model: SlimModel) -> dict[str, Any]:
-    spec: dict[str, Any] = {"shape": list(model.input_shape), "dtype": model.input_dtype}
-    if model.inputs:
-        spec.update(inputs=[s.to_json() for s in model.inputs], style=model.input_style)
-    if model.output:
-        spec["output"] = model.output
-    return spec
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -193,10 +184,8 @@ def load_artifact(path: str | Path, trust_pickle: bool = False,
         raise ModelLoadError(f"weights in '{path / WEIGHTS}' do not fit the architecture: "
                              f"{str(exc).splitlines()[0]}") from None
     set_mode(module, False)
-    inputs = tuple(TensorSpec.from_json(s) for s in spec["inputs"]) if spec.get("inputs") else None
-    return SlimModel(module=module, input_shape=tuple(spec["shape"]), input_dtype=spec["dtype"],
-                     inputs=inputs, input_style=spec.get("style", "tensor"),
-                     output=spec.get("output"), name=manifest.get("name") or str(path), arch=arch,
+    return SlimModel(module=module, **SlimModel.spec_fields(spec),
+                     name=manifest.get("name") or str(path), arch=arch,
                      history=manifest.get("history", []), num_classes=manifest.get("num_classes"),
                      recipe=manifest.get("recipe"), source=str(path))
 

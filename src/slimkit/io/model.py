@@ -143,6 +143,25 @@ class SlimModel:
         new.arch = copy.deepcopy(self.arch)
         return new
 
+    def input_spec(self) -> dict[str, Any]:
+        """What the model takes and which output is judged, as artifacts and ``.slim`` files
+        record it: ``shape`` and ``dtype`` of the (first) input, plus, for several inputs,
+        every input's spec and how they are passed (``style``), and the judged ``output``."""
+        spec: dict[str, Any] = {"shape": list(self.input_shape), "dtype": self.input_dtype}
+        if self.inputs:
+            spec.update(inputs=[s.to_json() for s in self.inputs], style=self.input_style)
+        if self.output:
+            spec["output"] = self.output
+        return spec
+
+    @staticmethod
+    def spec_fields(spec: dict[str, Any]) -> dict[str, Any]:
+        """The SlimModel fields an :meth:`input_spec` gives back."""
+        inputs = spec.get("inputs")
+        return {"input_shape": tuple(spec["shape"]), "input_dtype": spec["dtype"],
+                "inputs": tuple(TensorSpec.from_json(s) for s in inputs) if inputs else None,
+                "input_style": spec.get("style", "tensor"), "output": spec.get("output")}
+
     def describe(self) -> dict[str, Any]:
         out = {"name": self.name, "input_shape": list(self.input_shape),
                "input_dtype": self.input_dtype, "num_classes": self.num_classes,
