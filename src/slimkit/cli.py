@@ -50,7 +50,25 @@ err_console = Console(stderr=True)
 ModelArg = Annotated[str, typer.Argument(
     help="Artifact directory, .pt2 export, Hugging Face directory, .onnx file, or zoo:NAME.")]
 DataOpt = Annotated[str | None, typer.Option(
-    "--data", help="builtin:mnist|digits|mnist1d, an .npz, an image folder, or an HF dataset.")]
+    "--data", help="builtin:mnist|digits|mnist1d, an .npz, a .jsonl/.csv text file, an image "
+                   "folder, or an HF dataset (save_to_disk). Text and image folders stream.")]
+TextColumnOpt = Annotated[str | None, typer.Option(
+    "--text-column", help="Text data: the column holding the text, tokenized with the model's "
+                          "own tokenizer (default: text).", rich_help_panel="Data")]
+LabelColumnOpt = Annotated[str | None, typer.Option(
+    "--label-column", help="Text data, HF datasets: the column of class labels (default: "
+                           "label, labels or y when present).", rich_help_panel="Data")]
+MaxLengthOpt = Annotated[int | None, typer.Option(
+    "--max-length", min=1, help="Text data: the most tokens per row (default: the model's "
+                                "maximum).", rich_help_panel="Data")]
+TruncateOpt = Annotated[bool, typer.Option(
+    "--truncate/--no-truncate", help="Text data: truncate rows longer than the maximum (a "
+                                     "warning counts them), or refuse them.",
+    rich_help_panel="Data")]
+ImageSizeOpt = Annotated[int | None, typer.Option(
+    "--image-size", min=1, help="Image folders: resize the shorter side to this, then "
+                                "center-crop to the model's input size (default: the model's "
+                                "size).", rich_help_panel="Data")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 TrustOpt = Annotated[bool, typer.Option(
     "--trust-pickle", help="Allow loading pickled files (runs code from the file!).")]
@@ -124,38 +142,67 @@ def _check_out(out: Path, writes: Literal["file", "folder"]) -> None:
                           "choose another --out")
 
 
+def _data_options(text_column: str | None = None, label_column: str | None = None,
+                  max_length: int | None = None, truncate: bool = True,
+                  image_size: int | None = None) -> Any:
+    """The data options as the loader takes them (torch-free)."""
+    from slimkit.data.load import DataOptions
+
+    return DataOptions(text_column=text_column, label_column=label_column,
+                       max_length=max_length, truncate=truncate, image_size=image_size)
+
+
 def _check_inputs(model: str | None, data: str | None, allow_onnx: bool = True,
-                  trust_pickle: bool = False) -> None:
+                  trust_pickle: bool = False, options: Any = None) -> None:
     """Refuse a model or data argument that names nothing loadable, from the paths alone:
-    before torch is imported (seconds on a cold start), so a typo is reported at once."""
-    from slimkit.data.load import check_data_spec
+    before torch is imported (seconds on a cold start), so a typo is reported at once. Text
+    data is checked too: its columns, that it has rows, and the model's tokenizer files."""
+    from slimkit.data.load import check_data_options, check_data_spec
     from slimkit.io.model_path import model_format
 
     if model is not None:
         model_format(model, allow_onnx=allow_onnx, trust_pickle=trust_pickle)
     if data is not None:
-        check_data_spec(data)
+        spec = check_data_spec(data)
+        with _culprit(DataError, f"data '{data}'"):
+            model_dir = Path(model) if model is not None and Path(model).is_dir() else None
+            check_data_options(spec, options, model, model_dir)
 
 
-def _load_data(data: str, seed: int, trust_pickle: bool = False) -> Any:
+def _load_data(data: str, seed: int, trust_pickle: bool = False, options: Any = None,
+               hints: Any = None, stream: bool = True) -> Any:
+    """Load ``data``; image folders and text stream (memory bounded by the batch) unless
+    ``stream`` is False."""
     from slimkit.data import load_data
 
     with _culprit(DataError, f"data '{data}'"):
-        bundle = load_data(data, seed=seed, trust_pickle=trust_pickle)
+        bundle = load_data(data, seed=seed, trust_pickle=trust_pickle, options=options,
+                           hints=hints, stream=stream)
     _warn_data(bundle)
     return bundle
 
 
 def _load(model: str, data: str | None, seed: int, trust_pickle: bool, allow_onnx: bool = True,
-          trust_remote_code: bool = False):
+          trust_remote_code: bool = False, options: Any = None):
+    """The model and the data. A model that is fitted to the data (zoo:NAME, a pickled
+    module) loads after it, from data in memory (as ``train`` fits one); any other loads
+    first, so that the data, streamed, can take its tokenizer, input size, normalization and
+    class names (:func:`slimkit.data.load.model_hints`)."""
+    from slimkit.data.load import model_hints
     from slimkit.io.loader import load_model
+    from slimkit.io.model_path import model_format
     from slimkit.io.onnx_model import OnnxModel
     from slimkit.measure import check_fits
 
-    bundle = _load_data(data, seed, trust_pickle) if data else None
+    fitted = model_format(model, allow_onnx=allow_onnx, trust_pickle=trust_pickle) in (
+        "zoo", "pickle")
+    bundle = _load_data(data, seed, trust_pickle, options, stream=False) \
+        if data and fitted else None
     with _culprit(ModelLoadError, f"model '{model}'"):
         m = load_model(model, data=bundle, trust_pickle=trust_pickle, allow_onnx=allow_onnx,
                        trust_remote_code=trust_remote_code)
+    if data and not fitted:
+        bundle = _load_data(data, seed, trust_pickle, options, hints=model_hints(m, model))
     if bundle is not None and not isinstance(m, OnnxModel):
         check_fits(m, bundle)
     elif bundle is not None and tuple(bundle.input_shape) != tuple(m.input_shape):
@@ -167,15 +214,19 @@ def _load(model: str, data: str | None, seed: int, trust_pickle: bool, allow_onn
 @app.command(cls=_Command)
 def inspect(model: ModelArg, data: DataOpt = None, as_json: JsonOpt = False,
             trust_pickle: TrustOpt = False,
-            trust_remote_code: RemoteCodeOpt = False, seed: SeedOpt = 0) -> None:
+            trust_remote_code: RemoteCodeOpt = False, seed: SeedOpt = 0,
+            text_column: TextColumnOpt = None, label_column: LabelColumnOpt = None,
+            max_length: MaxLengthOpt = None, truncate: TruncateOpt = True,
+            image_size: ImageSizeOpt = None) -> None:
     """Params, non-zero params, MACs per layer, size on disk and history of a model."""
-    _check_inputs(model, data, trust_pickle=trust_pickle)
+    opts = _data_options(text_column, label_column, max_length, truncate, image_size)
+    _check_inputs(model, data, trust_pickle=trust_pickle, options=opts)
     from slimkit.core.files import dir_size
     from slimkit.io.onnx_model import OnnxModel
     from slimkit.measure import measure_static
 
     m, bundle = _load(model, data, seed, trust_pickle,
-                      trust_remote_code=trust_remote_code)
+                      trust_remote_code=trust_remote_code, options=opts)
     path = Path(model)
     info: dict[str, Any] = {"model": model, "input_shape": list(m.input_shape),
                             "input_dtype": m.input_dtype,
@@ -208,17 +259,21 @@ def bench(model: ModelArg, data: DataOpt = None,
           threads: ThreadsOpt = 1,
           repeats: Annotated[int, typer.Option(min=1)] = 30,
           as_json: JsonOpt = False, trust_pickle: TrustOpt = False,
-          trust_remote_code: RemoteCodeOpt = False, seed: SeedOpt = 0) -> None:
+          trust_remote_code: RemoteCodeOpt = False, seed: SeedOpt = 0,
+          text_column: TextColumnOpt = None, label_column: LabelColumnOpt = None,
+          max_length: MaxLengthOpt = None, truncate: TruncateOpt = True,
+          image_size: ImageSizeOpt = None) -> None:
     """Latency (median, p90) in PyTorch eager and ONNX Runtime at fixed threads."""
-    _check_inputs(model, data, trust_pickle=trust_pickle)
+    opts = _data_options(text_column, label_column, max_length, truncate, image_size)
+    _check_inputs(model, data, trust_pickle=trust_pickle, options=opts)
     from slimkit.export.onnx import export_onnx
     from slimkit.io.onnx_model import OnnxModel
     from slimkit.measure import time_interleaved
     from slimkit.measure.latency import _take, compare_latency, ort_runner, ort_session
 
     m, bundle = _load(model, data, seed, trust_pickle,
-                      trust_remote_code=trust_remote_code)
-    sample = bundle.x_test[: max(batch)] if bundle else m.example_inputs(max(batch))[0]
+                      trust_remote_code=trust_remote_code, options=opts)
+    sample = bundle.head("test", max(batch))[0] if bundle else m.example_inputs(max(batch))[0]
     if isinstance(m, OnnxModel):
         sess = ort_session(m.path, threads)
         result = {"threads": threads, "onnxruntime": {
@@ -242,20 +297,50 @@ def bench(model: ModelArg, data: DataOpt = None,
 def evaluate(model: ModelArg, data: Annotated[str, typer.Option("--data", help="Dataset.")],
              as_json: JsonOpt = False, trust_pickle: TrustOpt = False,
              trust_remote_code: RemoteCodeOpt = False,
-             seed: SeedOpt = 0) -> None:
-    """Top-1 / top-5 accuracy on the test split of a dataset."""
-    _check_inputs(model, data, trust_pickle=trust_pickle)
+             seed: SeedOpt = 0, text_column: TextColumnOpt = None,
+             label_column: LabelColumnOpt = None, max_length: MaxLengthOpt = None,
+             truncate: TruncateOpt = True, image_size: ImageSizeOpt = None) -> None:
+    """Top-1 / top-5 accuracy on the test split of a dataset (the task's metrics for text
+    data of other tasks: perplexity, embedding agreement)."""
+    opts = _data_options(text_column, label_column, max_length, truncate, image_size)
+    _check_inputs(model, data, trust_pickle=trust_pickle, options=opts)
+    m, bundle = _load(model, data, seed, trust_pickle,
+                      trust_remote_code=trust_remote_code, options=opts)
+    result = {"model": model, "data": bundle.name, **_evaluate(m, bundle)}
+    if _emit(result, as_json):
+        return
+    if "top1" in result:
+        out_console.print(f"top-1 {result['top1']:.2%}, top-5 {result['top5']:.2%} "
+                          f"on {result['n_test']} test samples of {bundle.name}")
+    else:
+        metrics = ", ".join(f"{k} {v:.4g}" for k, v in result["metrics"].items())
+        out_console.print(f"{bundle.task}: {metrics} on the test split of {bundle.name}")
+
+
+def _evaluate(m: Any, data: Any) -> dict:
+    """Top-1/top-5 of a classifier on the test split, in memory or batch by batch; the
+    task's metrics for a stream of another task."""
     from slimkit.io.onnx_model import OnnxModel
     from slimkit.measure import accuracy, predict
 
-    m, bundle = _load(model, data, seed, trust_pickle,
-                      trust_remote_code=trust_remote_code)
     fn = m if isinstance(m, OnnxModel) else m.module
-    result = {"model": model, "data": bundle.name, "n_test": len(bundle.x_test),
-              **accuracy(predict(fn, bundle.x_test), bundle.y_test)}
-    if not _emit(result, as_json):
-        out_console.print(f"top-1 {result['top1']:.2%}, top-5 {result['top5']:.2%} "
-                          f"on {result['n_test']} test samples of {bundle.name}")
+    if not data.streaming:
+        return {"n_test": data.n_test, **accuracy(predict(fn, data.x_test), data.y_test)}
+    if data.task != "classification":
+        if isinstance(m, OnnxModel):
+            raise ConfigError(f"eval of an ONNX model measures classification only; data "
+                              f"'{data.name}' is for {data.task} (evaluate the PyTorch model)")
+        from slimkit.measure.tasks import get_task
+
+        return {"task": data.task, "metrics": get_task(data.task).evaluate(
+            fn, lambda: data.batches("test"))}
+    hits = {"top1": 0.0, "top5": 0.0}
+    n = 0
+    for x, y in data.batches("test"):
+        for key, value in accuracy(predict(fn, x), y).items():
+            hits[key] += value * len(y)
+        n += len(y)
+    return {"n_test": n, **{k: v / n for k, v in hits.items()}}
 
 
 @app.command(cls=_Command)
@@ -281,10 +366,10 @@ def train(model: Annotated[str, typer.Argument(help="zoo:NAME to train from scra
         raise format_validation_error(err, "training options", TrainConfig) from None
     _check_out(out, "folder")
     ensure_absent(out, overwrite)
-    _check_inputs(None, data)
+    _check_inputs(model, data)
     from slimkit.api import train_zoo  # torch: after every check that needs none
 
-    bundle = _load_data(data, seed)
+    bundle = _load_data(data, seed, stream=False)  # a zoo model is fitted to data in memory
     _, hist = train_zoo(model.removeprefix("zoo:"), bundle, cfg, out, overwrite=overwrite,
                         progress=not as_json)
     result = {"out": str(out), "epochs": hist["epochs"]}
@@ -308,7 +393,9 @@ def compress(model: ModelArg,
                       "them for --resume).")] = False,
              as_json: JsonOpt = False, trust_pickle: TrustOpt = False,
              trust_remote_code: RemoteCodeOpt = False,
-             seed: SeedOpt = 0) -> None:
+             seed: SeedOpt = 0, text_column: TextColumnOpt = None,
+             label_column: LabelColumnOpt = None, max_length: MaxLengthOpt = None,
+             truncate: TruncateOpt = True, image_size: ImageSizeOpt = None) -> None:
     """Apply a recipe, export ONNX, measure baseline and final in one run, write the report."""
     from slimkit.pipeline.outdir import check_out
     from slimkit.pipeline.recipe import check_data, load_recipe
@@ -316,7 +403,8 @@ def compress(model: ModelArg,
     # Everything that needs no model is checked before torch loads (seconds on a cold start).
     _check_out(out, "folder")
     check_out(out, overwrite, resume, model)
-    _check_inputs(model, data, allow_onnx=False, trust_pickle=trust_pickle)
+    opts = _data_options(text_column, label_column, max_length, truncate, image_size)
+    _check_inputs(model, data, allow_onnx=False, trust_pickle=trust_pickle, options=opts)
     rec = load_recipe(recipe)
     check_data(rec, data is not None, f"recipe '{recipe}'")
     # The runner itself: the API's compress only wraps nn.Modules and reads recipes, both done
@@ -324,7 +412,7 @@ def compress(model: ModelArg,
     from slimkit.pipeline import compress as run
 
     m, bundle = _load(model, data, seed, trust_pickle, allow_onnx=False,
-                      trust_remote_code=trust_remote_code)
+                      trust_remote_code=trust_remote_code, options=opts)
     log = (lambda s: err_console.print(s)) if as_json else out_console.print
     report = run(m, bundle, rec, out, overwrite=overwrite, resume=resume,
                  keep_checkpoints=keep_checkpoints, progress=not as_json, log=log)

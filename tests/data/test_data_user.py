@@ -150,9 +150,9 @@ def test_unsupported_specs_list_accepted_forms(spec):
 
 
 def test_unsupported_file_type(tmp_path):
-    f = tmp_path / "data.csv"
+    f = tmp_path / "data.txt"
     f.write_text("1,2\n")
-    with pytest.raises(DataError, match=r"data.csv.*\.csv.*Accepted"):
+    with pytest.raises(DataError, match=r"data.txt.*\.txt.*Accepted"):
         load_data(str(f))
 
 

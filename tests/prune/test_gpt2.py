@@ -90,7 +90,8 @@ def test_mlp_channels_match_the_zeroed_original_in_float64():
 def test_whole_heads_of_the_fused_qkv_match_the_zeroed_original_in_float64():
     model = _gpt2().double()
     plan = plan_structured(model, StructuredPruneConfig(
-        ratio=0.5, allocation="uniform", include=[r"re:.*attn\.c_attn"]), example_inputs=TOKENS)
+        ratio=0.5, allocation="uniform", include=[r"re:.*attn\.c_attn"], hf_loadable=False),
+        example_inputs=TOKENS)
     assert [(g["root"], g["size"], len(g["keep"]), g["heads"]) for g in plan["groups"]] == \
         [(f"transformer.h.{i}.attn.c_attn", HEADS, 2, [f"transformer.h.{i}.attn"])
          for i in range(LAYERS)]
@@ -126,7 +127,7 @@ def test_mlp_pruned_config_rebuilds_the_pruned_model_on_its_own():
 def test_a_pruned_hidden_size_writes_out_the_default_ffn_width():
     hidden = "transformer.h.0.attn.c_proj"  # the hidden group's root (out = weight dim 1)
     out, rec = structured_prune(wrap(_gpt2()), StructuredPruneConfig(
-        ratio=0.5, allocation="uniform", include=[hidden]), StageContext())
+        ratio=0.5, allocation="uniform", include=[hidden], hf_loadable=False), StageContext())
     cfg = out.module.config
     assert cfg.n_embd == HIDDEN // 2
     assert cfg.n_inner == INNER  # 4 x the ORIGINAL hidden size: the MLP kept its width
@@ -137,8 +138,8 @@ def test_stage_prunes_hidden_heads_and_mlp_keeps_the_tied_lm_head_and_reloads_bi
         tmp_path: Path):
     model = _gpt2()
     slim = wrap(model)
-    out, rec = structured_prune(slim, StructuredPruneConfig(ratio=0.5, allocation="uniform"),
-                                StageContext())
+    out, rec = structured_prune(slim, StructuredPruneConfig(ratio=0.5, allocation="uniform",
+                                                            hf_loadable=False), StageContext())
     small = out.module
     logits = _logits(small)
     assert logits.shape == (2, 12, 50) and torch.isfinite(logits).all()
@@ -167,7 +168,8 @@ def test_stage_prunes_hidden_heads_and_mlp_keeps_the_tied_lm_head_and_reloads_bi
 
 
 def test_the_reloaded_lm_head_is_still_the_embedding_tensor(tmp_path: Path):
-    out, _ = structured_prune(wrap(_gpt2()), StructuredPruneConfig(ratio=0.5), StageContext())
+    out, _ = structured_prune(wrap(_gpt2()), StructuredPruneConfig(ratio=0.5, hf_loadable=False),
+                              StageContext())
     save_artifact(out, tmp_path / "gpt2")
     back = load_artifact(tmp_path / "gpt2").module
     assert back.lm_head.weight is back.transformer.wte.weight

@@ -175,7 +175,7 @@ def _bert_self(model: nn.Module, name: str) -> nn.Module:
 def test_bert_head_dims_match_the_zeroed_original_and_keep_the_scale():
     model = _bert()
     plan = plan_structured(model, StructuredPruneConfig(
-        ratio=0.5, attention="head_dims", allocation="uniform",
+        ratio=0.5, attention="head_dims", allocation="uniform", hf_loadable=False,
         include=[r"re:.*attention\.self\..*"]), example_inputs=TOKENS)
     # `scaling` = 1/sqrt(head size) follows the size (as a model rebuilt from the config would
     # compute it); the query rows carry the difference, so q.k keeps its 1/sqrt(8)
@@ -197,7 +197,8 @@ def test_bert_head_dims_match_the_zeroed_original_and_keep_the_scale():
 def test_bert_head_dims_config_sync_and_onnx(tmp_path: Path):
     model = _bert()
     small, rec = stage_on(structured_prune, model, StructuredPruneConfig(
-        ratio=0.5, attention="head_dims", allocation="uniform"), example_inputs=TOKENS)
+        ratio=0.5, attention="head_dims", allocation="uniform", hf_loadable=False),
+        example_inputs=TOKENS)
     out = eval_out(small, TOKENS)
     assert out.shape == (2, 5) and torch.isfinite(out).all()
     assert n_params(small) < 0.5 * n_params(model)
@@ -218,7 +219,7 @@ def test_bert_head_dims_config_sync_and_onnx(tmp_path: Path):
 def test_bert_config_says_what_it_cannot_express():
     model = _bert()
     small, rec = stage_on(structured_prune, model, StructuredPruneConfig(
-        ratio=0.5, attention="head_dims", allocation="uniform",
+        ratio=0.5, attention="head_dims", allocation="uniform", hf_loadable=False,
         include=[r"re:.*attention\.self\..*"]), example_inputs=TOKENS)
     cfg = small.model.config
     assert (cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim) == (32, 4, 4)
@@ -229,13 +230,14 @@ def test_bert_config_says_what_it_cannot_express():
 def test_bert_heads_config_sync_uniform_and_per_layer():
     model = _bert()
     small, rec = stage_on(structured_prune, model, StructuredPruneConfig(
-        ratio=0.5, allocation="uniform"), example_inputs=TOKENS)
+        ratio=0.5, allocation="uniform", hf_loadable=False), example_inputs=TOKENS)
     cfg = small.model.config
     assert (cfg.num_attention_heads, cfg.hidden_size, cfg.intermediate_size) == (2, 16, 32)
     assert "config.num_attention_heads: 4 -> 2" in rec.changed
     # per-layer FFN widths: one layer's FFN only, the config cannot say it
     small, rec = stage_on(structured_prune, model, StructuredPruneConfig(
-        ratio=0.5, allocation="uniform", include=["model.bert.encoder.layer.0.intermediate.dense"]),
+        ratio=0.5, allocation="uniform", hf_loadable=False,
+        include=["model.bert.encoder.layer.0.intermediate.dense"]),
         example_inputs=TOKENS)
     assert small.model.config.intermediate_size == 64
     (note,) = [s for s in rec.skipped if s["what"] == "config.intermediate_size"]

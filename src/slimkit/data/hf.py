@@ -1,9 +1,15 @@
-"""Hugging Face datasets saved with ``save_to_disk`` (``datasets`` is imported lazily)."""
+"""Hugging Face datasets saved with ``save_to_disk`` (``datasets`` is imported lazily).
+
+Array and image columns load into memory as they are; a text column is tokenized with the
+model's own tokenizer and streamed batch by batch (:mod:`slimkit.data.text`), read from the
+memory-mapped Arrow files only when a batch needs its rows.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -11,16 +17,18 @@ from slimkit.core.errors import DataError
 from slimkit.data.assemble import build_bundle
 from slimkit.data.bundle import DataBundle
 from slimkit.data.deps import require
+from slimkit.data.load import (  # noqa: F401  (re-exported: where they used to live)
+    HF_MARKERS,
+    INPUT_COLUMNS,
+    LABEL_COLUMNS,
+    DataOptions,
+    ModelHints,
+    is_hf_dataset_dir,
+)
 
-# Files that ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` write at the top level.
-HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
-INPUT_COLUMNS = ("pixel_values", "image", "x", "input_ids")
-LABEL_COLUMNS = ("label", "labels", "y")
-
-
-def is_hf_dataset_dir(path: Path) -> bool:
-    """True when ``path`` looks like a directory written by ``save_to_disk``."""
-    return path.is_dir() and any((path / m).is_file() for m in HF_MARKERS)
+if TYPE_CHECKING:
+    from slimkit.data.stream import StreamData
+    from slimkit.data.text import TextRows
 
 
 def _pick(columns: list[str], wanted: tuple[str, ...], role: str, path: Path) -> str:
@@ -45,11 +53,12 @@ def _stack(rows: list[Any], column: str, path: Path) -> np.ndarray:
     return np.stack(arrays)
 
 
-def _columns(ds: Any, path: Path) -> tuple[np.ndarray, np.ndarray, str, str]:
+def _columns(ds: Any, path: Path, label: str | None = None,
+             ) -> tuple[np.ndarray, np.ndarray, str, str]:
     """Inputs and labels of one split, with the column names used."""
     columns = list(ds.column_names)
     x_col = _pick(columns, INPUT_COLUMNS, "input", path)
-    y_col = _pick(columns, LABEL_COLUMNS, "label", path)
+    y_col = _pick(columns, (label,) if label else LABEL_COLUMNS, "label", path)
     x = _stack(list(ds[x_col]), x_col, path)
     if x_col == "image":
         # Decoded PIL images arrive as (H, W) or (H, W, C) uint8; models want (C, H, W) in [0, 1].
@@ -65,18 +74,100 @@ def _class_names(ds: Any, y_col: str) -> list[str] | None:
     return list(names) if names else None
 
 
-def load_hf_dataset(path: Path, *, seed: int = 0, test_fraction: float = 0.2) -> DataBundle:
+def _text_column(ds: Any, path: Path, options: DataOptions) -> str | None:
+    """The text column to tokenize (``options.text_column``, else ``text`` when the dataset
+    has no array or image input column), or None."""
+    columns = list(ds.column_names)
+    name = options.text_column
+    if name is None:
+        if any(c in columns for c in INPUT_COLUMNS) or "text" not in columns:
+            return None
+        name = "text"
+    if name not in columns:
+        from slimkit.data.text import _missing_column
+
+        raise _missing_column(f"the dataset at {path}", "text", name, columns)
+    dtype = getattr(getattr(ds, "features", {}).get(name), "dtype", "string")
+    if dtype not in ("string", "large_string"):
+        raise DataError(f"column '{name}' of the dataset at {path} holds {dtype}, not text; "
+                        "choose the text column with --text-column")
+    return name
+
+
+def _text_rows(ds: Any, column: str, label: str | None, name: str) -> TextRows:
+    """One split's texts, read from the Arrow files by index when asked."""
+    from slimkit.data.text import TextRows
+
+    texts = ds.select_columns([column])
+
+    def strings(values: list, first: int) -> list[str]:
+        for i, v in enumerate(values):
+            if not isinstance(v, str):
+                raise DataError(f"row {first + i + 1} of {name}: column '{column}' holds "
+                                f"{type(v).__name__} {v!r}, not text")
+        return values
+
+    def fetch(idx: np.ndarray) -> list[str]:
+        return strings(list(texts[idx.tolist()][column]), 0)
+
+    def chunks() -> Iterator[list[str]]:
+        first = 0
+        for batch in texts.iter(batch_size=512):
+            yield strings(list(batch[column]), first)
+            first += len(batch[column])
+
+    labels = None
+    if label is not None:
+        from slimkit.data.text import _shared
+
+        distinct: dict = {}
+        labels = [_shared(distinct, v) for v in ds[label]]
+    return TextRows(name, len(ds), labels, fetch, chunks)
+
+
+def _load_text(path: Path, train: Any, test: Any, column: str, options: DataOptions,
+               hints: ModelHints | None, seed: int, test_fraction: float) -> StreamData:
+    from slimkit.data.text import _missing_column, _pick_label, _task, load_tokenizer, text_stream
+
+    columns = list(train.column_names)
+    label = _pick_label(columns, options)
+    if label is not None and label not in columns:
+        raise _missing_column(f"the dataset at {path}", "label", label, columns)
+    where = f"the dataset at {path}"
+    tokenizer = load_tokenizer(hints, str(path))
+    _, label = _task(hints, label, options, where, columns)
+    rows = _text_rows(train, column, label, f"{where} (train)" if test is not None else where)
+    test_rows = None if test is None else _text_rows(test, column, label, f"{where} (test)")
+    meta: dict = {"source": "huggingface load_from_disk", "path": str(path),
+                  "text_column": column,
+                  "tokenizer": str(hints.model_dir) if hints and hints.model_dir else None}
+    names = _class_names(train, label) if label else None
+    stream = text_stream(str(path), rows, test_rows, tokenizer=tokenizer, options=options,
+                         hints=hints, label=label, columns=columns, seed=seed,
+                         test_fraction=test_fraction, meta=meta, source=where)
+    if names and "class_names" not in stream.meta:
+        stream.meta["class_names"] = names
+        stream.num_classes = max(stream.num_classes, len(names))
+    return stream
+
+
+def load_hf_dataset(path: Path, *, seed: int = 0, test_fraction: float = 0.2,
+                    options: DataOptions | None = None, hints: ModelHints | None = None,
+                    ) -> DataBundle | StreamData:
     """Load a dataset written by ``datasets`` ``save_to_disk``.
 
-    Input column: the first of ``pixel_values``, ``image``, ``x``, ``input_ids``; label
-    column: the first of ``label``, ``labels``, ``y``. A DatasetDict with ``train`` and
-    ``test`` splits is used as given; otherwise the (single or ``train``) split is split
-    by ``seed``, stratified by class.
+    Input column: the first of ``pixel_values``, ``image``, ``x``, ``input_ids``, loaded into
+    memory; else a text column (``options.text_column``, or ``text``), tokenized with the
+    model's tokenizer (``hints``) and streamed (:func:`slimkit.data.text.text_stream`). Label
+    column: ``options.label_column``, else the first of ``label``, ``labels``, ``y``. A
+    DatasetDict with ``train`` and ``test`` splits is used as given; otherwise the (single
+    or ``train``) split is split by ``seed``, stratified by class.
 
     Raises:
-        DataError: ``datasets`` missing, no usable split or column, ragged rows, or any
-            validation failure.
+        DataError: ``datasets`` missing, no usable split or column, ragged rows, a text
+            column without a tokenizer, or any validation failure.
     """
+    options = options or DataOptions()
     hf = require("datasets", extra="hf", needed_for=f"the Hugging Face dataset at {path}")
     try:
         # load_from_disk reads Arrow files and JSON only: unlike load_dataset it has no
@@ -96,10 +187,13 @@ def load_hf_dataset(path: Path, *, seed: int = 0, test_fraction: float = 0.2) ->
                             "'train' (and optionally 'test') or a single split.")
     else:
         train, test = loaded, None
-    x, y, x_col, y_col = _columns(train, path)
+    text = _text_column(train, path, options)
+    if text is not None:
+        return _load_text(path, train, test, text, options, hints, seed, test_fraction)
+    x, y, x_col, y_col = _columns(train, path, options.label_column)
     x_test = y_test = None
     if test is not None:
-        x_test, y_test, _, _ = _columns(test, path)
+        x_test, y_test, _, _ = _columns(test, path, options.label_column)
     meta.update(input_column=x_col, label_column=y_col)
     names = _class_names(train, y_col)
     if names:

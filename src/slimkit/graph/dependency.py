@@ -114,6 +114,10 @@ class Group:
     def modules(self) -> set[str]:
         return {m.param.rsplit(".", 1)[0] if "." in m.param else "" for m in self.members}
 
+    def describe(self) -> str:
+        """How records name the group: ``group 3 (layer.0.fc1, 64 channels)``."""
+        return f"group {self.id} ({self.root}, {self.size} channels)"
+
 
 @dataclass
 class DependencyGraph:

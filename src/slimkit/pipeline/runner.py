@@ -407,7 +407,9 @@ def _size(path: Path | None) -> int | None:
 def _describe_data(data: DataBundle | None) -> dict | None:
     if data is None:
         return None
-    return {"name": data.name, "n_train": data.n_train, "n_test": data.n_test,
+    meta = data.meta or {}
+    return {"name": data.name, "n_train": data.n_train or meta.get("n_train"),
+            "n_test": data.n_test or meta.get("n_test"),
             "input_shape": list(data.input_shape), "num_classes": data.num_classes,
             "task": data.task, "streaming": data.streaming,
-            "warnings": [] if data.streaming else data_warnings(data)}
+            "warnings": meta.get("warnings", []) if data.streaming else data_warnings(data)}

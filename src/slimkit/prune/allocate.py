@@ -95,6 +95,26 @@ def global_ranking(req: AllocRequest) -> dict[int, int]:
     return _rounded(req, {g: n - removed[g] for g, n in req.sizes.items()})
 
 
+def tie_counts(keep: dict[int, int], ties: list[list[int]], req: AllocRequest) -> dict[int, int]:
+    """Give the groups of each tie one kept count: the mean of the counts the allocator gave
+    them, rounded as it rounds (a width set once for many layers, as a transformers config's
+    ``intermediate_size``). The channels each group keeps are still its own best ones.
+
+    Example:
+        >>> tie_counts({0: 30, 1: 34, 2: 5}, [[0, 1]], AllocRequest({0: 64, 1: 64, 2: 8}, {}, .5))
+        {0: 32, 1: 32, 2: 5}
+    """
+    out = dict(keep)
+    for tie in ties:
+        members = [g for g in tie if g in keep]
+        if not members:
+            continue
+        mean = sum(keep[g] for g in members) / len(members)
+        k = min(_rounded(req, dict.fromkeys(members, mean)).values())
+        out.update(dict.fromkeys(members, k))
+    return out
+
+
 @dataclass
 class SearchResult:
     """Outcome of a target search: the ratio chosen, what was measured, and whether it made it."""

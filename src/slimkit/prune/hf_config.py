@@ -4,10 +4,23 @@ A transformers model rebuilds itself from its ``config``; after structured pruni
 must describe the smaller layers, or reloading builds the unpruned sizes. This lives with
 pruning (not in :mod:`slimkit.io`) because it reads the attention attributes that the
 dependency graph and the slicer know about.
+
+:func:`rebuild_shapes` builds a transformers model from a config on the ``meta`` device (no
+memory): what ``from_pretrained`` would build from a saved directory. :func:`rebuild_report`
+compares it with the pruned model, so the record says whether ``save_pretrained`` output
+reloads; :mod:`slimkit.prune.hf_loadable` probes configs with it before pruning.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import sys
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
 from torch import nn
 
 from slimkit.graph.attention import HEAD_ATTRS, HEAD_SIZE_ATTRS
@@ -49,7 +62,7 @@ def _widths(before: nn.Module, after: nn.Module, width: int | None,
     return out
 
 
-def _ffn_width(cfg: object, hidden: int | None) -> tuple[str, int | None]:
+def ffn_width(cfg: object, hidden: int | None) -> tuple[str, int | None]:
     """The config key of the FFN width and the width it gives: ``intermediate_size``, or
     GPT-2's ``n_inner``, whose ``None`` means ``4 * hidden_size``."""
     if not isinstance(getattr(cfg, "intermediate_size", None), int) and hasattr(cfg, "n_inner"):
@@ -84,7 +97,7 @@ def sync_hf_config(original: nn.Module, pruned: nn.Module,
     for cfg, mods in _hf_configs(pruned).values():
         # the pruned copy's config still holds the original sizes until it is updated here
         hidden = getattr(cfg, "hidden_size", None)
-        inter_key, inter = _ffn_width(cfg, hidden)
+        inter_key, inter = ffn_width(cfg, hidden)
         found = {
             "num_attention_heads": _int_attrs(mods, HEAD_ATTRS),
             "hidden_size": _widths(original, pruned, hidden),
@@ -144,4 +157,103 @@ def _sync_head_size(cfg: object, per_module: dict[str, int], changed: list[str],
                                "alone"})
 
 
-__all__ = ["sync_hf_config"]
+@dataclass(frozen=True)
+class Owner:
+    """A transformers model inside a model, rebuilt from its config by ``from_pretrained``.
+
+    Attributes:
+        name: its module name in the model ("" for the model itself).
+        module: the ``PreTrainedModel``.
+        config: its config (shared with its submodules).
+    """
+
+    name: str
+    module: nn.Module
+    config: object
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.name}." if self.name else ""
+
+    def covers(self, name: str) -> bool:
+        """Whether the module or tensor ``name`` (in the whole model) lies inside this one."""
+        return not self.name or name == self.name or name.startswith(self.prefix)
+
+
+def hf_owners(model: nn.Module) -> list[Owner]:
+    """The outermost transformers ``PreTrainedModel`` s inside ``model`` (``model`` itself when
+    it is one): each config's outermost holder that its class rebuilds from it."""
+    configs = _hf_configs(model)
+    base = getattr(sys.modules.get("transformers"), "PreTrainedModel", None)
+    if not configs or base is None:
+        return []
+    owners: list[Owner] = []
+    for cfg, mods in configs.values():
+        found = next(((n, m) for n, m in mods if isinstance(m, base)), None)
+        if found is not None:
+            owners.append(Owner(found[0], found[1], cfg))
+    return [o for o in owners if not any(p is not o and p.covers(o.name) for p in owners)]
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """transformers' config and init messages silenced (a probe is not the user's model)."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def rebuild_shapes(owner: Owner, config: object | None = None) -> dict[str, tuple[int, ...]]:
+    """Every parameter and buffer shape of ``type(owner.module)`` built from ``config`` (a copy
+    of it; default: the owner's own), named as in the whole model.
+
+    Built on the ``meta`` device, so a large model costs no memory; this is the architecture
+    ``from_pretrained`` builds before it loads a saved state dict.
+
+    Raises:
+        Exception: whatever the model class raises on that config (e.g. a hidden size that is
+            not a multiple of the head count).
+    """
+    cfg = copy.deepcopy(owner.config if config is None else config)
+    with _quiet(), torch.device("meta"):
+        built = type(owner.module)(cfg)
+    return {owner.prefix + n: tuple(t.shape) for n, t in _tensors(built)}
+
+
+def _tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*module.named_parameters(remove_duplicate=False),
+            *module.named_buffers(remove_duplicate=False)]
+
+
+def rebuild_report(model: nn.Module) -> dict[str, dict[str, object]]:
+    """Whether each transformers model inside ``model`` is rebuilt by its config as it is.
+
+    Returns:
+        ``{owner name ("" = the model): {"class", "rebuilds", "mismatched": [up to 5 lines
+        "tensor: config builds [...], model has [...]"]}}``; empty without transformers models.
+    """
+    report: dict[str, dict[str, object]] = {}
+    for owner in hf_owners(model):
+        have = {owner.prefix + n: tuple(t.shape) for n, t in _tensors(owner.module)}
+        try:
+            built = rebuild_shapes(owner)
+        except Exception as exc:  # the config describes no buildable model
+            bad = [f"{type(owner.module).__name__}(config) fails: {type(exc).__name__}: "
+                   f"{str(exc)[:200]}"]
+        else:
+            bad = [f"{n}: config builds {list(built[n]) if n in built else 'nothing'}, model "
+                   f"has {list(have[n]) if n in have else 'nothing'}"
+                   for n in sorted(set(built) | set(have)) if built.get(n) != have.get(n)]
+        report[owner.name] = {"class": type(owner.module).__name__, "rebuilds": not bad,
+                              "mismatched": bad[:5]}
+    return report
+
+
+__all__ = ["Owner", "ffn_width", "hf_owners", "rebuild_report", "rebuild_shapes", "sync_hf_config"]

@@ -12,7 +12,9 @@ API
     ``calib_batches``, ``finetune`` and ``steps`` (iterative prune -> fine-tune cycles),
     ``attention`` (``heads``: remove whole attention heads; ``head_dims``: remove positions
     inside every head, so all heads keep one smaller head size and the softmax scale stays
-    ``1/sqrt(original head size)``).
+    ``1/sqrt(original head size)``), ``hf_loadable`` (``auto``/true/false: inside a
+    transformers model prune only what its config can say, so ``save_pretrained`` output
+    reloads with ``from_pretrained``).
 ``structured_prune(model, cfg, ctx) -> (pruned SlimModel, Record)``: the whole technique, as a
     stage (:mod:`slimkit.core.stages`); the input model is never modified.
 ``plan_structured(model, cfg, data=None, example_inputs=None) -> plan``: JSON plan (per group
@@ -37,6 +39,12 @@ first. Those it cannot represent (``add_bias_kv``, ``add_zero_attn``) or that ar
 fused with their sizes, and are listed in ``skipped``.
 A Hugging Face model's ``config`` is updated to the pruned sizes where it can describe them
 (:func:`slimkit.prune.hf_config.sync_hf_config`); what it cannot describe is in ``skipped``.
+With ``hf_loadable`` (default ``auto``: on for transformers models whose config can say a
+pruned width, as BERT, GPT-2 and ViT) only such widths are pruned, one count per config key
+(every layer's FFN width; whole heads where the config keeps the head size), so that
+``save_pretrained`` output reloads with ``from_pretrained``; the hidden size, heads the config
+cannot count, and residual branches stay, each with the reason
+(:mod:`slimkit.prune.hf_loadable`). ``ratio`` is then the share of those channels.
 
 This module holds the one orchestration (:func:`_orchestrate`: plan -> apply -> fine-tune, per
 step) that both :func:`plan_structured` and the stage run; the parts live beside it:
@@ -216,7 +224,9 @@ def plan_structured(model: nn.Module, cfg: StructuredPruneConfig,
         "head_dims"}], "slices": {tensor: {dim: kept indices}}, "heads": {module: count},
         "head_dims": {module: head size}, "scale": {query tensor: factor}, "skipped",
         "unfused_mha": [attention modules swapped for UnfusedMultiheadAttention first],
-        "blocks": [residual branches removed before slicing (module, add, nodes, score)]}``.
+        "blocks": [residual branches removed before slicing (module, add, nodes, score)],
+        "hf_loadable": [transformers models pruned within their config (module names)],
+        only when there are any}``.
 
     Raises:
         ConfigError: unknown layer names in include/exclude (naming the closest), taylor
@@ -260,8 +270,9 @@ def structured_prune(model: SlimModel, cfg: StructuredPruneConfig,
         ``unsupported_ops`` (ops without a channel rule, by module; their channels were left
         alone), ``plans`` (one per step, replayable with :func:`apply_structured`),
         ``target`` (asked, achieved, reached) in target mode, ``finetune`` (one training
-        summary per step) when fine-tuning. ``transforms``: the plans that change the
-        architecture, which the artifact replays.
+        summary per step) when fine-tuning, ``hf_config`` (per transformers model inside:
+        whether its synced config rebuilds the pruned sizes, as ``from_pretrained`` needs).
+        ``transforms``: the plans that change the architecture, which the artifact replays.
 
     Raises:
         ConfigError: bad selectors (naming the closest layer), taylor or finetune without data.

@@ -85,6 +85,18 @@ class StructuredPruneConfig(StageConfig):
                              "removes the same positions inside every head of q/k/v (and the "
                              "out-projection inputs they feed), so all heads keep one smaller "
                              "head size; the softmax scale stays 1/sqrt(original head size).")
+    hf_loadable: Literal["auto"] | bool = Field(
+        "auto", description="Keep a Hugging Face transformers model loadable by "
+                            "from_pretrained after save_pretrained: prune only what its config "
+                            "can say (one FFN width for every layer: intermediate_size / "
+                            "n_inner; whole heads where the config keeps the head size, as "
+                            "ViT's head_dim) and sync the config; the hidden size, per-layer "
+                            "head counts (transformers 5 has no config.pruned_heads), the pooler "
+                            "and residual branches stay, each skip recorded. 'auto': on for "
+                            "transformers models whose config can say at least one pruned "
+                            "width (BERT, GPT-2, ViT...), off for the others (ResNet...); "
+                            "false: prune freely (the slimkit artifact still reloads it). "
+                            "Models without a transformers config ignore it.")
     finetune: FinetuneConfig | None = Field(
         None, description="Fine-tune after pruning (after each step), optionally distilled from "
                           "the unpruned model (finetune.distill).")

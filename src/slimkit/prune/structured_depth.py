@@ -18,6 +18,7 @@ from torch import nn
 from slimkit.io import batch as B
 from slimkit.io.model import modes_kept
 from slimkit.prune.depth import output_change, rank_branches, without_branches
+from slimkit.prune.hf_loadable import hold_branches, loadable_scopes
 from slimkit.prune.structured_plan import Job
 from slimkit.prune.structured_target import Step, Target, width_step
 from slimkit.train.bn import recalibrate_batchnorm
@@ -49,6 +50,9 @@ def prune_depth(model: nn.Module, job: Job, target: Target | None) -> Depth:
     n = cfg.calib_batches * cfg.calib_batch_size
     inputs = (data.calibration_batch(n, cfg.seed)[0],) if data is not None else example
     ranked, skipped = rank_branches(model, example, inputs, job.selection.covers)
+    scopes, _ = loadable_scopes(model, cfg.hf_loadable, cfg.attention)
+    ranked, held = hold_branches(scopes, ranked)
+    skipped = [*skipped, *held]
     trials: list[dict[str, Any]] = []
     step, judge = None, None
     if cfg.blocks == "auto":

@@ -28,9 +28,10 @@ from slimkit.graph.dependency import (
 )
 from slimkit.graph.select import select_layers
 from slimkit.io import batch as B
-from slimkit.prune.allocate import ALLOCATORS, AllocRequest
+from slimkit.prune.allocate import ALLOCATORS, AllocRequest, tie_counts
 from slimkit.prune.criteria import CRITERIA, ScoreInputs, taylor_grads
 from slimkit.prune.depth import remove_branches
+from slimkit.prune.hf_loadable import constrain, loadable_scopes
 from slimkit.prune.slicer import apply_slices
 from slimkit.prune.structured_config import StructuredPruneConfig
 from slimkit.prune.unfuse import unfuse_mha
@@ -103,7 +104,7 @@ def selected_groups(model: nn.Module, graph: DependencyGraph, cfg: StructuredPru
     for g in graph.groups:
         if not g.param_names() & params:
             continue  # index buffers (position ids...): not layers, nothing to report
-        what = f"group {g.id} ({g.root}, {g.size} channels)"
+        what = g.describe()
         hit = sorted(m for m in g.modules() if selection.covers(m))
         if not g.prunable:
             skipped.append({"what": what, "why": "; ".join(g.why)})
@@ -152,6 +153,12 @@ class RatioPlanner:
         self.model, self.cfg = model, job.cfg
         self.graph = build_dependency_graph(model, job.example, job.cfg.attention)
         self.groups, self.skipped = selected_groups(model, self.graph, job.cfg, job.selection)
+        # hf_loadable: inside a transformers model, only the widths its config can say,
+        # one count per config key (slimkit.prune.hf_loadable)
+        scopes, notes = loadable_scopes(model, job.cfg.hf_loadable, job.cfg.attention)
+        self.groups, self.ties, held = constrain(scopes, self.groups)
+        self.skipped = [*self.skipped, *notes, *held]
+        self.loadable = [s.owner.name for s in scopes]
         self.scores = score_groups(model, self.groups, job.cfg, job.data)
 
     def plan(self, ratio: float) -> dict[str, Any]:
@@ -161,14 +168,17 @@ class RatioPlanner:
                            cfg.round_to, {g.id: bool(g.head_dims) or (not g.heads
                                                                       and _one_index(g))
                                           for g in groups})
-        keep = ALLOCATORS.get(cfg.allocation)(req) if groups else {}
+        keep = tie_counts(ALLOCATORS.get(cfg.allocation)(req), self.ties, req) if groups else {}
         plan_groups = []
         for g in groups:
             order = np.argsort(-scores[g.id], kind="stable")[:keep[g.id]]
             plan_groups.append({"id": g.id, "root": g.root, "size": g.size,
                                 "keep": sorted(int(i) for i in order), "heads": g.heads,
                                 "head_dims": g.head_dims})
-        return build_plan(self.model, self.graph, plan_groups, self.skipped)
+        plan = build_plan(self.model, self.graph, plan_groups, self.skipped)
+        if self.loadable:
+            plan["hf_loadable"] = self.loadable  # transformers models kept loadable (by name)
+        return plan
 
     def prune(self, ratio: float) -> tuple[nn.Module, dict[str, Any]]:
         """A pruned copy for ``ratio``, and its plan."""

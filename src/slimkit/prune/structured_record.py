@@ -3,8 +3,9 @@
 ``changed`` has one line per resized layer (after the attention swaps and removed residual
 branches, and before the updated Hugging Face config keys); ``skipped`` the groups, branches,
 config keys and unmet target keys left alone, each with the reason; ``details`` the layer
-sizes, params/FLOPs before and after, the replayable plans, and the target, depth, slimming
-and fine-tuning summaries.
+sizes, params/FLOPs before and after, the replayable plans, whether each transformers config
+rebuilds the pruned sizes (``hf_config``), and the target, depth, slimming and fine-tuning
+summaries.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 from slimkit.core.record import Record
 from slimkit.graph.layers import is_hf_conv1d
 from slimkit.io import batch as B
-from slimkit.prune.hf_config import sync_hf_config
+from slimkit.prune.hf_config import rebuild_report, sync_hf_config
 from slimkit.prune.structured_depth import Depth
 from slimkit.prune.structured_target import Target
 
@@ -60,8 +61,28 @@ def record_depth(record: Record, depth: Depth) -> None:
 
 
 def sync_configs(original: nn.Module, pruned: nn.Module, record: Record) -> None:
-    """Hugging Face configs follow the pruned sizes; what they cannot say goes to skipped."""
+    """Hugging Face configs follow the pruned sizes; what they cannot say goes to skipped.
+
+    ``details["hf_config"]`` says, per transformers model, whether its config now rebuilds
+    the pruned sizes (what ``from_pretrained`` needs after ``save_pretrained``). For those
+    pruned under ``hf_loadable`` (the plans name them) a failure is a skipped entry, and the
+    note on a head size the config cannot derive is dropped when the rebuild holds it.
+    """
     changed, skipped = sync_hf_config(original, pruned)
+    report = rebuild_report(pruned)
+    loadable = {n for p in record.details.get("plans", []) for n in p.get("hf_loadable", [])}
+    mine = [report[n] for n in sorted(loadable) if n in report]
+    if mine and all(r["rebuilds"] for r in mine):
+        skipped = [s for s in skipped if s["what"] != "config head size"]
+    for r in mine:
+        if not r["rebuilds"]:
+            skipped.append({"what": f"hf_loadable ({r['class']})",
+                            "why": "the synced config does not rebuild the pruned sizes ("
+                                   + "; ".join(r["mismatched"][:3]) + "): save_pretrained "
+                                   "output will not reload with from_pretrained (the slimkit "
+                                   "artifact does)"})
+    if report:
+        record.details["hf_config"] = report
     record.changed += changed
     record.skipped += [s for s in skipped if s not in record.skipped]
 
