@@ -161,3 +161,18 @@ def test_a_stream_and_a_bundle_give_the_same_compress_verdict(tmp_path):
     assert '<th scope="row">Perplexity</th>' in html and "Top-1 accuracy" not in html
     assert "Perplexity against size on disk" in html
     assert f"perplexity {base['perplexity']:.4g} → {final['perplexity']:.4g}" in html
+
+
+def test_training_reads_the_test_split_once_at_the_end():
+    x, y = _xy()
+    reads = []
+
+    def test_source():
+        reads.append(1)
+        yield x[:32], y[:32]
+
+    stream = StreamData("toy", train=DataLoader(TensorDataset(x, y), batch_size=16),
+                        test=test_source, num_classes=3, holdout=1)
+    history = fit(_net(), stream, TrainConfig(epochs=3, batch_size=16), progress=False)
+    assert len(reads) == 1
+    assert [("test_top1" in e) for e in history["epochs"]] == [False, False, True]

@@ -185,8 +185,10 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig,
         progress: show a progress bar with loss and accuracy.
 
     Returns:
-        ``{"epochs": [{"epoch", "loss", "train_top1", "test_top1", "val_top1", "seconds"}],
-        "steps", "stopped_early", "resumed_from_step", "world_size"}``.
+        ``{"epochs": [{"epoch", "loss", "train_top1", "val_top1", "seconds"}], "steps",
+        "stopped_early", "resumed_from_step", "world_size"}``; the last epoch also holds
+        ``test_top1`` (for other tasks, ``test_`` and their primary metric): the test split
+        is read once, after training, on the weights kept.
 
     Raises:
         ModelError: the loss became NaN/Inf (saying at which step, after saving a checkpoint
@@ -219,10 +221,11 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig,
             stopped_early = _end_epoch(model, data, run.val, cfg, state, start)
             entry = state["history"][-1]
             state["epoch_gen_state"] = run.gen.get_state()
-            metric = _metric(data.task)[0]
-            bar.update(task, info=f"epoch {entry['epoch']} loss {entry['loss']:.3f} "
-                       f"test {metric} {entry['test_' + metric]:.4g}")
+            bar.update(task, info=f"epoch {entry['epoch']} loss {entry['loss']:.3f}")
     run.finish(home)
+    if state["history"]:  # the test split is read once, at the end, on the kept weights
+        metric = _metric(data.task)[0]
+        state["history"][-1][f"test_{metric}"] = evaluate_data(model, data, "test")
     return {"epochs": state["history"], "steps": state["step"], "stopped_early": stopped_early,
             "resumed_from_step": run.resumed_from, "world_size": run.size}
 
@@ -402,7 +405,6 @@ def _end_epoch(model: nn.Module, data: DataBundle, val: tuple | None, cfg: Train
     else:
         val_score = evaluate(model, *val, task=data.task) if val else None
     entry = {"epoch": state["epoch"] + 1, "loss": state["running"] / seen,
-             f"test_{metric}": evaluate_data(model, data, "test"),
              f"val_{metric}": val_score, "seconds": time.perf_counter() - start}
     if data.task == "classification":
         entry["train_top1"] = state["correct"] / seen
