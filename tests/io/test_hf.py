@@ -68,3 +68,17 @@ def test_io_hf_imports_nothing_above_io():
     slimkit_mods = {m for m in imported if m and m.startswith("slimkit")}
     assert slimkit_mods and all(m.startswith(("slimkit.core", "slimkit.io")) for m in slimkit_mods)
     assert not hasattr(slimkit.io.hf, "sync_hf_config")
+
+
+def test_a_vision_model_whose_config_has_no_image_size_wraps_as_it_comes():
+    import slimkit
+
+    config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                       num_labels=3)
+    torch.manual_seed(0)
+    model = slimkit.wrap(transformers.ResNetForImageClassification(config).eval())
+    assert [s.name for s in model.input_specs] == ["pixel_values"]
+    assert model.input_specs[0].shape == (3, 224, 224) and model.output == "logits"
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert B.select(B.call(model.module, {"pixel_values": x}), "logits").shape == (2, 3)

@@ -106,7 +106,8 @@ def load_hf_dir(path: Path, trust_pickle: bool = False, seq_len: int = 128,
 def describe_hf(model: nn.Module, name: str = "huggingface", seq_len: int = 128) -> SlimModel:
     """A Hugging Face model as it comes, described by its named inputs and judged output.
 
-    Vision models take ``pixel_values`` ``(channels, image_size, image_size)``; text models
+    Vision models take ``pixel_values`` ``(channels, image_size, image_size)`` (224 when the
+    config names no size); text models
     ``input_ids`` and ``attention_mask`` (and ``token_type_ids`` where the model has token
     types) of a dynamic ``sequence`` length, ``seq_len`` in examples. The judged output is
     ``logits`` for classifiers and language models, ``last_hidden_state`` for bare encoders.
@@ -122,7 +123,8 @@ def describe_hf(model: nn.Module, name: str = "huggingface", seq_len: int = 128)
         config.use_cache = False
     params = inspect.signature(model.forward).parameters
     if "pixel_values" in params:
-        size = config.image_size
+        # ResNet/RegNet/ConvNeXt configs name no image size: they take any; 224 as examples.
+        size = getattr(config, "image_size", None) or 224
         size = tuple(size) if isinstance(size, list | tuple) else (size, size)
         inputs: tuple[TensorSpec, ...] = (
             TensorSpec("pixel_values", (config.num_channels, *size), "float32"),)
