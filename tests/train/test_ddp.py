@@ -25,6 +25,10 @@ def _run(tmp_path: Path, nproc: int, *extra: str) -> dict[str, torch.Tensor]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", str(WORKER), str(out), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+        # gloo can abort a rank while tearing its sockets down on a loaded machine (after the
+        # work is done): run once more; a second failure fails the test.
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, _children_errors(proc.stderr)
     assert f"world={nproc}" in proc.stdout
     return load_file(out)
@@ -71,6 +75,10 @@ def test_compress_under_torchrun_fine_tunes_on_two_ranks(tmp_path: Path):
            "-m", "slimkit.cli", "compress", str(tmp_path / "base"), "--data", "builtin:digits",
            "--recipe", str(recipe), "--out", str(tmp_path / "out"), "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+        # gloo can abort a rank while tearing its sockets down on a loaded machine (after the
+        # work is done): run once more; a second failure fails the test.
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, _children_errors(proc.stderr)
     import json
 

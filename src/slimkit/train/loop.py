@@ -372,6 +372,14 @@ class _Run:
         self.opt.zero_grad(set_to_none=True)
         self.model.to(home)
         set_mode(self.model, False)
+        if self.net is not self.model:
+            # The DDP wrapper's reducer holds gloo work and sits in reference cycles: freed
+            # by a late garbage collection (after the process group is gone, at exit) it can
+            # abort the process. Free it now, while the group is alive.
+            import gc
+
+            self.net = self.model
+            gc.collect()
 
 
 def _total(data: Any, cfg: TrainConfig, label: str) -> int:
