@@ -27,7 +27,7 @@ code = main(sys.argv[1:])
 print(json.dumps({"code": code, "torch": "torch" in sys.modules}))
 """
 COMMANDS = ["inspect", "bench", "eval", "train", "compress", "export", "pack", "unpack",
-            "schema", "demo"]
+            "schema", "demo", "compare"]
 
 
 def cli(*args: str, cwd: Path) -> tuple[int, bool, str]:

@@ -503,6 +503,37 @@ def schema(out: Annotated[Path | None, typer.Option("--out", help="Write to a fi
 
 
 @app.command(cls=_Command)
+def compare(run_a: Annotated[Path, typer.Argument(help="A run directory (or its report.json).")],
+            run_b: Annotated[Path, typer.Argument(help="Another run directory.")],
+            time_them: Annotated[bool, typer.Option(
+                "--time", help="Re-time both ONNX files interleaved in this process (a ratio "
+                               "with a 95% interval).")] = False,
+            batch: Annotated[int, typer.Option(min=1, help="Batch size for --time.")] = 32,
+            threads: ThreadsOpt = 1,
+            repeats: Annotated[int, typer.Option(min=5, help="Rounds for --time.")] = 30,
+            as_json: JsonOpt = False) -> None:
+    """Put two runs side by side: sizes, quality, latency, verdicts."""
+    from slimkit.cli_views import compare_table
+    from slimkit.report.compare import compare_runs, load_run, time_runs
+
+    a, b = load_run(run_a), load_run(run_b)
+    result = compare_runs(a, b)
+    if time_them:
+        result["timed"] = time_runs(a, b, batch=batch, threads=threads, repeats=repeats)
+    if _emit(result, as_json):
+        return
+    out_console.print(compare_table(result))
+    for note in result["notes"]:
+        out_console.print(f"note: {escape(note)}", highlight=False)
+    if "timed" in result:
+        t = result["timed"]
+        out_console.print(
+            f"ONNX Runtime b={t['batch']}, {_count(t['threads'], 'thread')}, {t['repeats']} "
+            f"interleaved rounds: A {t['a_ms']:.3f} ms, B {t['b_ms']:.3f} ms, B/A "
+            f"{t['ratio_b_to_a']:.2f} [{t['ci'][0]:.2f}, {t['ci'][1]:.2f}]: {t['verdict']}")
+
+
+@app.command(cls=_Command)
 def demo(out: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("demo-out"),
          overwrite: OverwriteOpt = False,
          epochs: Annotated[int, typer.Option(min=1, help="Baseline training epochs.")] = 3,

@@ -85,3 +85,26 @@ def layer_rows(layers: list[dict]) -> Table:
         table.add_row(r["name"], r["type"], f"{r['params']:,}", f"{r['nonzero_params']:,}",
                       fmt_bits(r.get("weight_bits")), f"{r['macs']:,}")
     return table
+
+
+def compare_table(result: dict[str, Any]) -> Table:
+    """``slimkit compare``: run A vs run B, the better value in bold."""
+    a, b = result["a"], result["b"]
+    table = Table(title=f"A = {a['path']} ({', '.join(a['stages']) or 'no stages'})\n"
+                        f"B = {b['path']} ({', '.join(b['stages']) or 'no stages'})")
+    for col in ("", "A", "B", "B / A"):
+        table.add_column(col, justify="right" if col else "left")
+
+    def cell(v: float | None, bold: bool) -> str:
+        if v is None:
+            return "—"
+        text = f"{v:,}" if isinstance(v, int) else (f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}")
+        return f"[bold]{text}[/]" if bold else text
+
+    for r in result["rows"]:
+        ratio = "—" if r["ratio_b_to_a"] is None else f"{r['ratio_b_to_a']:.3g}"
+        table.add_row(r["name"], cell(r["a"], r["winner"] == "A"),
+                      cell(r["b"], r["winner"] == "B"), ratio)
+    met = {True: "met", False: "missed", None: "no target"}
+    table.add_row("target", met[a["target_met"]], met[b["target_met"]], "")
+    return table
