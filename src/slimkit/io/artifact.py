@@ -4,6 +4,9 @@
                              library versions, and a sha256 + size for every file
     DIR/weights.safetensors  the weights (sparse tensors as bitmask + values)
     DIR/model.pt2            a torch.export archive, when the model has no rebuildable spec
+    DIR/tokenizer.json ...   a Hugging Face model's tokenizer / preprocessor files, copied
+                             from the directory it was loaded from (``assets`` in the
+                             manifest; not model bytes, see :func:`model_bytes`)
 
 Loading validates the manifest (its schema and file names: io/manifest.py) and verifies
 every checksum before reading a byte of model data. The checksums catch damage (a flipped bit, a
@@ -33,6 +36,12 @@ from slimkit.io.weights import load_weights, save_weights
 
 WEIGHTS = "weights.safetensors"
 PT2 = "model.pt2"
+#: Files of a Hugging Face directory that are not the model but make it usable (its tokenizer,
+#: its image preprocessor, its generation defaults): carried into the artifact as they are.
+HF_ASSETS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+             "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model",
+             "sentencepiece.bpe.model", "preprocessor_config.json", "generation_config.json",
+             "chat_template.jinja")
 
 
 def library_versions() -> dict[str, str]:
@@ -93,6 +102,7 @@ def save_artifact(model: SlimModel, path: str | Path, overwrite: bool = False,
     path = Path(path)
     with atomic_dir(path, overwrite=overwrite) as tmp:
         save_weights(model.module.state_dict(), tmp / WEIGHTS)
+        assets = _copy_assets(model, tmp)
         arch = model.arch
         if arch is None:
             save_graph(model, tmp / PT2)
@@ -105,10 +115,34 @@ def save_artifact(model: SlimModel, path: str | Path, overwrite: bool = False,
             "history": model.history, "versions": library_versions(),
             "files": {f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size}
                       for f in sorted(tmp.iterdir())},
+            **({"assets": assets} if assets else {}),
             **(extra or {}),
         }
         write_json(tmp / MANIFEST, manifest)
     return path
+
+
+def _copy_assets(model: SlimModel, folder: Path) -> list[str]:
+    """Copy the tokenizer / preprocessor files of the HF directory ``model`` came from (or of
+    the artifact it was loaded from) into ``folder``; the names copied."""
+    source = Path(model.source) if model.source else None
+    if not (model.arch and "hf" in model.arch and source is not None and source.is_dir()):
+        return []
+    copied = []
+    for name in HF_ASSETS:
+        found = source / name
+        if found.is_file() and not found.is_symlink():
+            write_bytes(folder / name, found.read_bytes())
+            copied.append(name)
+    return copied
+
+
+def model_bytes(path: str | Path) -> int:
+    """Bytes of an artifact's model files (weights, graph, manifest), not of the tokenizer or
+    other assets it carries: what compression changes, so what size ratios compare."""
+    path = Path(path)
+    assets = set(json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("assets", []))
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and p.name not in assets)
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:

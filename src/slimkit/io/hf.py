@@ -100,7 +100,9 @@ def load_hf_dir(path: Path, trust_pickle: bool = False, seq_len: int = 128,
             continue
     if model is None:
         raise ModelLoadError(f"'{path}': no transformers auto class can build {config.model_type}")
-    return describe_hf(model.eval(), name=str(path), seq_len=seq_len)
+    slim = describe_hf(model.eval(), name=str(path), seq_len=seq_len)
+    slim.source = str(path)  # outputs never overwrite it; its tokenizer travels with artifacts
+    return slim
 
 
 def describe_hf(model: nn.Module, name: str = "huggingface", seq_len: int = 128) -> SlimModel:
