@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from slimkit.core.errors import ModelLoadError
+from slimkit.core.errors import DataError, ModelLoadError
 from slimkit.data.bundle import DataBundle
 from slimkit.io.artifact import load_artifact
 from slimkit.io.model import SlimModel
@@ -27,13 +27,34 @@ def load_zoo(name: str, data: DataBundle | None = None,
     shape = tuple(input_shape or (data.input_shape if data else DEFAULT_SHAPE))
     classes = num_classes or (data.num_classes if data else DEFAULT_CLASSES)
     dtype = str(kwargs.get("input_dtype", "float32"))
-    if data is not None and not data.x_train.is_floating_point():
+    if data is not None and not _first_input(data).is_floating_point():
         dtype = "int64"
         kwargs.setdefault("input_dtype", "int64")
-        kwargs.setdefault("vocab_size", int(max(data.x_train.max(), data.x_test.max())) + 1)
+        kwargs.setdefault("vocab_size", _vocab_size(data))
     module = build_model(name, shape, classes, **kwargs)
     return SlimModel(module=module, input_shape=shape, input_dtype=dtype, name=f"zoo:{name}",
                      arch=getattr(module, "slimkit_spec", None), num_classes=classes)
+
+
+def _first_input(data: DataBundle) -> torch.Tensor:
+    """One training sample's (first) input: in memory, or the head of a stream."""
+    if getattr(data, "streaming", False):
+        from slimkit.io import batch as B
+
+        return B.leaves(data.head("train", 1)[0])[0]
+    return data.x_train[:1]
+
+
+def _vocab_size(data: DataBundle) -> int:
+    """Token ids' bound: the data's own (``meta['vocab_size']``), else the largest id + 1 of
+    in-memory data. A stream cannot be scanned for it, so it must say."""
+    if data.meta.get("vocab_size"):
+        return int(data.meta["vocab_size"])
+    if getattr(data, "streaming", False):
+        raise DataError(f"'{data.name}' streams token ids without saying how many there are; "
+                        "give its vocabulary size (StreamData(meta={'vocab_size': N})) or use "
+                        "a Hugging Face model directory with its tokenizer")
+    return int(max(data.x_train.max(), data.x_test.max())) + 1
 
 
 def load_model(spec: str, *, data: DataBundle | None = None, trust_pickle: bool = False,
@@ -79,6 +100,6 @@ def _load_pickled(path: Path, data: DataBundle | None) -> SlimModel:
     if data is None:
         raise ModelLoadError(f"'{path}' holds a module without an input spec; give --data, or "
                              "save it with torch.export.save(torch.export.export(...)) as .pt2")
-    dtype = "float32" if data.x_train.is_floating_point() else "int64"
+    dtype = "float32" if _first_input(data).is_floating_point() else "int64"
     return SlimModel(module=obj, input_shape=data.input_shape, input_dtype=dtype, name=str(path),
                      num_classes=data.num_classes)
