@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 import torch
 from tests._stages import stage_on
@@ -202,7 +203,7 @@ def test_siblings_share_one_integer_matmul_bit_exactly(reduce_range: bool, tmp_p
     a = ort.InferenceSession(str(plain), providers=["CPUExecutionProvider"]).run(None, x)[0]
     b = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, x)[0]
     np.testing.assert_array_equal(a, b)
-    assert fuse_sibling_matmul_integer(fused) == []  # nothing left to merge
+    assert fuse_sibling_matmul_integer(ir.from_proto(fused)) == []  # nothing left to merge
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
     ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
