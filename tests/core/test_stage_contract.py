@@ -235,6 +235,11 @@ TASK = {"hf_encoder": "embedding", "hf_lm": "causal_lm"}
 # (kind, model) pairs that must refuse with a slimkit error whose message matches.
 UNSUPPORTED: dict[tuple[str, str], str] = {}
 
+# Kinds that select layers by type and so must cover GPT-2's Conv1D layers (hf_lm).
+COVERS_CONV1D = {"ptq", "dynamic_quant", "weight_only_quant", "mixed_precision", "qat",
+                 "lowrank", "magnitude_prune", "nm_prune", "gradual_prune", "sparse_train",
+                 "encode"}
+
 # ONNX parity tolerance per kind (default: the recipe's 1e-4). At 2-4 bits one quantization
 # step is large: an activation on a rounding boundary may take the neighbouring code in ONNX
 # Runtime (x / scale rounds differently by an ulp), which moves an output by ~1e-4.
@@ -330,6 +335,14 @@ def test_stage_contract(kind: str, model_name: str, cases: dict, tmp_path: Path)
     assert all(torch.isfinite(t).all() for t in got)
     assert record.changed or record.skipped, "a stage must say what it did or skipped"
     assert out.history == model.history  # the runner, not the stage, appends history
+    if model_name == "hf_lm" and kind in COVERS_CONV1D:
+        # GPT-2's matmuls are HF Conv1D layers: converted (recorded) and covered, not just
+        # the lm_head (which is tied to the embedding, and left float by quantizers).
+        # (lowrank leaves a square 16 x 16 projection whole: at rank 8 it is no smaller.)
+        converted = record.details["conv1d_to_linear"]
+        assert len(converted) == 4
+        assert len(set(converted) & set(record.details["layers"])) >= (
+            2 if kind == "lowrank" else 4)
 
     # Artifact round trip: same outputs bit for bit.
     save_artifact(out, tmp_path / "artifact")

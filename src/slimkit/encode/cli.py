@@ -94,6 +94,9 @@ def pack_summary(report: dict[str, Any]) -> list[str]:
     else:
         lines.append("lossless: every shared-weight layer already had few enough distinct "
                      "values (stored exactly)")
+    lines += [f"tied: {alias} is {first} (one matrix, stored once)"
+              for alias, first in report.get("tied", {}).items()]
+    lines += [f"stored raw: {row['what']}: {row['why']}" for row in report.get("skipped", [])]
     top1 = report.get("top1")
     if top1:
         before, after = top1["model"], top1["packed"]

@@ -3,7 +3,7 @@
 Layout (all integers little-endian)::
 
     offset 0   8 bytes   magic  b"\\x89SLM\\r\\n\\x1a\\n"  (PNG-style: catches text-mode damage)
-           8   uint16    format version (1)
+           8   uint16    format version (1; 2 when the manifest names tied tensors)
           10   uint16    flags: bit 0 = the manifest is zlib-deflated (set by pack); the
                          other bits are reserved and must be 0
           12   uint32    manifest length M (as stored)
@@ -16,6 +16,12 @@ artifact's manifest), the total payload size, and per tensor its encoding (``sha
 + Huffman/ANS-coded index and offset streams, see codec.py; ``raw``), offset, size and sha256.
 Reading checks the magic, version, sizes and every checksum before decoding, and turns any
 damage into a ModelLoadError that names the file and the part that is wrong.
+
+Tied weights (GPT-2's LM head holds its embedding's matrix) are one tensor under two state-dict
+names: the file stores it once, and the manifest's ``tied`` maps each other name to the stored
+one (``{"lm_head.weight": "transformer.wte.weight"}``), so the matrix is neither paid twice
+nor decoded into two different values. Such a file is version 2, so that a reader of version 1
+refuses it by its version instead of missing a tensor; files without ties stay version 1.
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ from slimkit.io.model import SlimModel, set_mode
 
 MAGIC = b"\x89SLM\r\n\x1a\n"
 FORMAT_VERSION = 1
+#: The version of a file whose manifest names tied tensors (``tied``); readable versions.
+TIED_VERSION = 2
+READ_VERSIONS = (FORMAT_VERSION, TIED_VERSION)
 HEADER = struct.Struct("<8sHHI32s")
 SUFFIX = ".slim"
 FLAG_DEFLATED = 1
@@ -46,13 +55,52 @@ FLAG_DEFLATED = 1
 MAX_MANIFEST_BYTES = 32 << 20
 
 
-def _shared_layers(model: SlimModel, cfg: EncodeConfig) -> dict[str, tuple[int, int]]:
-    """``{"layer.weight": (cluster bits, offset bits)}`` for the selected float32 weights."""
-    from slimkit.graph.select import select_layers
+def _shared_layers(model: SlimModel, cfg: EncodeConfig,
+                   ) -> tuple[dict[str, tuple[int, int]], list[dict[str, str]]]:
+    """``{"layer.weight": (cluster bits, offset bits)}`` for the selected float32 weights, and
+    the selected layers stored raw instead, with the reason.
 
-    layers, _ = select_layers(model.module, cfg.layer_types, cfg.include, cfg.exclude)
-    return {f"{n}.weight": cfg.bits_for(type(m).__name__) for n, m in layers.items()
-            if getattr(m, "weight", None) is not None and m.weight.dtype == torch.float32}
+    Hugging Face Conv1D layers count as Linear (their ``[in, out]`` weight codes like a
+    Linear's; the file keeps the layer as it is). A layer whose weight another module also
+    holds (a tied LM head) is stored raw unless named exactly in ``include``, as the encode
+    stage leaves it unclustered: clustering it here would change the embedding too.
+    """
+    from slimkit.graph.select import select_layers
+    from slimkit.io.linear import conv1d_layers, shared_weights
+
+    types = list(cfg.layer_types)
+    if "Linear" in types and conv1d_layers(model.module):
+        types.append("Conv1D")
+    layers, _ = select_layers(model.module, types, cfg.include, cfg.exclude)
+    tied = shared_weights(model.module)
+    shared, raw = {}, []
+    for n, m in layers.items():
+        if getattr(m, "weight", None) is None or m.weight.dtype != torch.float32:
+            continue
+        if n in tied and n not in cfg.include:
+            raw.append({"what": n, "why": f"weight shared with {', '.join(tied[n])} (tied): "
+                        "stored as it is, since clustering it would change "
+                        f"{tied[n][0]} too (name it in include to cluster both)"})
+            continue
+        shared[f"{n}.weight"] = cfg.bits_for(type(m).__name__)
+    return shared, raw
+
+
+def _tied_keys(module: torch.nn.Module, keys: list[str]) -> dict[str, str]:
+    """State-dict keys naming a tensor already under an earlier key (tied weights):
+    ``{later key: first key}``, in state-dict order."""
+    order = {k: i for i, k in enumerate(keys)}
+    holders: dict[int, list[str]] = {}
+    named = [*module.named_parameters(remove_duplicate=False),
+             *module.named_buffers(remove_duplicate=False)]
+    for key, tensor in named:
+        if key in order:
+            holders.setdefault(id(tensor), []).append(key)
+    out = {}
+    for group in holders.values():
+        first, *rest = sorted(set(group), key=order.__getitem__)
+        out.update(dict.fromkeys(rest, first))
+    return out
 
 
 def _ensure_shared(weight: torch.Tensor, bits: int, cfg: EncodeConfig,
@@ -71,7 +119,9 @@ def pack_bytes(model: SlimModel, cfg: EncodeConfig | None = None) -> tuple[bytes
 
     The selected layers' weights are stored as shared values (a layer with more than
     ``2^bits`` distinct non-zero values is clustered here, without fine-tuning, and listed
-    under ``clustered_at_pack``); every other tensor is stored raw.
+    under ``clustered_at_pack``); every other tensor is stored raw. A tied tensor is stored
+    once (the report's ``tied`` lists its other names); a tied layer not named in
+    ``include`` is stored raw (the report's ``skipped`` says why).
 
     Args:
         model: the model; its ``arch`` (a zoo or Hugging Face spec) lets :func:`unpack` rebuild
@@ -83,10 +133,17 @@ def pack_bytes(model: SlimModel, cfg: EncodeConfig | None = None) -> tuple[bytes
         bits per weight beside the empirical entropy bound, and the ratio to float32.
     """
     cfg = cfg or EncodeConfig()
-    shared = _shared_layers(model, cfg)
+    shared, raw = _shared_layers(model, cfg)
+    state = model.module.state_dict()
+    tied = _tied_keys(model.module, list(state))
+    for alias, first in tied.items():  # a named tied layer: its one matrix is coded shared
+        if alias in shared:
+            shared.setdefault(first, shared[alias])
     entries, payloads, tensors, late = [], [], {}, []
     offset = 0
-    for name, tensor in model.module.state_dict().items():
+    for name, tensor in state.items():
+        if name in tied:
+            continue
         if name in shared:
             bits, index_bits = shared[name]
             weight, clustered_now = _ensure_shared(tensor.detach().cpu(), bits, cfg)
@@ -104,11 +161,15 @@ def pack_bytes(model: SlimModel, cfg: EncodeConfig | None = None) -> tuple[bytes
     manifest = {"format": "slimkit-packed", "name": model.name, "architecture": model.arch,
                 "input_spec": model.input_spec(), "num_classes": model.num_classes,
                 "payload_bytes": offset, "tensors": entries}
+    if tied:
+        manifest["tied"] = tied
     text = zlib.compress(json.dumps(manifest, separators=(",", ":")).encode(), 9)
-    header = HEADER.pack(MAGIC, FORMAT_VERSION, FLAG_DEFLATED, len(text),
-                         hashlib.sha256(text).digest())
+    header = HEADER.pack(MAGIC, TIED_VERSION if tied else FORMAT_VERSION, FLAG_DEFLATED,
+                         len(text), hashlib.sha256(text).digest())
     blob = header + text + b"".join(payloads)
-    return blob, _report(model, tensors, len(header), len(text), late)
+    report = _report(model, tensors, len(header), len(text), late)
+    report.update(tied=tied, skipped=raw)
+    return blob, report
 
 
 def _report(model: SlimModel, tensors: dict[str, dict], header: int, manifest: int,
@@ -265,6 +326,13 @@ def _check_manifest(manifest: Any) -> None:
             raise ValueError(f"{where} needs a sha256 and an encoding (raw or shared)")
     if offset != total:
         raise ValueError(f"payload_bytes is {total}, but the tensors take {offset}")
+    tied = manifest.get("tied", {})
+    if not isinstance(tied, dict):
+        raise ValueError("tied must be an object")
+    for alias, first in tied.items():
+        if alias in names or not isinstance(first, str) or first not in names:
+            raise ValueError(f"tied['{alias:.80}'] must name a stored tensor, under a name "
+                             "not stored itself")
 
 
 def _read_manifest(path: Path, blob: bytes) -> tuple[dict[str, Any], int]:
@@ -277,9 +345,9 @@ def _read_manifest(path: Path, blob: bytes) -> tuple[dict[str, Any], int]:
     magic, version, flags, length, digest = HEADER.unpack_from(blob)
     if magic != MAGIC:
         raise _fail(path, "not a .slim file (wrong magic bytes)")
-    if version != FORMAT_VERSION:
-        raise _fail(path, f"format version {version}; this slimkit reads version "
-                          f"{FORMAT_VERSION}")
+    if version not in READ_VERSIONS:
+        raise _fail(path, f"format version {version}; this slimkit reads versions "
+                          f"{FORMAT_VERSION} and {TIED_VERSION}")
     if flags & ~FLAG_DEFLATED:
         raise _fail(path, f"unknown header flags {flags:#06x} (corrupted header?)")
     end = HEADER.size + length
@@ -294,6 +362,9 @@ def _read_manifest(path: Path, blob: bytes) -> tuple[dict[str, Any], int]:
     try:
         manifest = json.loads(_inflate(path, text) if flags & FLAG_DEFLATED else text)
         _check_manifest(manifest)
+        if "tied" in manifest and version != TIED_VERSION:
+            raise ValueError(f"tied is a version {TIED_VERSION} key, in a version {version} "
+                             "file")
     except (ValueError, RecursionError) as exc:
         raise _fail(path, f"the manifest is malformed ({exc})") from None
     total = manifest["payload_bytes"]
@@ -324,6 +395,8 @@ def _decode_all(path: Path, blob: bytes, manifest: dict[str, Any],
             state[t["name"]] = decode_tensor(data, t)
         except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
             raise _fail(path, f"tensor '{t['name']}' does not decode: {exc}") from None
+    for alias, first in manifest.get("tied", {}).items():  # one tensor, two names
+        state[alias] = state[first]
     return state
 
 
@@ -401,7 +474,9 @@ def unpack(path: str | Path, template: torch.nn.Module | None = None) -> SlimMod
     arch, spec = manifest["architecture"], manifest["input_spec"]
     expected = _reference(path, arch, template)
     if expected is not None:
-        check_fit(expected, {t["name"]: tuple(t["shape"]) for t in manifest["tensors"]},
+        shapes = {t["name"]: tuple(t["shape"]) for t in manifest["tensors"]}
+        shapes.update({a: shapes[f] for a, f in manifest.get("tied", {}).items()})
+        check_fit(expected, shapes,
                   f"'{path}' cannot be loaded as a packed model: its tensors do not fit the "
                   "architecture")
     state = _decode_all(path, blob, manifest, start)

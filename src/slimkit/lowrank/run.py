@@ -14,6 +14,7 @@ from slimkit.data.bundle import DataBundle
 from slimkit.data.split import calibration_subset
 from slimkit.distill.run import finetune
 from slimkit.io import batch as B
+from slimkit.io.linear import prepare_layers
 from slimkit.io.model import SlimModel, set_mode
 from slimkit.lowrank.config import LowRankConfig
 from slimkit.lowrank.plan import apply_in_place, build_plan
@@ -124,10 +125,14 @@ def _lowrank(model: nn.Module, cfg: LowRankConfig, data: DataBundle | None = Non
 def lowrank(model: SlimModel, cfg: LowRankConfig,
             ctx: StageContext) -> tuple[SlimModel, Record]:
     """Factorize a copy of ``model``'s Linear/Conv layers (see :func:`_lowrank`).
+
+    Hugging Face Conv1D layers are converted to Linear first; a tied layer is left float
+    unless named in ``include`` (see :func:`slimkit.io.linear.prepare_layers`).
     """
+    model, cfg, prep = prepare_layers(model, cfg, "lowrank", convert=cfg.linear != "none")
     module, record = _lowrank(model.module, cfg, ctx.data, teacher=ctx.teacher_module,
                               progress=ctx.progress, example_inputs=model.example_inputs(1))
     if record.details["layers"]:
         # The architecture changed: the artifact rebuilds it by replaying the plan.
         record.transforms.append(("lowrank", record.details["plan"]))
-    return model.copy(module), record
+    return model.copy(module), prep.finish(record)

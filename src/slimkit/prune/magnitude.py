@@ -19,6 +19,7 @@ from slimkit.core.stages import StageContext, register_stage
 from slimkit.data.bundle import DataBundle
 from slimkit.distill.run import finetune
 from slimkit.graph.select import select_layers
+from slimkit.io.linear import prepare_layers
 from slimkit.io.model import SlimModel
 from slimkit.prune.config import MagnitudePruneConfig
 
@@ -181,7 +182,15 @@ def magnitude_prune(model: SlimModel, cfg: MagnitudePruneConfig,
 
     Example:
         >>> pruned, rec = magnitude_prune(slimkit.wrap(net, x), MagnitudePruneConfig(sparsity=0.9))
+
+    Hugging Face Conv1D layers count as Linear: they are converted first (same math,
+    recorded; see :func:`slimkit.io.linear.prepare_layers`). A layer whose weight another
+    module also holds (a tied LM head and its embedding) is left dense, with the reason: the
+    matrix is one tensor, so pruning the head would prune the embedding too. Named exactly in
+    ``include`` it is pruned anyway, and the record says the other holder is pruned with it.
     """
+    model, cfg, prep = prepare_layers(model, cfg, "magnitude_prune",
+                                      convert="Linear" in cfg.layer_types, in_place="pruned")
     module, record = _magnitude_prune(model.module, cfg, ctx.data, teacher=ctx.teacher_module,
                                       progress=ctx.progress, checkpoint_dir=ctx.workdir)
-    return model.copy(module), record
+    return model.copy(module), prep.finish(record)

@@ -29,6 +29,7 @@ from slimkit.data.bundle import DataBundle
 from slimkit.distill.config import FinetuneConfig
 from slimkit.distill.run import finetune
 from slimkit.graph.select import select_layers
+from slimkit.io.linear import prepare_layers
 from slimkit.io.model import SlimModel
 from slimkit.prune.config import GradualPruneConfig
 from slimkit.prune.magnitude import MaskedWeights, sparsity
@@ -223,7 +224,14 @@ def gradual_prune(model: SlimModel, cfg: GradualPruneConfig,
     """Prune a copy of ``model`` on the AGP schedule while fine-tuning it.
 
     See :func:`_gradual_prune`.
+
+    Hugging Face Conv1D layers count as Linear: they are converted first (same math,
+    recorded, replayed when an artifact loads; see :func:`slimkit.io.linear.prepare_layers`).
+    A tied layer (an LM head sharing its embedding's matrix) is left dense unless named
+    exactly in ``include``: pruning it prunes the embedding too, and the record says so.
     """
+    model, cfg, prep = prepare_layers(model, cfg, "gradual_prune",
+                                      convert="Linear" in cfg.layer_types, in_place="pruned")
     module, record = _gradual_prune(model.module, cfg, ctx.data, teacher=ctx.teacher_module,
                                     progress=ctx.progress, checkpoint_dir=ctx.workdir)
-    return model.copy(module), record
+    return model.copy(module), prep.finish(record)

@@ -29,6 +29,7 @@ from slimkit.core.stages import StageContext, register_stage
 from slimkit.data.bundle import DataBundle
 from slimkit.distill.run import finetune
 from slimkit.graph.select import select_layers
+from slimkit.io.linear import prepare_layers
 from slimkit.io.model import SlimModel
 from slimkit.prune.config import SparseTrainConfig
 from slimkit.prune.magnitude import MaskedWeights
@@ -175,7 +176,14 @@ def _sparse_train(model: nn.Module, cfg: SparseTrainConfig, data: DataBundle | N
 def sparse_train(model: SlimModel, cfg: SparseTrainConfig,
                  ctx: StageContext) -> tuple[SlimModel, Record]:
     """Train a copy of ``model`` sparse from the start, RigL-style (see :func:`_sparse_train`).
+
+    Hugging Face Conv1D layers count as Linear: they are converted first (same math,
+    recorded, replayed when an artifact loads; see :func:`slimkit.io.linear.prepare_layers`).
+    A tied layer (an LM head sharing its embedding's matrix) is left dense unless named
+    exactly in ``include``: pruning it prunes the embedding too, and the record says so.
     """
+    model, cfg, prep = prepare_layers(model, cfg, "sparse_train",
+                                      convert="Linear" in cfg.layer_types, in_place="pruned")
     module, record = _sparse_train(model.module, cfg, ctx.data, teacher=ctx.teacher_module,
                                    progress=ctx.progress, checkpoint_dir=ctx.workdir)
-    return model.copy(module), record
+    return model.copy(module), prep.finish(record)

@@ -25,6 +25,7 @@ from slimkit.data.bundle import DataBundle
 from slimkit.data.split import calibration_subset
 from slimkit.graph.select import select_layers
 from slimkit.io import batch as B
+from slimkit.io.linear import prepare_layers, shared_weights
 from slimkit.io.model import SlimModel, replace_module, set_mode
 from slimkit.measure import verify_finite
 from slimkit.quant.calibrate import batches_of, check_calibration_inputs, hooked_passes
@@ -118,6 +119,7 @@ def _dynamic_quant(model: nn.Module, cfg: DynamicQuantConfig, data: DataBundle |
         batches = list(batches_of(calib_x, cfg.calib_batch))
         errors = layer_errors(work, chosen, cfg.activations, batches, cfg.reduce_range)
     keep = _keep_float(errors, cfg)
+    shared = shared_weights(work)
     plan: dict[str, Any] = {"format": PLAN_FORMAT, "version": 1, "layers": {}}
     for name, layer in chosen.items():
         if name in keep:
@@ -125,22 +127,29 @@ def _dynamic_quant(model: nn.Module, cfg: DynamicQuantConfig, data: DataBundle |
             continue
         replace_module(work, name, DynamicQuantLinear.from_linear(layer, cfg.activations,
                                                                   cfg.reduce_range))
-        plan["layers"][name] = _entry(layer, cfg, errors.get(name))
+        plan["layers"][name] = _entry(layer, cfg, errors.get(name), shared.get(name))
     verify_finite(work, (B.take(calib_x, slice(0, 2)),) if calib_x is not None else example_inputs,
                  "dynamic_quant")
     set_mode(work, model.training)
     return work, _record(plan, skipped)
 
 
-def _entry(layer: nn.Linear, cfg: DynamicQuantConfig, error: float | None) -> dict[str, Any]:
-    """The plan entry of one quantized layer: its shape, scheme, bytes and output error."""
+def _entry(layer: nn.Linear, cfg: DynamicQuantConfig, error: float | None,
+           shared_with: list[str] | None = None) -> dict[str, Any]:
+    """The plan entry of one quantized layer: its shape, scheme, bytes and output error.
+
+    A weight other modules also hold (``shared_with``) stays in float for them: quantizing
+    frees only the bias bytes, so only those count as before.
+    """
     k, n, b = layer.in_features, layer.out_features, layer.bias is not None
-    return {
-        "in_features": k, "out_features": n, "bias": b, "activations": cfg.activations,
-        "reduce_range": cfg.reduce_range,
-        "weights": f"int{7 if cfg.reduce_range else 8} symmetric per channel",
-        "bytes_before": 4 * (n * k + n * b),
-        "bytes_after": n * k + 8 * n + 4 * n * b, "output_rel_error": error}
+    e = {"in_features": k, "out_features": n, "bias": b, "activations": cfg.activations,
+         "reduce_range": cfg.reduce_range,
+         "weights": f"int{7 if cfg.reduce_range else 8} symmetric per channel",
+         "bytes_before": 4 * (n * b + (0 if shared_with else n * k)),
+         "bytes_after": n * k + 8 * n + 4 * n * b, "output_rel_error": error}
+    if shared_with:
+        e["shared_with"] = shared_with
+    return e
 
 
 def _record(plan: dict, skipped: list[dict]) -> Record:
@@ -186,9 +195,13 @@ def _rebuild(model: nn.Module, plan: dict) -> nn.Module:
 def dynamic_quant(model: SlimModel, cfg: DynamicQuantConfig,
                   ctx: StageContext) -> tuple[SlimModel, Record]:
     """Replace a copy's Linear layers by dynamically quantized ones (see :func:`_dynamic_quant`).
+
+    Hugging Face Conv1D layers are converted to Linear first; a tied layer is left float
+    unless named in ``include`` (see :func:`slimkit.io.linear.prepare_layers`).
     """
+    model, cfg, prep = prepare_layers(model, cfg, "dynamic_quant")
     module, record = _dynamic_quant(model.module, cfg, ctx.data,
                                     example_inputs=model.example_inputs(2))
     if record.details["layers"]:
         record.transforms.append(("dynamic_quant", record.details["plan"]))
-    return model.copy(module), record
+    return model.copy(module), prep.finish(record)

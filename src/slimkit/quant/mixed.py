@@ -37,6 +37,7 @@ from slimkit.core.stages import StageContext, register_stage
 from slimkit.data.bundle import DataBundle
 from slimkit.data.split import calibration_subset
 from slimkit.graph.select import select_layers
+from slimkit.io.linear import prepare_layers, shared_weights
 from slimkit.io.model import SlimModel, set_mode
 from slimkit.measure.quality import predict
 from slimkit.quant.calibrate import calibrate_inputs, check_calibration
@@ -139,7 +140,8 @@ def allocate_bits(sens: dict[str, dict[int, float]], sizes: dict[str, dict[int, 
         moves = []
         for n in names:
             i = options[n].index(assign[n])
-            if i + 1 < len(options[n]):
+            # A narrower width that saves nothing (a tied layer: float costs 0) is no move.
+            if i + 1 < len(options[n]) and sizes[n][assign[n]] > sizes[n][options[n][i + 1]]:
                 b = options[n][i + 1]
                 saved = sizes[n][assign[n]] - sizes[n][b]
                 added = sens[n][b] - sens[n][assign[n]]
@@ -236,11 +238,19 @@ def _mixed_precision(model: nn.Module, cfg: MixedPrecisionConfig, data: DataBund
     # reported drop optimistic). Both are bounded by eval_samples.
     limit = cfg.eval_samples or 10**9
     ev = (*data.head("val", limit), 256, data.task)
-    test = (*data.head("test", limit), 256, data.task)
+    from slimkit.data.guard import record_split  # a stage's data hides the test split
+
+    test = (*data.head(record_split(data), limit), 256, data.task)
     base = score(ref, *ev)
     sens = layer_sensitivity(ref, chosen, cfg.bits, calib, cfg.sensitivity, ev)
     sizes = {n: {b: weight_bytes(m.weight, b) for b in [FLOAT, *cfg.bits]}
              for n, m in chosen.items()}
+    # A weight another module also holds (a tied LM head) keeps its float matrix for that
+    # module whatever happens here: left float it costs nothing more, quantized it adds its
+    # codes. Counting its float bytes would claim a saving the model never sees.
+    tied = {n: o for n, o in shared_weights(ref).items() if n in sizes}
+    for n in tied:
+        sizes[n][FLOAT] = 0
     float_bytes = sum(s[FLOAT] for s in sizes.values())
     asked: dict[str, Any] = {"policy": cfg.policy}
     if cfg.policy == "fallback":
@@ -260,14 +270,15 @@ def _mixed_precision(model: nn.Module, cfg: MixedPrecisionConfig, data: DataBund
                 "accuracy_float": test_float, "accuracy": score(work, *test)}
     achieved["accuracy_drop"] = test_float - achieved["accuracy"]
     achieved["met"] = met
-    return work, _record(assign, sens, sizes, skipped, {
+    return work, _record(assign, sens, sizes, skipped, tied, {
         "asked": asked, "achieved": achieved, "method": method, "trail": trail,
         "plan": plan, "packed_plan": packed_plan, "sensitivity_metric": cfg.sensitivity,
         "activations": (f"{cfg.act_bits}-bit per tensor, min/max calibrated" if cfg.act_bits
                         else "float (weights-only mixed precision)")})
 
 
-def _record(assign: dict, sens: dict, sizes: dict, skipped: list, details: dict) -> Record:
+def _record(assign: dict, sens: dict, sizes: dict, skipped: list, tied: dict[str, list[str]],
+            details: dict) -> Record:
     rows = {n: {"bits": None if b == FLOAT else b,
                 "scheme": None if b == FLOAT else "symmetric narrow, round-to-nearest",
                 "granularity": None if b == FLOAT else "channel:0",
@@ -277,14 +288,22 @@ def _record(assign: dict, sens: dict, sizes: dict, skipped: list, details: dict)
                                 for k, v in sens[n].items()},
                 "bytes": sizes[n][b], "float_bytes": sizes[n][FLOAT]}
             for n, b in assign.items()}
+    for n, others in tied.items():
+        rows[n]["shared_with"] = others
     record = Record(skipped=list(skipped), details={"layers": rows, **details})
     for n, r in rows.items():
         width = "float" if r["bits"] is None else f"{r['bits']}-bit"
+        note = (f" [weight shared with {', '.join(tied[n])}: its float matrix stays]"
+                if n in tied else "")
         record.changed.append(f"{n}: {width} weights, {r['float_bytes']:,} -> {r['bytes']:,} "
-                              f"bytes")
+                              f"bytes{note}")
         if r["bits"] is None:
-            record.skipped.append({"what": n, "why": "kept in float by the mixed-precision "
-                                                     f"{details['method']}"})
+            why = f"kept in float by the mixed-precision {details['method']}"
+            if n in tied:
+                why += (f" (weight shared with {', '.join(tied[n])}: quantizing it would add "
+                        f"{min(v for k, v in sizes[n].items() if k != FLOAT):,} bytes and "
+                        "free none)")
+            record.skipped.append({"what": n, "why": why})
     ach = details["achieved"]
     if not ach["met"]:
         record.skipped.append({"what": "budget", "why": f"not reachable: asked "
@@ -298,7 +317,11 @@ def mixed_precision(model: SlimModel, cfg: MixedPrecisionConfig,
                     ctx: StageContext) -> tuple[SlimModel, Record]:
     """Quantize a copy of ``model`` with per-layer widths from sensitivities (see
     :func:`_mixed_precision`).
+
+    Hugging Face Conv1D layers are converted to Linear first; a tied layer is left float
+    unless named in ``include`` (see :func:`slimkit.io.linear.prepare_layers`).
     """
+    model, cfg, prep = prepare_layers(model, cfg, "mixed_precision")
     module, record = _mixed_precision(model.module, cfg, ctx.data)
     add_quant_transforms(record)
-    return model.copy(module), record
+    return model.copy(module), prep.finish(record)

@@ -39,6 +39,7 @@ from slimkit.data.split import calibration_subset
 from slimkit.distill.run import finetune
 from slimkit.graph.select import select_layers
 from slimkit.io import batch as B
+from slimkit.io.linear import prepare_layers, shared_weights
 from slimkit.io.model import SlimModel, set_mode
 from slimkit.measure import verify_finite
 from slimkit.quant.calibrate import calibrate_inputs, check_calibration
@@ -261,6 +262,9 @@ def _qat(model: nn.Module, cfg: QatConfig, data: DataBundle,
                           "include/exclude)")
     calib = calibration_subset(data, min(cfg.calib_samples, data.n_train or cfg.calib_samples))
     check_calibration(calib)
+    # Named tied layers (an LM head): the float matrix stays for the other holder, so
+    # quantizing frees none of its bytes (found before wrapping renames the holder).
+    tied = {n: o for n, o in shared_weights(work).items() if n in chosen}
     layers = wrap_layers(work, _layer_plan(list(chosen), cfg))
     for ql in layers.values():
         if cfg.weight_init == "range" and isinstance(ql.weight_fq, FakeQuant):
@@ -283,10 +287,14 @@ def _qat(model: nn.Module, cfg: QatConfig, data: DataBundle,
     for name, row in rows.items():
         row.update(scale_mean_init=init[name], act_range=ranges.get(name),
                    calibration=cfg.act_calibration if name in ranges else None)
+        note = ""
+        if name in tied:
+            row.update(float_bytes=0, shared_with=tied[name])
+            note = f" [weight shared with {', '.join(tied[name])}: its float matrix stays]"
         record.changed.append(
             f"{name}: {row['quantizer']} {row['bits']}-bit weights ({row['granularity']}), "
             f"activations {row['act_bits'] or 'float'}, {row['float_bytes']:,} -> "
-            f"{row['bytes']:,} bytes")
+            f"{row['bytes']:,} bytes{note}")
     record.details["layers"] = rows
     set_mode(work, model.training)
     return work, record
@@ -296,8 +304,12 @@ def _qat(model: nn.Module, cfg: QatConfig, data: DataBundle,
 def qat(model: SlimModel, cfg: QatConfig,
         ctx: StageContext) -> tuple[SlimModel, Record]:
     """Quantization-aware training of a copy of ``model`` (see :func:`_qat`).
+
+    Hugging Face Conv1D layers are converted to Linear first; a tied layer is left float
+    unless named in ``include`` (see :func:`slimkit.io.linear.prepare_layers`).
     """
+    model, cfg, prep = prepare_layers(model, cfg, "qat")
     module, record = _qat(model.module, cfg, ctx.data, teacher=ctx.teacher_module,
                           progress=ctx.progress, checkpoint_dir=ctx.workdir)
     add_quant_transforms(record)
-    return model.copy(module), record
+    return model.copy(module), prep.finish(record)

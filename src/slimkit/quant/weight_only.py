@@ -25,6 +25,7 @@ from slimkit.data.bundle import DataBundle
 from slimkit.data.split import calibration_subset
 from slimkit.graph.select import select_layers
 from slimkit.io import batch as B
+from slimkit.io.linear import prepare_layers, shared_weights
 from slimkit.io.model import SlimModel, replace_module, set_mode
 from slimkit.measure import verify_finite
 from slimkit.quant.calibrate import batches_of, check_calibration_inputs
@@ -189,9 +190,14 @@ def _weight_only_quant(model: nn.Module, cfg: WeightOnlyConfig, data: DataBundle
     if calib is not None and linears:
         hess = collect_hessians(work, linears, batches_of(calib, cfg.calib_batch))
     plan = {"format": PLAN_FORMAT, "version": 1, "layers": {}}
+    shared = shared_weights(work)
     for name, layer in chosen.items():
         e = _entry(name, layer, cfg)
-        if e["bytes_after"] >= e["bytes_before"]:
+        if name in shared:
+            # The other holders keep the float matrix: only the bias bytes are freed.
+            e["shared_with"] = shared[name]
+            e["bytes_before"] = 4 * e["out_features"] * e["bias"]
+        elif e["bytes_after"] >= e["bytes_before"]:
             skipped.append({"what": name, "why": f"packed form ({e['bytes_after']} B) would not "
                             f"be smaller than float ({e['bytes_before']} B): rows of "
                             f"{e['in_features']} pad to a block of {e['block']}"})
@@ -215,6 +221,8 @@ def _record(plan: dict, skipped: list[dict]) -> Record:
         err = (f", output error {e['output_rel_error']:.4f}" if "output_rel_error" in e
                else f", weight error {e['weight_rel_error']:.4f}")
         fb = "".join(f" [{e[k]}]" for k in ("fallback", "method_note") if e.get(k))
+        if e.get("shared_with"):
+            fb += f" [weight shared with {', '.join(e['shared_with'])}: its float matrix stays]"
         record.changed.append(f"{name}: int{e['bits']} {scheme} group {e['block']} "
                               f"{e['method']}{pad}, {e['bytes_before']} -> {e['bytes_after']} B"
                               f"{err}{fb}")
@@ -255,10 +263,17 @@ def weight_only_quant(model: SlimModel, cfg: WeightOnlyConfig,
                       ctx: StageContext) -> tuple[SlimModel, Record]:
     """Replace a copy's Linear/Conv/Embedding layers by packed ones (see
     :func:`_weight_only_quant`).
+
+    Hugging Face Conv1D layers (GPT-2) count as Linear: they are converted first (same
+    math, recorded). A layer whose weight another module also holds (a tied LM head) is left
+    float, since its float matrix would stay; naming it in ``include`` packs it anyway, its
+    bytes counted honestly (see :func:`slimkit.io.linear.prepare_layers`).
     """
+    model, cfg, prep = prepare_layers(model, cfg, "weight_only_quant",
+                                      convert="Linear" in cfg.layer_types)
     module, record = _weight_only_quant(model.module, cfg, ctx.data,
                                         example_inputs=model.example_inputs(2))
     if record.details["layers"]:
         # layers became packed ones: the artifact rebuilds them by replaying the plan.
         record.transforms.append(("weight_only_quant", record.details["plan"]))
-    return model.copy(module), record
+    return model.copy(module), prep.finish(record)
