@@ -5,8 +5,8 @@ Slimkit issue 15, item 5 (first bullet). Three models at 3x224x224 with 1000 cla
 * ``hf_resnet50``: transformers ``ResNetForImageClassification(ResNetConfig())`` (the
   microsoft/resnet-50 architecture), described by ``slimkit.wrap``;
 * ``hf_mobilenetv2``: transformers ``MobileNetV2ForImageClassification(MobileNetV2Config())``
-  (google/mobilenet_v2_1.0_224), described by ``slimkit.wrap``; and the same with
-  ``tf_padding=False`` (``hf_mobilenetv2_no_tf_padding``), because PTQ fails on the first;
+  (google/mobilenet_v2_1.0_224, TF "SAME" padding), described by ``slimkit.wrap``; and the
+  same with ``tf_padding=False`` (``hf_mobilenetv2_no_tf_padding``);
 * ``zoo_mobilenetv2``: slimkit's own ``load_zoo("mobilenetv2")`` (its small-input variant:
   stride-1 stem, three downsamplings instead of five, so ~10x the FLOPs of the ImageNet one).
 
@@ -28,13 +28,22 @@ model slimkit cannot describe from its config is described by an example batch, 
 error recorded (``model.wrap_error``); one it cannot compress is recorded with its error and
 the slimkit frames it passed through (``error``).
 
+The MobileNetV2s run PTQ with ``min_conv_reduction: 0`` (``PTQ_OVERRIDES``): every conv,
+depthwise ones included, becomes an integer kernel, so the network is one integer chain
+(QLinearConv, QLinearAdd) with no float island. The default (64) keeps every 3x3 depthwise
+conv (reduction 9) float between quantized 1x1 convs, which costs more than it saves here:
+benchmarks/ptq_depthwise.py measures the three settings side by side
+(results/ptq_depthwise.json).
+
 Run it alone on the machine (``flock /tmp/slimkit-bench.lock``); ``--quick`` is a smoke run
-at 64x64. Prints JSON and saves benchmarks/results/real_vision.json (not with --quick).
+at 64x64. Prints JSON and saves benchmarks/results/real_vision.json (not with --quick); a run
+of some ``--models`` only replaces those models' entries and keeps the others.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -64,6 +73,11 @@ GOALS = {"min_speedup_ort_batch32": 2.5, "min_size_ratio": 3.5}
 # that the whole run stays near 15 minutes; ResNet-50, closest to the goal, gets the most.
 REPEATS = {"hf_resnet50": 12, "hf_mobilenetv2": 12, "hf_mobilenetv2_no_tf_padding": 12,
            "zoo_mobilenetv2": 3}
+# PTQ settings per model beyond the recipe's (see the module doc for the measurement).
+PTQ_OVERRIDES: dict[str, dict[str, Any]] = {
+    "hf_mobilenetv2": {"min_conv_reduction": 0},
+    "hf_mobilenetv2_no_tf_padding": {"min_conv_reduction": 0},
+    "zoo_mobilenetv2": {"min_conv_reduction": 0}}
 
 
 def hf_resnet50(size: int) -> tuple[SlimModel, dict[str, Any]]:
@@ -84,8 +98,9 @@ def hf_mobilenetv2(size: int, tf_padding: bool = True) -> tuple[SlimModel, dict[
 
 def hf_mobilenetv2_no_tf_padding(size: int) -> tuple[SlimModel, dict[str, Any]]:
     """The same network with ``tf_padding=False`` (padding inside the convs: same shapes and
-    FLOPs up to the border pixels): transformers' ``apply_tf_padding`` reads
-    ``conv.stride`` from the module at run time, which slimkit's ``QuantLayer`` hides."""
+    FLOPs up to the border pixels). Kept beside the default: ``apply_tf_padding`` reads
+    ``conv.stride`` from the module at run time (slimkit's ``QuantLayer`` answers it from its
+    conv since the fix) and adds a Pad before each conv, which the QDQ export folds into it."""
     return hf_mobilenetv2(size, tf_padding=False)
 
 
@@ -129,14 +144,14 @@ def random_images(size: int, n_train: int, n_test: int, named: bool) -> DataBund
                       meta={"source": "torch.randn, random labels (no real images offline)"})
 
 
-def recipe(repeats: int, calib: int) -> dict[str, Any]:
+def recipe(repeats: int, calib: int, ptq: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "name": "real_vision",
         "target": {"min_size_ratio": GOALS["min_size_ratio"],
                    "min_speedup": {"value": GOALS["min_speedup_ort_batch32"],
                                    "runtime": "onnxruntime", "batch": 32}},
         "stages": [{"kind": "structured_prune", "target": {"flops": 0.5}, "round_to": 8},
-                   {"kind": "ptq", "num_samples": calib, "batch_size": 16}],
+                   {"kind": "ptq", "num_samples": calib, "batch_size": 16} | (ptq or {})],
         "measure": {"batch_sizes": [1, 32], "repeats": repeats, "warmup": 1, "threads": 1},
     }
 
@@ -153,10 +168,11 @@ def bench(name: str, size: int, repeats: int, calib: int, n_train: int,
     recalibrate_batchnorm(model.module, data.head("train", n_train)[0], batch_size=16)
     log = lambda s: print(f"[{name}] {s}", file=sys.stderr, flush=True)  # noqa: E731
     start = time.perf_counter()
-    done = {"model": notes, "repeats": repeats}
+    done = {"model": notes, "repeats": repeats, "ptq_overrides": PTQ_OVERRIDES.get(name, {})}
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            report = slimkit.compress(model, data, recipe(repeats, calib), Path(tmp) / "out",
+            report = slimkit.compress(model, data, recipe(repeats, calib, PTQ_OVERRIDES.get(name)),
+                                      Path(tmp) / "out",
                                       progress=False, log=log)
         except Exception as exc:  # a model slimkit cannot compress is a result, recorded
             log(f"failed: {type(exc).__name__}: {exc}")
@@ -223,6 +239,7 @@ def summarize(report: dict[str, Any], ops: dict[str, Any] | None) -> dict[str, A
                            "ptq": len(quant["changed"])},
         "ptq_int8_layers": len(quant["details"]["layers"]),
         "ptq_batchnorms_folded": len(quant["details"]["bn_pairs"]),
+        "ptq_residual_adds_quantized": len(quant["details"].get("residual_outputs", {})),
         "ort_int8": None if ops is None else {
             k: ops[k] for k in ("op_counts", "int8_nodes", "float_compute", "float_fallbacks",
                                 "all_int8")},
@@ -268,9 +285,24 @@ def main() -> None:
         # 1/5/15-minute load averages: above 1 (one timing thread), others shared the 2 cores.
         "load_average": load | {"end": os.getloadavg()},
     }
+    if not args.quick and set(models) != set(MODELS) and RESULTS.exists():
+        result = _merge(result, json.loads(RESULTS.read_text()))
     emit(result)
     if not args.quick:
         write_json(RESULTS, result)
+
+
+def _merge(result: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
+    """This run's models replace their entries in ``previous``; the others are kept, with
+    the run they came from named (``kept_from_previous_run``)."""
+    kept = {k: v for k, v in previous.get("models", {}).items() if k not in result["models"]}
+    models = {k: (kept[k] | {"kept_from_previous_run": True}) if k in kept
+              else result["models"][k] for k in [*previous.get("models", {}), *result["models"]]
+              if k in kept or k in result["models"]}
+    return result | {"models": models, "models_rerun": sorted(result["models"]),
+                     "all_goals_met": all(m["goals"]["all_met"] for m in models.values()),
+                     "previous_run": {k: previous.get(k) for k in ("wall_seconds",
+                                                                   "load_average")}}
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from torch import nn
 
 from slimkit.core.errors import ExportError
 from slimkit.io.onnx_graph import OnnxGraphIndex
-from slimkit.quant.modules import FakeQuant, QuantLayer
+from slimkit.quant.modules import FakeQuant, LayerAttrs, QuantLayer
 
 #: Float ops ORT should have replaced by integer kernels in a QDQ model.
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
@@ -62,7 +62,7 @@ def output_step(module: nn.Module) -> float | None:
     return None if scale is None else float(scale.detach().max())
 
 
-class _QdqLayer(nn.Module):
+class _QdqLayer(LayerAttrs, nn.Module):
     """Export twin of a QuantLayer: the weight as a float constant behind a weight fake-quant.
 
     The exporter turns ``fake_quantize(W)`` into ``QuantizeLinear(W) -> DequantizeLinear``;
@@ -402,6 +402,130 @@ def _pin_quantizers_after_float_pools(g: _Graph) -> int:
     return done
 
 
+#: Ops the rewrite evaluates when all their inputs are constants: the exporter leaves the
+#: arithmetic of a padding computed in Python (TF "SAME" padding) as Concat/Slice/Cast nodes.
+_CONST_OPS = ("Cast", "Reshape", "Transpose", "Slice", "Concat", "ConstantOfShape", "Unsqueeze",
+              "Squeeze", "Gather", "Identity")
+
+
+def _fold_constant_ops(g: _Graph) -> int:
+    """Nodes of :data:`_CONST_OPS` whose inputs are all constants -> their value (computed by
+    ONNX's reference evaluator), so the rewrites below can read pads and bounds."""
+    from onnx.reference import ReferenceEvaluator
+
+    outputs, done = {o.name for o in g.g.output}, 0
+    for n in list(g.g.node):
+        names = [i for i in n.input if i]
+        if n.op_type not in _CONST_OPS or not names or any(g.const(i) is None for i in names) \
+                or any(o in outputs for o in n.output):
+            continue
+        values = ReferenceEvaluator(n).run(None, {i: g.const(i) for i in names})
+        for name, value in zip(n.output, values, strict=True):
+            g.set_init(name, np.asarray(value))
+        g.g.node.remove(n)
+        done += 1
+    g.refresh()
+    return done
+
+
+def _zero_spatial_pads(g: _Graph, n: Any) -> np.ndarray | None:
+    """The ``[begin..., end...]`` spatial pads of a constant-zero ``Pad`` of N, C, spatial."""
+    if n.op_type != "Pad" or _attr(n, "mode", b"constant") not in (b"constant", "constant") \
+            or (len(n.input) > 3 and n.input[3]):
+        return None
+    pads = g.const(n.input[1])
+    value = g.const(n.input[2]) if len(n.input) > 2 and n.input[2] else np.zeros(())
+    if pads is None or value is None or np.any(value != 0) or pads.size < 6 or np.any(pads < 0):
+        return None
+    rank = pads.size // 2
+    if np.any(pads[:2]) or np.any(pads[rank:rank + 2]):
+        return None
+    return np.concatenate([pads[2:rank], pads[rank + 2:]]).astype(np.int64)
+
+
+def _fold_pads_into_convs(g: _Graph) -> int:
+    """Zero ``Pad -> [Q -> DQ] -> Conv`` -> ``[Q -> DQ] -> Conv`` with the pads in the Conv.
+
+    Exact: the Conv pads with zeros, and a quantizer maps 0 to its zero point, which
+    dequantizes to 0 again. Without it a float Pad sits between two integer convolutions
+    (TF "SAME" padding of Hugging Face MobileNetV2) and ONNX Runtime runs it on NCHW data.
+    """
+    from onnx import helper
+
+    outputs, done = {o.name for o in g.g.output}, 0
+    for n in list(g.g.node):
+        pads = _zero_spatial_pads(g, n)
+        users = g.users(n.output[0])
+        if pads is None or not users or n.output[0] in outputs:
+            continue
+        head, tensors = None, [n.output[0]]
+        if len(users) == 1 and users[0].op_type == "QuantizeLinear":
+            head = users[0]
+            dqs = g.users(head.output[0])
+            if not dqs or any(d.op_type != "DequantizeLinear" or d.output[0] in outputs
+                              for d in dqs) or head.output[0] in outputs:
+                continue
+            tensors = [d.output[0] for d in dqs]
+        convs = [c for t in tensors for c in g.users(t)]
+        if not convs or any(c.op_type != "Conv" or c.input[0] not in tensors
+                            or _attr(c, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
+                            for c in convs):
+            continue
+        for c in convs:
+            old = np.asarray(_attr(c, "pads", [0] * pads.size), np.int64)
+            if old.size != pads.size:
+                break
+            keep = [a for a in c.attribute if a.name != "pads"]
+            del c.attribute[:]
+            c.attribute.extend(keep + [helper.make_attribute("pads", (old + pads).tolist())])
+        else:
+            if head is not None:
+                head.input[0] = n.input[0]
+            else:
+                for c in convs:
+                    c.input[0] = n.input[0]
+            g.g.node.remove(n)
+            done += 1
+        g.refresh()
+    return done
+
+
+def _drop_clips_on_codes(g: _Graph) -> int:
+    """``DQ -> Clip`` that changes no dequantized code, or whose change the following
+    quantizers (same qparams) round away, checked on every code: bypass the Clip.
+
+    A ReLU6 between two integer convolutions whose shared quantizer ends at or below 6 is
+    then gone, and ``Conv -> Q`` fuses (ONNX Runtime's own Clip/Q fusion would need the Clip
+    right before the Q).
+    """
+    done = 0
+    for n in list(g.g.node):
+        src = _dq_source(g, n.input[0]) if n.op_type == "Clip" else None
+        if src is None or src[1][0].size != 1:
+            continue
+        bounds = [g.const(n.input[k]) if len(n.input) > k and n.input[k] else False
+                  for k in (1, 2)]
+        if any(b is None for b in bounds):
+            continue
+        scale, zero = src[1][0].reshape(()), src[1][1].reshape(())
+        info = np.iinfo(zero.dtype)
+        codes = np.arange(info.min, info.max + 1)
+        vals = ((codes - zero.astype(np.int64)).astype(np.float32) * scale).astype(np.float32)
+        lo = -np.inf if bounds[0] is False else float(bounds[0])
+        hi = np.inf if bounds[1] is False else float(bounds[1])
+        clipped = np.clip(vals, lo, hi).astype(np.float32)
+        users = g.users(n.output[0])
+        same_q = bool(users) and all(u.op_type == "QuantizeLinear" and _qparams(g, u) is not None
+                                     and _same(src[1], _qparams(g, u)) for u in users)
+        requant = _quantize_np(clipped, scale, zero, 0).astype(np.int64)
+        if np.array_equal(clipped, vals) or (same_q and np.array_equal(requant, codes)):
+            g.rename_input(n.output[0], n.input[0])
+            g.g.node.remove(n)
+            done += 1
+    g.refresh()
+    return done
+
+
 def rewrite_qdq(model: Any) -> dict[str, int]:
     """Rewrite an exported fake-quant graph in place into ORT's integer-kernel QDQ form.
 
@@ -413,9 +537,12 @@ def rewrite_qdq(model: Any) -> dict[str, int]:
     """
     g = _Graph(model)
     stats = {"identities": _resolve_identities(g),
+             "constants_folded": _fold_constant_ops(g),
              "int8_weights": _fold_weight_quantizers(g),
              "int32_biases": _quantize_biases(g),
              "relus_dropped": _drop_redundant_relus(g),
+             "pads_into_convs": _fold_pads_into_convs(g),
+             "clips_dropped": _drop_clips_on_codes(g),
              "requantize_dropped": _drop_requantize(g)}
     stats["int8_shape_ops"] = _move_requantize_through_shape_ops(g)
     stats["requantize_dropped"] += _drop_requantize(g)

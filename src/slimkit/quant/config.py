@@ -162,7 +162,10 @@ class PtqConfig(StageConfig):
         "kernel area) is below this stay float: ONNX Runtime's integer conv is slower than its "
         "float conv there (measured with ORT 1.32 on x86 AVX2: 2.4x slower at 25 (a first conv "
         "on 1-channel images), 3-5x at 27 (RGB 3x3), 1.1x faster at 72, 2.8x at 144). 0 "
-        "quantizes every conv.")
+        "quantizes every conv. That rule is per conv: a network of many depthwise and thin "
+        "1x1 convs pays more for the float islands (Q/DQ pairs, layout transposes) than it "
+        "saves: HF MobileNetV2 at 50% FLOPs ran 1.51x [1.46, 1.52] faster in ORT at batch 32 "
+        "with 0 than with 64 (benchmarks/ptq_depthwise.py), so use 0 there.")
     fold_bn: bool = Field(True, description="Fold BatchNorm into the preceding layer first.")
     equalize: bool = Field(False, description="Cross-layer equalization of conv->relu->conv "
                                               "pairs (Nagel et al. 2019) before quantizing.")

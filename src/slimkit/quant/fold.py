@@ -8,12 +8,14 @@ channel) and ``b' = k * (b - mu) + beta``. Quantizing ``W'`` (what actually runs
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from slimkit.core.errors import ModelError
 from slimkit.core.stages import register_rebuilder
-from slimkit.graph.chains import bn_pairs
+from slimkit.graph.chains import bn_analysis
 from slimkit.io.model import replace_module
 
 
@@ -45,11 +47,13 @@ def fold_pair(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
             layer.bias.copy_(b.to(layer.bias.dtype))
 
 
-def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
+def fold_batchnorm(model: nn.Module, example: Any = None) -> list[tuple[str, str]]:
     """Fold every BatchNorm that directly follows a Conv/Linear, in place.
 
-    The BatchNorm modules are replaced by ``nn.Identity``. Models that cannot be traced are
-    left alone (an empty list is returned).
+    The BatchNorm modules are replaced by ``nn.Identity``. The graph comes from ``torch.fx``,
+    or from ``torch.export`` on ``example`` (a batch) for models fx cannot trace (Hugging Face
+    ones); models neither can capture are left alone (an empty list is returned; see
+    :func:`fold_batchnorms` for the reasons).
 
     Returns:
         The ``(layer, batchnorm)`` pairs folded.
@@ -59,11 +63,21 @@ def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
         >>> fold_batchnorm(net)
         [('0', '1')]
     """
-    pairs = bn_pairs(model) or []
-    for layer_name, bn_name in pairs:
+    return fold_batchnorms(model, example)[0]
+
+
+def fold_batchnorms(model: nn.Module, example: Any = None,
+                    ) -> tuple[list[tuple[str, str]], list[dict[str, str]]]:
+    """:func:`fold_batchnorm`, also returning each BatchNorm left unfolded and why.
+
+    Returns:
+        ``(pairs folded, [{"what": batchnorm, "why": reason}])``.
+    """
+    pairs, skipped = bn_analysis(model, example)
+    for layer_name, bn_name in pairs or []:
         fold_pair(model.get_submodule(layer_name), model.get_submodule(bn_name))
         replace_module(model, bn_name, nn.Identity())
-    return pairs
+    return pairs or [], skipped
 
 
 @register_rebuilder("bn_fold")

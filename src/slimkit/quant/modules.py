@@ -29,6 +29,27 @@ from slimkit.quant.primitives import (
 
 QUANTIZABLE = ("Linear", "Conv1d", "Conv2d", "Conv3d")
 OTHER_TYPES = ("Conv1d", "Conv2d", "Conv3d", "Embedding")  # what Linear-only techniques skip
+#: Hyperparameters of the wrapped layer that model code reads from the module it calls (e.g.
+#: Hugging Face MobileNetV2's TF "SAME" padding reads ``conv.stride``, ``kernel_size`` and
+#: ``dilation`` at run time): a wrapper answers them from its layer, read-only.
+LAYER_ATTRS = frozenset({"in_channels", "out_channels", "kernel_size", "stride", "padding",
+                         "dilation", "groups", "padding_mode", "output_padding", "transposed",
+                         "in_features", "out_features"})
+
+
+class LayerAttrs:
+    """Mixin for a module wrapping ``self.layer``: :data:`LAYER_ATTRS` read through to it."""
+
+    def __getattr__(self, name: str):  # noqa: ANN204 - nn.Module's own signature
+        try:
+            return super().__getattr__(name)  # type: ignore[misc]
+        except AttributeError:
+            if name not in LAYER_ATTRS:
+                raise
+            layer = self._modules.get("layer")  # type: ignore[attr-defined]
+            if layer is None or not hasattr(layer, name):
+                raise
+            return getattr(layer, name)
 
 
 class FakeQuant(nn.Module):
@@ -97,11 +118,13 @@ class FakeQuant(nn.Module):
         return x + (self.dequantize(self.quantize(x)) - x).detach()
 
 
-class QuantLayer(nn.Module):
+class QuantLayer(LayerAttrs, nn.Module):
     """A Linear/Conv whose input, weight and output may each pass through a ``FakeQuant``.
 
     After :meth:`freeze` the weight is stored as integer codes (``weight_q``) and the float
-    ``layer.weight`` is gone from the state dict.
+    ``layer.weight`` is gone from the state dict. The layer's hyperparameters (``stride``,
+    ``kernel_size``, ``in_features``...; :data:`LAYER_ATTRS`) read through to it, as model
+    code that inspects the module it calls expects.
     """
 
     def __init__(self, layer: nn.Module, weight: FakeQuant | None = None,

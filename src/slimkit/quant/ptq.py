@@ -32,13 +32,15 @@ from slimkit.data.split import calibration_subset
 from slimkit.graph.chains import output_links
 from slimkit.graph.select import select_layers
 from slimkit.io import batch as B
+from slimkit.io.linear import prepare_layers
 from slimkit.io.model import SlimModel, set_mode
 from slimkit.measure import verify_finite
 from slimkit.quant.calibrate import collect
 from slimkit.quant.config import PtqConfig
-from slimkit.quant.fold import fold_batchnorm
+from slimkit.quant.fold import fold_batchnorms
 from slimkit.quant.modules import QUANTIZABLE, QuantLayer, snap_bias
 from slimkit.quant.observers import make_observer
+from slimkit.quant.outputs import attach_output_quantizers, plan_residuals
 from slimkit.quant.plan import QuantSpec, freeze, wrap_layers
 from slimkit.quant.primitives import choose_qparams, qrange
 
@@ -73,7 +75,8 @@ def _observer_kwargs(cfg: PtqConfig) -> dict[str, Any]:
     return kw
 
 
-def plan_ptq(model: nn.Module, cfg: PtqConfig) -> tuple[dict[str, dict], list[dict]]:
+def plan_ptq(model: nn.Module, cfg: PtqConfig,
+             example: Any = None) -> tuple[dict[str, dict], list[dict]]:
     """Which layers are quantized and where their output quantizer comes from.
 
     Returns:
@@ -100,9 +103,10 @@ def plan_ptq(model: nn.Module, cfg: PtqConfig) -> tuple[dict[str, dict], list[di
     if not chosen:
         raise ConfigError("ptq: the model has no Linear/Conv layer left to quantize (check "
                           "include/exclude)")
-    links = output_links(model, set(chosen))
+    links = output_links(model, set(chosen), example)
     if links is None:
-        skipped.append({"what": "output sharing", "why": "the model could not be traced; every "
+        skipped.append({"what": "output sharing", "why": "the model could not be traced (torch.fx) "
+                        "nor captured (torch.export); every "
                         "layer quantizes its own output"})
         links = {n: {"consumer": None, "through": [], "relu": False, "relu_module": None}
                  for n in chosen}
@@ -182,11 +186,15 @@ def _ptq(model: nn.Module, cfg: PtqConfig, data: DataBundle | torch.Tensor | Non
     m = copy.deepcopy(model)
     set_mode(m, False)
     record = Record()
-    pairs = fold_batchnorm(m) if cfg.fold_bn else []
+    # torch.export needs an example batch for models torch.fx cannot trace (Hugging Face).
+    example = B.take(calib, slice(0, 2))
+    pairs, unfolded = fold_batchnorms(m, example) if cfg.fold_bn else ([], [])
+    record.skipped += unfolded
     record.changed += [f"{bn}: folded into {layer}" for layer, bn in pairs]
     record.details.update(_prepare(m, cfg, calib, record))
-    layers, skipped = plan_ptq(m, cfg)
+    layers, skipped = plan_ptq(m, cfg, example)
     record.skipped += skipped
+    residual = plan_residuals(m, layers, example, record)
     ranges = _calibrate(m, layers, cfg, calib)
     a_spec, w_spec = act_spec(cfg), weight_spec(cfg)
     plan: dict[str, dict] = {}
@@ -200,6 +208,9 @@ def _ptq(model: nn.Module, cfg: PtqConfig, data: DataBundle | torch.Tensor | Non
         ql.input_fq.set_range(*ranges[f"{name}:input"])
         if ql.output_fq is not None:
             ql.output_fq.set_range(*outs[name])
+    for name, fq in attach_output_quantizers(m, {k: a_spec.model_dump()
+                                                 for k in residual}).items():
+        fq.set_range(*ranges[f"{residual[name]}:input"])
     if cfg.bias_correction:
         from slimkit.quant.bias_correction import correct_biases
 
@@ -213,7 +224,8 @@ def _ptq(model: nn.Module, cfg: PtqConfig, data: DataBundle | torch.Tensor | Non
     record.changed += [f"{n}: int{wrapped[n].weight_fq.bits} weights ({cfg.weight_granularity}), "
                        f"{cfg.activations} activations ({cfg.calibration})" for n in wrapped]
     record.details.update({"plan": {"layers": plan, "frozen": True}, "bn_pairs": pairs,
-                           "calibration": cfg.calibration, "num_samples": B.size(calib)})
+                           "calibration": cfg.calibration, "num_samples": B.size(calib),
+                           "residual_outputs": residual})
     return m, record
 
 
@@ -255,15 +267,23 @@ def ptq(model: SlimModel, cfg: PtqConfig, ctx: StageContext) -> tuple[SlimModel,
 
     The record also says which nodes ONNX Runtime runs as integer kernels (``ort_int8``);
     float fallbacks are listed as skipped.
+
+    Hugging Face Conv1D layers are converted to Linear first; a tied layer is left float
+    unless named in ``include`` (see :func:`slimkit.io.linear.prepare_layers`).
     """
+    model, cfg, prep = prepare_layers(model, cfg, "ptq")
     module, record = _ptq(model.module, cfg, ctx.data)
     # The structure changed (BatchNorm folded, layers wrapped): artifacts replay both.
     if record.details["bn_pairs"]:
         record.transforms.append(("bn_fold", {"pairs": [list(p) for p in
                                                         record.details["bn_pairs"]]}))
     record.transforms.append(("quant_layers", record.details["plan"]))
+    if record.details["residual_outputs"]:
+        spec = act_spec(cfg).model_dump()
+        record.transforms.append(("output_quantizers", {"modules": {
+            k: spec for k in record.details["residual_outputs"]}}))
     out = model.copy(module)
-    _int8_ops(out, record)
+    _int8_ops(out, prep.finish(record))
     return out, record
 
 
