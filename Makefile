@@ -12,6 +12,13 @@ $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[data,dev,hf]'
+	@# builtin:fashion-mnist reads Debian's dataset-fashion-mnist package: installed here when
+	@# this runs as root with apt and the package is missing; otherwise skipped silently.
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	   && ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then \
+	  apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+	  || echo "note: apt-get could not install dataset-fashion-mnist (builtin:fashion-mnist)"; \
+	fi
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 from collections.abc import Sequence
@@ -14,8 +15,27 @@ import torch
 from slimkit.io.model import SlimModel
 
 
+def absolute_paths(value: Any, where: str = "") -> list[str]:
+    """Key paths (``a.b[2]``) of every string in ``value`` that is an absolute path."""
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in absolute_paths(v, f"{where}.{k}")]
+    if isinstance(value, list | tuple):
+        return [p for i, v in enumerate(value) for p in absolute_paths(v, f"{where}[{i}]")]
+    if isinstance(value, str) and (value.startswith("/") or os.path.isabs(value)) \
+            and os.sep in value[1:]:
+        return [where.lstrip(".")]
+    return []
+
+
 def emit(result: dict[str, Any]) -> None:
-    """Print the result with the environment it was measured in."""
+    """Print the result with the environment it was measured in.
+
+    A result JSON holds no absolute path (it would name the machine it ran on): each one
+    found is named on stderr, so that the script can record it relative to the repository.
+    """
+    for key in absolute_paths(result):
+        print(f"warning: result key '{key}' holds an absolute path; record it relative to the "
+              "repository (or drop it)", file=sys.stderr)
     result["environment"] = {"python": platform.python_version(), "torch": torch.__version__,
                              "threads": torch.get_num_threads(),
                              "cpu": platform.processor() or platform.machine()}
@@ -42,3 +62,38 @@ def pinned(model: SlimModel, inputs: Sequence[torch.Tensor]) -> PinnedInputs:
     """
     spec = {f.name: getattr(model, f.name) for f in fields(SlimModel)}
     return PinnedInputs(**spec, pinned=tuple(inputs))
+
+
+def top1_with_ci(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 batch_size: int = 512) -> tuple[dict[str, Any], torch.Tensor]:
+    """Top-1 of ``model`` on ``(x, y)`` with its Wilson 95% interval, and the per-sample
+    correctness (a bool tensor) that :func:`paired_difference` compares.
+
+    Returns:
+        ``({"value", "ci95", "correct", "n", "method"}, correct)``.
+    """
+    from slimkit.measure.quality import predict
+    from slimkit.measure.stats import accuracy_ci
+
+    hit = predict(model, x, batch_size).argmax(1) == y
+    return accuracy_ci(int(hit.sum()), len(hit)), hit
+
+
+def paired_difference(a_correct: torch.Tensor, b_correct: torch.Tensor) -> dict[str, Any]:
+    """Whether two models' accuracies on the *same* samples differ beyond the noise: the exact
+    McNemar test (see :func:`slimkit.measure.stats.mcnemar`); ``differs`` at p < 0.05."""
+    from slimkit.measure.stats import mcnemar
+
+    return mcnemar(a_correct.numpy(), b_correct.numpy())
+
+
+def data_record(bundle: Any, **extra: Any) -> dict[str, Any]:
+    """What a result JSON says about its data: name, split sizes, how validation was held out
+    (choices are made on it; the test split is read once, at the end)."""
+    meta = bundle.meta or {}
+    out = {"name": bundle.name, "n_train": bundle.n_train,
+           "n_val": bundle.n_val, "n_test": bundle.n_test,
+           "validation": ("held out of training" if getattr(bundle, "y_val", None) is not None
+                          else "a slice of the training split"),
+           "val_fraction": meta.get("val_fraction"), "val_seed": meta.get("val_seed")}
+    return out | extra

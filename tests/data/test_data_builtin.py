@@ -16,8 +16,8 @@ from slimkit.data.builtin import MNIST_MEAN, MNIST_STD, _mnist_arrays
 from slimkit.data.deps import require
 
 
-def test_registry_lists_the_three_builtins():
-    assert BUILTIN.names() == ["digits", "mnist", "mnist1d"]
+def test_registry_lists_the_builtins():
+    assert BUILTIN.names() == ["digits", "fashion-mnist", "mnist", "mnist1d"]
 
 
 def test_mnist_shapes_dtypes_and_classes(mnist):
@@ -86,7 +86,7 @@ def test_unknown_builtin_names_closest_and_lists_known():
         load_data("builtin:mnst")
     msg = str(err.value)
     assert "'mnst'" in msg and "Did you mean 'mnist'" in msg
-    assert "digits, mnist, mnist1d" in msg
+    assert "digits, fashion-mnist, mnist, mnist1d" in msg
 
 
 def test_missing_optional_dependency_says_what_to_install(monkeypatch):

@@ -44,16 +44,19 @@ if TYPE_CHECKING:
 # The modules whose import registers the built-in stage configs: none imports torch.
 STAGE_CONFIG_MODULES = ("slimkit.prune.config", "slimkit.prune.structured_config",
                         "slimkit.quant.config", "slimkit.lowrank.config",
-                        "slimkit.distill.config", "slimkit.encode.config")
+                        "slimkit.distill.config", "slimkit.encode.config",
+                        "slimkit.exit.config")
 # The modules whose import registers the built-in stage functions and rebuilders (technique
 # packages import their modules lazily, so the modules are named, not the packages).
 TECHNIQUES = ("slimkit.prune.magnitude", "slimkit.prune.nm", "slimkit.prune.schedule",
               "slimkit.prune.sparse_train", "slimkit.prune.structured",
               "slimkit.prune.structured_plan", "slimkit.quant.dynamic", "slimkit.quant.extreme",
               "slimkit.quant.fold", "slimkit.quant.mixed", "slimkit.quant.plan",
+              "slimkit.quant.outputs",
               "slimkit.quant.ptq", "slimkit.quant.qat", "slimkit.quant.weight_only",
               "slimkit.lowrank.plan", "slimkit.lowrank.run", "slimkit.distill.run",
-              "slimkit.encode.stage")
+              "slimkit.encode.stage", "slimkit.io.linear", "slimkit.exit.model",
+              "slimkit.exit.stage")
 
 
 @dataclass
@@ -69,6 +72,9 @@ class StageContext:
         log: where stage messages go.
         workdir: where a stage's training checkpoints go (resumable), or None.
         extras: free-form values for third-party stages.
+        hide_test: give the stage ``data`` without its test split (the runner sets it):
+            reading the test split then raises ``TestSplitError``, so every choice a stage
+            makes is made on training and validation data (see :mod:`slimkit.data.guard`).
     """
 
     data: DataBundle | None = None
@@ -78,6 +84,13 @@ class StageContext:
     log: Callable[[str], None] = print
     workdir: Path | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    hide_test: bool = False
+
+    def __post_init__(self) -> None:
+        if self.hide_test and self.data is not None:
+            from slimkit.data.guard import hide_test  # data sits above core; only when asked
+
+            self.data = hide_test(self.data)
 
     @property
     def teacher_module(self) -> nn.Module | None:

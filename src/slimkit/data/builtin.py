@@ -36,6 +36,11 @@ def _build(*args: Any, **kwargs: Any) -> DataBundle:
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 # Same statistics for sklearn's 8x8 digits scaled by 1/16, over all 1797 images.
 DIGITS_MEAN, DIGITS_STD = 0.3053, 0.3760
+# Same statistics for Fashion-MNIST's 60,000 training images.
+FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
+# Where Debian's dataset-fashion-mnist package puts the IDX files.
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_VAL_FRACTION = 0.1
 
 
 @functools.lru_cache(maxsize=1)
@@ -112,3 +117,51 @@ def load_mnist1d(seed: int = 0, test_fraction: float = 0.2) -> DataBundle:
             "split": "given (mnist1d's own train/test split)"}
     return _build("builtin:mnist1d", a["x"].astype(np.float32), a["y"].copy(),
                         a["x_test"].astype(np.float32), a["y_test"].copy(), meta=meta)
+
+
+@functools.lru_cache(maxsize=1)
+def _fashion_arrays(folder: str) -> dict[str, np.ndarray]:
+    from pathlib import Path
+
+    from slimkit.core.errors import DataError
+    from slimkit.data.idx import idx_files, read_idx_folder
+
+    if set(idx_files(Path(folder))) != {"train-images", "train-labels", "t10k-images",
+                                        "t10k-labels"}:
+        raise DataError("builtin:fashion-mnist needs Debian's dataset-fashion-mnist package: "
+                        "run `sudo apt-get install dataset-fashion-mnist` (or pass an "
+                        "MNIST-format folder with --data)")
+    return read_idx_folder(Path(folder))
+
+
+@BUILTIN.register("fashion-mnist")
+def load_fashion_mnist(seed: int = 0, test_fraction: float = 0.2) -> DataBundle:
+    """The full Fashion-MNIST: 54,000 train / 6,000 validation / 10,000 test ``(N, 1, 28, 28)``
+    float32 images of 10 clothing classes, from Debian's ``dataset-fashion-mnist`` package.
+
+    The test split is the dataset's own (``t10k``), so ``test_fraction`` is ignored; the
+    validation split is 10% of the 60,000 training images, class-stratified and determined
+    by ``seed``, held out of training (choices are made on it, never on the test split).
+    Pixels are scaled to [0, 1] and normalized with the training set's mean/std.
+
+    Raises:
+        DataError: the package's files are missing (the message says how to install them).
+
+    Example:
+        >>> d = load_fashion_mnist(seed=0)  # doctest: +SKIP
+        >>> d.n_train, d.n_val, d.n_test  # doctest: +SKIP
+        (54000, 6000, 10000)
+    """
+    from slimkit.data.split import hold_out_validation
+
+    a = _fashion_arrays(FASHION_MNIST_DIR)
+
+    def images(x: np.ndarray) -> np.ndarray:
+        return _normalized(x.reshape(-1, 1, 28, 28), 255.0, FASHION_MEAN, FASHION_STD)
+
+    meta = {"source": "Debian package dataset-fashion-mnist (IDX files)", "scale": 1 / 255,
+            "normalization": {"mean": [FASHION_MEAN], "std": [FASHION_STD]},
+            "split": "given (Fashion-MNIST's own train/t10k) + stratified validation"}
+    bundle = _build("builtin:fashion-mnist", images(a["x"]), a["y"].astype(np.int64),
+                    images(a["x_test"]), a["y_test"].astype(np.int64), meta=meta)
+    return hold_out_validation(bundle, FASHION_VAL_FRACTION, seed)

@@ -25,6 +25,9 @@ class DataBundle:
             ``regression`` (float targets in ``y``), ``causal_lm`` or ``embedding`` (no
             labels: ``y`` holds zeros).
         meta: free-form facts for the report (source, split seed, normalization).
+        x_val, y_val: a validation split held out of ``x_train`` (every choice is made on
+            it, never on the test split), or None: ``val`` is then a fixed 20% of the
+            training split (class-stratified, seed 0), which training also sees.
     """
 
     name: str
@@ -35,6 +38,8 @@ class DataBundle:
     num_classes: int
     meta: dict = field(default_factory=dict)
     task: str = "classification"
+    x_val: Any = None
+    y_val: torch.Tensor | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -55,13 +60,19 @@ class DataBundle:
 
         return size(self.x_test)
 
+    @property
+    def n_val(self) -> int:
+        """Samples in the validation split (held out, or the 20% slice of train)."""
+        return len(self._split("val")[1])
+
     streaming = False
 
     def batches(self, split: str = "test", batch_size: int | None = 256,
                 ) -> Iterator[tuple[Any, torch.Tensor]]:
         """``(inputs, labels)`` batches of ``split`` in order: ``train``, ``test``, or
-        ``val``, a fixed 20% of the training split (class-stratified, seed 0) on which
-        selections are made (never the test split); see also :class:`StreamData`."""
+        ``val``: the held-out ``x_val`` when the bundle has one, else a fixed 20% of the
+        training split (class-stratified, seed 0); selections are made on it (never on the
+        test split); see also :class:`StreamData`."""
         from slimkit.io.batch import take
 
         x, y = self._split(split)
@@ -77,6 +88,8 @@ class DataBundle:
             return self.x_train, self.y_train
         if split == "test":
             return self.x_test, self.y_test
+        if split == "val" and self.y_val is not None:
+            return self.x_val, self.y_val
         if split == "val":
             from slimkit.data.split import split_indices
 
@@ -112,14 +125,18 @@ class DataBundle:
         from slimkit.io.batch import leaves
 
         h = hashlib.sha256(self.name.encode())
-        for t in leaves((self.x_train, self.y_train, self.x_test, self.y_test)):
+        held = () if self.y_val is None else (self.x_val, self.y_val)
+        for t in leaves((self.x_train, self.y_train, self.x_test, self.y_test, *held)):
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
 
     def example_inputs(self, batch: int = 1) -> tuple | dict:
-        """The first ``batch`` test samples as the model takes them (see ``io.batch.call``):
-        a one-tensor tuple, or the data's own tuple or dict of tensors."""
+        """The first ``batch`` validation samples (training samples when the bundle holds no
+        validation split) as the model takes them (see ``io.batch.call``): a one-tensor
+        tuple, or the data's own tuple or dict of tensors. Never test samples: tracing,
+        verifying and timing happen before the test split is read, once, at the end."""
         from slimkit.io.batch import take, tmap
 
-        x = tmap(torch.clone, take(self.x_test, slice(0, batch)))
+        source = self.x_train if self.y_val is None else self.x_val
+        x = tmap(torch.clone, take(source, slice(0, batch)))
         return x if isinstance(x, tuple | dict) else (x,)

@@ -29,8 +29,9 @@ if TYPE_CHECKING:
 ACCEPTED_FORMS = (
     "'builtin:NAME' (NAME one of {builtins}), a path to a .npz file with x/y arrays, "
     "a .jsonl or .csv text file (a 'text' column, optionally a 'label' column), "
-    "a folder with one sub-folder of images per class, or a folder written by Hugging Face "
-    "datasets' save_to_disk"
+    "a folder with one sub-folder of images per class, a folder of MNIST-format IDX files "
+    "(train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], optional t10k-*), "
+    "or a folder written by Hugging Face datasets' save_to_disk"
 )
 TEXT_SUFFIXES = (".jsonl", ".csv")
 # "scheme:rest" with a scheme of two or more letters; one letter is a Windows drive (C:\...).
@@ -43,7 +44,7 @@ LABEL_COLUMNS = ("label", "labels", "y")
 # Normalization of models pretrained on ImageNet (torchvision's and most HF vision models').
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-Form = Literal["builtin", "npz", "text", "hf", "images"]
+Form = Literal["builtin", "npz", "text", "hf", "images", "idx"]
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,11 @@ def data_form(spec: str) -> Form:
     path = Path(spec).expanduser()
     if path.is_file():
         return "text" if path.suffix.lower() in TEXT_SUFFIXES else "npz"
-    return "hf" if is_hf_dataset_dir(path) else "images"
+    if is_hf_dataset_dir(path):
+        return "hf"
+    from slimkit.data.idx import is_idx_dir  # numpy only: still no torch
+
+    return "idx" if is_idx_dir(path) else "images"
 
 
 _TEXT_DATA = "text data (a .jsonl or .csv file, or a Hugging Face dataset's text column)"
@@ -183,7 +188,7 @@ _FOR = {"text_column": (("text",), _TEXT_DATA), "max_length": (("text",), _TEXT_
         "image_size": (("images",), "an image folder")}
 _FORM_WORDS = {"builtin": "a built-in dataset", "npz": "an .npz archive",
                "text": "a text file", "hf": "a Hugging Face dataset without a text column",
-               "images": "an image folder"}
+               "images": "an image folder", "idx": "an MNIST-format (IDX) folder"}
 
 
 def check_data_options(spec: str, options: DataOptions | None, model: str | None = None,
@@ -343,6 +348,10 @@ def _load_path(spec: str, seed: int, test_fraction: float, trust_pickle: bool,
 
         return load_text_file(path, seed=seed, test_fraction=test_fraction, options=options,
                               hints=hints)
+    if form == "idx":
+        from slimkit.data.idx import load_idx_folder
+
+        return load_idx_folder(path, seed=seed, test_fraction=test_fraction)
     if form == "hf":
         return load_hf_dataset(path, seed=seed, test_fraction=test_fraction, options=options,
                                hints=hints)

@@ -107,6 +107,39 @@ def split(x: torch.Tensor, y: torch.Tensor, test_fraction: float = 0.2, seed: in
     return B.take(x, tr), y[tr], B.take(x, te), y[te]
 
 
+def hold_out_validation(bundle: DataBundle, val_fraction: float = 0.1, seed: int = 0
+                        ) -> DataBundle:
+    """Move a stratified, seed-determined share of ``bundle``'s training split into a
+    validation split (``x_val``/``y_val``): a three-way train / validation / test split in
+    which training never sees the samples that choices are made on.
+
+    Args:
+        bundle: an in-memory bundle without a validation split; changed in place.
+        val_fraction: share of the training split to hold out, in (0, 1).
+        seed: same seed, same split.
+
+    Returns:
+        ``bundle``, with ``meta["val_fraction"]``, ``meta["val_seed"]`` and the split sizes.
+
+    Raises:
+        DataError: a bad ``val_fraction``, or the bundle has a validation split already.
+
+    Example:
+        >>> b = hold_out_validation(load_data("builtin:fashion-mnist"), 0.1)  # doctest: +SKIP
+        >>> b.n_train, b.n_val, b.n_test  # doctest: +SKIP
+        (54000, 6000, 10000)
+    """
+    if bundle.y_val is not None:
+        raise DataError(f"'{bundle.name}' has a validation split already; hold one out once.")
+    train, val = split_indices(bundle.y_train, val_fraction, seed)
+    tr, va = torch.from_numpy(train), torch.from_numpy(val)
+    bundle.x_val, bundle.y_val = B.take(bundle.x_train, va), bundle.y_train[va]
+    bundle.x_train, bundle.y_train = B.take(bundle.x_train, tr), bundle.y_train[tr]
+    bundle.meta.update(val_fraction=val_fraction, val_seed=seed, n_train=bundle.n_train,
+                       n_val=len(val), n_test=bundle.n_test)
+    return bundle
+
+
 def calibration_indices(bundle: DataBundle, n: int, seed: int = 0) -> torch.Tensor:
     """Indices into ``bundle``'s training set of a seed-determined, class-stratified sample.
 

@@ -188,7 +188,9 @@ class StreamData:
         return x, self.head("train", B.size(x))[1]
 
     def example_inputs(self, batch: int = 1) -> tuple | dict:
-        x, _ = self.head("test", batch)
+        """The first ``batch`` validation inputs (never test ones: the test split is read
+        once, at the end)."""
+        x, _ = self.head("val", batch)
         x = B.tmap(torch.clone, x)
         return x if isinstance(x, tuple | dict) else (x,)
 

@@ -17,7 +17,7 @@ from slimkit.measure.quality import accuracy, fidelity, output_fidelity, predict
 
 def measure_static(model: SlimModel, data: DataBundle | None = None,
                    layers: bool = False, reference: torch.nn.Module | None = None,
-                   ) -> dict[str, Any]:
+                   split: str = "test") -> dict[str, Any]:
     """Everything about one model that needs no second model and no timing.
 
     Parameters are the weights the model computes with, whatever their dtype: a quantized
@@ -31,7 +31,10 @@ def measure_static(model: SlimModel, data: DataBundle | None = None,
         metrics (:mod:`slimkit.measure.tasks`; an embedding's against ``reference``, the
         uncompressed model), and with ``layers`` the per-layer table (:func:`layer_table`:
         one row per layer under its original name, with ``weight_bits`` and stored
-        ``bytes``).
+        ``bytes``), ``split``: the split the metrics are on (``test`` by default; the runner
+        measures stages on ``val``), and for classification ``accuracy_ci95``: top-1's
+        Wilson 95% interval on the number of samples evaluated
+        (:func:`slimkit.measure.stats.accuracy_ci`).
     """
     example = data.example_inputs(1) if data is not None else model.example_inputs(1)
     out: dict[str, Any] = dict(count_params(model.module, bits=True))
@@ -40,11 +43,21 @@ def measure_static(model: SlimModel, data: DataBundle | None = None,
     out["peak_memory_bytes"] = peak_memory(model.module, example)["peak_memory_bytes"]
     out["metrics"] = None
     if data is not None:
+        from slimkit.measure.stats import accuracy_ci_of
         from slimkit.measure.tasks import get_task
 
+        seen = [0]
+
+        def counted() -> Any:
+            for x, y in data.batches(split):
+                seen[0] += len(y)
+                yield x, y
+
         with B.judging(model.output):
-            out["metrics"] = get_task(data.task).evaluate(
-                model.module, lambda: data.batches("test"), reference)
+            out["metrics"] = get_task(data.task).evaluate(model.module, counted, reference)
+        out["split"] = split
+        if data.task == "classification":
+            out["accuracy_ci95"] = accuracy_ci_of(out["metrics"]["top1"], seen[0])
     out["accuracy"] = (out["metrics"] if data is not None and data.task == "classification"
                        else None)
     if layers:
