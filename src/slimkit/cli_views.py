@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.table import Table
 
-from slimkit.report.fmt import fmt_bits
+from slimkit.report.fmt import fmt_bits, speed_change
 from slimkit.report.fmt import fmt_bytes as human_bytes
 
 
@@ -50,8 +50,7 @@ def before_after(report: dict[str, Any]) -> Table:
     for rt in ("torch", "onnxruntime"):
         for b, r in cmp[rt].items():
             table.add_row(f"latency {rt} b={b}", _ms(base, rt, b), _ms(final, rt, b),
-                          f"{r['speedup']:.2f}x"
-                          + (" (within noise)" if r.get("within_noise") else ""))
+                          speed_change(r["speedup"], r.get("speedup_ci95"))[0])
     return table
 
 
@@ -67,6 +66,8 @@ def verdict_lines(report: dict[str, Any]) -> list[str]:
     for c in v["criteria"]:
         mark = "[green]met[/]" if c["met"] else "[red]missed[/]"
         got = "—" if c["achieved"] is None else _num(c["achieved"])
+        if c.get("ci95"):  # a timed ratio: its 95% interval
+            got += f" [95% CI {_num(c['ci95'][0])}-{_num(c['ci95'][1])}]"
         unit = f" {c['unit']}" if c["unit"] else ""
         by = "" if c["margin"] is None else f" (by {_num(abs(c['margin']))}{unit})"
         lines.append(f"  {c['name']}: asked {c['asked']}{unit}, got {got}: {mark}{by}")

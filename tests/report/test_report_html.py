@@ -146,6 +146,7 @@ def test_stages_table(sample_page: str) -> None:
         "Top-1",
         "Size",
         "Non-zero params",
+        "Speed vs the model before (ONNX Runtime, 95% CI)",
         "Time",
     ]
     assert stages[1][1] == "baseline" and stages[-1][1] == "final"
@@ -153,7 +154,7 @@ def test_stages_table(sample_page: str) -> None:
     assert prune[1].startswith("magnitude_prune")
     assert "fc1: 70% zeros" in prune[2]
     assert "conv1: excluded by user" in prune[3] and "classifier head kept dense" in prune[3]
-    assert prune[4:] == ["98.72% -0.40 pts", "78.5 KiB", "16,986", "41.7 s"]
+    assert prune[4:] == ["98.72% -0.40 pts", "78.5 KiB", "16,986", "—", "41.7 s"]
     assert stages[-1][-1] == "total 44.9 s"
 
 

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from slimkit.core.progress import step
 from slimkit.io import batch as B
 from slimkit.io.model import modes_kept, set_mode
 
@@ -29,8 +30,14 @@ def hooked_passes(model: nn.Module, handles: list, batches: Iterable[tuple[torch
     try:
         with modes_kept(model), torch.inference_mode():
             set_mode(model, False)
-            for batch in batches:
-                B.call(model, batch)
+            with step("calibration", total=_len(batches), unit="batches") as shown:
+                for batch in batches:
+                    B.call(model, batch)
+                    shown.advance()
     finally:
         for h in handles:
             h.remove()
+
+
+def _len(batches: Iterable) -> int | None:
+    return len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from slimkit.core.progress import step
 from slimkit.io import batch as B
 from slimkit.io.model import set_mode
 from slimkit.io.onnx_model import ort_session
@@ -120,31 +121,31 @@ def compare_latency(
         example_batch: inputs with at least ``max(batch_sizes)`` rows (repeated if fewer).
         batch_sizes: batch sizes to time.
         threads: intra-op threads for both runtimes (fixed, and recorded in the result).
-        progress: show a progress bar (one step per runtime and batch size).
+        progress: show progress past a few seconds (one unit per runtime and batch size; see
+            :mod:`slimkit.core.progress`).
         keep_samples: keep every round's time per model (see :func:`time_interleaved`).
 
     Returns:
         ``{"threads", "torch": {batch: {name: stats}}, "onnxruntime": {...}}``.
     """
-    from rich.progress import Progress
-
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         sessions = {n: ort_session(p, threads) for n, (_, p) in models.items() if p is not None}
         result: dict[str, Any] = {"threads": threads, "torch": {}, "onnxruntime": {}}
-        with Progress(disable=not progress, transient=True) as bar:
-            task = bar.add_task("timing", total=len(batch_sizes) * (2 if sessions else 1))
+        total = len(batch_sizes) * (2 if sessions else 1)
+        with step(f"timing {len(models)} models", total=total, unit="timings",
+                  enabled=progress) as bar:
             for b in batch_sizes:
                 inputs = B.tmap(lambda t, b=b: _take(t, b), example_batch)
                 fns = {n: torch_runner(m, inputs) for n, (m, _) in models.items()}
                 result["torch"][str(b)] = time_interleaved(fns, warmup, repeats, keep_samples)
-                bar.advance(task)
+                bar.advance(batch=b)
                 if sessions:
                     fns = {n: ort_runner(s, inputs) for n, s in sessions.items()}
                     result["onnxruntime"][str(b)] = time_interleaved(fns, warmup, repeats,
                                                                      keep_samples)
-                    bar.advance(task)
+                    bar.advance(batch=b)
         return result
     finally:
         torch.set_num_threads(prev_threads)
@@ -198,3 +199,87 @@ def layer_latency(model: nn.Module, inputs: Sequence[torch.Tensor], names: Seque
         out[n] = (statistics.median(sum(s[i * k:(i + 1) * k]) for i in range(repeats))
                   if k else None)
     return out
+
+
+def ort_node_times(path: str | Path, inputs: Sequence[torch.Tensor], threads: int = 1,
+                   repeats: int = 10, warmup: int = 2) -> dict[str, dict[str, Any]]:
+    """Median time (ms) of every node ONNX Runtime runs, from its own profiler.
+
+    The session has the options every timing here uses (:func:`~slimkit.io.onnx_model.
+    ort_options`: all graph optimizations), so the nodes are the kernels ORT chose (fused,
+    QLinear...) and their names keep the PyTorch scope they came from (``/fc1/Gemm``).
+
+    Returns:
+        ``{node name: {"ms": median over the repeats, "op": its operator}}``.
+    """
+    import json
+    import tempfile
+
+    import onnxruntime as ort
+
+    from slimkit.io.onnx_model import ort_options
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort_options(threads)
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(Path(tmp) / "ort")
+        session = ort.InferenceSession(str(path), sess_options=opts,
+                                       providers=["CPUExecutionProvider"])
+        run = ort_runner(session, inputs)
+        for _ in range(warmup + repeats):
+            run()
+        events = json.loads(Path(session.end_profiling()).read_text())
+    durations: dict[str, list[float]] = {}
+    ops: dict[str, str] = {}
+    for e in events:
+        if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time"):
+            name = e["name"].removesuffix("_kernel_time")
+            durations.setdefault(name, []).append(e["dur"] / 1e3)  # microseconds -> ms
+            ops[name] = e.get("args", {}).get("op_name", "")
+    return {n: {"ms": statistics.median(d[-repeats:]), "op": ops[n]}
+            for n, d in durations.items()}
+
+
+def node_layer(node: str, layers: Sequence[str] | set[str]) -> str:
+    """The layer an ONNX node computes for: the deepest module path in its scope name
+    (``/layer1/layer1.0/conv1/Conv`` -> ``layer1.0.conv1``) found in ``layers``, else its
+    scope as a path (``/pool1/MaxPool`` -> ``pool1``); a node without scope (a layout
+    change ORT inserted) is named by itself."""
+    comps = [c for c in node.split("/") if c][:-1]
+    if not comps:
+        return f"({node}: added by ONNX Runtime)"
+    for k in range(len(comps), 0, -1):
+        if ".".join(comps[:k]) in layers:
+            return ".".join(comps[:k])
+        dotted = next((j for j in range(k - 1, -1, -1) if "." in comps[j]), None)
+        if dotted is not None and ".".join(comps[dotted:k]) in layers:
+            return ".".join(comps[dotted:k])
+    return ".".join(comps)
+
+
+def ort_layer_times(path: str | Path, inputs: Sequence[torch.Tensor], layers: Sequence[str],
+                    threads: int = 1, repeats: int = 10) -> dict[str, float]:
+    """Median ONNX Runtime time (ms) per layer: its nodes' times summed (see
+    :func:`ort_node_times` and :func:`node_layer`)."""
+    known = set(layers)
+    out: dict[str, float] = {}
+    for node, t in ort_node_times(path, inputs, threads, repeats).items():
+        layer = node_layer(node, known)
+        out[layer] = out.get(layer, 0.0) + t["ms"]
+    return out
+
+
+def layer_growth(before: Mapping[str, float], after: Mapping[str, float], top: int = 5,
+                 ) -> list[dict[str, Any]]:
+    """The layers whose time grew most from ``before`` to ``after`` (a layer absent before
+    was added: all its time is growth), largest first, at most ``top``.
+
+    Example:
+        >>> layer_growth({"fc1": 1.0, "fc2": 2.0}, {"fc1": 3.0, "fc2": 1.0, "new": 0.5})
+        [{'layer': 'fc1', 'before_ms': 1.0, 'after_ms': 3.0, 'added_ms': 2.0}, \
+{'layer': 'new', 'before_ms': 0.0, 'after_ms': 0.5, 'added_ms': 0.5}]
+    """
+    rows = [{"layer": k, "before_ms": before.get(k, 0.0), "after_ms": v,
+             "added_ms": v - before.get(k, 0.0)} for k, v in after.items()]
+    rows = [r for r in rows if r["added_ms"] > 0]
+    return sorted(rows, key=lambda r: -r["added_ms"])[:top]

@@ -77,9 +77,11 @@ def judge(target: Any, baseline: dict, final: dict, comparison: dict,
                                    comparison.get("size_ratio"), True, "x"))
     if target.min_speedup is not None:
         t = target.min_speedup
-        speed = comparison.get(t.runtime, {}).get(str(t.batch), {}).get("speedup")
+        entry = comparison.get(t.runtime, {}).get(str(t.batch), {})
         criteria.append(_criterion(f"min_speedup ({t.runtime}, batch {t.batch})", t.value,
-                                   speed, True, "x"))
+                                   entry.get("speedup"), True, "x"))
+        if entry.get("speedup_ci95"):  # the measured speedup's 95% interval, for the reader
+            criteria[-1]["ci95"] = entry["speedup_ci95"]
     note = None if criteria else "the recipe sets no target"
     if export_error is not None:
         criteria.append({"name": "onnx_export", "asked": "an ONNX file that runs in ONNX Runtime",

@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from slimkit.core.progress import step
 from slimkit.io import batch as B
 from slimkit.measure.relative import Fractions, fractions_of
 from slimkit.prune.allocate import SearchResult, search_ratio
@@ -98,7 +99,9 @@ def width_step(model: nn.Module, job: Job, ratio: float | None,
         except Exception as exc:  # measuring runs it: a hard-coded size fails here first
             raise pruned_failure(candidate, exc) from exc
 
-    result = _search(measure, job.cfg.max_layer_ratio)
+    with step("structured pruning: searching the ratio that meets the target",
+              unit="trials") as shown:
+        result = _search(shown.counted(measure), job.cfg.max_layer_ratio)
     pruned, plan = planner.prune(result.ratio)
     # "reached" is the search's verdict on the ratio it chose; "achieved" is measured again
     # (latency may differ by noise; the final record re-measures and says so).

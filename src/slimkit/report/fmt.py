@@ -240,3 +240,35 @@ def quality(measure: Any) -> tuple[str, float] | None:
         if finite(value) is not None:
             return str(key), float(value)
     return None
+
+
+def speed_change(speedup: Any, ci: Any = None) -> tuple[str, str]:
+    """A latency change as ``(text, tone)``: ``speedup`` is the old time over the new one,
+    ``ci`` its 95% interval ``[low, high]``.
+
+    ``3.10× faster [2.90–3.30]`` (tone ``good``), ``1.20× slower [1.10–1.30]`` (``worse``),
+    and ``no change [0.97–1.04×]`` (``na``) when the interval holds 1: a difference the
+    timing noise could make. Without an interval, the ratio alone, as measured.
+
+    Example:
+        >>> speed_change(2.0, [1.8, 2.2])
+        ('2.00× faster [1.80–2.20]', 'good')
+        >>> speed_change(0.5, [0.4, 0.6])
+        ('2.00× slower [1.67–2.50]', 'worse')
+        >>> speed_change(1.01, [0.97, 1.04])
+        ('no change [0.97–1.04×]', 'na')
+    """
+    v = finite(speedup)
+    if v is None or v <= 0:
+        return DASH, "na"
+    bounds = [finite(b) for b in as_list(ci)]
+    lo, hi = bounds if len(bounds) == 2 and None not in bounds else (None, None)
+    if lo is not None and hi is not None and lo > 0:
+        if lo <= 1 <= hi:
+            return f"no change [{lo:.2f}–{hi:.2f}×]", "na"
+        if v >= 1:
+            return f"{v:.2f}× faster [{lo:.2f}–{hi:.2f}]", "good"
+        return f"{1 / v:.2f}× slower [{1 / hi:.2f}–{1 / lo:.2f}]", "worse"
+    if abs(v - 1) < 5e-3:
+        return "unchanged", "na"
+    return (f"{v:.2f}× faster", "good") if v > 1 else (f"{1 / v:.2f}× slower", "worse")

@@ -26,6 +26,7 @@ from slimkit.report.fmt import (
     fmt_unit,
     fmt_value,
     num,
+    speed_change,
 )
 
 #: Human names of the target criteria the pipeline knows; others show their raw name.
@@ -120,6 +121,15 @@ def _margin_text(criterion: Mapping[str, Any]) -> str:
     return fmt_unit(margin, unit)
 
 
+def _achieved_text(criterion: Mapping[str, Any], unit: Any) -> str:
+    """The achieved value, with its 95% interval when it is a timed ratio."""
+    text = fmt_unit(criterion.get("achieved"), unit)
+    ci = [finite(b) for b in as_list(criterion.get("ci95"))]
+    if len(ci) == 2 and None not in ci:
+        text += f" [{ci[0]:.2f}–{ci[1]:.2f}]"
+    return text
+
+
 def _criterion_row(report: Mapping[str, Any], criterion: Mapping[str, Any]) -> str:
     name = str(criterion.get("name", ""))
     unit = criterion.get("unit") or _CRITERION_UNITS.get(name)
@@ -136,7 +146,7 @@ def _criterion_row(report: Mapping[str, Any], criterion: Mapping[str, Any]) -> s
     tone = {True: "good", False: "worse"}.get(met, "na")
     return (
         f'<tr><td>{esc(_criterion_label(report, criterion))}</td><td class="num">'
-        f'{esc(asked_text)}</td><td class="num">{esc(fmt_unit(criterion.get("achieved"), unit))}'
+        f'{esc(asked_text)}</td><td class="num">{esc(_achieved_text(criterion, unit))}'
         f'</td><td class="num {tone}">{esc(_margin_text({**criterion, "unit": unit}))}</td>'
         f"<td>{pill}</td></tr>"
     )
@@ -200,7 +210,7 @@ def highlights(report: Mapping[str, Any]) -> str:
         speedup = before / after if before and after else None
     if speedup is not None:
         where = f"{RUNTIME_NAMES.get(runtime, runtime)}, batch {batch}"
-        chips.append(f"{fmt_ratio(speedup)} {'faster' if speedup >= 1 else 'slower'} ({where})")
+        chips.append(f"{speed_change(speedup, dig(entry, 'speedup_ci95'))[0]} ({where})")
     before = finite(dig(report, "baseline", "accuracy", "top1"))
     after = finite(dig(report, "final", "accuracy", "top1"))
     if before is not None and after is not None:
@@ -212,12 +222,14 @@ def highlights(report: Mapping[str, Any]) -> str:
         f = finite(dig(report, "final", "metrics", name))
         if b is not None and f is not None:
             chips.append(f"{name} {b:.4g} → {f:.4g}")
+    flags = [f for st in as_list(report.get("stages")) for f in as_list(dig(st, "flags"))]
+    warnings = "".join(f'<p class="worse">⚠ {esc(fmt_value(f))}</p>' for f in flags)
     if not chips:
-        return ""
+        return warnings
     return (
         '<p class="highlights">'
         + "".join(f'<span class="chip">{esc(chip)}</span>' for chip in chips)
-        + "</p>"
+        + "</p>" + warnings
     )
 
 

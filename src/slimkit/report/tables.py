@@ -29,6 +29,7 @@ from slimkit.report.fmt import (
     fmt_seconds,
     fmt_value,
     quality,
+    speed_change,
 )
 from slimkit.report.layers import layer_pairs
 
@@ -61,6 +62,17 @@ def _ratio_cell(base: Any, final: Any, better: str, worse: str, ratio: Any = Non
     if value > 1:
         return f'<td class="num good">{value:.2f}× {esc(better)}</td>'
     return f'<td class="num worse">{1 / value:.2f}× {esc(worse)}</td>'
+
+
+def _speed_cell(entry: Any, base_ms: Any, final_ms: Any) -> str:
+    """The speedup of a comparison entry with its 95% interval (``no change`` when it
+    holds 1); from the two medians when the report has no entry."""
+    speedup = finite(dig(entry, "speedup"))
+    if speedup is None:
+        b, f = finite(base_ms), finite(final_ms)
+        speedup = b / f if b is not None and f else None
+    text, tone = speed_change(speedup, dig(entry, "speedup_ci95"))
+    return f'<td class="num {tone}">{esc(text)}</td>'
 
 
 def _delta_cell(base: Any, final: Any) -> str:
@@ -109,12 +121,13 @@ def _latency_rows(report: Mapping[str, Any]) -> str:
         for batch in batches:
             base = by_batch(dig(report, "baseline", "latency", runtime), batch)
             final = by_batch(dig(report, "final", "latency", runtime), batch)
-            speedup = dig(by_batch(dig(report, "comparison", runtime), batch), "speedup")
+            entry = by_batch(dig(report, "comparison", runtime), batch)
             for stat, label in (("median_ms", "median"), ("p90_ms", "p90")):
                 b, f = dig(base, stat), dig(final, stat)
-                change = _ratio_cell(
-                    b, f, "faster", "slower", speedup if stat == "median_ms" else None
-                )
+                # The change is the median of paired per-round ratios, with its interval; a
+                # ratio of two p90s has none, so the p90 row shows the times only.
+                change = (_speed_cell(entry, b, f) if stat == "median_ms"
+                          else '<td class="num na"></td>')
                 rows.append(_row(f"batch {batch}, {label}", fmt_ms(b), fmt_ms(f), change, "sub"))
     return "".join(rows)
 
@@ -199,7 +212,24 @@ def _measure_cells(measure: Any, baseline_top1: Any) -> str:
     )
 
 
-def _stage_row(position: int, stage: Any, baseline_top1: Any) -> str:
+def _stage_speed(stage: Mapping[str, Any], runtime: str) -> str:
+    """The stage's latency change in ``runtime`` from the model it started from, per batch
+    with its 95% interval (timed interleaved), then its flags: a stage that made the runtime
+    slower, and the layers whose time grew."""
+    per_batch = as_mapping(dig(stage, "latency_change", runtime))
+    lines = []
+    for batch in sorted(per_batch, key=batch_sort_key):
+        ratio = finite(dig(per_batch[batch], "time_ratio"))  # new time / old time
+        ci = [finite(x) for x in as_list(dig(per_batch[batch], "ci95"))]
+        speedup_ci = [1 / ci[1], 1 / ci[0]] if len(ci) == 2 and all(ci) else None
+        text, tone = speed_change(1 / ratio if ratio else None, speedup_ci)
+        lines.append(f'<div class="{tone}">batch {esc(batch)}: {esc(text)}</div>')
+    lines += [f'<div class="small worse">⚠ {esc(fmt_value(flag))}</div>'
+              for flag in as_list(stage.get("flags"))]
+    return f"<td>{''.join(lines)}</td>" if lines else f'<td class="na">{DASH}</td>'
+
+
+def _stage_row(position: int, stage: Any, baseline_top1: Any, runtime: str) -> str:
     stage = as_mapping(stage)
     index = stage.get("index", position)
     kind = esc(fmt_value(stage.get("kind", "stage")))
@@ -211,6 +241,7 @@ def _stage_row(position: int, stage: Any, baseline_top1: Any) -> str:
         f"<td>{_items(as_list(stage.get('changed')), lambda v: esc(fmt_value(v)))}</td>"
         f"<td>{_items(as_list(stage.get('skipped')), _skip_item)}</td>"
         f"{_measure_cells(stage.get('measure'), baseline_top1)}"
+        f"{_stage_speed(stage, runtime)}"
         f'<td class="num">{esc(fmt_seconds(stage.get("seconds")))}</td></tr>'
     )
 
@@ -225,16 +256,17 @@ def stages(report: Mapping[str, Any]) -> str:
         sum(s for s in seconds if s is not None) if any(s is not None for s in seconds) else None
     )
     total_text = DASH if total is None else f"total {fmt_seconds(total)}"
+    runtime = str(dig(report, "target", "min_speedup", "runtime") or "onnxruntime")
     rows = [
         '<tr class="ref"><td></td><td>baseline</td><td></td><td></td>'
-        f"{_measure_cells(baseline, None)}<td></td></tr>"
+        f"{_measure_cells(baseline, None)}<td></td><td></td></tr>"
     ]
-    rows += [_stage_row(i, s, base_top1) for i, s in enumerate(items)]
+    rows += [_stage_row(i, s, base_top1, runtime) for i, s in enumerate(items)]
     if not items:
-        rows.append('<tr><td colspan="8" class="na">No stage was run.</td></tr>')
+        rows.append('<tr><td colspan="9" class="na">No stage was run.</td></tr>')
     rows.append(
         '<tr class="ref"><td></td><td>final</td><td></td><td></td>'
-        f"{_measure_cells(report.get('final'), base_top1)}"
+        f"{_measure_cells(report.get('final'), base_top1)}<td></td>"
         f'<td class="num">{esc(total_text)}</td></tr>'
     )
     found = quality(baseline)
@@ -243,7 +275,8 @@ def stages(report: Mapping[str, Any]) -> str:
         '<section id="stages"><h2>Stages</h2><table class="stages"><thead><tr>'
         '<th class="num">#</th><th>Kind</th><th>What changed</th><th>Skipped, and why</th>'
         f'<th class="num">{esc(header)}</th><th class="num">Size</th><th class="num">Non-zero '
-        'params</th><th class="num">Time</th></tr></thead><tbody>'
+        f'params</th><th>Speed vs the model before ({esc(RUNTIME_NAMES.get(runtime, runtime))}'
+        ', 95% CI)</th><th class="num">Time</th></tr></thead><tbody>'
         f"{''.join(rows)}</tbody></table></section>"
     )
 
