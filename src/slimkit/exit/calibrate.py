@@ -1,0 +1,145 @@
+"""Thresholds chosen on a validation split: as low as the allowed top-1 drop permits.
+
+For each sample of the split the exits' confidences and correctness are gathered once; a set
+of thresholds then gives, without running the model again, where each sample exits, whether
+it is right there, and what it cost. The thresholds are chosen greedily, shallowest exit
+first: each exit's threshold is the lowest of its candidate values (quantiles of its
+confidences) for which the dynamic top-1 stays within ``max_drop`` points of the static
+model's, given the thresholds already chosen (the deeper exits still closed). Lower
+thresholds at shallow exits save the most, so they are filled first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from slimkit.exit.model import EarlyExitModel, confidence
+from slimkit.io import batch as B
+
+CANDIDATES = 256  # threshold candidates per exit (quantiles of its confidences)
+
+
+@dataclass
+class ExitStats:
+    """Per sample: each exit's confidence ``[N, K]`` and correctness ``[N, K]``, the final
+    head's correctness ``[N]``."""
+
+    conf: Tensor
+    correct: Tensor
+    final_correct: Tensor
+
+    @property
+    def n(self) -> int:
+        return len(self.final_correct)
+
+
+def gather(model: EarlyExitModel, batches: Iterable[tuple[Any, Tensor]]) -> ExitStats:
+    """Run every exit on every batch (eval mode, no grad) and keep what thresholds need."""
+    conf, correct, final_correct = [], [], []
+    model.eval()
+    with torch.inference_mode():
+        for x, y in batches:
+            exits, final = B.call(model.exit_outputs, x)
+            conf.append(torch.stack([confidence(e, model.plan["confidence"]) for e in exits], 1))
+            correct.append(torch.stack([e.argmax(-1) == y for e in exits], 1))
+            final_correct.append(final.argmax(-1) == y)
+    return ExitStats(torch.cat(conf), torch.cat(correct), torch.cat(final_correct))
+
+
+def exits_taken(stats: ExitStats, thresholds: list[float | None]) -> Tensor:
+    """Which exit each sample takes under ``thresholds`` (``K`` for the final head)."""
+    k_all = stats.conf.shape[1]
+    where = torch.full((stats.n,), k_all, dtype=torch.long)
+    for k in reversed(range(k_all)):
+        t = thresholds[k]
+        if t is not None:
+            where = torch.where(stats.conf[:, k] >= t, torch.full_like(where, k), where)
+    return where
+
+
+def dynamic_correct(stats: ExitStats, where: Tensor) -> Tensor:
+    table = torch.cat([stats.correct, stats.final_correct.unsqueeze(1)], 1)
+    return table.gather(1, where.unsqueeze(1)).squeeze(1)
+
+
+def summarize(stats: ExitStats, thresholds: list[float | None],
+              cost: list[float] | None = None) -> dict[str, Any]:
+    """Top-1 of the static and dynamic model, the exit distribution, each exit's top-1 on the
+    samples it takes, and (given each path's ``cost``, exits then final) the mean cost."""
+    where = exits_taken(stats, thresholds)
+    right = dynamic_correct(stats, where)
+    k_all = stats.conf.shape[1]
+    counts = torch.bincount(where, minlength=k_all + 1)
+    table = torch.cat([stats.correct, stats.final_correct.unsqueeze(1)], 1)
+    per_exit = [float(table[where == k, k].double().mean()) if counts[k] else None
+                for k in range(k_all + 1)]
+    out = {"n": stats.n, "static_top1": float(stats.final_correct.double().mean()),
+           "top1": float(right.double().mean()),
+           "exit_fraction": [float(c) / max(stats.n, 1) for c in counts],
+           "exit_top1": per_exit,
+           "exit_head_top1": [float(stats.correct[:, k].double().mean()) for k in range(k_all)]}
+    if cost is not None:
+        out["mean_cost"] = float(torch.tensor(cost, dtype=torch.float64)[where].mean())
+    return out
+
+
+def _candidates(values: Tensor) -> list[float]:
+    """Up to :data:`CANDIDATES` distinct quantiles of ``values``, lowest first."""
+    q = torch.linspace(0, 1, CANDIDATES, dtype=torch.float64)
+    return sorted(set(torch.quantile(values.double(), q).tolist()))
+
+
+def choose(stats: ExitStats, max_drop: float, min_fraction: float = 0.0,
+           ) -> list[float | None]:
+    """Greedy shallow-first thresholds keeping top-1 within ``max_drop`` points (see the
+    module docstring); an exit none of whose thresholds fits stays closed (None).
+
+    An open exit that takes fewer than ``min_fraction`` of the samples costs every sample
+    passing it a head and a step boundary for almost nothing: the least used such exit is
+    closed and the others chosen again, until every open exit takes at least that share.
+    """
+    closed: set[int] = set()
+    while True:
+        thresholds = _greedy(stats, max_drop, closed)
+        share = torch.bincount(exits_taken(stats, thresholds),
+                               minlength=stats.conf.shape[1] + 1).double() / max(stats.n, 1)
+        rare = [k for k, t in enumerate(thresholds) if t is not None and share[k] < min_fraction]
+        if not rare:
+            return thresholds
+        closed.add(min(rare, key=lambda k: float(share[k])))
+
+
+def _greedy(stats: ExitStats, max_drop: float, closed: set[int]) -> list[float | None]:
+    k_all = stats.conf.shape[1]
+    bound = float(stats.final_correct.double().sum()) - max_drop / 100 * stats.n
+    thresholds: list[float | None] = [None] * k_all
+    for k in range(k_all):
+        if k in closed:
+            continue
+        for c in _candidates(stats.conf[:, k]):  # lowest first: the first that fits wins
+            trial = [*thresholds[:k], c, *thresholds[k + 1:]]
+            hits = float(dynamic_correct(stats, exits_taken(stats, trial)).double().sum())
+            if hits >= bound - 1e-9:
+                thresholds[k] = c
+                break
+    return thresholds
+
+
+def sweep(val: ExitStats, test: ExitStats | None, cost: list[float],
+          drops: Iterable[float] = (0.0, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 100.0),
+          min_fraction: float = 0.0) -> list[dict[str, Any]]:
+    """Operating points as the allowed drop (and with it every threshold) sweeps: thresholds
+    chosen on ``val``, top-1 and mean cost measured on ``test`` (else ``val``)."""
+    points = []
+    for drop in drops:
+        t = choose(val, drop, min_fraction)
+        s = summarize(test if test is not None else val, t, cost)
+        points.append({"max_drop": drop, "thresholds": t, "top1": s["top1"],
+                       "mean_cost": s["mean_cost"], "exit_fraction": s["exit_fraction"]})
+    return points
+
