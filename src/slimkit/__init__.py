@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "compress": "slimkit.api", "train_zoo": "slimkit.api", "wrap": "slimkit.api",
+    "search": "slimkit.api",
     "SlimkitError": "slimkit.core.errors",
     "load_data": "slimkit.data", "DataBundle": "slimkit.data.bundle",
     "StreamData": "slimkit.data.stream", "custom_task": "slimkit.measure.tasks",

@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, create_model
 from slimkit.core.config import SlimConfig, format_validation_error
 from slimkit.core.errors import ConfigError, MissingDataError
 from slimkit.core.stages import STAGE_CONFIGS, data_needed
+from slimkit.search.config import SearchConfig
 
 MAX_DEPTH = 64  # levels of nesting a recipe may use
 MAX_NODES = 100_000  # YAML values (aliases expanded) a recipe may hold
@@ -80,6 +81,8 @@ def recipe_model() -> type[SlimConfig]:
                                         description="Stages applied in order (at least one).")),
         measure=(MeasureOptions, Field(default_factory=MeasureOptions,
                                        description="Measurement options.")),
+        search=(SearchConfig | None, Field(None, description="What `slimkit search` may change "
+                                                             "(compress ignores it).")),
     )
 
 
