@@ -1,36 +1,52 @@
-"""Static INT8 PTQ of a CNN on real MNIST, run by ONNX Runtime's integer kernels.
+"""Static INT8 PTQ of a CNN on Fashion-MNIST, run by ONNX Runtime's integer kernels.
 
-Trains LeNet-5 (zoo) on builtin:mnist for a few epochs, then quantizes it with slimkit's PTQ
-(BatchNorm folded, weights per-channel symmetric, uint8 activations per tensor, calibration on
-a class-stratified subset) and exports the QDQ ONNX file with int8 weight initializers.
+Trains LeNet-5 (zoo) on ``builtin:fashion-mnist`` (54,000 train / 6,000 validation / 10,000
+test), then quantizes it with slimkit's PTQ (BatchNorm folded, weights per-channel symmetric,
+uint8 activations per tensor) and exports the QDQ ONNX file with int8 weight initializers.
 LeNet-5's conv1 (1 input channel, 5x5: a reduction of 25) stays float by slimkit's
-``min_conv_reduction`` rule, because ORT's integer conv is slower than its float conv at that
-size; ``slimkit_int8_all_layers`` shows the result with every layer in int8. Side by side, the
-same FP32 ONNX file is quantized by ``onnxruntime.quantization.
-quantize_static`` (QDQ format, per_channel=True, the same calibration samples), with and
-without its ``reduce_range`` option.
+``min_conv_reduction`` rule; ``slimkit_int8_all_layers`` quantizes every layer.
 
-Criteria (slimkit issue 3):
+Peers, on the same FP32 ONNX file and the same calibration samples (a class-stratified,
+shuffled subset of the *training* split, seed 0), each run twice: with slimkit's exclusion
+(conv1 float: ``*_same_exclusions``) and quantizing every layer (``*_all_layers``):
+
+* ``onnxruntime.quantization.quantize_static`` (QDQ, per_channel=True, uint8 activations,
+  int8 weights; calibrate_method and reduce_range chosen on validation);
+* NNCF's ``nncf.quantize`` (ONNX backend on the FP32 ONNX model: the output is an ONNX model;
+  its defaults), with ``ignored_scope`` = conv1 for the same-exclusions row.
+
+Every choice (slimkit's calibration method, the peer's calibrate_method/reduce_range) is made
+on the validation split; the test split is read once, at the end, for the chosen models.
+Accuracies carry Wilson 95% intervals; differences are tested with exact McNemar (paired).
+Speed: ``--rounds`` interleaved rounds in one process (all sessions round-robin, fixed thread
+count); each speed-up is the median of paired per-call ratios with a ~95% order-statistic
+interval (``slimkit.measure.latency.ratio_ci``) and the per-round medians beside it.
+
+Criteria (slimkit issue 3, re-checked in issue 17):
 
 * accuracy drop of the deployed INT8 model (ONNX Runtime) <= 0.3 points;
 * the INT8 ONNX file >= 3.8x smaller than the FP32 one;
-* ORT INT8 at batch 32 >= 1.3x faster than ORT FP32 (one process, sessions with a fixed
-  thread count, interleaved timing via slimkit.measure.latency.time_interleaved);
-* slimkit at least as accurate and at least as fast as ``quantize_static``.
+* ORT INT8 at batch 32 >= 1.3x faster than ORT FP32 (the interval's low end decides);
+* slimkit at least as accurate and at least as fast as each peer (not worse beyond noise).
 
-Prints JSON and saves it to benchmarks/results/quant_cnn.json.
+Prints JSON and saves it to benchmarks/results/quant_cnn.json (``--quick``: a smoke run,
+not saved).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from _common import emit  # noqa: I001
+from _common import data_record, emit  # noqa: I001
 
 from slimkit.core.files import write_json
 from slimkit.core.stages import StageContext
@@ -38,25 +54,38 @@ from slimkit.data import calibration_subset, load_data
 from slimkit.export.onnx import check_parity, export_onnx
 from slimkit.export.qdq import int8_ops
 from slimkit.io.loader import load_zoo
-from slimkit.measure.latency import ort_session, time_interleaved
+from slimkit.measure.latency import ort_session, ratio_ci, time_interleaved
+from slimkit.measure.stats import accuracy_ci, mcnemar
 from slimkit.quant.ptq import PtqConfig, ptq
 from slimkit.train.loop import TrainConfig, fit
 
 RESULTS = Path(__file__).parent / "results" / "quant_cnn.json"
+SLIMKIT_METHODS = ("minmax", "percentile", "mse")
+ORT_METHODS = ("MinMax", "Percentile", "Entropy")
 
 
-def ort_accuracy(session: Any, x: torch.Tensor, y: torch.Tensor, batch: int = 250) -> float:
-    """Top-1 accuracy in percent of an ONNX Runtime session."""
+def ort_correct(session: Any, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> np.ndarray:
+    """Per-sample correctness (bool) of an ONNX Runtime session's top-1."""
     name = session.get_inputs()[0].name
     preds = [session.run(None, {name: x[i:i + batch].numpy()})[0].argmax(1)
              for i in range(0, len(x), batch)]
-    return float((np.concatenate(preds) == y.numpy()).mean() * 100)
+    return np.concatenate(preds) == y.numpy()
 
 
-def peer_quantize(fp32: Path, out: Path, calib: torch.Tensor, reduce_range: bool) -> Path:
-    """onnxruntime.quantization.quantize_static: QDQ, per-channel, same calibration data."""
+def conv1_nodes(fp32: Path) -> list[str]:
+    """Names of the FP32 graph's nodes that belong to module ``conv1`` (slimkit's exclusion)."""
+    import onnx
+
+    return [n.name for n in onnx.load(str(fp32)).graph.node
+            if n.name.split("/")[1:2] == ["conv1"]]
+
+
+def ort_static(fp32: Path, out: Path, calib: torch.Tensor, method: str, reduce_range: bool,
+               exclude: list[str]) -> Path:
+    """onnxruntime.quantization.quantize_static: QDQ, per-channel, the given calibration data."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
+        CalibrationMethod,
         QuantFormat,
         QuantType,
         quantize_static,
@@ -70,98 +99,225 @@ def peer_quantize(fp32: Path, out: Path, calib: torch.Tensor, reduce_range: bool
         def get_next(self) -> dict | None:
             return next(self.batches, None)
 
-    quantize_static(str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, reduce_range=reduce_range,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    with contextlib.redirect_stdout(sys.stderr):  # its progress lines; stdout is the JSON
+        quantize_static(str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, reduce_range=reduce_range,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=getattr(CalibrationMethod, method),
+                        nodes_to_exclude=exclude)
+    return out
+
+
+def nncf_quantize(fp32: Path, out: Path, calib: torch.Tensor, exclude: list[str]) -> Path:
+    """``nncf.quantize`` (ONNX backend) of the FP32 ONNX model on the same calibration data."""
+    import nncf
+    import onnx
+
+    for handler in logging.getLogger("nncf").handlers:  # its log lines; stdout is the JSON
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(sys.stderr)
+    # One sample per item: NNCF's subset_size counts items, and its statistics are per item.
+    dataset = nncf.Dataset([{"input": calib[i:i + 1].numpy()} for i in range(len(calib))])
+    scope = nncf.IgnoredScope(names=exclude) if exclude else None
+    with contextlib.redirect_stdout(sys.stderr):
+        q = nncf.quantize(onnx.load(str(fp32)), dataset, subset_size=len(calib),
+                          **({"ignored_scope": scope} if scope else {}))
+    onnx.save(q, str(out))
+    return out
+
+
+def nncf_status() -> dict[str, Any]:
+    try:
+        import nncf
+    except Exception as err:  # noqa: BLE001 - any import failure means "no NNCF row"
+        return {"installed": False, "reason": f"{type(err).__name__}: {err}"}
+    return {"installed": True, "version": nncf.__version__}
+
+
+def choose_slimkit(model: Any, data: Any, args: argparse.Namespace, tmp: Path
+                   ) -> tuple[str, dict[str, float]]:
+    """slimkit's calibration method with the best validation accuracy in ONNX Runtime."""
+    ctx = StageContext(data=data, progress=False)
+    val = {}
+    for method in SLIMKIT_METHODS:
+        q, _ = ptq(model, PtqConfig(calibration=method, num_samples=args.calib), ctx)
+        sess = ort_session(export_onnx(q, tmp / f"val-slimkit-{method}.onnx"), args.threads)
+        val[method] = float(ort_correct(sess, data.x_val, data.y_val).mean())
+    return max(val, key=val.get), val
+
+
+def choose_ort(fp32: Path, calib: torch.Tensor, data: Any, args: argparse.Namespace,
+               tmp: Path, exclude: list[str], tag: str) -> tuple[dict[str, Any], dict]:
+    """quantize_static's calibrate_method and reduce_range with the best validation accuracy."""
+    val = {}
+    for method in ORT_METHODS:
+        for rr in (False, True):
+            path = ort_static(fp32, tmp / f"val-{tag}-{method}-{rr}.onnx", calib, method, rr,
+                              exclude)
+            val[f"{method}/reduce_range={rr}"] = float(
+                ort_correct(ort_session(path, args.threads), data.x_val, data.y_val).mean())
+    best = max(val, key=val.get)
+    method, rr = best.split("/reduce_range=")
+    return {"calibrate_method": method, "reduce_range": rr == "True"}, val
+
+
+def build(model: Any, data: Any, args: argparse.Namespace, tmp: Path
+          ) -> tuple[dict[str, Path], dict[str, Any], Any, Any]:
+    """Every model's ONNX file, with the configurations chosen on validation."""
+    ctx = StageContext(data=data, progress=False)
+    calib = calibration_subset(data, args.calib, seed=0)  # the samples slimkit calibrates on
+    fp32 = export_onnx(model, tmp / "fp32.onnx")
+    excl = conv1_nodes(fp32)
+    method, slim_val = choose_slimkit(model, data, args, tmp)
+    cfg = PtqConfig(calibration=method, num_samples=args.calib)
+    qmodel, record = ptq(model, cfg, ctx)
+    q_all, _ = ptq(model, cfg.model_copy(update={"min_conv_reduction": 0}), ctx)
+    paths = {"fp32": fp32, "slimkit_int8": export_onnx(qmodel, tmp / "slimkit.onnx"),
+             "slimkit_int8_all_layers": export_onnx(q_all, tmp / "slimkit_all.onnx")}
+    configs: dict[str, Any] = {"slimkit": {"config": cfg.model_dump(), "validation_accuracy":
+                                           slim_val, "excluded": [s["what"] for s in
+                                                                  record.skipped]}}
+    for tag, ex in (("same_exclusions", excl), ("all_layers", [])):
+        chosen, val = choose_ort(fp32, calib, data, args, tmp, ex, tag)
+        name = f"ort_quantize_static_{tag}"
+        paths[name] = ort_static(fp32, tmp / f"{name}.onnx", calib, chosen["calibrate_method"],
+                                 chosen["reduce_range"], ex)
+        configs[name] = {"call": "quantize_static", "quant_format": "QDQ", "per_channel": True,
+                         "activation_type": "QUInt8", "weight_type": "QInt8",
+                         "nodes_to_exclude": ex, **chosen, "validation_accuracy": val}
+    nn_ = nncf_status()
+    configs["nncf"] = nn_
+    if nn_["installed"]:
+        for tag, ex in (("same_exclusions", excl), ("all_layers", [])):
+            name = f"nncf_{tag}"
+            start = time.perf_counter()
+            paths[name] = nncf_quantize(fp32, tmp / f"{name}.onnx", calib, ex)
+            configs[name] = {"call": "nncf.quantize on the FP32 ONNX model (ONNX backend; "
+                                     "defaults: no preset, target_device or model_type given)",
+                             "subset_size": len(calib), "ignored_scope": ex,
+                             "seconds": time.perf_counter() - start}
+    return paths, configs, qmodel, record
+
+
+def speed(paths: dict[str, Path], x: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
+    """Speed-ups vs FP32 (and slimkit vs each peer) over interleaved rounds, with intervals."""
+    sessions = {k: ort_session(p, args.threads) for k, p in paths.items()}
+    fns = {k: (lambda s=s: s.run(None, {"input": x})) for k, s in sessions.items()}
+    rounds = [time_interleaved(fns, warmup=10, repeats=args.repeats, keep_samples=True)
+              for _ in range(args.rounds)]
+    samples = {k: [t for r in rounds for t in r[k]["samples_ms"]] for k in fns}
+    out = {}
+    for k in fns:
+        med, lo, hi = ratio_ci(samples["fp32"], samples[k])  # fp32 / k: > 1 is faster
+        out[k] = {"median_ms": float(np.median(samples[k])),
+                  "speedup_vs_fp32": med, "speedup_ci95": [lo, hi],
+                  "speedup_per_round": [r["fp32"]["median_ms"] / r[k]["median_ms"]
+                                        for r in rounds],
+                  "differs_from_fp32": lo > 1 or hi < 1}
+    for k in fns:
+        if k.startswith(("ort_", "nncf_")):
+            med, lo, hi = ratio_ci(samples[k], samples["slimkit_int8"])  # peer / slimkit
+            out[k]["slimkit_speedup_vs_this"] = {"median": med, "ci95": [lo, hi],
+                                                 "differs": lo > 1 or hi < 1}
+    return {"batch": args.batch, "threads": args.threads, "rounds": args.rounds,
+            "repeats_per_round": args.repeats, "paired_calls": len(samples["fp32"]),
+            "interval": "order-statistic ~95% CI of the median paired ratio", "models": out}
+
+
+def test_accuracy(paths: dict[str, Path], data: Any, args: argparse.Namespace
+                  ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Read once, at the end: every chosen model's test accuracy with its Wilson interval."""
+    hits = {k: ort_correct(ort_session(p, args.threads), data.x_test, data.y_test)
+            for k, p in paths.items()}
+    acc = {k: accuracy_ci(int(h.sum()), len(h)) | {
+        "drop_points_vs_fp32": 100 * (hits["fp32"].mean() - h.mean()),
+        "vs_fp32": mcnemar(hits["fp32"], h)} for k, h in hits.items()}
+    for k, h in hits.items():
+        if k.startswith(("ort_", "nncf_")):
+            acc[k]["slimkit_vs_this"] = mcnemar(hits["slimkit_int8"], h)
+    return acc, hits
+
+
+def criteria(acc: dict, spd: dict, size: dict) -> dict[str, Any]:
+    s, peers = spd["models"]["slimkit_int8"], [k for k in acc if k.startswith(("ort_", "nncf_"))]
+    out: dict[str, Any] = {
+        "accuracy_drop_le_0.3": {"met": bool(acc["slimkit_int8"]["drop_points_vs_fp32"] <= 0.3),
+                                 "drop_points": acc["slimkit_int8"]["drop_points_vs_fp32"],
+                                 "drop_beyond_noise": acc["slimkit_int8"]["vs_fp32"]["differs"]},
+        "onnx_size_ratio_ge_3.8": {"met": size["fp32"] / size["slimkit_int8"] >= 3.8,
+                                   "ratio": size["fp32"] / size["slimkit_int8"]},
+        "ort_speedup_ge_1.3_at_batch": {"met": s["speedup_ci95"][0] >= 1.3,
+                                        "speedup": s["speedup_vs_fp32"],
+                                        "ci95": s["speedup_ci95"],
+                                        "faster_than_fp32_beyond_noise": s["speedup_ci95"][0] > 1},
+    }
+    for k in peers:
+        a = acc[k]["slimkit_vs_this"]
+        v = spd["models"][k]["slimkit_speedup_vs_this"]
+        out[f"as_accurate_as_{k}"] = {"met": not (a["differs"] and a["accuracy_difference"] < 0),
+                                      "difference": a["accuracy_difference"],
+                                      "beyond_noise": a["differs"], "p_value": a["p_value"]}
+        out[f"as_fast_as_{k}"] = {"met": v["ci95"][1] >= 1.0, "slimkit_speedup": v["median"],
+                                  "ci95": v["ci95"], "beyond_noise": v["differs"]}
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--calib", type=int, default=512)
-    ap.add_argument("--calibration", default="percentile")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=300)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=60, help="timed calls per model per round")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 1 epoch on 5,000 images, 3x20 calls")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
+    if args.quick:
+        args.epochs, args.rounds, args.repeats, args.no_save = 1, 3, 20, True
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    data = load_data("builtin:mnist")
+    data = load_data("builtin:fashion-mnist")
+    if args.quick:  # smoke run: train on a stratified 5,000-image subset
+        import dataclasses
+
+        from slimkit.data.split import calibration_indices
+
+        idx = calibration_indices(data, 5000, seed=0)
+        data = dataclasses.replace(data, x_train=data.x_train[idx], y_train=data.y_train[idx])
     model = load_zoo("lenet5", data)
     fit(model.module, data, TrainConfig(epochs=args.epochs, lr=2e-3), progress=False)
     model.module.eval()
-    with torch.no_grad():
-        torch_fp32 = float((model.module(data.x_test).argmax(1) == data.y_test).float().mean())
-    ctx = StageContext(data=data, progress=False)
-    qmodel, record = ptq(model, PtqConfig(calibration=args.calibration,
-                                          num_samples=args.calib), ctx)
-    # For comparison: every conv in int8, including conv1 (reduction 25), which ORT's integer
-    # conv runs slower than its float conv.
-    q_all, _ = ptq(model, PtqConfig(calibration=args.calibration, num_samples=args.calib,
-                                    min_conv_reduction=0), ctx)
-    calib = calibration_subset(data, args.calib, seed=0)  # the samples slimkit calibrated on
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        paths = {"fp32": export_onnx(model, tmp / "fp32.onnx"),
-                 "slimkit_int8": export_onnx(qmodel, tmp / "slimkit.onnx"),
-                 "slimkit_int8_all_layers": export_onnx(q_all, tmp / "all.onnx"),
-                 "ort_quantize_static": peer_quantize(tmp / "fp32.onnx", tmp / "peer.onnx",
-                                                      calib, reduce_range=False),
-                 "ort_quantize_static_reduce_range": peer_quantize(
-                     tmp / "fp32.onnx", tmp / "peer_rr.onnx", calib, reduce_range=True)}
-        result = measure(paths, args, data, qmodel, torch_fp32)
-    result["slimkit_layers"] = record.details["layers"]
-    result["slimkit_skipped"] = record.skipped
+        paths, configs, qmodel, record = build(model, data, args, Path(tmp))
+        x = data.x_val[: args.batch].numpy()  # timing input
+        spd = speed(paths, x, args)
+        size = {k: p.stat().st_size for k, p in paths.items()}
+        ops = {k: int8_ops(p, args.threads) for k, p in paths.items() if k != "fp32"}
+        acc, hits = test_accuracy(paths, data, args)
+        par = check_parity(qmodel, paths["slimkit_int8"], (data.x_val[:1000],))
+    with torch.no_grad():
+        sim = qmodel.module(data.x_test).argmax(1).numpy() == data.y_test.numpy()
+    result = {
+        "benchmark": "quant_cnn", "model": "zoo:lenet5",
+        "data": data_record(data, calibration=f"{args.calib} class-stratified, shuffled "
+                            "training samples (seed 0), the same for every quantizer",
+                            choices="on the validation split; test read once at the end"),
+        "seeds": {"torch": 0, "calibration": 0, "validation_split": 0},
+        "settings": vars(args), "ort_version": __import__("onnxruntime").__version__,
+        "peer_configs": configs, "accuracy_test": acc, "speed": spd,
+        "onnx_bytes": size, "onnx_size_ratio": {k: size["fp32"] / v for k, v in size.items()},
+        "ort_ops": ops,
+        "parity": par | {"torch_vs_ort_correct_agreement":
+                         float((sim == hits["slimkit_int8"]).mean())},
+        "slimkit_layers": record.details["layers"], "slimkit_skipped": record.skipped,
+    }
+    result["criteria"] = criteria(acc, spd, size)
+    result["met"] = all(c["met"] for c in result["criteria"].values())
     emit(result)
     if not args.no_save:
         write_json(RESULTS, result)
-
-
-def measure(paths: dict[str, Path], args: argparse.Namespace, data: Any, qmodel: Any,
-            torch_fp32: float) -> dict[str, Any]:
-    import onnxruntime as ort
-
-    sessions = {k: ort_session(p, args.threads) for k, p in paths.items()}
-    x = data.x_test[: args.batch].numpy()
-    fns = {k: (lambda s=s: s.run(None, {"input": x})) for k, s in sessions.items()}
-    # The machine is shared: besides the headline run, the speed-up of several shorter
-    # interleaved rounds is reported to show how much it moves with the load.
-    rounds = [time_interleaved(fns, warmup=10, repeats=args.repeats // args.rounds)
-              for _ in range(args.rounds)]
-    timing = time_interleaved(fns, warmup=10, repeats=args.repeats)
-    per_round = {k: [r["fp32"]["median_ms"] / r[k]["median_ms"] for r in rounds] for k in fns}
-    acc = {k: ort_accuracy(s, data.x_test, data.y_test) for k, s in sessions.items()}
-    size = {k: p.stat().st_size for k, p in paths.items()}
-    fp = timing["fp32"]["median_ms"]
-    models = {k: {"ort_accuracy": acc[k], "accuracy_drop_points": acc["fp32"] - acc[k],
-                  "onnx_bytes": size[k], "onnx_size_ratio": size["fp32"] / size[k],
-                  "median_ms": timing[k]["median_ms"], "p90_ms": timing[k]["p90_ms"],
-                  "speedup_vs_fp32": fp / timing[k]["median_ms"],
-                  "speedup_per_round": per_round[k],
-                  "ort_ops": int8_ops(paths[k], args.threads) if k != "fp32" else None}
-              for k in paths}
-    par = check_parity(qmodel, paths["slimkit_int8"], (data.x_test,))
-    with torch.no_grad():
-        sim = qmodel.module(data.x_test).argmax(1).numpy()
-    ort_pred = sessions["slimkit_int8"].run(None, {"input": data.x_test.numpy()})[0].argmax(1)
-    s, peer = models["slimkit_int8"], models["ort_quantize_static"]
-    criteria = {"accuracy_drop_le_0.3": s["accuracy_drop_points"] <= 0.3,
-                "onnx_size_ratio_ge_3.8": s["onnx_size_ratio"] >= 3.8,
-                "ort_speedup_ge_1.3_at_batch": s["speedup_vs_fp32"] >= 1.3,
-                "as_accurate_as_peer": s["ort_accuracy"] >= peer["ort_accuracy"],
-                "as_fast_as_peer": s["median_ms"] <= peer["median_ms"]}
-    return {"benchmark": "quant_cnn", "model": "zoo:lenet5", "data": data.name,
-            "n_test": len(data.x_test), "torch_fp32_accuracy": torch_fp32 * 100,
-            "settings": vars(args) | {"activations": "uint8 asymmetric per-tensor",
-                                      "weights": "int8 storage, symmetric per-channel, "
-                                                 "reduce_range (7-bit codes)"},
-            "ort_version": ort.__version__, "ort_threads": args.threads,
-            "batch": args.batch, "models": models,
-            "parity": par | {"argmax_agreement": float((sim == ort_pred).mean())},
-            "criteria": criteria, "met": all(criteria.values())}
 
 
 if __name__ == "__main__":

@@ -5,18 +5,36 @@ BERT-family Hugging Face directory (``--hf DIR``; ``--make-tiny-bert DIR`` write
 small random BertConfig first, for a smoke run without downloads). Inputs of the HF model are
 random token ids (no labels, so no accuracy there).
 
-Compared on the same FP32 model:
-- slimkit ``dynamic_quant``: int8 per-channel weights with per-token activations
-  (``slimkit_token``) or per-tensor ones (``slimkit_tensor``: exact u8 x u8 products;
-  ``slimkit_tensor_7bit``: 7-bit weight codes run by ORT's faster u8 x s8 kernel), exported to
-  ONNX (DynamicQuantizeLinear / per-row quantization + MatMulInteger);
-- ``onnxruntime.quantization.quantize_dynamic`` on the same FP32 ONNX file (default options);
-- ``torch.ao.quantization.quantize_dynamic`` (deprecated; the peer only, run in PyTorch).
+Compared on the same FP32 model. Coverage (which weights are quantized) is the same for the
+like-for-like rows: every quantizer quantizes every Linear layer and leaves embeddings and
+convolutions (ViT's patch embedding) float:
 
-Reported: mean per-sample cosine of the outputs vs FP32 (target >= 0.995), accuracy (ViT),
-ONNX sizes, slimkit's ORT-vs-PyTorch parity, and latencies measured interleaved in one
-process with a fixed thread count (ORT: FP32 / slimkit / ORT peer; PyTorch eager: FP32 /
-torch peer). Prints JSON and saves it to benchmarks/results/quant_transformer.json.
+* slimkit ``dynamic_quant`` (Linear layers only, by design);
+* ``onnxruntime.quantization.quantize_dynamic`` with ``op_types_to_quantize=["MatMul"]``
+  (``ort_quantize_dynamic_same_coverage``; ORT rewrites Gemm as MatMul first, so this covers
+  every Linear);
+* ``torch.ao.quantization.quantize_dynamic`` on ``nn.Linear`` (deprecated; run in PyTorch).
+
+ORT's default coverage (``ort_quantize_dynamic_default``: ``MatMul``, ``Conv`` and ``Gather``,
+so it also quantizes ViT's patch embedding and BERT's embedding tables) is printed beside
+them, never compared as like for like. Each ONNX graph's integer and float weight ops are
+recorded, so the coverage actually deployed can be checked.
+
+slimkit variants: int8 per-channel weights with per-token activations (``slimkit_token``) or
+per-tensor ones (``slimkit_tensor``: exact u8 x u8 products; ``slimkit_tensor_7bit``: 7-bit
+weight codes run by ORT's faster u8 x s8 kernel), exported to ONNX. Every quantizer that
+calibrates gets the same calibration tensor: ``--calib`` class-stratified, shuffled training
+images (seed 0), never a prefix of the label-sorted training set.
+
+Reported: mean per-sample cosine of the outputs vs FP32 (target >= 0.995) with a bootstrap
+95% interval of the paired per-sample difference to each peer (a "beats" verdict says whether
+it exceeds the noise), test accuracy with Wilson 95% intervals (ViT), ONNX sizes, each ONNX
+graph's integer and float weight ops (the coverage actually deployed), slimkit's
+ORT-vs-PyTorch parity, and latencies over ``--rounds`` interleaved rounds in one process with
+a fixed thread count (ORT sessions side by side; PyTorch eager FP32 vs torch peers), as
+median paired ratios with ~95% intervals. Nothing is tuned on the test split (no choices are
+made). Prints JSON and saves it to benchmarks/results/quant_transformer.json (``--quick``:
+smoke run, not saved).
 """
 
 from __future__ import annotations
@@ -31,17 +49,24 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import emit  # noqa: I001
+from _common import data_record, emit  # noqa: I001
 from torch import nn
 
 from slimkit.core.files import write_json
-from slimkit.data import load_data
+from slimkit.data import calibration_subset, load_data
 from slimkit.export.onnx import check_parity, export_onnx
+from slimkit.io import batch as B
 from slimkit.io.loader import load_zoo
 from slimkit.io.model import SlimModel
-from slimkit.measure.latency import ort_runner, ort_session, time_interleaved, torch_runner
+from slimkit.measure.latency import (
+    ort_session,
+    ratio_ci,
+    time_interleaved,
+    torch_runner,
+)
+from slimkit.measure.stats import accuracy_ci, bootstrap_ci
 from slimkit.quant.dynamic import DynamicQuantConfig, _dynamic_quant
-from slimkit.train import TrainConfig, evaluate, fit
+from slimkit.train import TrainConfig, fit
 
 RESULTS = Path(__file__).parent / "results" / "quant_transformer.json"
 VARIANTS = {
@@ -49,28 +74,51 @@ VARIANTS = {
     "slimkit_tensor": DynamicQuantConfig(activations="tensor"),
     "slimkit_tensor_7bit": DynamicQuantConfig(activations="tensor", reduce_range=True),
 }
+#: ONNX ops that compute with integer weights, and float ops that hold a weight
+INT_OPS = {"MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+           "DynamicQuantizeLinear", "QGemm", "QLinearMatMul"}
+FLOAT_WEIGHT_OPS = {"MatMul", "Gemm", "Conv", "Gather"}
 
 
-def cosine(ref: torch.Tensor, out: torch.Tensor) -> float:
-    return float(F.cosine_similarity(out.flatten(1).double(), ref.flatten(1).double(),
-                                     dim=1).mean())
+def cosines(ref: torch.Tensor, out: torch.Tensor) -> np.ndarray:
+    """Per-sample cosine similarity of the outputs, float64."""
+    return F.cosine_similarity(out.flatten(1).double(), ref.flatten(1).double(), dim=1).numpy()
+
+
+def feed(sess: Any, x: torch.Tensor) -> dict[str, np.ndarray]:
+    """ORT inputs for ``x``: a BERT graph also takes an all-ones attention mask and all-zero
+    token types (what the PyTorch model assumes when given input ids only)."""
+    extra = {"attention_mask": np.ones_like, "token_type_ids": np.zeros_like}
+    xs = x.numpy()
+    return {i.name: extra[i.name](xs) if i.name in extra else xs for i in sess.get_inputs()}
+
+
+def named(path: Path, x: torch.Tensor) -> tuple | dict[str, torch.Tensor]:
+    """``x`` as the ONNX graph names its inputs (a dict for a BERT graph, see :func:`feed`)."""
+    sess = ort_session(path, 1)
+    if len(sess.get_inputs()) == 1:
+        return (x,)
+    return {k: torch.from_numpy(v) for k, v in feed(sess, x).items()}
 
 
 def ort_outputs(path: Path, x: torch.Tensor, chunk: int = 128) -> torch.Tensor:
     sess = ort_session(path, 1)
-    name = sess.get_inputs()[0].name
-    outs = [sess.run(None, {name: x[i:i + chunk].numpy()})[0] for i in range(0, len(x), chunk)]
+    outs = [sess.run(None, feed(sess, x[i:i + chunk]))[0] for i in range(0, len(x), chunk)]
     return torch.from_numpy(np.concatenate(outs)).float()
 
 
 def torch_outputs(module: nn.Module, x: torch.Tensor, chunk: int = 128) -> torch.Tensor:
     module.eval()
     with torch.inference_mode():
-        return torch.cat([module(x[i:i + chunk]) for i in range(0, len(x), chunk)]).float()
+        # the first output tensor (HF models return a ModelOutput: its logits)
+        return torch.cat([B.select(module(x[i:i + chunk]))
+                          for i in range(0, len(x), chunk)]).float()
 
 
-def top1(logits: torch.Tensor, y: torch.Tensor | None) -> float | None:
-    return None if y is None else float((logits.argmax(1) == y).float().mean())
+def top1(logits: torch.Tensor, y: torch.Tensor | None) -> dict[str, Any] | None:
+    if y is None:
+        return None
+    return accuracy_ci(int((logits.argmax(1) == y).sum()), len(y))
 
 
 def make_tiny_bert(path: Path) -> None:
@@ -84,6 +132,23 @@ def make_tiny_bert(path: Path) -> None:
     BertForSequenceClassification(cfg).eval().save_pretrained(path)
 
 
+def graph_coverage(path: Path) -> dict[str, Any]:
+    """Which ops of an ONNX graph compute with integer weights and which weighted ops stay
+    float (a float ``MatMul``/``Gemm``/``Conv``/``Gather`` reading an initializer)."""
+    import onnx
+
+    g = onnx.load(str(path)).graph
+    inits = {i.name for i in g.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    ints: dict[str, int] = {}
+    floats: dict[str, int] = {}
+    for n in g.node:
+        if n.op_type in INT_OPS:
+            ints[n.op_type] = ints.get(n.op_type, 0) + 1
+        elif n.op_type in FLOAT_WEIGHT_OPS and any(i in inits for i in n.input):
+            floats[n.op_type] = floats.get(n.op_type, 0) + 1
+    return {"integer_ops": ints, "float_weight_ops": floats}
+
+
 def slimkit_variant(model: SlimModel, cfg: DynamicQuantConfig, calib: torch.Tensor,
                     tmp: Path, tag: str) -> tuple[SlimModel, Path, dict]:
     # The stage (dynamic_quant) calibrates on a stratified subset of a DataBundle; every
@@ -92,100 +157,149 @@ def slimkit_variant(model: SlimModel, cfg: DynamicQuantConfig, calib: torch.Tens
     q = model.copy(module)
     q.arch = None
     path = export_onnx(q, tmp / f"{tag}.onnx")
-    return q, path, {"kept_float": rec.skipped, "layers": len(rec.details["layers"]),
+    return q, path, {"config": cfg.model_dump(), "kept_float": rec.skipped,
+                     "layers": len(rec.details["layers"]),
                      "max_layer_error": max((e["output_rel_error"] or 0.0)
                                             for e in rec.details["layers"].values())}
 
 
-def case(model: SlimModel, x: torch.Tensor, y: torch.Tensor | None, calib: torch.Tensor,
-         args: argparse.Namespace, tmp: Path, variants: dict[str, DynamicQuantConfig]
-         ) -> dict[str, Any]:
-    """Fidelity, accuracy, sizes and latencies of every quantizer on one model."""
+def peers(model: SlimModel, fp32: Path, tmp: Path) -> dict[str, tuple[Path | nn.Module, dict]]:
+    """The ORT (both coverages) and torch dynamic quantizers: (ONNX path or module, config)."""
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
+    out: dict[str, tuple[Path | nn.Module, dict]] = {}
+    for tag, ops in (("same_coverage", ["MatMul"]), ("default", None)):
+        path = tmp / f"ort_peer_{tag}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ort_quantize_dynamic(str(fp32), str(path), op_types_to_quantize=ops)
+        out[f"ort_quantize_dynamic_{tag}"] = (path, {
+            "call": "onnxruntime.quantization.quantize_dynamic", "op_types_to_quantize":
+            ops or "default (MatMul, Conv, Gather, Attention, LSTM, EmbedLayerNormalization, "
+                   "Transpose)", "weight_type": "QInt8 (default)", "per_channel": False,
+            "reduce_range": False, "note": "ORT rewrites Gemm as MatMul before quantizing, "
+                                          "so ['MatMul'] covers every Linear"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tq = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model.module), {nn.Linear},
+                                                    dtype=torch.qint8)
+    out["torch_quantize_dynamic_same_coverage"] = (tq, {
+        "call": "torch.ao.quantization.quantize_dynamic", "dtype": "qint8",
+        "qconfig_spec": ["nn.Linear"]})
+    return out
+
+
+def case(model: SlimModel, x: torch.Tensor, y: torch.Tensor | None, calib: torch.Tensor,
+         args: argparse.Namespace, tmp: Path, extra: dict[str, DynamicQuantConfig] | None = None
+         ) -> dict[str, Any]:
+    """Fidelity, accuracy, sizes, coverage and latencies of every quantizer on one model."""
     model.module.eval()
     fp32_path = export_onnx(model, tmp / "fp32.onnx")
     ref = torch_outputs(model.module, x)
     res: dict[str, Any] = {"fp32": {"accuracy": top1(ref, y),
                                     "onnx_bytes": fp32_path.stat().st_size}}
-    paths = {"fp32": fp32_path}
+    paths, cos = {"fp32": fp32_path}, {}
+    variants = {**VARIANTS, **(extra or {})}
     for tag, cfg in variants.items():
         q, path, info = slimkit_variant(model, cfg, calib, tmp, tag)
         got = ort_outputs(path, x)
-        res[tag] = {"cosine": cosine(ref, got), "accuracy": top1(got, y),
-                    "onnx_bytes": path.stat().st_size,
-                    "parity_ort_vs_torch": check_parity(q, path, (x[:16],), atol=1e-4), **info}
+        cos[tag] = cosines(ref, got)
+        res[tag] = {"cosine": float(cos[tag].mean()), "accuracy": top1(got, y),
+                    "onnx_bytes": path.stat().st_size, "coverage": graph_coverage(path),
+                    "parity_ort_vs_torch": check_parity(q, path, named(path, x[:16]), atol=1e-4),
+                    **info}
         paths[tag] = path
-    peer = tmp / "ort_peer.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ort_quantize_dynamic(str(fp32_path), str(peer))
-    got = ort_outputs(peer, x)
-    res["ort_quantize_dynamic"] = {"cosine": cosine(ref, got), "accuracy": top1(got, y),
-                                   "onnx_bytes": peer.stat().st_size}
-    paths["ort_quantize_dynamic"] = peer
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tq = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model.module), {nn.Linear},
-                                                    dtype=torch.qint8)
-    got = torch_outputs(tq, x)
-    res["torch_quantize_dynamic"] = {"cosine": cosine(ref, got), "accuracy": top1(got, y)}
-    res["latency"] = latencies(model.module, tq, paths, x, args)
+    torch_peers = {}
+    for tag, (obj, cfg) in peers(model, fp32_path, tmp).items():
+        is_ort = isinstance(obj, Path)
+        got = ort_outputs(obj, x) if is_ort else torch_outputs(obj, x)
+        cos[tag] = cosines(ref, got)
+        res[tag] = {"cosine": float(cos[tag].mean()), "accuracy": top1(got, y),
+                    "peer_config": cfg}
+        if is_ort:
+            res[tag] |= {"onnx_bytes": obj.stat().st_size, "coverage": graph_coverage(obj)}
+            paths[tag] = obj
+        else:
+            torch_peers[tag] = obj
+    res["latency"] = latencies(model.module, torch_peers, paths, x, args)
+    res["_cosines"] = cos
     return res
 
 
-def latencies(fp32: nn.Module, tq: nn.Module, paths: dict[str, Path], x: torch.Tensor,
-              args: argparse.Namespace) -> dict[str, Any]:
-    """Median ms, interleaved: ORT sessions side by side, then PyTorch FP32 vs torch peer."""
+def timed(fns: dict[str, Any], base: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Median ms and speed-up vs ``base`` (median paired ratio, ~95% CI) over rounds."""
+    rounds = [time_interleaved(fns, warmup=5, repeats=args.repeats, keep_samples=True)
+              for _ in range(args.rounds)]
+    samples = {k: [t for r in rounds for t in r[k]["samples_ms"]] for k in fns}
+    out = {}
+    for k in fns:
+        med, lo, hi = ratio_ci(samples[base], samples[k])
+        out[k] = {"median_ms": float(np.median(samples[k])), f"speedup_vs_{base}": med,
+                  "ci95": [lo, hi], "per_round": [r[base]["median_ms"] / r[k]["median_ms"]
+                                                  for r in rounds]}
+    return {"models": out, "samples": samples}
+
+
+def latencies(fp32: nn.Module, tq: dict[str, nn.Module], paths: dict[str, Path],
+              x: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
+    """ORT sessions side by side, then PyTorch FP32 vs the torch peers, per batch size."""
     sessions = {k: ort_session(p, args.threads) for k, p in paths.items()}
-    out: dict[str, Any] = {"threads": args.threads, "onnxruntime": {}, "torch": {}}
+    out: dict[str, Any] = {"threads": args.threads, "rounds": args.rounds,
+                           "repeats_per_round": args.repeats,
+                           "interval": "order-statistic ~95% CI of the median paired ratio",
+                           "onnxruntime": {}, "torch": {}, "_samples": {}}
     for b in args.batches:
         xb = x[:b]
-        t = time_interleaved({k: ort_runner(s, (xb,)) for k, s in sessions.items()},
-                             warmup=5, repeats=args.repeats)
-        med = {k: v["median_ms"] for k, v in t.items()}
-        out["onnxruntime"][str(b)] = {"median_ms": med, "speedup_vs_fp32": {
-            k: med["fp32"] / v for k, v in med.items()}}
-        t = time_interleaved({"fp32": torch_runner(fp32, (xb,)),
-                              "torch_quantize_dynamic": torch_runner(tq, (xb,))},
-                             warmup=5, repeats=args.repeats)
-        med = {k: v["median_ms"] for k, v in t.items()}
-        out["torch"][str(b)] = {"median_ms": med,
-                                "speedup_vs_fp32": med["fp32"] / med["torch_quantize_dynamic"]}
+        t = timed({k: (lambda s=s, f=feed(s, xb): s.run(None, f)) for k, s in sessions.items()},
+                  "fp32", args)
+        out["onnxruntime"][str(b)] = t["models"]
+        out["_samples"][str(b)] = t["samples"]
+        t = timed({"fp32": torch_runner(fp32, (xb,)),
+                   **{k: torch_runner(m, (xb,)) for k, m in tq.items()}}, "fp32", args)
+        out["torch"][str(b)] = t["models"]
     return out
 
 
 def verdict(res: dict[str, Any], ours: str) -> dict[str, Any]:
-    """Criteria for one model: fidelity >= 0.995, beats both peers, ORT at least as fast."""
-    lat = res["latency"]["onnxruntime"]
-    return {
-        "ours": ours, "cosine_ok": res[ours]["cosine"] >= 0.995,
-        "beats_ort_peer_fidelity": res[ours]["cosine"] > res["ort_quantize_dynamic"]["cosine"],
-        "beats_torch_peer_fidelity": res[ours]["cosine"]
-        > res["torch_quantize_dynamic"]["cosine"],
-        "ort_latency_ratio_vs_ort_peer": {
-            b: v["median_ms"]["ort_quantize_dynamic"] / v["median_ms"][ours]
-            for b, v in lat.items()},
-        "ort_latency_ratio_vs_torch_peer_eager": {
-            b: res["latency"]["torch"][b]["median_ms"]["torch_quantize_dynamic"]
-            / v["median_ms"][ours] for b, v in lat.items()},
-    }
+    """One slimkit variant against each peer: fidelity >= 0.995, fidelity difference (bootstrap
+    interval of the paired per-sample cosine difference), ORT speed vs the ORT peers. Only
+    the ``*_same_coverage`` peers are like for like; ORT's default coverage is printed too."""
+    cos = res["_cosines"]
+    out: dict[str, Any] = {"ours": ours, "cosine_ok": res[ours]["cosine"] >= 0.995}
+    for peer in ("ort_quantize_dynamic_same_coverage", "torch_quantize_dynamic_same_coverage",
+                 "ort_quantize_dynamic_default"):
+        diff, lo, hi = bootstrap_ci(cos[ours] - cos[peer], rounds=2000)
+        out[f"fidelity_vs_{peer}"] = {"cosine_difference": diff, "ci95": [lo, hi],
+                                      "beats": diff > 0, "beyond_noise": lo > 0 or hi < 0}
+    for peer in ("ort_quantize_dynamic_same_coverage", "ort_quantize_dynamic_default"):
+        out[f"ort_speedup_vs_{peer}"] = {}
+        for b, smp in res["latency"]["_samples"].items():
+            med, lo, hi = ratio_ci(smp[peer], smp[ours])
+            out[f"ort_speedup_vs_{peer}"][b] = {"median": med, "ci95": [lo, hi],
+                                                "beyond_noise": lo > 1 or hi < 1}
+    return out
 
 
-def vit_case(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+def finish(res: dict[str, Any]) -> dict[str, Any]:
+    """Criteria of every slimkit variant; drop the raw per-sample arrays from the record."""
+    crit = {v: verdict(res, v) for v in VARIANTS}
+    del res["_cosines"], res["latency"]["_samples"]
+    return crit
+
+
+def vit_case(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], Any]:
     data = load_data("builtin:mnist")
     torch.manual_seed(0)
     model = load_zoo("vit", data)
     fit(model.module, data, TrainConfig(epochs=args.epochs, lr=2e-3), progress=False)
     model.module.eval()
-    calib = data.x_train[: args.calib]
-    variants = {**VARIANTS, "slimkit_token_head_float": DynamicQuantConfig(
-        activations="token", exclude=["head"])}
+    calib = calibration_subset(data, args.calib, seed=0)  # stratified, shuffled training images
+    extra = {"slimkit_token_head_float": DynamicQuantConfig(activations="token",
+                                                            exclude=["head"])}
     (tmp / "vit").mkdir()
-    res = case(model, data.x_test, data.y_test, calib, args, tmp / "vit", variants)
-    res["fp32"]["accuracy_check"] = evaluate(model.module, data.x_test, data.y_test)
+    res = case(model, data.x_test, data.y_test, calib, args, tmp / "vit", extra)
     res["epochs"] = args.epochs
-    return res
+    return res, data
 
 
 def hf_case(path: Path, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -193,18 +307,21 @@ def hf_case(path: Path, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
     model = load_hf_dir(path, seq_len=args.seq_len)
     gen = torch.Generator().manual_seed(0)
-    vocab = int(model.module.model.config.vocab_size)
+    hf = getattr(model.module, "model", model.module)  # the HF module, wrapped or not
+    vocab = int(hf.config.vocab_size)
     x = torch.randint(0, vocab, (args.hf_samples, args.seq_len), generator=gen)
     calib = torch.randint(0, vocab, (args.calib // 4, args.seq_len), generator=gen)
     (tmp / "hf").mkdir()
-    res = case(model, x, None, calib, args, tmp / "hf", VARIANTS)
+    res = case(model, x, None, calib, args, tmp / "hf")
     res["model"] = path.name  # a directory of this machine: its name only
+    res["inputs"] = {"kind": "random token ids (torch.Generator seed 0)", "n": args.hf_samples,
+                     "calibration_n": args.calib // 4, "seq_len": args.seq_len}
     return res
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--calib", type=int, default=256)
     ap.add_argument("--hf", type=Path, default=None, help="a BERT-family HF model directory")
     ap.add_argument("--make-tiny-bert", type=Path, default=None,
@@ -212,24 +329,34 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=32)
     ap.add_argument("--hf-samples", type=int, default=256)
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 32])
-    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=20, help="timed calls per model per round")
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-vit", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 epoch, 2x3 calls")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
+    if args.quick:
+        args.epochs, args.rounds, args.repeats, args.no_save = 1, 2, 3, True
     torch.set_num_threads(args.threads)
     if args.make_tiny_bert is not None:
         make_tiny_bert(args.make_tiny_bert)
         args.hf = args.make_tiny_bert
-    result: dict[str, Any] = {"benchmark": "quant_transformer", "models": {}, "criteria": {}}
+    settings = vars(args) | {k: (v.name if isinstance(v, Path) else v)
+                             for k, v in vars(args).items() if k in ("hf", "make_tiny_bert")}
+    result: dict[str, Any] = {"benchmark": "quant_transformer", "settings": settings,
+                              "seeds": {"torch": 0, "calibration": 0}, "models": {},
+                              "criteria": {}}
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_vit:
-            result["models"]["vit"] = vit_case(args, Path(tmp))
-            result["criteria"]["vit"] = {v: verdict(result["models"]["vit"], v)
-                                         for v in VARIANTS}
+            result["models"]["vit"], data = vit_case(args, Path(tmp))
+            result["data"] = data_record(data, calibration=f"{args.calib} class-stratified, "
+                                         "shuffled training images (seed 0)",
+                                         evaluated="test split, read once")
+            result["criteria"]["vit"] = finish(result["models"]["vit"])
         if args.hf is not None:
             result["models"]["hf"] = hf_case(args.hf, args, Path(tmp))
-            result["criteria"]["hf"] = {v: verdict(result["models"]["hf"], v) for v in VARIANTS}
+            result["criteria"]["hf"] = finish(result["models"]["hf"])
     emit(result)
     if not args.no_save:
         write_json(RESULTS, result)

@@ -88,6 +88,8 @@ GOOD = ["--recipe", "good.yaml", "--out", "o"]
     (["compress", "model.pt", *GOOD], "is a pickled PyTorch file"),
     (["compress", "model.txt", *GOOD], "unknown model format '.txt'"),
     (["compress", "theirs", *GOOD], "holds neither manifest.json"),
+    (["compress", "zoo:lenet5", *GOOD, "--track", "wandb"],
+     "track='wandb': slimkit tracks to tensorboard"),
     # the data
     (["compress", "zoo:lenet5", *GOOD, "--data", "builtin:mnistt"],
      "unknown builtin dataset 'mnistt'. Did you mean 'mnist'?"),

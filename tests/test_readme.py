@@ -56,6 +56,7 @@ NOT_RUN = {
            "resuming is tested in tests/faults",
     "torchrun": "launches two training processes; distributed training is tested in "
                 "tests/train",
+    "compare": "needs a second compress run; compare is tested in tests/report/test_compare.py",
 }
 
 

@@ -116,7 +116,7 @@ def compress(model: SlimModel | nn.Module, data: DataBundle | None, recipe: Any,
              out: str | Path, example_inputs: Any = None,
              overwrite: bool = False, resume: bool = False, progress: bool = True,
              log: Callable[[str], None] = print,
-             keep_checkpoints: bool = False) -> CompressResult:
+             keep_checkpoints: bool = False, track: str | None = None) -> CompressResult:
     """Compress ``model`` with ``recipe`` (a path, YAML text, dict or Recipe); see the runner.
 
     Example:
@@ -133,8 +133,27 @@ def compress(model: SlimModel | nn.Module, data: DataBundle | None, recipe: Any,
     if not hasattr(recipe, "stages"):
         recipe = load_recipe(recipe)
     report = _run(model, data, recipe, out, overwrite=overwrite, resume=resume,
-                  progress=progress, log=log, keep_checkpoints=keep_checkpoints)
+                  progress=progress, log=log, keep_checkpoints=keep_checkpoints, track=track)
     return CompressResult(report, template=model.module)
+
+
+def search(model: SlimModel | nn.Module, data: DataBundle, recipe: Any, out: str | Path,
+           example_inputs: Any = None, **kwargs: Any) -> Any:
+    """Search the recipe's ``search:`` space for the recipe meeting its ``target:`` with the
+    best objective; see :func:`slimkit.search.run.search` (``storage``, ``worker``,
+    ``trials``, ``overwrite``, ``require_target``, ``log``).
+
+    Example:
+        >>> result = slimkit.search(net, data, "recipe.yaml", "search-out/")
+        >>> slimkit.compress(net, data, result.recipe_path, "out/")
+    """
+    from slimkit.search.run import search as _search
+
+    if isinstance(model, nn.Module):
+        example = example_inputs if example_inputs is not None or _is_hf(model) \
+            else data.example_inputs(2)
+        model = wrap(model, example, num_classes=data.num_classes if data else None)
+    return _search(model, data, recipe, out, **kwargs)
 
 
 class CompressResult(dict):

@@ -395,14 +395,20 @@ def compress(model: ModelArg,
              trust_remote_code: RemoteCodeOpt = False,
              seed: SeedOpt = 0, text_column: TextColumnOpt = None,
              label_column: LabelColumnOpt = None, max_length: MaxLengthOpt = None,
-             truncate: TruncateOpt = True, image_size: ImageSizeOpt = None) -> None:
+             truncate: TruncateOpt = True, image_size: ImageSizeOpt = None,
+             track: Annotated[str | None, typer.Option(
+                 "--track", help="Log every training step, stage and final metric for "
+                                 "TensorBoard in --out/tensorboard (tensorboard --logdir "
+                                 "OUT).")] = None) -> None:
     """Apply a recipe, export ONNX, measure baseline and final in one run, write the report."""
+    from slimkit.core.tracking import check_kind
     from slimkit.pipeline.outdir import check_out
     from slimkit.pipeline.recipe import check_data, load_recipe
 
     # Everything that needs no model is checked before torch loads (seconds on a cold start).
     _check_out(out, "folder")
     check_out(out, overwrite, resume, model)
+    check_kind(track)
     opts = _data_options(text_column, label_column, max_length, truncate, image_size)
     _check_inputs(model, data, allow_onnx=False, trust_pickle=trust_pickle, options=opts)
     rec = load_recipe(recipe)
@@ -415,7 +421,7 @@ def compress(model: ModelArg,
                       trust_remote_code=trust_remote_code, options=opts)
     log = (lambda s: err_console.print(s)) if as_json else out_console.print
     report = run(m, bundle, rec, out, overwrite=overwrite, resume=resume,
-                 keep_checkpoints=keep_checkpoints, progress=not as_json, log=log)
+                 keep_checkpoints=keep_checkpoints, progress=not as_json, log=log, track=track)
     if report:  # empty on the non-zero ranks of a torchrun launch
         _print_report(report, out, as_json)
         if not report["verdict"]["met"]:
@@ -425,6 +431,7 @@ def compress(model: ModelArg,
 def _print_report(report: dict, out: Path, as_json: bool) -> None:
     if _emit({"verdict": report["verdict"], "comparison": report["comparison"],
               "parity": report["parity"], "outputs": report["outputs"],
+              "flags": [f for st in report.get("stages", []) for f in st.get("flags", [])],
               "report": str(out / "report.json")}, as_json):
         return
     from slimkit.cli_views import before_after, verdict_lines
@@ -432,8 +439,52 @@ def _print_report(report: dict, out: Path, as_json: bool) -> None:
     out_console.print(before_after(report))
     for line in verdict_lines(report):
         out_console.print(line)
+    for stage in report.get("stages", []):  # a stage that made the target runtime slower
+        for flag in stage.get("flags", []):
+            out_console.print(f"[bold yellow]slower:[/] {escape(flag)}", soft_wrap=True)
     out_console.print(f"report: {out / 'report.html'}  artifact: {report['outputs']['artifact']}"
                       f"  onnx: {report['outputs']['onnx']}", soft_wrap=True)
+
+
+@app.command(cls=_Command)
+def search(model: ModelArg,
+           recipe: Annotated[str, typer.Option(
+               "--recipe", help="Recipe with a target: (and optionally a search: block); its "
+                                "stages are the hand-written baseline.")],
+           out: Annotated[Path, typer.Option("--out", help="Output directory (the SQLite "
+                                                           "study lives here: rerun to resume).")],
+           data: DataOpt = None,
+           storage: Annotated[str | None, typer.Option(
+               "--storage", help="Shared Optuna storage (postgresql://USER@HOST/DB) for "
+                                 "several workers; default sqlite in --out.")] = None,
+           study_name: Annotated[str, typer.Option("--study-name", help="Study name.")
+                                 ] = "slimkit-search",
+           worker: Annotated[bool, typer.Option(
+               "--worker", help="Only run trials of the shared study (the process without "
+                                "--worker writes the outputs).")] = False,
+           trials: Annotated[int | None, typer.Option(
+               "--trials", min=1, help="Trials in the study (default: search.trials).")] = None,
+           require_target: Annotated[bool, typer.Option(
+               "--require-target", help="Exit 2 when no candidate meets the target.")] = False,
+           overwrite: OverwriteOpt = False, as_json: JsonOpt = False,
+           trust_pickle: TrustOpt = False, trust_remote_code: RemoteCodeOpt = False,
+           seed: SeedOpt = 0) -> None:
+    """Search for the recipe that meets the target with the best metric (Optuna)."""
+    from slimkit.search.cli import check_search_args, summary
+
+    _check_out(out, "folder")
+    rec = check_search_args(recipe, out, data, storage, worker)
+    _check_inputs(model, data, allow_onnx=False, trust_pickle=trust_pickle)
+    from slimkit.search.run import search as run  # torch: after every check that needs none
+
+    m, bundle = _load(model, data, seed, trust_pickle, allow_onnx=False,
+                      trust_remote_code=trust_remote_code, options=_data_options())
+    log = (lambda s: err_console.print(s)) if as_json else out_console.print
+    result = run(m, bundle, rec, out, storage=storage, study_name=study_name, worker=worker,
+                 trials=trials, overwrite=overwrite, require_target=require_target, log=log)
+    if not _emit({k: v for k, v in result.items() if k != "trials"}, as_json):
+        for line in summary(result):
+            out_console.print(escape(line), highlight=False, soft_wrap=True)
 
 
 @app.command(cls=_Command)
@@ -538,27 +589,72 @@ def demo(out: Annotated[Path, typer.Option("--out", help="Output directory.")] =
          overwrite: OverwriteOpt = False,
          epochs: Annotated[int, typer.Option(min=1, help="Baseline training epochs.")] = 3,
          as_json: JsonOpt = False) -> None:
-    """Train LeNet-5 on real MNIST (built in), compress it with the demo recipe, report."""
+    """Train LeNet-5 on real MNIST (built in), then structured pruning, distillation, INT8 and
+    ONNX export, aiming at >= 3x faster in ONNX Runtime, >= 4x smaller, <= 1 point lost."""
     _check_out(out, "folder")
     ensure_absent(out, overwrite)  # fail before torch loads, and before training
     from slimkit.api import compress as run
     from slimkit.api import train_zoo
     from slimkit.data import load_data
+    from slimkit.data.split import hold_out_validation
     from slimkit.pipeline.recipe import load_recipe
     from slimkit.train.loop import TrainConfig
 
     start = time.perf_counter()
     recipe_text = resources.files("slimkit").joinpath("recipes/demo.yaml").read_text()
     rec = load_recipe(recipe_text)
-    bundle = load_data("builtin:mnist", seed=0)
+    # 10% of the training images held out: the baseline never trains on the validation
+    # split that the stages make their choices on; the test split is read once, at the end.
+    bundle = hold_out_validation(load_data("builtin:mnist", seed=0), 0.1, seed=0)
     log = (lambda s: err_console.print(s)) if as_json else out_console.print
     log(f"training zoo:lenet5 on {bundle.name} ({len(bundle.x_train)} train, "
-        f"{len(bundle.x_test)} test) for {epochs} epochs ...")
+        f"{bundle.n_val} validation, {len(bundle.x_test)} test) for {epochs} epochs ...")
     model, _ = train_zoo("lenet5", bundle, TrainConfig(epochs=epochs, lr=2e-3),
                          progress=not as_json)
     report = run(model, bundle, rec, out, overwrite=True, progress=not as_json, log=log)
     _print_report(report, out, as_json)
     log(f"demo finished in {time.perf_counter() - start:.0f} s")
+
+
+#: Exit code of a run stopped with Ctrl-C (128 + SIGINT, as shells report it).
+INTERRUPTED = 130
+
+
+def _option(args: list[str], name: str) -> str | None:
+    """The value of ``--name VALUE`` or ``--name=VALUE`` in ``args`` (the last one)."""
+    found = None
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            found = args[i + 1]
+        elif a.startswith(name + "="):
+            found = a.split("=", 1)[1]
+    return found
+
+
+def resume_hint(args: list[str]) -> str:
+    """The one line Ctrl-C prints: for ``compress``, the exact command that resumes the run
+    (its arguments, without ``--overwrite``, plus ``--resume``), or why there is none."""
+    import shlex
+
+    from slimkit.pipeline.outdir import RUN_DIR, STATE
+
+    args = [a for a in args if a != "--debug"]
+    if not args or args[0] != "compress":
+        return "interrupted"
+    out = _option(args, "--out")
+    cmd = shlex.join(["slimkit", *[a for a in args if a not in ("--overwrite", "--resume")],
+                      "--resume"])
+    if out is not None and (Path(out) / RUN_DIR / STATE).is_file():
+        return f"interrupted; resume with: {cmd}"
+    again = shlex.join(["slimkit", *args])
+    return (f"interrupted; nothing to resume in '{out}' (an --overwrite run keeps the previous "
+            f"output and its own checkpoints only until it succeeds); start again with: {again}")
+
+
+def _interrupted(args: list[str]) -> int:
+    """Ctrl-C: one line on stderr (see :func:`resume_hint`) and exit code 130."""
+    err_console.print(resume_hint(args), highlight=False, soft_wrap=True, markup=False)
+    return INTERRUPTED
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -577,12 +673,13 @@ def main(argv: list[str] | None = None) -> int:
                 from slimkit.train.distributed import shutdown
 
                 shutdown()
+        if code == INTERRUPTED:  # typer turns Ctrl-C (KeyboardInterrupt) into a silent 130
+            return _interrupted(args)
         return code if isinstance(code, int) else 0  # --help returns its exit code
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 0
-    except typer.Abort:
-        err_console.print("interrupted; rerun compress with --resume to continue")
-        return 130
+    except typer.Abort:  # click's own commands turn Ctrl-C into Abort
+        return _interrupted(args)
     except typer.exceptions.TyperException as exc:  # usage errors: one line too, exit 2
         ctx = getattr(exc, "ctx", None)
         where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
@@ -605,8 +702,7 @@ def main(argv: list[str] | None = None) -> int:
                           highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
-        err_console.print("interrupted; rerun compress with --resume to continue")
-        return 130
+        return _interrupted(args)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,10 @@ STATE = "state.json"
 # ".NAME.old" are the temporaries of the atomic writes, ".slimkit-run-removed" the checkpoints
 # of a finished run on their way out. Nothing else is ever deleted.
 _REMOVED = ".slimkit-run-removed"
-_OUT_NAMES = r"model|model\.onnx|report\.json|report\.html|\.slimkit-run|\.slimkit-run-removed"
+#: The early-exit chain (one ONNX file per step and its runner), for early-exit models.
+EXITS = "exits"
+_OUT_NAMES = (r"model|model\.onnx|report\.json|report\.html|tensorboard|exits|\.slimkit-run"
+              r"|\.slimkit-run-removed")
 _RUN_NAMES = r"state\.json|baseline(?:\.onnx)?|stage-\d+(?:\.onnx|-train)?"
 
 

@@ -17,9 +17,12 @@ from typing import Any
 
 import torch
 
+from slimkit.core import tracking
 from slimkit.core.errors import SlimkitError
-from slimkit.core.files import dir_size, output_lock, replace_dir, write_json
+from slimkit.core.files import output_lock, replace_dir, write_json
 from slimkit.core.hashing import update_with_state, update_with_tensor
+from slimkit.core.progress import mode as progress_mode
+from slimkit.core.progress import step
 from slimkit.core.record import Record
 from slimkit.core.seed import seed_everything
 from slimkit.core.stages import REBUILDERS, STAGES, StageContext
@@ -27,7 +30,13 @@ from slimkit.data.bundle import DataBundle
 from slimkit.data.validate import data_warnings
 from slimkit.export.onnx import check_parity, export_onnx
 from slimkit.io import batch as B
-from slimkit.io.artifact import WEIGHTS, library_versions, load_artifact, save_artifact
+from slimkit.io.artifact import (
+    WEIGHTS,
+    library_versions,
+    load_artifact,
+    model_bytes,
+    save_artifact,
+)
 from slimkit.io.model import SlimModel
 from slimkit.io.transforms import replay_transforms
 from slimkit.io.weights import load_weights
@@ -35,12 +44,21 @@ from slimkit.measure import (
     check_finite,
     check_fits,
     compare_latency,
+    layer_units,
     measure_static,
-    output_fidelity,
     ratio_ci,
 )
-from slimkit.pipeline.outdir import STATE, RunPaths, prepare_out, remove_checkpoints, sibling
+from slimkit.measure.latency import layer_growth, ort_layer_times
+from slimkit.pipeline.outdir import (
+    EXITS,
+    STATE,
+    RunPaths,
+    prepare_out,
+    remove_checkpoints,
+    sibling,
+)
 from slimkit.pipeline.recipe import recipe_to_dict
+from slimkit.pipeline.test_split import final_test, with_test
 from slimkit.pipeline.verdict import check_target, judge
 from slimkit.train.distributed import barrier, world
 
@@ -66,8 +84,8 @@ def fingerprint(model: SlimModel, data: DataBundle | None, recipe: dict,
 
 def _measure_checkpoint(model: SlimModel, data: DataBundle | None, ckpt: Path,
                         layers: bool = False, reference: torch.nn.Module | None = None) -> dict:
-    m = measure_static(model, data, layers=layers, reference=reference)
-    m["size_bytes"] = dir_size(ckpt)
+    m = measure_static(model, data, layers=layers, reference=reference, split="val")
+    m["size_bytes"] = model_bytes(ckpt)
     return m
 
 
@@ -91,7 +109,8 @@ def _run_stages(model: SlimModel, data: DataBundle | None, recipe: Any, paths: R
         ctx.workdir = paths.run / f"stage-{i:02d}-train"
         seed_everything(recipe.seed + i)
         start = time.perf_counter()
-        model, record = STAGES.get(cfg.kind).apply(model, cfg, ctx)
+        with tracking.scope(f"stage-{i:02d}-{cfg.kind}"):
+            model, record = STAGES.get(cfg.kind).apply(model, cfg, ctx)
         seconds = time.perf_counter() - start
         check_finite(model, verify_inputs, f"stage {i + 1} ({cfg.kind})")
         entry = {"index": i, "kind": cfg.kind, "seconds": seconds, **record.to_dict(),
@@ -100,6 +119,9 @@ def _run_stages(model: SlimModel, data: DataBundle | None, recipe: Any, paths: R
                                                     "skipped")})
         _finish_stage(model, record, entry, data, paths, state, last=i + 1 == len(recipe.stages),
                       reference=ctx.teacher.module if ctx.teacher else None)
+        tracking.log_scalars("stages", {"seconds": seconds, **entry.get("measure", {})}, i)
+        tracking.log_text(f"stages/{i:02d}-{cfg.kind}", {k: entry.get(k) for k in (
+            "changed", "skipped", "config")}, i)
         acc = entry.get("measure", {}).get("accuracy")
         ctx.log(f"stage {i + 1} {cfg.kind}: {len(record.changed)} changed, "
                 f"{len(record.skipped)} skipped, {seconds:.1f}s"
@@ -232,12 +254,16 @@ def _changes(lat: dict, labels: list[str]) -> dict[str, dict]:
     return out
 
 
+Explain = Callable[[str, str, str], list[dict]]
+
+
 def _flag_slower(stages: list[dict], changes: dict[str, dict], runtime: str,
-                 log: Callable[[str], None]) -> None:
+                 log: Callable[[str], None], explain: Explain | None = None) -> None:
     """Record, and say, every stage that made the target runtime slower than the model it
-    started from (beyond the noise of the interleaved timing)."""
+    started from (beyond the noise of the interleaved timing); ``explain(previous label,
+    label, batch)`` names the layers whose time grew (``slower_layers`` per batch)."""
     labels = [f"stage-{i}" for i in range(len(stages) - 1)] + ["final"]
-    for st, label in zip(stages, labels, strict=False):
+    for k, (st, label) in enumerate(zip(stages, labels, strict=False)):
         st["latency_change"] = changes.get(label, {})
         for b, c in st["latency_change"].get(runtime, {}).items():
             if c["verdict"] == "slower":
@@ -245,8 +271,31 @@ def _flag_slower(stages: list[dict], changes: dict[str, dict], runtime: str,
                 msg = (f"stage {st['index'] + 1} ({st['kind']}) made {runtime} slower at batch "
                        f"{b}: {c['time_ratio']:.2f}x the time of the model before it "
                        f"(95% CI {lo:.2f}-{hi:.2f})")
+                grew = explain("baseline" if k == 0 else labels[k - 1], label, b) \
+                    if explain is not None and runtime == "onnxruntime" else []
+                if grew:
+                    st.setdefault("slower_layers", {})[b] = grew
+                    msg += "; time grew most in " + ", ".join(
+                        f"{g['layer']} (+{g['added_ms']:.3g} ms)" for g in grew[:3])
                 st.setdefault("flags", []).append(msg)
                 log(f"warning: {msg}")
+
+
+def _explainer(models: dict[str, tuple[SlimModel, Path | None]], data: DataBundle | None,
+               threads: int) -> Explain:
+    """``(previous, label, batch) -> layers whose ONNX Runtime time grew most`` between the
+    two models' ONNX files, from ORT's per-node profile (:func:`layer_growth`)."""
+    def explain(prev: str, label: str, batch: str) -> list[dict]:
+        (pm, pp), (cm, cp) = models[prev], models[label]
+        if pp is None or cp is None:
+            return []
+        x = (data.example_inputs(int(batch)) if data is not None
+             else cm.example_inputs(int(batch)))
+        times = [ort_layer_times(path, (x,), list(layer_units(m.module)), threads)
+                 for m, path in ((pm, pp), (cm, cp))]
+        return layer_growth(*times)
+
+    return explain
 
 
 def _export(model: SlimModel, path: Path, errors: dict[str, str], label: str) -> Path | None:
@@ -287,7 +336,8 @@ def _comparison(baseline: dict, final: dict, overall: dict | None = None) -> dic
 
 def compress(model: SlimModel, data: DataBundle | None, recipe: Any, out: str | Path, *,
              overwrite: bool = False, resume: bool = False, keep_checkpoints: bool = False,
-             progress: bool = True, log: Any = print) -> dict[str, Any]:
+             progress: bool = True, log: Any = print, track: str | None = None,
+             ) -> dict[str, Any]:
     """Run a recipe end to end and write the artifact, the ONNX file and the report.
 
     The input model is never modified. Checkpoints after every stage (in
@@ -299,6 +349,9 @@ def compress(model: SlimModel, data: DataBundle | None, recipe: Any, out: str | 
     ``overwrite=True`` builds the new run beside the old output and replaces it only when the
     run succeeds: a failed run leaves it as it was.
 
+    ``track="tensorboard"`` logs every training step, stage record and final metric to
+    ``OUT/tensorboard`` as the run goes (see :mod:`slimkit.core.tracking`).
+
     Returns:
         The report dict (also written as ``OUT/report.json`` and ``OUT/report.html``).
 
@@ -308,12 +361,14 @@ def compress(model: SlimModel, data: DataBundle | None, recipe: Any, out: str | 
         ResumeError, ConfigError, DataError, ModelError, ExportError.
     """
     recipe_dict = recipe_to_dict(recipe)
+    tracking.check_kind(track)
     check_fits(model, data)
     check_target(recipe.target, data)
     out = Path(out)
     rank = world()[0]
     baseline = model.copy()
-    with output_lock(out, log) if rank == 0 else contextlib.nullcontext():
+    with output_lock(out, log) if rank == 0 else contextlib.nullcontext(), \
+            progress_mode(progress):
         if rank == 0:
             paths, state = prepare_out(
                 out, lambda threads: fingerprint(model, data, recipe_dict, threads), overwrite,
@@ -330,8 +385,9 @@ def compress(model: SlimModel, data: DataBundle | None, recipe: Any, out: str | 
                 new = sibling(out, "new")
                 paths = RunPaths(out, new if new.is_dir() else None)
                 state = json.loads((paths.run / STATE).read_text())
-            report = _compress(model, baseline, data, recipe, recipe_dict, paths, state,
-                               progress, log)
+            with tracking.tracking(track if rank == 0 else None, paths.work):
+                report = _compress(model, baseline, data, recipe, recipe_dict, paths, state,
+                                   progress, log)
             if rank == 0 and not keep_checkpoints:  # measured and reported: no longer needed
                 remove_checkpoints(paths, log)
         except BaseException:
@@ -351,7 +407,9 @@ def _compress(model: SlimModel, baseline: SlimModel, data: DataBundle | None, re
     the files in ``paths.out``, where they end up."""
     from slimkit.report import write_report
 
-    ctx = StageContext(data=data, teacher=baseline, seed=recipe.seed, progress=progress, log=log)
+    ctx = StageContext(data=data, teacher=baseline, seed=recipe.seed, progress=progress, log=log,
+                       hide_test=True,  # stages never see the test split
+                       extras={"target": recipe.target})  # early_exit calibrates to it
     stage_models = _run_stages(baseline.copy(), data, recipe, paths, state, ctx)
     if world()[0] != 0:  # measurement and export are rank 0's: others would skew the timings
         return {}
@@ -360,24 +418,32 @@ def _compress(model: SlimModel, baseline: SlimModel, data: DataBundle | None, re
     log("exporting ONNX and measuring baseline and final in one run ...")
     final_dir = save_artifact(final, paths.work / "model", overwrite=True)
     errors: dict[str, str] = {}
-    models = {"baseline": (baseline, _export(baseline, paths.run / "baseline.onnx", errors,
-                                             "baseline"))}
-    for i, m in enumerate(stage_models[:-1]):
-        models[f"stage-{i}"] = (m, _export(m, paths.run / f"stage-{i:02d}.onnx", errors,
-                                           f"stage-{i}"))
-    models["final"] = (final, _export(final, paths.work / "model.onnx", errors, "final"))
+    with step("ONNX export", total=len(stage_models[:-1]) + 2, unit="models") as shown:
+        export = shown.counted(_export)
+        models = {"baseline": (baseline, export(baseline, paths.run / "baseline.onnx", errors,
+                                                "baseline"))}
+        for i, m in enumerate(stage_models[:-1]):
+            models[f"stage-{i}"] = (m, export(m, paths.run / f"stage-{i:02d}.onnx", errors,
+                                              f"stage-{i}"))
+        models["final"] = (final, export(final, paths.work / "model.onnx", errors, "final"))
+    exits = _export_exits(final, data, paths, recipe.measure.parity_atol, errors, log)
     for label, err in errors.items():
         log(f"ONNX export of {label} failed: {err}")
     latency, parity, changes = _compare(models, data, recipe, progress)
     _flag_slower(state["stages"], changes, recipe.target.min_speedup.runtime
-                 if recipe.target.min_speedup else "onnxruntime", log)
+                 if recipe.target.min_speedup else "onnxruntime", log,
+                 _explainer(models, data, recipe.measure.threads))
     base_m = {**state["baseline"], "latency": latency["baseline"],
               "onnx_size_bytes": _size(models["baseline"][1])}
-    final_m = {**measure_static(final, data, layers=True, reference=baseline.module),
-               "size_bytes": dir_size(final_dir),
+    final_m = {**measure_static(final, data, layers=True, reference=baseline.module,
+                                split="val"),
+               "size_bytes": model_bytes(final_dir),
                "latency": latency["final"], "onnx_size_bytes": _size(models["final"][1])}
     for i, st in enumerate(state["stages"]):
         st["measure"]["latency"] = latency.get(f"stage-{i}", latency["final"])
+    test = final_test(baseline, final, data) if data is not None else None
+    if test is not None:  # the one read of the test split, after the last stage
+        base_m, final_m = with_test(base_m, test["baseline"]), with_test(final_m, test["final"])
     comparison = _comparison(base_m, final_m, changes["overall"])
     report = {
         "slimkit_version": library_versions()["slimkit"],
@@ -388,16 +454,46 @@ def _compress(model: SlimModel, baseline: SlimModel, data: DataBundle | None, re
                          parity, task=data.task if data is not None else None),
         "baseline": base_m, "final": final_m, "stages": state["stages"],
         "comparison": comparison, "parity": parity,
-        "fidelity": (output_fidelity(baseline.module, final.module,
-                                     lambda: (x for x, _ in data.batches("test")),
-                                     baseline.output) if data is not None else None),
+        "fidelity": test["fidelity"] if test is not None else None,
+        "test_split": test["record"] if test is not None else None,
         "environment": environment(recipe.measure.threads),
         "outputs": {"artifact": str(paths.out / "model"),
-                    "onnx": str(paths.out / "model.onnx") if models["final"][1] else None},
+                    "onnx": str(paths.out / "model.onnx") if models["final"][1] else None,
+                    **({"exits": str(paths.out / EXITS)} if exits else {})},
         "export_errors": errors,
     }
+    if exits:
+        report["exit_parity"] = exits
+    for name in ("baseline", "final", "comparison"):
+        tracking.log_scalars(name, report[name])
+    tracking.log_scalars("verdict", {"met": int(report["verdict"]["met"])})
     write_report(report, paths.work)
     return report
+
+
+def _export_exits(final: SlimModel, data: DataBundle | None, paths: RunPaths, atol: float,
+                  errors: dict[str, str], log: Any) -> dict[str, Any] | None:
+    """An early-exit model also ships as the chain that really stops in ONNX Runtime
+    (``OUT/exits``: one ONNX file per step and the runner), checked against PyTorch exit by
+    exit; ``model.onnx`` computes every exit and picks, so it saves nothing."""
+    from slimkit.exit.model import EarlyExitModel
+
+    if not isinstance(final.module, EarlyExitModel):
+        return None
+    from slimkit.exit.onnx import check_exit_parity, export_exit_onnx
+
+    try:
+        folder = export_exit_onnx(final, paths.work / EXITS, overwrite=True)
+        sample = data.example_inputs(8) if data is not None else final.example_inputs(8)
+        parity = check_exit_parity(final, folder, sample, atol=atol)
+    except SlimkitError as exc:
+        errors["exits"] = str(exc)
+        log(f"ONNX export of the early-exit chain failed: {exc}")
+        return None
+    if not parity["ok"]:
+        log(f"the early-exit chain differs from PyTorch (max |diff| "
+            f"{parity['max_abs_diff']:.2e}, same exits: {parity['same_exits']})")
+    return parity
 
 
 def _size(path: Path | None) -> int | None:

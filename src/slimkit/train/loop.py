@@ -20,8 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimkit.core.errors import ModelError
+from slimkit.core.errors import DataError, ModelError
+from slimkit.core.progress import current_mode, step
 from slimkit.core.seed import seed_everything
+from slimkit.core.tracking import log_scalars
 from slimkit.data.bundle import DataBundle
 from slimkit.io import batch as B
 from slimkit.io.model import set_mode
@@ -45,11 +47,16 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return t.evaluate(model, data_batches(x, y, batch_size))[t.primary]
 
 
-def evaluate_data(model: nn.Module, data: Any, split: str = "test",
+def evaluate_data(model: nn.Module, data: Any, split: str | None = None,
                   batch_size: int = 256) -> float:
-    """:func:`evaluate` over a dataset's split, in memory or streamed (``data.batches``)."""
+    """:func:`evaluate` over a dataset's split, in memory or streamed (``data.batches``).
+
+    ``split`` None: the test split of data a user gives, the validation split inside a stage
+    (whose data hides the test split, see :mod:`slimkit.data.guard`)."""
+    from slimkit.data.guard import record_split
     from slimkit.measure.tasks import get_task
 
+    split = split or record_split(data)
     t = get_task(data.task)
     return t.evaluate(model, lambda: data.batches(split, batch_size))[t.primary]
 
@@ -124,6 +131,8 @@ def _split_validation(data: DataBundle, cfg: TrainConfig) -> tuple[DataBundle, t
         return data, None
     if data.streaming:
         return data, ("stream",)
+    if getattr(data, "y_val", None) is not None:  # held out of training already: use it
+        return data, (data.x_val, data.y_val)
     from slimkit.data.split import split
 
     xt, yt, xv, yv = split(data.x_train, data.y_train, cfg.early_stopping.val_fraction,
@@ -203,7 +212,10 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig,
     columns = [TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("{task.fields[info]}"),
                TimeRemainingColumn()]
     stopped_early = False
-    with Progress(*columns, disable=not progress or run.rank != 0, transient=True) as bar:
+    shown = progress and run.rank == 0
+    plain = shown and current_mode() != "rich"  # no terminal: periodic log lines instead
+    with Progress(*columns, disable=not shown or plain, transient=True) as bar, \
+            step(label, total=run.total, enabled=plain, done=state["step"]) as lines:
         task = bar.add_task(label, total=run.total, completed=state["step"], info="")
         while state["step"] < run.total and not stopped_early and (
                 cfg.max_steps or state["epoch"] < cfg.epochs):
@@ -211,6 +223,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig,
             run.gen.set_state(state["epoch_gen_state"])
             set_mode(model, True)
             run.objective.train()
+            steps_before = state["step"]
             for i, xb, yb, n in _epoch(run, state["step_in_epoch"]):
                 if state["step"] >= run.total:
                     break
@@ -218,16 +231,39 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig,
                 state["step_in_epoch"] = i + 1
                 bar.update(task, advance=1, info=f"epoch {state['epoch'] + 1} "
                            f"loss {loss:.3f}")
+                lines.advance(epoch=state["epoch"] + 1, loss=float(loss))
+                log_scalars(f"train/{label}", {"loss": loss,
+                                               "lr": run.opt.param_groups[0]["lr"]},
+                            state["step"])
+            if state["step"] == steps_before:  # else max_steps would never be reached
+                raise DataError(f"training on '{getattr(data, 'name', 'the data')}': an epoch "
+                                "gave no step (every batch was empty, or had fewer labelled "
+                                f"samples than the {run.size} rank(s)); give batches of "
+                                "(inputs, labels) with one label per sample")
             stopped_early = _end_epoch(model, data, run.val, cfg, state, start)
             entry = state["history"][-1]
+            lines.say(_epoch_line(entry))
+            log_scalars(f"epoch/{label}", entry, entry["epoch"])
             state["epoch_gen_state"] = run.gen.get_state()
             bar.update(task, info=f"epoch {entry['epoch']} loss {entry['loss']:.3f}")
     run.finish(home)
-    if state["history"]:  # the test split is read once, at the end, on the kept weights
+    from slimkit.data.guard import hides_test
+
+    # The test split is read once, at the end, on the kept weights; a stage's data hides it
+    # (the runner reads it after the last stage).
+    if state["history"] and not hides_test(data):
         metric = _metric(data.task)[0]
         state["history"][-1][f"test_{metric}"] = evaluate_data(model, data, "test")
     return {"epochs": state["history"], "steps": state["step"], "stopped_early": stopped_early,
             "resumed_from_step": run.resumed_from, "world_size": run.size}
+
+
+def _epoch_line(entry: dict[str, Any]) -> str:
+    """``epoch 2, loss 0.412, val_top1 0.9712, 31 s`` from a history entry."""
+    shown = [f"{k} {v:.4g}" for k, v in entry.items()
+             if k not in ("epoch", "seconds") and isinstance(v, float)]
+    return ", ".join([f"epoch {entry.get('epoch')}", *shown,
+                      f"{entry.get('seconds', 0.0):.0f} s"])
 
 
 @dataclass
