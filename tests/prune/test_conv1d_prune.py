@@ -32,31 +32,10 @@ from slimkit.io.linear import TRANSFORM, conv1d_layers, prepare_layers
 
 transformers = pytest.importorskip("transformers")
 
-VOCAB = 256
-CONV1D = [f"transformer.h.{i}.{p}" for i in range(2)
-          for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+from tests.quant.test_conv1d import CONV1D, _data, _gpt2  # noqa: E402
+
 TRAIN = {"max_steps": 4, "batch_size": 16}
 CONVERTED = "converted 8 Conv1D layers to Linear (same math: weight transposed)"
-
-
-def _gpt2() -> Any:
-    from slimkit.api import wrap
-
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2,
-                                     n_positions=32, bos_token_id=0, eos_token_id=0)
-    return wrap(transformers.GPT2LMHeadModel(config).eval(), name="gpt2_tiny")
-
-
-def _data() -> DataBundle:
-    gen = torch.Generator().manual_seed(1)
-
-    def x(n: int) -> dict[str, torch.Tensor]:
-        ids = torch.randint(0, VOCAB, (n, 16), generator=gen)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-    return DataBundle("synthetic-lm", x(64), torch.zeros(64, dtype=torch.long), x(16),
-                      torch.zeros(16, dtype=torch.long), 0, task="causal_lm")
 
 
 @pytest.fixture(scope="module")
