@@ -220,7 +220,8 @@ def trained(enc: nn.Module, texts: dict[str, list[bytes]], a: argparse.Namespace
     if a.load_model is not None:
         from transformers import BertModel
 
-        loaded = BertModel.from_pretrained(a.load_model, local_files_only=True)
+        loaded = BertModel.from_pretrained(a.load_model, local_files_only=True,
+                                           add_pooling_layer=False)
         enc.load_state_dict(loaded.state_dict())
         enc.eval()
         record = json.loads((a.load_model / "training.json").read_text())
