@@ -22,6 +22,8 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from slimkit.io.onnx_graph import add_initializer, const_array, only_consumer
+
 
 @dataclass
 class _Chain:
@@ -39,35 +41,24 @@ class _Chain:
         return id(self.x), self.weight.dtype.str, self.weight.shape[0], self.weight_zero is None
 
 
-def _only(value: ir.Value | None, op: str) -> ir.Node | None:
-    """The single consumer of ``value`` when it is an ``op`` node, else None."""
-    users = [] if value is None else list(value.consumers())
-    return users[0] if len(users) == 1 and users[0].op_type == op else None
-
-
 def _const(value: ir.Value | None) -> np.ndarray | None:
-    """The value of an initializer (possibly behind Identity or a Constant node)."""
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    node = value.producer()
+    """The value of an initializer or a Constant node, possibly behind Identity nodes."""
+    array = const_array(value)
+    node = None if value is None or array is not None else value.producer()
     if node is not None and node.op_type == "Identity":
         return _const(node.inputs[0])
-    if node is not None and node.op_type == "Constant" and "value" in node.attributes:
-        return node.attributes["value"].as_tensor().numpy()
-    return None
+    return array
 
 
 def _chain(dql: ir.Node) -> _Chain | None:
     """Match the exported chain of one DynamicQuantLinear starting at its DynamicQuantizeLinear."""
     q, s, z = dql.outputs
     nodes = [dql]
-    user = _only(q, "Cast")
+    user = only_consumer(q, "Cast")
     if user is not None and user.attributes["to"].as_int() == ir.DataType.UINT8:
         nodes.append(user)  # a no-op cast the exporter keeps
         q = user.outputs[0]
-    mmi = _only(q, "MatMulInteger")
+    mmi = only_consumer(q, "MatMulInteger")
     if mmi is None or mmi.inputs[2] is not z or len(z.uses()) != 1:
         return None
     weight = _const(mmi.inputs[1])
@@ -76,9 +67,9 @@ def _chain(dql: ir.Node) -> _Chain | None:
     if weight is None or weight.ndim != 2 or (
             wz is not None and (wzero is None or wzero.shape != (weight.shape[1],))):
         return None
-    cast = _only(mmi.outputs[0], "Cast")
-    mul = _only(cast.outputs[0], "Mul") if cast is not None else None
-    rescale = _only(s, "Mul")
+    cast = only_consumer(mmi.outputs[0], "Cast")
+    mul = only_consumer(cast.outputs[0], "Mul") if cast is not None else None
+    rescale = only_consumer(s, "Mul")
     if mul is None or rescale is None or cast.attributes["to"].as_int() != ir.DataType.FLOAT \
             or rescale.outputs[0] not in mul.inputs:
         return None
@@ -87,7 +78,7 @@ def _chain(dql: ir.Node) -> _Chain | None:
         return None
     nodes += [mmi, cast, rescale, mul]
     out, bias = mul.outputs[0], None
-    add = _only(out, "Add")
+    add = only_consumer(out, "Add")
     if add is not None:
         bias = _const(next((i for i in add.inputs if i is not out), out))
         if bias is not None and bias.shape == (weight.shape[1],):
@@ -102,9 +93,7 @@ def _fused_nodes(graph: ir.Graph, chains: list[_Chain], tag: str) -> list[ir.Nod
     """One DynamicQuantizeLinear -> MatMulInteger -> rescale [-> Add] -> Split for ``chains``;
     the Split's outputs take over the chains' outputs (names included)."""
     def init(name: str, value: np.ndarray) -> ir.Value:
-        v = ir.Value(name=f"{tag}/{name}", const_value=ir.tensor(value, name=f"{tag}/{name}"))
-        graph.register_initializer(v)
-        return v
+        return add_initializer(graph, f"{tag}/{name}", value)
 
     first = chains[0]
     weight = init("weight", np.concatenate([c.weight for c in chains], axis=1))

@@ -25,16 +25,21 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnx_ir as ir
 import torch
 import torch.nn.functional as F
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 from torch import nn
 
 from slimkit.core.errors import ExportError
-from slimkit.io.onnx_graph import OnnxGraphIndex
+from slimkit.io.onnx_graph import add_initializer, const_array, only_consumer, sort_in_layers
 from slimkit.quant.modules import FakeQuant, LayerAttrs, QuantLayer
+
+if TYPE_CHECKING:
+    import onnx
 
 #: Float ops ORT should have replaced by integer kernels in a QDQ model.
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
@@ -121,108 +126,59 @@ def export_module(module: nn.Module) -> nn.Module:
 
 
 # --------------------------------------------------------------------------- graph rewriting
+# The rewrites edit an onnx-ir model: each value knows its producer and its uses, and
+# ``replace_all_uses_with`` rewires every reader at once. New nodes are appended; the graph is
+# put back in order (and stripped of what nobody reads) by :func:`_prune`.
 
 
-class _Graph(OnnxGraphIndex):
-    """Index of an ONNX graph: initializers by name, producer and consumers of each value."""
-
-    def __init__(self, model: Any) -> None:
-        from onnx import numpy_helper
-
-        self.model, self.g = model, model.graph
-        self.init = {i.name: numpy_helper.to_array(i) for i in self.g.initializer}
-        for n in self.g.node:
-            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-                self.init[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-        super().__init__(model.graph)
-
-    def const(self, name: str) -> np.ndarray | None:
-        return self.init.get(name)
-
-    def rename_input(self, old: str, new: str) -> None:
-        for n in self.g.node:
-            for k, i in enumerate(n.input):
-                if i == old:
-                    n.input[k] = new
-        for o in self.g.output:
-            if o.name == old:  # graph output: keep its name by an Identity
-                self.g.node.append(_node("Identity", [new], [old]))
-
-    def set_init(self, name: str, value: np.ndarray) -> None:
-        from onnx import numpy_helper
-
-        self.init[name] = value
-        self.g.initializer.append(numpy_helper.from_array(value, name))
-
-    def prune(self) -> None:
-        """Drop nodes whose outputs nobody uses and initializers nobody reads."""
-        outputs = {o.name for o in self.g.output}
-        changed = True
-        while changed:
-            self.refresh()
-            dead = [n for n in self.g.node
-                    if not any(o in outputs or self.users(o) for o in n.output)]
-            for n in dead:
-                self.g.node.remove(n)
-            changed = bool(dead)
-        used = {i for n in self.g.node for i in n.input}
-        for t in [t for t in self.g.initializer if t.name not in used]:
-            self.g.initializer.remove(t)
-        self.toposort()
-
-    def toposort(self) -> None:
-        """Reorder nodes so each comes after the producers of its inputs (ONNX requires it)."""
-        ready = {i.name for i in self.g.input} | {t.name for t in self.g.initializer} | {""}
-        pending, order = list(self.g.node), []
-        while pending:
-            rest = [n for n in pending if not all(i in ready for i in n.input)]
-            now = [n for n in pending if all(i in ready for i in n.input)]
-            if not now:
-                raise ExportError("QDQ rewrite left a cycle or a dangling input in the graph")
-            for n in now:
-                ready.update(n.output)
-            order += now
-            pending = rest
-        del self.g.node[:]
-        self.g.node.extend(order)  # copies the messages: re-index them
-        self.refresh()
+def _users(value: ir.Value) -> list[ir.Node]:
+    """The nodes reading ``value``, once per input that reads it."""
+    return [u.node for u in value.uses()]
 
 
-def _node(op: str, inputs: list[str], outputs: list[str], **attrs: Any) -> Any:
-    from onnx import helper
+def _bypass(old: ir.Value, new: ir.Value) -> None:
+    """Every reader of ``old`` reads ``new``; a graph output ``old`` keeps its name (and type)
+    through an ``Identity`` of ``new``."""
+    graph = old.graph
+    if old.is_graph_output() and graph is not None:
+        ident = ir.node("Identity", [new], name=f"{old.name}_Identity")
+        out = ident.outputs[0]
+        for k, o in enumerate(graph.outputs):
+            if o is old:
+                graph.outputs[k] = out
+        out.name, old.name = old.name, None
+        out.type, out.shape = old.type, old.shape
+        graph.append(ident)
+    old.replace_all_uses_with(new)
 
-    return helper.make_node(op, inputs, outputs, name=f"{outputs[0]}_{op}", **attrs)
+
+def _new_node(graph: ir.Graph, op: str, inputs: list[ir.Value | None], output: str,
+              **attrs: Any) -> ir.Value:
+    """Append an ``op`` node writing one value named ``output``; returns that value."""
+    node = ir.node(op, inputs, attrs or None, name=f"{output}_{op}")
+    node.outputs[0].name = output
+    graph.append(node)
+    return node.outputs[0]
 
 
-def _attr(node: Any, name: str, default: Any) -> Any:
-    from onnx import helper
-
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-def _qparams(g: _Graph, node: Any) -> tuple[np.ndarray, np.ndarray, int] | None:
+def _qparams(node: ir.Node) -> tuple[np.ndarray, np.ndarray, int] | None:
     """(scale, zero point, axis) of a Q/DQ node when they are constants."""
-    scale = g.const(node.input[1])
-    zero = g.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    scale = const_array(node.inputs[1])
+    zero = const_array(node.inputs[2]) if len(node.inputs) > 2 else None
     if scale is None or zero is None:
         return None
-    return scale, zero, int(_attr(node, "axis", 1))
+    return scale, zero, node.attributes.get_int("axis", 1)
 
 
-def _resolve_identities(g: _Graph) -> int:
+def _resolve_identities(graph: ir.Graph) -> int:
     """Identity nodes of constants (the exporter's de-duplicated scales): use the constant."""
     done = 0
-    for n in list(g.g.node):
-        if n.op_type == "Identity" and g.const(n.input[0]) is not None \
-                and n.output[0] not in {o.name for o in g.g.output}:
-            g.init[n.output[0]] = g.init[n.input[0]]
-            g.rename_input(n.output[0], n.input[0])
-            g.g.node.remove(n)
+    for n in list(graph):
+        if n.op_type == "Identity" and const_array(n.inputs[0]) is not None \
+                and not n.outputs[0].is_graph_output():
+            n.outputs[0].replace_all_uses_with(n.inputs[0])
+            graph.remove(n, safe=True)
             done += 1
-    g.refresh()
     return done
 
 
@@ -237,83 +193,82 @@ def _quantize_np(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, axis: int) 
     return np.clip(q, info.min, info.max).astype(zero.dtype)
 
 
-def _fold_weight_quantizers(g: _Graph) -> int:
+def _fold_weight_quantizers(graph: ir.Graph) -> int:
     """QuantizeLinear(float constant) -> the int8 initializer it computes."""
     done = 0
-    for n in list(g.g.node):
-        if n.op_type != "QuantizeLinear" or g.const(n.input[0]) is None:
-            continue
-        qp = _qparams(g, n)
+    for n in list(graph):
+        weight = const_array(n.inputs[0]) if n.op_type == "QuantizeLinear" else None
+        qp = None if weight is None else _qparams(n)
         if qp is None:
             continue
-        codes = _quantize_np(g.const(n.input[0]), *qp)
-        name = n.input[0] + "_quantized"
-        g.set_init(name, codes)
-        g.rename_input(n.output[0], name)
-        g.g.node.remove(n)
+        codes = add_initializer(graph, f"{n.inputs[0].name}_quantized", _quantize_np(weight, *qp))
+        _bypass(n.outputs[0], codes)
+        graph.remove(n, safe=True)
         done += 1
-    g.refresh()
     return done
 
 
-def _dq_source(g: _Graph, value: str) -> tuple[Any, tuple] | None:
-    node = g.producer.get(value)
+def _dq_source(value: ir.Value | None) -> tuple[ir.Node, tuple] | None:
+    """The DequantizeLinear producing ``value`` and its constant qparams, else None."""
+    node = None if value is None else value.producer()
     if node is None or node.op_type != "DequantizeLinear":
         return None
-    qp = _qparams(g, node)
+    qp = _qparams(node)
     return (node, qp) if qp is not None else None
 
 
-def _quantize_biases(g: _Graph) -> int:
+def _bias_scale(n: ir.Node, bias: np.ndarray) -> np.ndarray | None:
+    """``s_x * s_w`` per bias element for a Conv/Gemm fed by DQ(x), DQ(int8 W), else None."""
+    x, w = _dq_source(n.inputs[0]), _dq_source(n.inputs[1])
+    weight = None if w is None else const_array(w[0].inputs[0])
+    if x is None or weight is None:
+        return None
+    attrs = n.attributes
+    if n.op_type == "Gemm" and (not attrs.get_int("transB", 0) or attrs.get_float("alpha", 1.0)
+                                != 1.0 or attrs.get_float("beta", 1.0) != 1.0 or bias.ndim != 1):
+        return None
+    s_x, s_w = x[1][0].astype(np.float32), w[1][0].astype(np.float32)
+    if s_x.size != 1 or (s_w.size > 1 and w[1][2] % weight.ndim != 0):
+        return None  # per-channel activations or weights not per output channel
+    scale = (s_x.reshape(()) * s_w.reshape(-1)).astype(np.float32)
+    return np.broadcast_to(scale, bias.shape).copy()
+
+
+def _quantize_biases(graph: ir.Graph) -> int:
     """Float bias of a Conv/Gemm fed by DQ(x), DQ(W) -> DQ(int32 bias, s_x * s_w)."""
     done = 0
-    for n in list(g.g.node):
-        if n.op_type not in ("Conv", "Gemm") or len(n.input) < 3:
+    for n in list(graph):
+        if n.op_type not in ("Conv", "Gemm") or len(n.inputs) < 3:
             continue
-        bias = g.const(n.input[2])
-        x, w = _dq_source(g, n.input[0]), _dq_source(g, n.input[1])
-        if bias is None or x is None or w is None or g.const(w[0].input[0]) is None:
+        bias = const_array(n.inputs[2])
+        scale = None if bias is None else _bias_scale(n, bias)
+        if scale is None:
             continue
-        if n.op_type == "Gemm" and (not _attr(n, "transB", 0) or _attr(n, "alpha", 1.0) != 1.0
-                                    or _attr(n, "beta", 1.0) != 1.0 or bias.ndim != 1):
-            continue
-        s_x, s_w = x[1][0].astype(np.float32), w[1][0].astype(np.float32)
-        w_ndim = g.const(w[0].input[0]).ndim
-        if s_x.size != 1 or (s_w.size > 1 and w[1][2] % w_ndim != 0):
-            continue  # per-channel activations or weights not per output channel
-        scale = (s_x.reshape(()) * s_w.reshape(-1)).astype(np.float32)
-        scale = np.broadcast_to(scale, bias.shape).copy()
         q = np.clip(np.rint(bias.astype(np.float64) / scale), -(2**31), 2**31 - 1)
         # Named after the consuming node: the exporter merges equal bias tensors (all-zero
         # biases after BN folding, a layer called twice), and each consumer gets its own scale.
-        base = f"{n.output[0]}_bias"
-        g.set_init(base + "_int32", q.astype(np.int32))
-        g.set_init(base + "_scale", scale)
-        g.set_init(base + "_zero", np.zeros(bias.shape, np.int32))
-        out = base + "_dq"
-        g.g.node.append(_node("DequantizeLinear", [base + "_int32", base + "_scale",
-                                                   base + "_zero"], [out], axis=0))
-        n.input[2] = out
+        base = f"{n.outputs[0].name}_bias"
+        inputs = [add_initializer(graph, base + "_int32", q.astype(np.int32)),
+                  add_initializer(graph, base + "_scale", scale),
+                  add_initializer(graph, base + "_zero", np.zeros(bias.shape, np.int32))]
+        n.replace_input_with(2, _new_node(graph, "DequantizeLinear", inputs, base + "_dq",
+                                          axis=0))
         done += 1
-    g.refresh()
     return done
 
 
-def _drop_redundant_relus(g: _Graph) -> int:
+def _drop_redundant_relus(graph: ir.Graph) -> int:
     """Relu(DQ(q)) with the zero point at the lowest code is the identity: remove it."""
     done = 0
-    for n in list(g.g.node):
-        if n.op_type != "Relu":
-            continue
-        src = _dq_source(g, n.input[0])
+    for n in list(graph):
+        src = _dq_source(n.inputs[0]) if n.op_type == "Relu" else None
         if src is None:
             continue
         zero = src[1][1]
         if np.all(zero.astype(np.int64) == np.iinfo(zero.dtype).min):
-            g.rename_input(n.output[0], n.input[0])
-            g.g.node.remove(n)
+            _bypass(n.outputs[0], n.inputs[0])
+            graph.remove(n, safe=True)
             done += 1
-    g.refresh()
     return done
 
 
@@ -323,50 +278,48 @@ def _same(a: tuple, b: tuple) -> bool:
             and (a[0].size == 1 or a[2] == b[2]))
 
 
-def _drop_requantize(g: _Graph) -> int:
+def _drop_requantize(graph: ir.Graph) -> int:
     """DQ -> Q with the same qparams returns the codes it was given: bypass both."""
     done = 0
-    for n in list(g.g.node):
+    for n in list(graph):
         if n.op_type != "QuantizeLinear":
             continue
-        src = _dq_source(g, n.input[0])
-        qp = _qparams(g, n)
+        src, qp = _dq_source(n.inputs[0]), _qparams(n)
         if src is None or qp is None or not _same(src[1], qp):
             continue
-        g.rename_input(n.output[0], src[0].input[0])
-        g.g.node.remove(n)
+        _bypass(n.outputs[0], src[0].inputs[0])
+        graph.remove(n, safe=True)
         done += 1
-    g.refresh()
     return done
 
 
-def _move_requantize_through_shape_ops(g: _Graph) -> int:
+def _move_requantize_through_shape_ops(graph: ir.Graph) -> int:
     """DQ -> (MaxPool | Flatten | Reshape) -> Q with equal qparams: run the op on the codes.
 
     Max pooling commutes with the monotone map from codes to values, and shape ops move
     elements without touching them, so ``Q(op(DQ(q))) == op(q)`` exactly.
     """
     done = 0
-    for n in list(g.g.node):
+    for n in list(graph):
         if n.op_type not in ("MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze",
                              "Unsqueeze"):
             continue
-        src = _dq_source(g, n.input[0])
-        users = g.users(n.output[0])
+        src, users = _dq_source(n.inputs[0]), _users(n.outputs[0])
         if src is None or len(users) != 1 or users[0].op_type != "QuantizeLinear":
             continue
-        qp = _qparams(g, users[0])
+        q = users[0]
+        qp = _qparams(q)
         if qp is None or not _same(src[1], qp) or src[1][0].size != 1:
             continue
-        n.input[0] = src[0].input[0]
-        g.rename_input(users[0].output[0], n.output[0])
-        g.g.node.remove(users[0])
+        n.replace_input_with(0, src[0].inputs[0])
+        n.outputs[0].type = q.outputs[0].type  # it now holds the codes
+        _bypass(q.outputs[0], n.outputs[0])
+        graph.remove(q, safe=True)
         done += 1
-    g.refresh()
     return done
 
 
-def _pin_quantizers_after_float_pools(g: _Graph) -> int:
+def _pin_quantizers_after_float_pools(graph: ir.Graph) -> int:
     """Float ``MaxPool -> Q``: put an exact ``Clip`` between them so the pool stays float.
 
     ONNX Runtime moves a QuantizeLinear above a MaxPool (QDQ propagation) and then pools the
@@ -378,27 +331,23 @@ def _pin_quantizers_after_float_pools(g: _Graph) -> int:
     Clip/Q fusion keeps a Clip that is narrower than the quantizer's range.
     """
     done = 0
-    for n in list(g.g.node):
-        users = g.users(n.output[0])
-        if n.op_type != "MaxPool" or len(users) != 1 or users[0].op_type != "QuantizeLinear" \
-                or _dq_source(g, n.input[0]):
+    for n in list(graph):
+        q = only_consumer(n.outputs[0], "QuantizeLinear") if n.op_type == "MaxPool" else None
+        if q is None or _dq_source(n.inputs[0]):
             continue
-        q = users[0]
-        qp = _qparams(g, q)
+        qp = _qparams(q)
         if qp is None or qp[0].size != 1:
             continue
         scale, zero = float(qp[0].reshape(())), float(qp[1].reshape(()))
         info = np.iinfo(qp[1].dtype)
         lo = (info.min - zero) * scale + scale / 4
         hi = (info.max - zero) * scale - scale / 4
-        base = q.input[0]
-        g.set_init(base + "_clip_lo", np.array(lo, np.float32))
-        g.set_init(base + "_clip_hi", np.array(hi, np.float32))
-        g.g.node.append(_node("Clip", [base, base + "_clip_lo", base + "_clip_hi"],
-                              [base + "_pinned"]))
-        q.input[0] = base + "_pinned"
+        base = q.inputs[0].name
+        bounds = [add_initializer(graph, f"{base}_clip_{k}", np.array(v, np.float32))
+                  for k, v in (("lo", lo), ("hi", hi))]
+        q.replace_input_with(0, _new_node(graph, "Clip", [q.inputs[0], *bounds],
+                                          f"{base}_pinned"))
         done += 1
-    g.refresh()
     return done
 
 
@@ -408,33 +357,37 @@ _CONST_OPS = ("Cast", "Reshape", "Transpose", "Slice", "Concat", "ConstantOfShap
               "Squeeze", "Gather", "Identity")
 
 
-def _fold_constant_ops(g: _Graph) -> int:
+def _fold_constant_ops(graph: ir.Graph) -> int:
     """Nodes of :data:`_CONST_OPS` whose inputs are all constants -> their value (computed by
     ONNX's reference evaluator), so the rewrites below can read pads and bounds."""
     from onnx.reference import ReferenceEvaluator
 
-    outputs, done = {o.name for o in g.g.output}, 0
-    for n in list(g.g.node):
-        names = [i for i in n.input if i]
-        if n.op_type not in _CONST_OPS or not names or any(g.const(i) is None for i in names) \
-                or any(o in outputs for o in n.output):
+    done = 0
+    for n in list(graph):
+        inputs = [i for i in n.inputs if i is not None]
+        if n.op_type not in _CONST_OPS or not inputs \
+                or any(o.is_graph_output() for o in n.outputs):
             continue
-        values = ReferenceEvaluator(n).run(None, {i: g.const(i) for i in names})
-        for name, value in zip(n.output, values, strict=True):
-            g.set_init(name, np.asarray(value))
-        g.g.node.remove(n)
+        feeds = {i.name: const_array(i) for i in inputs}
+        if any(v is None for v in feeds.values()):
+            continue
+        values = ReferenceEvaluator(ir.serde.serialize_node(n)).run(None, feeds)
+        for out, value in zip(n.outputs, values, strict=True):
+            name, out.name = out.name, None
+            out.replace_all_uses_with(add_initializer(graph, name, np.asarray(value)))
+        graph.remove(n, safe=True)
         done += 1
-    g.refresh()
     return done
 
 
-def _zero_spatial_pads(g: _Graph, n: Any) -> np.ndarray | None:
+def _zero_spatial_pads(n: ir.Node) -> np.ndarray | None:
     """The ``[begin..., end...]`` spatial pads of a constant-zero ``Pad`` of N, C, spatial."""
-    if n.op_type != "Pad" or _attr(n, "mode", b"constant") not in (b"constant", "constant") \
-            or (len(n.input) > 3 and n.input[3]):
+    if n.op_type != "Pad" or n.attributes.get_string("mode", "constant") != "constant" \
+            or (len(n.inputs) > 3 and n.inputs[3] is not None):
         return None
-    pads = g.const(n.input[1])
-    value = g.const(n.input[2]) if len(n.input) > 2 and n.input[2] else np.zeros(())
+    pads = const_array(n.inputs[1])
+    value = (const_array(n.inputs[2]) if len(n.inputs) > 2 and n.inputs[2] is not None
+             else np.zeros(()))
     if pads is None or value is None or np.any(value != 0) or pads.size < 6 or np.any(pads < 0):
         return None
     rank = pads.size // 2
@@ -443,54 +396,79 @@ def _zero_spatial_pads(g: _Graph, n: Any) -> np.ndarray | None:
     return np.concatenate([pads[2:rank], pads[rank + 2:]]).astype(np.int64)
 
 
-def _fold_pads_into_convs(g: _Graph) -> int:
+def _pad_readers(pad: ir.Node) -> tuple[ir.Node | None, list[ir.Node]] | None:
+    """For ``Pad -> [Q -> DQ...] -> Conv...``: (the Q or None, the Convs), when every path from
+    the Pad ends in a Conv reading it as its data input, else None."""
+    out = pad.outputs[0]
+    users = _users(out)
+    if not users or out.is_graph_output():
+        return None
+    head, tensors = None, [out]
+    if len(users) == 1 and users[0].op_type == "QuantizeLinear":
+        head = users[0]
+        dqs = _users(head.outputs[0])
+        if not dqs or head.outputs[0].is_graph_output() or any(
+                d.op_type != "DequantizeLinear" or d.outputs[0].is_graph_output() for d in dqs):
+            return None
+        tensors = [d.outputs[0] for d in dqs]
+    convs = [c for t in tensors for c in _users(t)]
+    if not convs or any(c.op_type != "Conv" or c.inputs[0] not in tensors
+                        or c.attributes.get_string("auto_pad", "NOTSET") != "NOTSET"
+                        for c in convs):
+        return None
+    return head, convs
+
+
+def _fold_pads_into_convs(graph: ir.Graph) -> int:
     """Zero ``Pad -> [Q -> DQ] -> Conv`` -> ``[Q -> DQ] -> Conv`` with the pads in the Conv.
 
     Exact: the Conv pads with zeros, and a quantizer maps 0 to its zero point, which
     dequantizes to 0 again. Without it a float Pad sits between two integer convolutions
     (TF "SAME" padding of Hugging Face MobileNetV2) and ONNX Runtime runs it on NCHW data.
     """
-    from onnx import helper
-
-    outputs, done = {o.name for o in g.g.output}, 0
-    for n in list(g.g.node):
-        pads = _zero_spatial_pads(g, n)
-        users = g.users(n.output[0])
-        if pads is None or not users or n.output[0] in outputs:
+    done = 0
+    for n in list(graph):
+        pads = _zero_spatial_pads(n)
+        readers = None if pads is None else _pad_readers(n)
+        if readers is None:
             continue
-        head, tensors = None, [n.output[0]]
-        if len(users) == 1 and users[0].op_type == "QuantizeLinear":
-            head = users[0]
-            dqs = g.users(head.output[0])
-            if not dqs or any(d.op_type != "DequantizeLinear" or d.output[0] in outputs
-                              for d in dqs) or head.output[0] in outputs:
-                continue
-            tensors = [d.output[0] for d in dqs]
-        convs = [c for t in tensors for c in g.users(t)]
-        if not convs or any(c.op_type != "Conv" or c.input[0] not in tensors
-                            or _attr(c, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
-                            for c in convs):
+        head, convs = readers
+        old = [np.asarray(c.attributes.get_ints("pads", [0] * pads.size), np.int64)
+               for c in convs]
+        if any(o.size != pads.size for o in old):
             continue
-        for c in convs:
-            old = np.asarray(_attr(c, "pads", [0] * pads.size), np.int64)
-            if old.size != pads.size:
-                break
-            keep = [a for a in c.attribute if a.name != "pads"]
-            del c.attribute[:]
-            c.attribute.extend(keep + [helper.make_attribute("pads", (old + pads).tolist())])
-        else:
-            if head is not None:
-                head.input[0] = n.input[0]
-            else:
-                for c in convs:
-                    c.input[0] = n.input[0]
-            g.g.node.remove(n)
-            done += 1
-        g.refresh()
+        for c, o in zip(convs, old, strict=True):
+            c.attributes["pads"] = ir.AttrInt64s("pads", (o + pads).tolist())
+        for reader in [head] if head is not None else convs:
+            reader.replace_input_with(0, n.inputs[0])
+        graph.remove(n, safe=True)
+        done += 1
     return done
 
 
-def _drop_clips_on_codes(g: _Graph) -> int:
+def _clip_changes_no_code(n: ir.Node, src: tuple) -> bool | None:
+    """Whether ``DQ -> Clip`` ``n`` leaves every code as it is, or only changes what the
+    following quantizers (all with ``src``'s qparams) round back; None for non-constant
+    bounds."""
+    bounds = [const_array(n.inputs[k]) if len(n.inputs) > k and n.inputs[k] is not None else False
+              for k in (1, 2)]
+    if any(b is None for b in bounds):
+        return None
+    scale, zero = src[1][0].reshape(()), src[1][1].reshape(())
+    info = np.iinfo(zero.dtype)
+    codes = np.arange(info.min, info.max + 1)
+    vals = ((codes - zero.astype(np.int64)).astype(np.float32) * scale).astype(np.float32)
+    lo = -np.inf if bounds[0] is False else float(bounds[0])
+    hi = np.inf if bounds[1] is False else float(bounds[1])
+    clipped = np.clip(vals, lo, hi).astype(np.float32)
+    users = _users(n.outputs[0])
+    same_q = bool(users) and all(u.op_type == "QuantizeLinear" and _qparams(u) is not None
+                                 and _same(src[1], _qparams(u)) for u in users)
+    requant = _quantize_np(clipped, scale, zero, 0).astype(np.int64)
+    return np.array_equal(clipped, vals) or (same_q and np.array_equal(requant, codes))
+
+
+def _drop_clips_on_codes(graph: ir.Graph) -> int:
     """``DQ -> Clip`` that changes no dequantized code, or whose change the following
     quantizers (same qparams) round away, checked on every code: bypass the Clip.
 
@@ -499,43 +477,45 @@ def _drop_clips_on_codes(g: _Graph) -> int:
     right before the Q).
     """
     done = 0
-    for n in list(g.g.node):
-        src = _dq_source(g, n.input[0]) if n.op_type == "Clip" else None
-        if src is None or src[1][0].size != 1:
+    for n in list(graph):
+        src = _dq_source(n.inputs[0]) if n.op_type == "Clip" else None
+        if src is None or src[1][0].size != 1 or not _clip_changes_no_code(n, src):
             continue
-        bounds = [g.const(n.input[k]) if len(n.input) > k and n.input[k] else False
-                  for k in (1, 2)]
-        if any(b is None for b in bounds):
-            continue
-        scale, zero = src[1][0].reshape(()), src[1][1].reshape(())
-        info = np.iinfo(zero.dtype)
-        codes = np.arange(info.min, info.max + 1)
-        vals = ((codes - zero.astype(np.int64)).astype(np.float32) * scale).astype(np.float32)
-        lo = -np.inf if bounds[0] is False else float(bounds[0])
-        hi = np.inf if bounds[1] is False else float(bounds[1])
-        clipped = np.clip(vals, lo, hi).astype(np.float32)
-        users = g.users(n.output[0])
-        same_q = bool(users) and all(u.op_type == "QuantizeLinear" and _qparams(g, u) is not None
-                                     and _same(src[1], _qparams(g, u)) for u in users)
-        requant = _quantize_np(clipped, scale, zero, 0).astype(np.int64)
-        if np.array_equal(clipped, vals) or (same_q and np.array_equal(requant, codes)):
-            g.rename_input(n.output[0], n.input[0])
-            g.g.node.remove(n)
-            done += 1
-    g.refresh()
+        _bypass(n.outputs[0], n.inputs[0])
+        graph.remove(n, safe=True)
+        done += 1
     return done
 
 
-def rewrite_qdq(model: Any) -> dict[str, int]:
+def _prune(model: ir.Model) -> None:
+    """Drop nodes whose outputs nobody uses and initializers nobody reads (until none is
+    left), then sort the nodes as ONNX requires."""
+    while RemoveUnusedNodesPass()(model).modified:
+        pass
+    sort_in_layers(model.graph)
+
+
+def rewrite_qdq(model: ir.Model | onnx.ModelProto) -> dict[str, int]:
     """Rewrite an exported fake-quant graph in place into ORT's integer-kernel QDQ form.
+
+    Args:
+        model: an ``onnx_ir.Model``, or an ``onnx.ModelProto`` (rewritten in place too).
 
     Returns:
         How many rewrites of each kind were made.
 
+    Raises:
+        ExportError: the rewritten graph has a cycle or a dangling input.
+
     Example:
-        >>> stats = rewrite_qdq(onnx.load("exported.onnx"))  # doctest: +SKIP
+        >>> stats = rewrite_qdq(onnx_ir.load("exported.onnx"))  # doctest: +SKIP
     """
-    g = _Graph(model)
+    if not isinstance(model, ir.Model):  # a ModelProto: rewrite its IR, write it back
+        ir_model = ir.serde.deserialize_model(model)
+        stats = rewrite_qdq(ir_model)
+        model.CopyFrom(ir.serde.serialize_model(ir_model))
+        return stats
+    g = model.graph
     stats = {"identities": _resolve_identities(g),
              "constants_folded": _fold_constant_ops(g),
              "int8_weights": _fold_weight_quantizers(g),
@@ -546,9 +526,9 @@ def rewrite_qdq(model: Any) -> dict[str, int]:
              "requantize_dropped": _drop_requantize(g)}
     stats["int8_shape_ops"] = _move_requantize_through_shape_ops(g)
     stats["requantize_dropped"] += _drop_requantize(g)
-    g.prune()
+    _prune(model)
     stats["float_pools_pinned"] = _pin_quantizers_after_float_pools(g)
-    g.prune()
+    _prune(model)
     return stats
 
 
@@ -560,18 +540,25 @@ def postprocess_qdq(path: str | Path) -> dict[str, int]:
     """
     import onnx
 
-    model = onnx.load(str(path))
+    model = ir.load(str(path))
     stats = rewrite_qdq(model)
+    proto = ir.to_proto(model)
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"QDQ rewrite of '{path}' produced an invalid graph: "
                           f"{str(exc).splitlines()[0]}") from exc
-    onnx.save(model, str(path))
+    onnx.save(proto, str(path))
     return stats
 
 
 # ------------------------------------------------------------------------------- inspection
+
+
+def _dq_source_op(value: ir.Value | None) -> str | None:
+    """The op type of the node producing ``value`` (None for graph inputs, constants)."""
+    node = None if value is None else value.producer()
+    return None if node is None else node.op_type
 
 
 def int8_ops(onnx_path: str | Path, threads: int = 1) -> dict[str, Any]:
@@ -594,25 +581,23 @@ def int8_ops(onnx_path: str | Path, threads: int = 1) -> dict[str, Any]:
     """
     import tempfile
 
-    import onnx
-
     from slimkit.io.onnx_model import ort_session
 
     with tempfile.TemporaryDirectory() as tmp:
         opt = Path(tmp) / "optimized.onnx"
         ort_session(onnx_path, threads, optimized_path=opt)
-        graph = onnx.load(str(opt)).graph
-    counts = Counter(n.op_type for n in graph.node)
-    index = OnnxGraphIndex(graph)
+        graph = ir.load(str(opt)).graph
+    counts = Counter(n.op_type for n in graph)
     floats, fallbacks = [], []
-    for n in graph.node:
+    for n in graph:
         if n.op_type not in COMPUTE_OPS:
             continue
-        floats.append(n.name or n.output[0])
-        fed_dq = any(index.producer_op(i) == "DequantizeLinear" for i in n.input)
-        if fed_dq:  # the integer chain was broken here: dequantize, float compute
-            fallbacks.append(n.name or n.output[0])
+        floats.append(n.name or n.outputs[0].name)
+        if any(_dq_source_op(i) == "DequantizeLinear" for i in n.inputs):
+            # the integer chain was broken here: dequantize, float compute
+            fallbacks.append(n.name or n.outputs[0].name)
     int8 = sum(c for op, c in counts.items() if op in INT8_OPS)
     return {"op_counts": dict(sorted(counts.items())), "int8_nodes": int8,
             "float_compute": floats, "float_fallbacks": fallbacks,
             "all_int8": not floats and int8 > 0}
+
