@@ -1,4 +1,4 @@
-"""ONNX helpers of io/: the graph index, the ONNX Runtime session, and io/'s place in the layers."""
+"""ONNX helpers of io/: onnx-ir graph helpers, the ONNX Runtime session, io/'s layer place."""
 
 import ast
 import importlib
@@ -7,11 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
 import slimkit.io
-from slimkit.io.onnx_graph import OnnxGraphIndex
+from slimkit.core.errors import ExportError
+from slimkit.io.onnx_graph import add_initializer, const_array, only_consumer, sort_in_layers
 from slimkit.io.onnx_model import ort_options, ort_session
 
 #: Packages above io/ in the layering (ARCHITECTURE.md): io/ must not import them.
@@ -30,26 +32,44 @@ def _graph() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def test_graph_index_maps_producers_and_consumers_in_order():
-    g = OnnxGraphIndex(_graph().graph)
-    assert {k: n.name for k, n in g.producer.items()} == {"r": "relu", "a": "neg", "b": "abs",
-                                                          "y": "add"}
-    assert [n.name for n in g.users("r")] == ["neg", "abs"]
-    assert g.users("y") == [] and g.users("nothing") == []
-    assert g.producer_op("a") == "Neg" and g.producer_op("x") is None
-    assert g.only("x", "Relu").name == "relu"
-    assert g.only("r", "Neg") is None  # two consumers
-    assert g.only("a", "Mul") is None  # one consumer, another op
+def test_only_consumer_counts_every_use():
+    graph = ir.serde.deserialize_model(_graph()).graph
+    nodes = {n.name: n for n in graph}
+    r = nodes["relu"].outputs[0]
+    assert only_consumer(graph.inputs[0], "Relu") is nodes["relu"]
+    assert only_consumer(r, "Neg") is None  # two consumers
+    assert only_consumer(nodes["neg"].outputs[0], "Mul") is None  # one consumer, another op
+    assert only_consumer(nodes["add"].outputs[0], "Add") is None  # a graph output, no reader
+    nodes["add"].replace_input_with(1, nodes["neg"].outputs[0])  # add(a, a): read twice
+    assert only_consumer(nodes["neg"].outputs[0], "Add") is None
 
 
-def test_graph_index_refresh_sees_rewired_nodes():
+def test_constants_and_initializers():
     model = _graph()
-    g = OnnxGraphIndex(model.graph)
-    model.graph.node[3].input[1] = "r"  # add now reads a and r; abs is dead
-    assert [n.name for n in g.users("b")] == ["add"]  # stale until refreshed
-    g.refresh()
-    assert g.users("b") == []
-    assert [n.name for n in g.users("r")] == ["neg", "abs", "add"]
+    model.graph.node.insert(0, helper.make_node(
+        "Constant", [], ["c"], value=helper.make_tensor("v", TensorProto.INT64, [2], [3, 4])))
+    graph = ir.serde.deserialize_model(model).graph
+    constant = next(n for n in graph if n.op_type == "Constant").outputs[0]
+    np.testing.assert_array_equal(const_array(constant), np.array([3, 4]))
+    assert const_array(graph.inputs[0]) is None and const_array(None) is None
+    a = add_initializer(graph, "w", np.arange(3, dtype=np.int8))
+    b = add_initializer(graph, "w", np.ones(2, np.float32))  # the name is taken
+    assert (a.name, b.name) == ("w", "w_1") and graph.initializers["w_1"] is b
+    np.testing.assert_array_equal(const_array(a), np.arange(3, dtype=np.int8))
+
+
+def test_sort_in_layers_orders_by_layer_and_rejects_a_cycle():
+    graph = ir.serde.deserialize_model(_graph()).graph
+    nodes = {n.name: n for n in graph}
+    graph.remove(nodes["relu"])
+    graph.append(nodes["relu"])  # now last: its readers come before it
+    sort_in_layers(graph)
+    assert [n.name for n in graph] == ["relu", "neg", "abs", "add"]
+    sort_in_layers(graph)  # already sorted: unchanged
+    assert [n.name for n in graph] == ["relu", "neg", "abs", "add"]
+    nodes["relu"].replace_input_with(0, nodes["add"].outputs[0])  # relu <- add <- relu
+    with pytest.raises(ExportError, match="cycle"):
+        sort_in_layers(graph)
 
 
 def test_ort_session_runs_and_writes_the_optimized_graph(tmp_path):
