@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from slimkit.report.fmt import as_list, as_mapping, esc, finite
+from slimkit.report.fmt import as_list, as_mapping, finite
+from slimkit.report.render import render
 
 
 def _ok(value: Any) -> bool:
@@ -34,33 +35,34 @@ def _ms(v: Any) -> str:
     return f"{v:.3f} ms" if _ok(v) else "—"
 
 
-def _exit_table(d: Mapping[str, Any], split: str) -> str:
+def _exit_rows(d: Mapping[str, Any], split: str) -> list[tuple[str, str, str, str, str]]:
+    """Per exit, then the final head: (block, threshold, share of samples leaving there,
+    top-1 of those samples, MACs per sample on that path)."""
     s = as_mapping(d.get(split))
-    rows = []
     names = [as_mapping(e).get("block") for e in as_list(d.get("exits"))] + ["final head"]
     thresholds = [*as_list(d.get("thresholds")), None]
     macs = as_list(as_mapping(d.get("costs")).get("path_macs"))
+    fractions, top1 = as_list(s.get("exit_fraction")), as_list(s.get("exit_top1"))
+    rows = []
     for k, name in enumerate(names):
-        frac = as_list(s.get("exit_fraction"))[k] if k < len(as_list(s.get("exit_fraction"))) \
-            else None
-        acc = as_list(s.get("exit_top1"))[k] if k < len(as_list(s.get("exit_top1"))) else None
         t = thresholds[k] if k < len(thresholds) else None
-        rows.append(f"<tr><td>{esc(name)}</td><td>{'—' if t is None else f'{t:.4g}'}</td>"
-                    f"<td>{_pct(frac)}</td><td>{_pct(acc)}</td>"
-                    f"<td>{f'{macs[k]:,}' if k < len(macs) and _ok(macs[k]) else '—'}</td>"
-                    "</tr>")
-    return ("<table><thead><tr><th>Exit after</th><th>Threshold</th>"
-            f"<th>Samples leaving ({esc(split)})</th><th>Top-1 there</th><th>MACs per sample"
-            "</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+        rows.append((
+            str(name),
+            "—" if t is None else f"{t:.4g}",
+            _pct(fractions[k] if k < len(fractions) else None),
+            _pct(top1[k] if k < len(top1) else None),
+            f"{macs[k]:,}" if k < len(macs) and _ok(macs[k]) else "—",
+        ))
+    return rows
 
 
-def _savings(d: Mapping[str, Any], split: str) -> str:
+def _savings(d: Mapping[str, Any], split: str) -> list[str]:
     s = as_mapping(d.get(split))
     costs = as_mapping(d.get("costs"))
     lat = as_mapping(d.get("latency"))
     ratio = costs.get(f"mean_macs_ratio_{split}")
     items = [
-        f"top-1 ({esc(split)}): {_pct(s.get('static_top1'))} static → {_pct(s.get('top1'))} "
+        f"top-1 ({split}): {_pct(s.get('static_top1'))} static → {_pct(s.get('top1'))} "
         "with exits",
         f"mean MACs per sample: {_pct(ratio)} of the static model's "
         f"({costs.get('static_macs', 0):,} MACs)" if _ok(ratio) else "mean MACs: —",
@@ -70,17 +72,18 @@ def _savings(d: Mapping[str, Any], split: str) -> str:
         ci = (f" (95% CI {1 / hi:.2f}–{1 / lo:.2f}x)" if _ok(lo) and _ok(hi) and lo > 0
               and hi > 0 else "")
         items.append(
-            f"batch-1 latency, {esc(lat.get('runtime', ''))}, {lat.get('samples')} "
-            f"{esc(lat.get('split', ''))} samples: mean {_ms(lat.get('mean_ms'))} vs "
+            f"batch-1 latency, {lat.get('runtime', '')}, {lat.get('samples')} "
+            f"{lat.get('split', '')} samples: mean {_ms(lat.get('mean_ms'))} vs "
             f"{_ms(lat.get('static_mean_ms'))} static, p90 {_ms(lat.get('p90_ms'))} vs "
             f"{_ms(lat.get('static_p90_ms'))}; speedup of the mean "
             f"{lat.get('speedup', float('nan')):.2f}x{ci}")
-    return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
+    return items
 
 
-def _sweep_plot(d: Mapping[str, Any]) -> str:
+def _sweep_plot(d: Mapping[str, Any]) -> str | None:
     """Top-1 against mean latency (estimated from each path's measured latency) or, without
-    timings, mean MACs, one point per allowed drop of the threshold sweep."""
+    timings, mean MACs, one point per allowed drop of the threshold sweep, as a PNG data
+    URI; None without a complete sweep."""
     from slimkit.report.plots import _new_figure, _to_data_uri
 
     points = [as_mapping(p) for p in as_list(d.get("sweep"))]
@@ -88,7 +91,7 @@ def _sweep_plot(d: Mapping[str, Any]) -> str:
     xs = [p.get("mean_ms_estimate") if timed else p.get("mean_cost") for p in points]
     ys = [100 * p["top1"] for p in points if _ok(p.get("top1"))]
     if not points or len(ys) != len(points) or not all(_ok(x) for x in xs):
-        return '<p class="na">No threshold sweep recorded.</p>'
+        return None
     fig, ax = _new_figure(6.4, 4.0)
     ax.plot(xs, ys, marker="o", color="#2f81f7")
     for p, x, y in zip(points, xs, ys, strict=True):
@@ -98,17 +101,21 @@ def _sweep_plot(d: Mapping[str, Any]) -> str:
     ax.set_ylabel(f"top-1 (%), {d.get('sweep_split', '')}")
     ax.set_title("Top-1 vs mean cost as the thresholds sweep", fontsize=11)
     ax.grid(True, alpha=0.3)
-    uri = _to_data_uri(fig)
-    return (f'<figure><img src="{uri}" alt="top-1 vs mean cost"><figcaption>Each point: '
-            "thresholds chosen on the validation split for the allowed top-1 drop (points) "
-            "it is labelled with.</figcaption></figure>")
+    return _to_data_uri(fig)
+
+
+def early_exit(report: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The section's data (``templates/early_exit.html.j2``), or None when the run had no
+    early-exit stage with exits."""
+    d = _stage(report)
+    if d is None:
+        return None
+    split = "test" if d.get("test") else "val"
+    return {"split": split, "savings": _savings(d, split), "rows": _exit_rows(d, split),
+            "sweep": _sweep_plot(d)}
 
 
 def early_exit_section(report: Mapping[str, Any]) -> str:
     """The section's HTML, or ``""`` when the run had no early-exit stage with exits."""
-    d = _stage(report)
-    if d is None:
-        return ""
-    split = "test" if d.get("test") else "val"
-    return ('<section id="early-exit"><h2>Early exits</h2>' + _savings(d, split)
-            + _exit_table(d, split) + _sweep_plot(d) + "</section>")
+    view = early_exit(report)
+    return "" if view is None else render("early_exit.html.j2", early_exit=view)

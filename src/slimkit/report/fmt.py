@@ -5,17 +5,16 @@ The report dict is produced by the pipeline and any optional key may be absent,
 therefore returns ``None`` instead of raising, and every formatter turns ``None``
 into an em dash, so a partial report still renders.
 
-Formatters return plain text; escaping for HTML happens once, in :func:`esc`.
+Formatters return plain text; the templates escape it for HTML (jinja2 autoescaping).
 """
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import numbers
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 DASH = "—"
 
@@ -23,9 +22,12 @@ DASH = "—"
 RUNTIME_NAMES = {"torch": "PyTorch", "onnxruntime": "ONNX Runtime"}
 
 
-def esc(value: Any) -> str:
-    """HTML-escape ``str(value)`` (quotes included, so it is safe in attributes too)."""
-    return html.escape(str(value), quote=True)
+class Cell(NamedTuple):
+    """A table cell as its template shows it: the text, and a tone class (``good``, ``worse``,
+    ``na``, or none)."""
+
+    text: str
+    tone: str = ""
 
 
 def dig(obj: Any, *keys: Any) -> Any:

@@ -88,7 +88,7 @@ def layer_pairs(baseline: Any, final: Any) -> list[tuple[str, Row | None, Row | 
         >>> base = [{"name": "fc", "params": 100}]
         >>> final = [{"name": "fc.0", "params": 30}, {"name": "fc.1", "params": 20}]
         >>> [(n, f["params"]) for n, _, f in layer_pairs(base, final)]
-        [('fc', 50)]
+        [('fc', 50.0)]
     """
     base, new = _rows(baseline), _rows(final)
     groups: dict[str, list[Row]] = {}

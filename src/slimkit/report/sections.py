@@ -1,7 +1,9 @@
-"""HTML of the report's prose sections: header, verdict banner, highlights, parity, environment.
+"""The data of the report's prose sections: header, verdict banner, highlights, parity and
+fidelity, environment.
 
-Each function takes the whole report dict and returns an HTML fragment. Every
-piece of text that comes from the report goes through :func:`esc`.
+Each function takes the whole report dict and returns the view its template
+(``templates/<section>.html.j2``) renders: plain text and tone classes, no markup. The
+templates autoescape, so text from the report is never trusted as HTML.
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ from typing import Any
 from slimkit.report.fmt import (
     DASH,
     RUNTIME_NAMES,
+    Cell,
     as_list,
     as_mapping,
     by_batch,
     dig,
-    esc,
     finite,
     fmt_int,
     fmt_json,
@@ -53,8 +55,8 @@ _ENV_LABELS = {
 }
 
 
-def header(report: Mapping[str, Any]) -> str:
-    """Title with the model name, and one line on the data, input and run."""
+def header(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The title's model name, and the facts on the data, input and run."""
     name = dig(report, "model", "name")
     facts = []
     data = as_mapping(report.get("data"))
@@ -68,11 +70,7 @@ def header(report: Mapping[str, Any]) -> str:
         facts.append(f"created {report['created']}")
     if report.get("slimkit_version") is not None:
         facts.append(f"slimkit {report['slimkit_version']}")
-    meta = " · ".join(esc(f) for f in facts)
-    return (
-        f"<header><h1>Compression report: {esc(name if name is not None else 'unnamed model')}"
-        f'</h1><p class="meta">{meta}</p></header>'
-    )
+    return {"name": str(name if name is not None else "unnamed model"), "facts": facts}
 
 
 def _criteria(report: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -130,29 +128,30 @@ def _achieved_text(criterion: Mapping[str, Any], unit: Any) -> str:
     return text
 
 
-def _criterion_row(report: Mapping[str, Any], criterion: Mapping[str, Any]) -> str:
+def _flag(value: Any) -> bool | None:
+    """A recorded met / ok flag: True or False, anything else unknown (None)."""
+    return value if isinstance(value, bool) else None
+
+
+def _criterion_row(report: Mapping[str, Any], criterion: Mapping[str, Any]) -> dict[str, Any]:
     name = str(criterion.get("name", ""))
     unit = criterion.get("unit") or _CRITERION_UNITS.get(name)
     bound = (
         "at most " if name.startswith("max_") else "at least " if name.startswith("min_") else ""
     )
     asked = criterion.get("asked")
-    asked_text = bound + fmt_unit(asked, unit) if asked is not None else DASH
-    met = criterion.get("met")
-    pill = {
-        True: '<span class="pill ok">met</span>',
-        False: '<span class="pill bad">missed</span>',
-    }.get(met, '<span class="na">—</span>')
-    tone = {True: "good", False: "worse"}.get(met, "na")
-    return (
-        f'<tr><td>{esc(_criterion_label(report, criterion))}</td><td class="num">'
-        f'{esc(asked_text)}</td><td class="num">{esc(_achieved_text(criterion, unit))}'
-        f'</td><td class="num {tone}">{esc(_margin_text({**criterion, "unit": unit}))}</td>'
-        f"<td>{pill}</td></tr>"
-    )
+    met = _flag(criterion.get("met"))
+    return {
+        "label": _criterion_label(report, criterion),
+        "asked": Cell(bound + fmt_unit(asked, unit) if asked is not None else DASH),
+        "achieved": Cell(_achieved_text(criterion, unit)),
+        "margin": Cell(_margin_text({**criterion, "unit": unit}),
+                       "good" if met is True else "worse" if met is False else "na"),
+        "met": met,
+    }
 
 
-def verdict(report: Mapping[str, Any]) -> str:
+def verdict(report: Mapping[str, Any]) -> dict[str, Any]:
     """The green or red banner: target met or missed, and each criterion asked vs achieved."""
     criteria = _criteria(report)
     met = _overall(report, criteria)
@@ -167,18 +166,8 @@ def verdict(report: Mapping[str, Any]) -> str:
         summary = "the criteria below were asked, but no verdict was recorded"
     else:
         summary = "no target was set for this run"
-    rows = "".join(_criterion_row(report, c) for c in criteria)
-    table = (
-        '<table class="criteria"><thead><tr><th>Criterion</th><th class="num">Asked</th>'
-        '<th class="num">Achieved</th><th class="num">By how much</th><th>Result</th>'
-        f"</tr></thead><tbody>{rows}</tbody></table>"
-        if criteria
-        else ""
-    )
-    return (
-        f'<section class="banner {tone}" id="verdict"><div class="status">{esc(status)}</div>'
-        f'<div class="summary">{esc(summary)}</div>{table}</section>'
-    )
+    return {"status": status, "tone": tone, "summary": summary,
+            "criteria": [_criterion_row(report, c) for c in criteria]}
 
 
 def _speedup_key(report: Mapping[str, Any]) -> tuple[str, Any]:
@@ -192,8 +181,8 @@ def _speedup_key(report: Mapping[str, Any]) -> tuple[str, Any]:
     return "onnxruntime", 1
 
 
-def highlights(report: Mapping[str, Any]) -> str:
-    """One line of headline numbers: size ratio, speedup, and the accuracy change."""
+def _chips(report: Mapping[str, Any]) -> list[str]:
+    """Headline numbers: size ratio, speedup, and the accuracy (or primary metric) change."""
     chips = []
     size_ratio = finite(dig(report, "comparison", "size_ratio"))
     base_size = finite(dig(report, "baseline", "size_bytes"))
@@ -222,71 +211,59 @@ def highlights(report: Mapping[str, Any]) -> str:
         f = finite(dig(report, "final", "metrics", name))
         if b is not None and f is not None:
             chips.append(f"{name} {b:.4g} → {f:.4g}")
+    return chips
+
+
+def highlights(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The headline chips, and every stage's warning flag."""
     flags = [f for st in as_list(report.get("stages")) for f in as_list(dig(st, "flags"))]
-    warnings = "".join(f'<p class="worse">⚠ {esc(fmt_value(f))}</p>' for f in flags)
-    if not chips:
-        return warnings
-    return (
-        '<p class="highlights">'
-        + "".join(f'<span class="chip">{esc(chip)}</span>' for chip in chips)
-        + "</p>" + warnings
-    )
+    return {"chips": _chips(report), "warnings": [fmt_value(f) for f in flags]}
 
 
-def parity(report: Mapping[str, Any]) -> str:
-    """The ONNX Runtime vs PyTorch parity line and the final-vs-baseline fidelity line."""
+def _parity(report: Mapping[str, Any]) -> dict[str, Any] | None:
     check = as_mapping(report.get("parity"))
-    if check:
-        ok = check.get("ok")
-        pill = {
-            True: '<span class="pill ok">OK</span>',
-            False: '<span class="pill bad">MISMATCH</span>',
-        }.get(ok, "")
-        tolerance = f", tolerance {fmt_sci(check['atol'])}" if num(check.get("atol")) else ""
-        line = (
-            f"ONNX Runtime vs PyTorch (final model): max abs diff "
-            f"{esc(fmt_sci(check.get('max_abs_diff')))}{esc(tolerance)} {pill}"
-        )
-    else:
-        line = "ONNX Runtime vs PyTorch: parity was not checked."
-    out = f'<p id="parity"><strong>Parity.</strong> {line}</p>'
+    if not check:
+        return None
+    return {
+        "max_abs_diff": fmt_sci(check.get("max_abs_diff")),
+        "tolerance": fmt_sci(check["atol"]) if num(check.get("atol")) else "",
+        "ok": _flag(check.get("ok")),
+    }
+
+
+def _fidelity(report: Mapping[str, Any]) -> list[str]:
     fidelity = as_mapping(report.get("fidelity"))
-    if fidelity:
-        cosine = finite(fidelity.get("cosine"))
-        parts = [
-            f"cosine {cosine:.4f}" if cosine is not None else f"cosine {DASH}",
-            f"top-1 agreement {fmt_pct(fidelity.get('top1_agreement'))}",
-            f"max abs diff {fmt_sci(fidelity.get('max_abs_diff'))}",
-        ]
-        per_output = as_mapping(fidelity.get("per_output"))
-        if len(per_output) > 1:  # every output of a multi-output model, by name
-            parts += [f"{name}: cosine {fmt_value(dig(v, 'cosine'))}, SQNR "
-                      f"{fmt_value(dig(v, 'sqnr_db'))} dB" for name, v in per_output.items()]
-        out += (
-            '<p id="fidelity"><strong>Fidelity.</strong> Final vs baseline outputs on the test '
-            f"set: {esc(' · '.join(parts))}</p>"
-        )
-    return out
+    if not fidelity:
+        return []
+    cosine = finite(fidelity.get("cosine"))
+    parts = [
+        f"cosine {cosine:.4f}" if cosine is not None else f"cosine {DASH}",
+        f"top-1 agreement {fmt_pct(fidelity.get('top1_agreement'))}",
+        f"max abs diff {fmt_sci(fidelity.get('max_abs_diff'))}",
+    ]
+    per_output = as_mapping(fidelity.get("per_output"))
+    if len(per_output) > 1:  # every output of a multi-output model, by name
+        parts += [f"{name}: cosine {fmt_value(dig(v, 'cosine'))}, SQNR "
+                  f"{fmt_value(dig(v, 'sqnr_db'))} dB" for name, v in per_output.items()]
+    return parts
 
 
-def environment(report: Mapping[str, Any]) -> str:
-    """The machine and library versions, then the recipe and target as collapsible JSON."""
+def checks(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The ONNX Runtime vs PyTorch parity check (None when not checked), and the parts of the
+    final-vs-baseline fidelity line (empty when not measured)."""
+    return {"parity": _parity(report), "fidelity": _fidelity(report)}
+
+
+def environment(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The machine and library versions as (label, value) rows, then the recipe and the
+    target as (title, JSON text) to fold away."""
     env = as_mapping(report.get("environment"))
     keys = [k for k in _ENV_ORDER if k in env] + sorted(
         (k for k in env if k not in _ENV_ORDER), key=str
     )
-    rows = "".join(
-        f"<tr><th>{esc(_ENV_LABELS.get(str(k), k))}</th><td>{esc(fmt_value(env[k]))}</td></tr>"
-        for k in keys
-    )
-    table = (
-        f'<table class="kv"><tbody>{rows}</tbody></table>'
-        if rows
-        else '<p class="na">No environment was recorded.</p>'
-    )
-    extras = "".join(
-        f"<details><summary>{esc(title)}</summary><pre>{esc(fmt_json(report[key]))}</pre></details>"
-        for key, title in (("recipe", "Recipe"), ("target", "Target as asked"))
-        if report.get(key) is not None
-    )
-    return f'<section id="environment"><h2>Environment</h2>{table}{extras}</section>'
+    return {
+        "rows": [(str(_ENV_LABELS.get(str(k), k)), fmt_value(env[k])) for k in keys],
+        "folded": [(title, fmt_json(report[key]))
+                   for key, title in (("recipe", "Recipe"), ("target", "Target as asked"))
+                   if report.get(key) is not None],
+    }

@@ -1,6 +1,7 @@
 """``search.html``: the Pareto fronts (metric vs latency, metric vs size) with the chosen
 point and the hand-written recipe marked, and a table of the top trials. Self-contained:
-the plots are inline SVG drawn with matplotlib's Agg-free SVG canvas (no pyplot)."""
+the plots are inline SVG drawn with matplotlib's Agg-free SVG canvas (no pyplot); the page
+is the template ``report/templates/search.html.j2`` (autoescaped)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import io
 from pathlib import Path
 
 from slimkit.core.files import write_text
-from slimkit.report.fmt import esc
+from slimkit.report.render import render as _render
 
 TOP = 10
 
@@ -50,48 +51,42 @@ def _figure(result: dict, x_key: str, xlabel: str) -> str:
     return svg[svg.index("<svg"):]
 
 
-def _rows(result: dict) -> str:
+def _rows(result: dict) -> list[tuple[str, ...]]:
+    """The top trials (feasible first, best metric first) as table cells."""
     done = [t for t in result["trials"] if t["state"] == "COMPLETE" and t["measured"]]
     sign = -1 if result["higher_is_better"] else 1
     done.sort(key=lambda t: (not t["feasible"], sign * t["measured"]["metric"]))
     out = []
     for t in done[:TOP]:
         m = t["measured"]
-        lat = f"{m['time_ratio']:.3f}" if m.get("time_ratio") else "-"
-        params = ", ".join(f"{k}={v}" for k, v in t["params"].items())
-        out.append(f"<tr><td>{t['number']}</td><td>{m['metric']:.4f}</td><td>{lat}</td>"
-                   f"<td>{m['size_share']:.3f}</td><td>{m['flops_share']:.3f}</td>"
-                   f"<td>{'yes' if t['feasible'] else 'no'}</td><td>{esc(params)}</td></tr>")
-    return "\n".join(out)
+        out.append((str(t["number"]), f"{m['metric']:.4f}",
+                    f"{m['time_ratio']:.3f}" if m.get("time_ratio") else "-",
+                    f"{m['size_share']:.3f}", f"{m['flops_share']:.3f}",
+                    "yes" if t["feasible"] else "no",
+                    ", ".join(f"{k}={v}" for k, v in t["params"].items())))
+    return out
 
 
 def render(result: dict) -> str:
-    """The page's HTML."""
-    chosen = result["chosen"]
-    plots = "".join(f"<figure>{_figure(result, key, label)}</figure>" for key, label in (
-        ("time_ratio", f"latency / baseline ({result['latency']['runtime']}, batch "
-                       f"{result['latency']['batch']})"),
-        ("size_share", "size on disk / baseline")))
+    """The page's HTML (``report/templates/search.html.j2``)."""
     states: dict[str, int] = {}
     for t in result["trials"]:
         states[t["state"]] = states.get(t["state"], 0) + 1
-    counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items()))
-    return f"""<!doctype html><html><head><meta charset="utf-8">
-<title>slimkit search</title><style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}
-figure{{display:inline-block;margin:4px}} td,th{{padding:2px 8px;text-align:right}}
-td:last-child{{text-align:left}}</style></head><body>
-<h1>Compression search</h1>
-<p>{len(result['trials'])} trials ({esc(counts)}) in {result['seconds']:.0f} s; objectives
-{esc(', '.join(result['objectives']))}. Chosen: {esc(chosen['label'])}, {esc(chosen['why'])};
-target {'met' if chosen['met'] else 'missed'}. Trials show the proxy metric (BatchNorm
-re-estimated); the front, the chosen point and the hand-written recipe are measured as the
-recipe is written.</p>
-{plots}
-<h2>Top trials</h2><table><tr><th>trial</th><th>{esc(result['metric'])}</th>
-<th>latency ratio</th><th>size share</th><th>FLOPs share</th><th>feasible</th>
-<th>choices</th></tr>
-{_rows(result)}</table></body></html>
-"""
+    latency = (f"latency / baseline ({result['latency']['runtime']}, batch "
+               f"{result['latency']['batch']})")
+    return _render(
+        "search.html.j2",
+        trials=len(result["trials"]),
+        counts=", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())),
+        seconds=f"{result['seconds']:.0f}",
+        objectives=", ".join(result["objectives"]),
+        chosen=result["chosen"],
+        # matplotlib writes the SVG and escapes its text: the one markup not from a template
+        plots=[_figure(result, key, label) for key, label in (
+            ("time_ratio", latency), ("size_share", "size on disk / baseline"))],
+        metric=result["metric"],
+        rows=_rows(result),
+    )
 
 
 def write_report(result: dict, out: Path) -> Path:
