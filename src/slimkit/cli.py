@@ -587,7 +587,7 @@ def compare(run_a: Annotated[Path, typer.Argument(help="A run directory (or its 
 @app.command(cls=_Command)
 def demo(out: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("demo-out"),
          overwrite: OverwriteOpt = False,
-         epochs: Annotated[int, typer.Option(min=1, help="Baseline training epochs.")] = 3,
+         epochs: Annotated[int, typer.Option(min=1, help="Baseline training epochs.")] = 6,
          as_json: JsonOpt = False) -> None:
     """Train LeNet-5 on real MNIST (built in), then structured pruning, distillation, INT8 and
     ONNX export, aiming at >= 3x faster in ONNX Runtime, >= 4x smaller, <= 1 point lost."""
