@@ -1,72 +1,81 @@
-"""Deep Compression (Han et al., ICLR 2016), Tables 1 and 2, on real MNIST (builtin:mnist).
+"""Deep Compression (Han et al., ICLR 2016), Tables 1 and 2, on full Fashion-MNIST.
 
-For LeNet-300-100 and LeNet-5: train a baseline, prune each layer by magnitude to a per-layer
-density with gradual pruning (slimkit.prune.schedule: Zhu & Gupta's cubic schedule inside
-fine-tuning, masks held fixed between pruning steps; ``--pruner rounds`` gives the older
-prune-retrain rounds), cluster the remaining weights (conv 8 bits, fc 5 bits as in the paper,
-linear initialization) and fine-tune the shared centroids (slimkit.encode.cluster_weights),
-round the biases to float16 (measured: the packed model's error includes it), then write the
-packed ``.slim`` file and read it back. Positions are coded per tensor as whichever is
-smaller: the paper's relative offsets with fillers (5-bit fc / 8-bit conv), or the keep-mask
-under an adaptive per-column model (slimkit.encode.maskcode); indices with Huffman or ANS;
-float16 codebooks.
+Data: ``builtin:fashion-mnist`` (Debian's ``dataset-fashion-mnist``): 54,000 train / 6,000
+validation (held out of the 60,000 training images, class-stratified, seed 0) / 10,000 test.
+The paper's figures are on MNIST; Fashion-MNIST is a harder task with the same image format,
+so the published numbers are a reference, not the same experiment.
 
-Our per-layer kept fractions (``KEEP``) are lower than the paper's: gradual pruning keeps the
-accuracy there on this data; the paper's are printed beside them.
+For LeNet-300-100 and LeNet-5:
 
-Two clustering variants are coded from the same pruned model:
+1. train a baseline on the training split; the number of epochs and the checkpoint are chosen
+   on the validation split (early stopping, best validation epoch restored);
+2. prune each layer by magnitude to its kept fraction with gradual pruning inside retraining
+   (slimkit.prune.schedule: Zhu & Gupta's cubic schedule, masks held fixed between pruning
+   steps). The headline uses **the paper's per-layer densities** (Han et al. Table 1/2);
+3. share weights (k-means, conv 8 bits / fc 5 bits as in the paper, linear initialization)
+   and retrain the shared centroids (slimkit.encode.cluster_weights); biases rounded to
+   float16 (measured: the packed model's accuracy includes it);
+4. write the packed ``.slim`` file (positions as relative offsets with fillers or as a coded
+   keep-mask, whichever is smaller; indices Huffman/ANS-coded; float16 codebooks), read it back
+   and check the round trip is bit-exact. The ratio is float32 bytes (4 x parameters) over
+   the file's bytes.
 
-* ``kmeans``: Lloyd's k-means run to convergence from the linear initialization (the paper);
-* ``linear``: the linear initialization kept as the centroids (zero Lloyd steps), i.e. a
-  uniform quantizer. With an entropy coder behind it a uniform quantizer needs fewer bits for
-  the same error than k-means (Gish & Pierce 1968; Choi et al., "Towards the Limit of Network
-  Quantization", ICLR 2017), because k-means evens out cluster usage, which raises the entropy.
+A second row, ``tuned``, lowers densities **on the validation split only**: for each layer,
+starting from the paper-density model after pruning and retraining, the layer alone is pruned
+further to ``factor x paper density`` (factors ``--tune-factors``, no retraining) and the
+lowest density is kept whose validation top-1 drop stays within ``--tune-tolerance`` points
+(scanning down, stopping at the first candidate beyond it). The baseline is then pruned to
+those densities and steps 2-4 are repeated. Every candidate and the choice are in the JSON.
 
-Criteria (from the issue): the ``.slim`` file is at least 40x (LeNet-300-100) / 39x (LeNet-5)
-smaller than the float32 model (4 bytes x parameters), and the packed model's test error is
-at most 0.2 points above the model's own uncompressed baseline. Each variant is judged on its
-own; a model's ``met`` says whether some variant meets both. Prints JSON and saves it to
-benchmarks/results/deep_compression.json.
+Two clusterings are coded from each pruned model: ``kmeans`` (Lloyd's k-means to convergence
+from the linear initialization, the paper's; the headline) and ``linear`` (the linear
+initialization kept, i.e. a uniform quantizer, which an entropy coder can code in fewer bits
+for the same error: Choi et al., ICLR 2017); ``linear`` is reported beside it, not used for
+the verdict.
+
+Every stage sees the data through ``slimkit.data.guard.hide_test`` (reading the test split
+raises); the test split is read once, at the end, after every choice.
+
+Criteria (per model, on the headline k-means variant):
+- the ``.slim`` file is at least 40x (LeNet-300-100) / 39x (LeNet-5) smaller than float32;
+- its test error is within the baseline's: the packed model is not worse than the baseline
+  beyond noise on the same 10,000 test images (exact McNemar, worse at p < 0.05 fails).
+Accuracies carry Wilson 95% intervals. Prints JSON and writes
+benchmarks/results/deep_compression.json (``--out`` to change).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from _common import emit  # noqa: I001
+from _common import data_record, emit, paired_difference, top1_with_ci  # noqa: I001
 from torch import nn
 
 from slimkit.core.files import write_json
 from slimkit.core.stages import StageContext
 from slimkit.data import load_data
 from slimkit.data.bundle import DataBundle
-from slimkit.distill.run import FinetuneConfig, finetune
+from slimkit.data.guard import hide_test
+from slimkit.data.split import calibration_indices
+from slimkit.distill.run import FinetuneConfig
 from slimkit.encode import EncodeConfig, cluster_weights, pack, read_packed, unpack
 from slimkit.io.loader import load_zoo
 from slimkit.io.model import SlimModel
 from slimkit.prune.magnitude import MagnitudePruneConfig, magnitude_prune
 from slimkit.prune.schedule import GradualPruneConfig, gradual_prune
-from slimkit.train import TrainConfig, evaluate, fit
+from slimkit.train import TrainConfig, fit
+from slimkit.train.config import EarlyStopping
 
+DATA = "builtin:fashion-mnist"
 RESULTS = Path(__file__).parent / "results" / "deep_compression.json"
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _relative(path: Path) -> str:
-    """A path as recorded in results: relative to the repository when inside it (no machine
-    paths in committed JSON), else just its name."""
-    path = Path(path).resolve()
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else path.name
-# Han et al. 2016, Tables 1-4: kept weights per layer, and the reported totals.
-KEEP = {  # ours (gradual pruning); compare PAPER[...]["keep"]
-    "lenet300": {"fc1": 0.05, "fc2": 0.07, "fc3": 0.2},
-    "lenet5": {"conv1": 0.5, "conv2": 0.08, "fc1": 0.05, "fc2": 0.15},
-}
+# Han et al. 2016, Tables 1-4 (MNIST): kept weights per layer, and the reported totals.
 PAPER = {
     "lenet300": {"keep": {"fc1": 0.08, "fc2": 0.09, "fc3": 0.26}, "ratio": 40,
                  "original_kb": 1070, "compressed_kb": 27, "top1_error": 1.58,
@@ -75,46 +84,86 @@ PAPER = {
                "original_kb": 1720, "compressed_kb": 44, "top1_error": 0.74,
                "baseline_error": 0.80, "min_ratio": 39.0},
 }
-MAX_ERROR_INCREASE = 0.2  # percentage points
+CLAIM_NOTE = ("Fashion-MNIST is not MNIST: a harder 10-class task with the same 28x28 format, "
+              "so the paper's MNIST errors are a reference, not a like-for-like target; the "
+              "criterion compares each compressed model with its own baseline on the same "
+              "test images.")
 
 
-def error(model: nn.Module, data: DataBundle) -> float:
-    """Top-1 test error in percent."""
-    return 100.0 * (1.0 - evaluate(model, data.x_test, data.y_test))
+def _relative(path: Path) -> str:
+    """A path as recorded in results: relative to the repository when inside it (no machine
+    paths in committed JSON), else just its name."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else path.name
 
 
-def prune_rounds(model: SlimModel, data: DataBundle, keep: dict[str, float], rounds: int,
-                 train: TrainConfig) -> nn.Module:
-    """Prune each layer to its density in ``rounds`` geometric steps, retraining with masks."""
-    for r in range(1, rounds + 1):
-        for layer, density in keep.items():
-            cfg = MagnitudePruneConfig(sparsity=1.0 - density ** (r / rounds), scope="layer",
-                                       include=[layer])
-            model, _ = magnitude_prune(model, cfg)
-        modules = dict(model.module.named_modules())
-        masks = {n: modules[n].weight.detach() != 0 for n in keep}
-
-        def reapply(m: nn.Module, masks: dict = masks, modules: dict = modules) -> None:
-            with torch.no_grad():
-                for n, mask in masks.items():
-                    modules[n].weight.mul_(mask)
-
-        finetune(model.module, data, train.model_copy(update={"seed": train.seed + r}),
-                 after_step=reapply, label=f"prune round {r}")
-    return model.module
+def val_top1(model: nn.Module, data: DataBundle) -> dict[str, Any]:
+    """Validation top-1 with its Wilson interval (choices are made on it)."""
+    return top1_with_ci(model, data.x_val, data.y_val)[0]
 
 
-def prune_gradual(model: SlimModel, data: DataBundle, keep: dict[str, float],
+def train_baseline(name: str, view: DataBundle, args: argparse.Namespace
+                   ) -> tuple[SlimModel, dict[str, Any]]:
+    """A zoo model trained on ``view``'s training split; epochs and checkpoint chosen on its
+    validation split (early stopping with ``args.patience``, best epoch restored)."""
+    torch.manual_seed(args.seed)
+    model = load_zoo(name, view)
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                      weight_decay=args.weight_decay, seed=args.seed,
+                      early_stopping=EarlyStopping(patience=args.patience, restore_best=True))
+    history = fit(model.module, view, cfg, progress=False)
+    vals = [e["val_top1"] for e in history["epochs"]]
+    best = max(range(len(vals)), key=lambda i: vals[i])
+    return model, {"max_epochs": args.epochs, "patience": args.patience,
+                   "epochs_run": len(vals), "chosen_epoch": best + 1,
+                   "stopped_early": history["stopped_early"], "val_top1_per_epoch": vals,
+                   "chosen_on": "validation (best epoch restored)"}
+
+
+def prune_gradual(model: SlimModel, view: DataBundle, keep: dict[str, float],
                   args: argparse.Namespace) -> nn.Module:
-    """Gradual (AGP) magnitude pruning to each layer's kept fraction, inside fine-tuning."""
+    """Gradual (AGP) magnitude pruning to each layer's kept fraction, inside retraining."""
     cfg = GradualPruneConfig(
         final_sparsity=max(1.0 - v for v in keep.values()), scope="layer",
         layer_sparsity={k: 1.0 - v for k, v in keep.items()}, include=list(keep),
         frequency=args.frequency, ramp_fraction=args.ramp,
-        train=FinetuneConfig(epochs=args.prune_epochs, lr=args.lr, batch_size=64,
+        train=FinetuneConfig(epochs=args.prune_epochs, lr=args.lr, batch_size=args.batch_size,
                              weight_decay=args.weight_decay, seed=args.seed + 1))
-    pruned, _ = gradual_prune(model, cfg, StageContext(data=data, progress=False))
+    pruned, _ = gradual_prune(model, cfg, StageContext(data=view, progress=False))
     return pruned.module
+
+
+def choose_keep(model: SlimModel, pruned: nn.Module, view: DataBundle, paper_keep: dict,
+                args: argparse.Namespace) -> tuple[dict[str, float], dict[str, Any]]:
+    """Per layer, the lowest ``factor x paper density`` whose validation top-1 drop (that layer
+    alone pruned further, no retraining) stays within ``args.tune_tolerance`` points of the
+    paper-density pruned model; scanning down, stopping at the first candidate beyond it."""
+    reference = val_top1(pruned, view)
+    factors = sorted({float(f) for f in args.tune_factors.split(",") if f}, reverse=True)
+    keep, layers = {}, {}
+    for layer, density in paper_keep.items():
+        rows, chosen = [], density
+        for f in (f for f in factors if f < 1.0):
+            candidate = round(f * density, 6)
+            cfg = MagnitudePruneConfig(sparsity=1.0 - candidate, scope="layer",
+                                       include=[layer])
+            further, _ = magnitude_prune(model.copy(copy.deepcopy(pruned)), cfg,
+                                         StageContext(progress=False))
+            val = val_top1(further.module, view)
+            drop = 100 * (reference["value"] - val["value"])
+            rows.append({"factor": f, "density": candidate, "val": val, "drop_points": drop})
+            if drop > args.tune_tolerance:
+                break
+            chosen = candidate
+        keep[layer] = chosen
+        layers[layer] = {"paper_density": density, "chosen_density": chosen, "candidates": rows}
+    return keep, {"on": "validation split", "reference": "paper-density model after pruning "
+                  "and retraining", "reference_val": reference,
+                  "tolerance_points": args.tune_tolerance, "factors": factors,
+                  "rule": "per layer, that layer alone pruned to factor x paper density (no "
+                          "retraining); lowest density with validation drop <= tolerance, "
+                          "scanning down and stopping at the first beyond it",
+                  "layers": layers, "chosen": keep}
 
 
 def round_biases(model: nn.Module) -> None:
@@ -125,15 +174,17 @@ def round_biases(model: nn.Module) -> None:
                 m.bias.copy_(m.bias.half().float())
 
 
-def encode_variant(model: SlimModel, pruned: nn.Module, data: DataBundle, max_iter: int,
-                   args: argparse.Namespace, path: Path) -> dict[str, Any]:
-    """Cluster (``max_iter`` Lloyd steps from linear init), fine-tune centroids, pack, reload."""
+def encode_variant(model: SlimModel, pruned: nn.Module, view: DataBundle, max_iter: int,
+                   args: argparse.Namespace, path: Path) -> tuple[dict[str, Any], nn.Module]:
+    """Cluster (``max_iter`` Lloyd steps from linear init), retrain centroids, pack, reload.
+
+    Returns the record (validation only) and the model read back from the packed file."""
     cfg = EncodeConfig(conv_bits=args.conv_bits, fc_bits=args.fc_bits, index_bits_conv=8,
                        index_bits_fc=5, coder="auto", codebook_dtype=args.codebook,
                        max_iter=max_iter, positions=args.positions,
                        finetune=FinetuneConfig(epochs=args.cluster_epochs, lr=args.lr / 10,
-                                               batch_size=64, seed=args.seed))
-    clustered, rec = cluster_weights(pruned, cfg, data)
+                                               batch_size=args.batch_size, seed=args.seed))
+    clustered, rec = cluster_weights(pruned, cfg, view)
     if args.bias_fp16:
         round_biases(clustered)
     report = pack(model.copy(clustered), path, cfg, overwrite=True)
@@ -141,9 +192,10 @@ def encode_variant(model: SlimModel, pruned: nn.Module, data: DataBundle, max_it
     packed_meta = {t["name"]: t for t in read_packed(path)[0]["tensors"]}
     exact = all(torch.equal(v, packed.module.state_dict()[k])
                 for k, v in clustered.state_dict().items())
+    shared = {k: v for k, v in report["tensors"].items() if v["encoding"] == "shared"}
     return {
         "lloyd_iterations": max_iter, "slim_bytes": report["bytes"], "ratio": report["ratio"],
-        "clustered_error": error(clustered, data), "packed_error": error(packed.module, data),
+        "val": val_top1(packed.module, view),
         "clusters": {n: v["clusters"] for n, v in rec.details["layers"].items()},
         "kmeans_iterations_run": {n: v["kmeans_iterations"]
                                   for n, v in rec.details["layers"].items()},
@@ -151,123 +203,177 @@ def encode_variant(model: SlimModel, pruned: nn.Module, data: DataBundle, max_it
         "bits_per_weight": report["bits_per_weight"],
         "stream_bits_per_weight": report["stream_bits_per_weight"],
         "entropy_bits_per_weight": report["entropy_bits_per_weight"],
-        "positions_mode": {k: packed_meta[k].get("positions_mode", "offsets")
-                           for k, v in report["tensors"].items() if v["encoding"] == "shared"},
+        "positions_mode": {k: packed_meta[k].get("positions_mode", "offsets") for k in shared},
         "tensors": {k: {f: v[f] for f in ("bytes", "coders", "bits_per_nonzero",
                                           "stream_bits_per_weight", "entropy_bits_per_weight",
-                                          "fillers")}
-                    for k, v in report["tensors"].items() if v["encoding"] == "shared"},
+                                          "fillers")} for k, v in shared.items()},
         "bit_exact_roundtrip": exact,
-    }
+    }, packed.module
+
+
+def compress(model: SlimModel, pruned: nn.Module, view: DataBundle, keep: dict[str, float],
+             args: argparse.Namespace, out_dir: Path, tag: str
+             ) -> tuple[dict[str, Any], dict[str, nn.Module]]:
+    """Steps 3-4 for both clusterings of one pruned model; the models kept for the test."""
+    modules = dict(pruned.named_modules())
+    row: dict[str, Any] = {
+        "keep": keep, "val_pruned": val_top1(pruned, view),
+        "density": {n: float((modules[n].weight != 0).float().mean()) for n in keep},
+        "variants": {}}
+    nets = {"pruned": pruned}
+    for label, iters in (("kmeans", args.kmeans_iter), ("linear", 0)):
+        record, packed = encode_variant(model, pruned, view, iters, args,
+                                        out_dir / f"{tag}-{label}.slim")
+        row["variants"][label] = record
+        nets[label] = packed
+    return row, nets
+
+
+def judge_on_test(row: dict[str, Any], nets: dict[str, nn.Module], data: DataBundle,
+                  base_hit: torch.Tensor, base_top1: float, min_ratio: float) -> None:
+    """Fill ``row`` with test accuracies, McNemar against the baseline and the verdicts."""
+    row["test_pruned"], hit = top1_with_ci(nets["pruned"], data.x_test, data.y_test)
+    row["pruned_vs_baseline"] = paired_difference(hit, base_hit)
+    for label, v in row["variants"].items():
+        v["test"], hit = top1_with_ci(nets[label], data.x_test, data.y_test)
+        v["test_error"] = 100 * (1 - v["test"]["value"])
+        v["error_increase_points"] = 100 * (base_top1 - v["test"]["value"])
+        v["vs_baseline"] = paired_difference(hit, base_hit)
+        worse = v["vs_baseline"]["differs"] and v["test"]["value"] < base_top1
+        v["criteria"] = {"ratio": f">= {min_ratio}x", "ratio_met": v["ratio"] >= min_ratio,
+                         "error": "packed model not worse than the baseline beyond noise on "
+                                  "the test split (exact McNemar, worse at p < 0.05 fails)",
+                         "error_met": not worse}
+        v["met"] = bool(v["criteria"]["ratio_met"] and v["criteria"]["error_met"]
+                        and v["bit_exact_roundtrip"])
+    row["met"] = row["variants"]["kmeans"]["met"]
 
 
 def run(name: str, data: DataBundle, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    """One model: baseline, paper-density (and tuned) compression, then the test split."""
     paper = PAPER[name]
     start = time.perf_counter()
-    torch.manual_seed(args.seed)
-    model = load_zoo(name, data)
-    fit(model.module, data, TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=64,
-                                        weight_decay=args.weight_decay, seed=args.seed),
-        progress=False)
-    base_err = error(model.module, data)
-    keep = paper["keep"] if args.paper_keep else KEEP[name]
-    if args.pruner == "rounds":
-        retrain = TrainConfig(epochs=args.prune_epochs, lr=args.lr, batch_size=64,
-                              weight_decay=args.weight_decay, seed=args.seed)
-        pruned = prune_rounds(model, data, keep, args.rounds, retrain)
-    else:
-        pruned = prune_gradual(model, data, keep, args)
-    modules = dict(pruned.named_modules())
-    result: dict[str, Any] = {
+    view = hide_test(data)
+    model, training = train_baseline(name, view, args)
+    pruned = prune_gradual(model, view, paper["keep"], args)
+    rows, nets = {}, {}
+    rows["paper"], nets["paper"] = compress(model, pruned, view, paper["keep"], args,
+                                            out_dir, f"{name}-paper")
+    selection = None
+    if args.tune:
+        keep, selection = choose_keep(model, pruned, view, paper["keep"], args)
+        if keep != paper["keep"]:
+            tuned = prune_gradual(model, view, keep, args)
+            rows["tuned"], nets["tuned"] = compress(model, tuned, view, keep, args, out_dir,
+                                                    f"{name}-tuned")
+    # Every choice is made: the test split is read once, from here on.
+    base_test, base_hit = top1_with_ci(model.module, data.x_test, data.y_test)
+    for key, row in rows.items():
+        judge_on_test(row, nets[key], data, base_hit, base_test["value"], paper["min_ratio"])
+    params = sum(p.numel() for p in model.module.parameters())
+    return {
         "paper": {k: paper[k] for k in ("ratio", "original_kb", "compressed_kb",
-                                        "baseline_error", "top1_error")},
-        "params": sum(p.numel() for p in pruned.parameters()),
-        "float32_bytes": 4 * sum(p.numel() for p in pruned.parameters()),
-        "baseline_error": base_err, "pruned_error": error(pruned, data),
-        "density": {n: float((modules[n].weight != 0).float().mean()) for n in keep},
-        "paper_density": paper["keep"],
-        "variants": {},
+                                        "baseline_error", "top1_error", "keep")},
+        "params": params, "float32_bytes": 4 * params,
+        "baseline": {"training": training, "val": val_top1(model.module, view),
+                     "test": base_test, "test_error": 100 * (1 - base_test["value"])},
+        "densities": rows, "density_selection": selection,
+        "met": rows["paper"]["met"], "seconds": time.perf_counter() - start,
     }
-    for label, iters in (("kmeans", args.kmeans_iter), ("linear", 0)):
-        v = encode_variant(model, pruned, data, iters, args, out_dir / f"{name}-{label}.slim")
-        v["error_increase"] = v["packed_error"] - base_err
-        v["criteria"] = {"ratio": f">= {paper['min_ratio']}x",
-                         "ratio_met": v["ratio"] >= paper["min_ratio"],
-                         "error": f"packed error <= baseline + {MAX_ERROR_INCREASE} points",
-                         "error_met": v["error_increase"] <= MAX_ERROR_INCREASE + 1e-9}
-        v["met"] = (v["criteria"]["ratio_met"] and v["criteria"]["error_met"]
-                    and v["bit_exact_roundtrip"])
-        result["variants"][label] = v
-    result["met"] = any(v["met"] for v in result["variants"].values())
-    result["seconds"] = time.perf_counter() - start
-    return result
 
 
 def summarize(models: dict[str, dict]) -> list[str]:
-    """One plain line per model and variant: ours beside the paper, and each verdict."""
+    """One plain line per model, density set and variant: ours beside the paper's."""
     lines = []
     for name, m in models.items():
-        p = m["paper"]
-        for label, v in m["variants"].items():
-            verdict = {k: "MET" if v["criteria"][f"{k}_met"] else "NOT MET"
-                       for k in ("ratio", "error")}
-            lines.append(
-                f"{name} [{label}]: {m['float32_bytes'] / 1000:.0f} KB -> "
-                f"{v['slim_bytes'] / 1000:.1f} KB = {v['ratio']:.1f}x (paper "
-                f"{p['original_kb']} KB -> {p['compressed_kb']} KB = {p['ratio']}x); test "
-                f"error {v['packed_error']:.2f}% vs our baseline {m['baseline_error']:.2f}% "
-                f"(paper {p['top1_error']}% vs {p['baseline_error']}%); ratio "
-                f"{v['criteria']['ratio']}: {verdict['ratio']}; error within "
-                f"{MAX_ERROR_INCREASE} points: {verdict['error']}")
+        p, b = m["paper"], m["baseline"]["test"]
+        for key, row in m["densities"].items():
+            for label, v in row["variants"].items():
+                t, mc = v["test"], v["vs_baseline"]
+                lines.append(
+                    f"{name} [{key} densities, {label}]: {m['float32_bytes'] / 1000:.0f} KB -> "
+                    f"{v['slim_bytes'] / 1000:.1f} KB = {v['ratio']:.1f}x (paper "
+                    f"{p['ratio']}x; >= {PAPER[name]['min_ratio']}x: "
+                    f"{'MET' if v['criteria']['ratio_met'] else 'NOT MET'}); test top-1 "
+                    f"{100 * t['value']:.2f}% [{100 * t['ci95'][0]:.2f}, "
+                    f"{100 * t['ci95'][1]:.2f}] vs baseline {100 * b['value']:.2f}% "
+                    f"[{100 * b['ci95'][0]:.2f}, {100 * b['ci95'][1]:.2f}] (McNemar "
+                    f"{mc['a_only']} vs {mc['b_only']} images, p = {mc['p_value']:.3g}; not "
+                    f"worse beyond noise: {'MET' if v['criteria']['error_met'] else 'NOT MET'})"
+                    f"; paper (MNIST) error {p['top1_error']}% vs {p['baseline_error']}%")
     return lines
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--epochs", type=int, default=30, help="baseline training epochs")
-    ap.add_argument("--pruner", choices=["gradual", "rounds"], default="gradual")
-    ap.add_argument("--paper-keep", action="store_true",
-                    help="prune to the paper's per-layer kept fractions instead of ours")
-    ap.add_argument("--rounds", type=int, default=4, help="pruner=rounds: rounds")
-    ap.add_argument("--prune-epochs", type=int, default=30,
-                    help="gradual: fine-tuning epochs of the schedule; rounds: per round")
-    ap.add_argument("--frequency", type=int, default=60, help="gradual: steps between prunes")
-    ap.add_argument("--ramp", type=float, default=0.6, help="gradual: schedule span")
+    ap.add_argument("--epochs", type=int, default=6,
+                    help="baseline: most epochs; the epoch kept is chosen on validation")
+    ap.add_argument("--patience", type=int, default=2, help="baseline early stopping")
+    ap.add_argument("--prune-epochs", type=int, default=4,
+                    help="retraining epochs the gradual pruning schedule runs inside")
+    ap.add_argument("--frequency", type=int, default=40, help="steps between pruning steps")
+    ap.add_argument("--ramp", type=float, default=0.6, help="share of retraining it spans")
+    ap.add_argument("--no-tune", dest="tune", action="store_false",
+                    help="only the paper's densities (no 'tuned' row)")
+    ap.add_argument("--tune-tolerance", type=float, default=0.3,
+                    help="tuned row: largest validation top-1 drop (points) per layer")
+    ap.add_argument("--tune-factors", default="0.9,0.8,0.7,0.6,0.5",
+                    help="tuned row: candidate densities as fractions of the paper's")
     ap.add_argument("--conv-bits", type=int, default=8)
     ap.add_argument("--fc-bits", type=int, default=5)
     ap.add_argument("--positions", choices=["auto", "offsets", "mask"], default="auto")
     ap.add_argument("--no-bias-fp16", dest="bias_fp16", action="store_false",
                     help="keep float32 biases")
-    ap.add_argument("--cluster-epochs", type=int, default=3, help="centroid fine-tuning epochs")
+    ap.add_argument("--cluster-epochs", type=int, default=1, help="centroid retraining epochs")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--weight-decay", type=float, default=0.0,
                     help="L2 penalty (Adam, coupled) in training and retraining")
     ap.add_argument("--kmeans-iter", type=int, default=100, help="Lloyd steps, k-means variant")
     ap.add_argument("--codebook", choices=["float32", "float16"], default="float16")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (1 keeps timings sane on a shared machine)")
-    ap.add_argument("--models", nargs="+", default=["lenet300", "lenet5"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--models", nargs="+", choices=list(PAPER), default=list(PAPER))
+    ap.add_argument("--smoke", type=int, default=None, metavar="N",
+                    help="smoke test: train on N images only, write nothing")
     ap.add_argument("--no-save", action="store_true", help="do not write the results file")
     ap.add_argument("--out", type=Path, default=RESULTS, help="where the results JSON goes")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def load(smoke: int | None) -> DataBundle:
+    """The benchmark's data; ``smoke`` keeps that many training images (class-stratified)."""
+    data = load_data(DATA, seed=0)
+    if smoke:
+        idx = calibration_indices(data, smoke, seed=0)
+        data.x_train, data.y_train = data.x_train[idx], data.y_train[idx]
+        data.meta["smoke_train_images"] = smoke
+    return data
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(args.threads)
-    data = load_data("builtin:mnist", seed=0)
+    start = time.perf_counter()
+    data = load(args.smoke)
     with tempfile.TemporaryDirectory() as tmp:
         models = {name: run(name, data, args, Path(tmp)) for name in args.models}
-    result = {"benchmark": "deep_compression", "data": data.name,
-              "n_train": len(data.x_train), "n_test": len(data.x_test),
-              "settings": vars(args) | {"out": _relative(args.out),
-                  "optimizer": "adam, cosine schedule", "batch_size": 64,
+    result = {"benchmark": "deep_compression", "data": data_record(data), "seeds": [args.seed],
+              "claim_note": CLAIM_NOTE,
+              "test_split": "read once, after every choice; training, pruning, density "
+                            "selection and centroid retraining saw the data with its test "
+                            "split hidden (slimkit.data.guard.hide_test)",
+              "settings": vars(args) | {
+                  "out": _relative(args.out), "optimizer": "adam, cosine schedule",
                   "retrain_lr": args.lr, "centroid_lr": args.lr / 10,
                   "index_bits_conv": 8, "index_bits_fc": 5, "coder": "auto",
-                  "pruning": ("gradual_prune, scope=layer, AGP cubic schedule"
-                              if args.pruner == "gradual" else
-                              "per layer (scope=layer), density^(r/rounds) in round r")},
+                  "pruning": "gradual_prune, scope=layer, AGP cubic schedule",
+                  "headline": "paper densities, k-means clustering"},
               "models": models, "summary": summarize(models),
-              "met": all(m["met"] for m in models.values())}
+              "met": all(m["met"] for m in models.values()),
+              "seconds": time.perf_counter() - start}
     emit(result)
-    if not args.no_save:
+    if not (args.no_save or args.smoke):
         write_json(args.out, result)
 
 
