@@ -112,9 +112,12 @@ def test_seeded_search_is_reproducible_and_resumes_where_it_stopped(mlp, digits,
                                                                     tmp_path: Path):
     rec = _recipe({"trials": 5, "prune": {"ratios": [0.0, 0.5, 0.75]}, "front": 1})
     full = search(mlp, digits, rec, tmp_path / "a", log=lambda s: None)
-    # The uniform allocations first (warm start), then the sampler's own proposals.
-    assert _params(full)[:3] == [{"prune:1": r, "prune:3": r} for r in (0.0, 0.5, 0.75)]
-    assert len({str(p) for p in _params(full)[3:]}) == 2
+    # The sensitivity-guided allocations first, then the uniform ones (warm start) not
+    # among them, then the sampler's own proposals.
+    seeds = full["sensitivity"]["seeds"]
+    first = seeds + [u for u in ({"prune:1": r, "prune:3": r} for r in (0.0, 0.5, 0.75))
+                     if u not in seeds]
+    assert seeds and _params(full)[:len(first)] == first[:5]
     again = search(mlp, digits, {**rec, "search": {**rec["search"], "trials": 4}},
                    tmp_path / "b", log=lambda s: None)
     assert _params(again) == _params(full)[:4]
@@ -196,8 +199,9 @@ def test_amc_clamps_each_layer_so_the_flops_budget_stays_reachable():
 
 def test_amc_sampler_searches_under_a_flops_budget(mlp, digits, tmp_path: Path):
     rec = _recipe({"trials": 8, "sampler": "amc", "flops_budget": 0.6, "front": 1,
-                   "prune": {"ratios": [0.0, 0.25, 0.5, 0.75]}})
+                   "prune": {"ratios": [0.0, 0.25, 0.5, 0.75]}, "sensitivity": None})
     result = search(mlp, digits, rec, tmp_path / "s", log=lambda s: None)
+    assert [t["enqueued"] for t in result["trials"]] == [True] * 4 + [False] * 4
     late = [t for t in result["trials"][4:] if t["measured"]]
     assert late and all(t["measured"]["flops_share"] <= 0.6 for t in late)
     assert result.met and result["chosen"]["measured"]["flops_share"] <= 0.6

@@ -2,9 +2,11 @@
 
 The recipe's ``search:`` block (:mod:`slimkit.search.config`) declares what may change; an
 Optuna study (seeded, stored in SQLite or PostgreSQL, resumable, shared by workers) proposes
-candidates, each measured cheaply first (per-layer choices, BatchNorm re-estimated proxy
-metric on the validation split, FLOPs, size, interleaved latency); the best feasible ones are
-then measured for real and the chosen recipe is written as YAML that ``compress`` replays.
+candidates, measured cheap first: each searched setting's sensitivity alone, once before any
+trial (:mod:`slimkit.search.sensitivity`: it caps the space under the target's metric drop
+and seeds the first trials); then every candidate's FLOPs, size, BatchNorm re-estimated proxy
+metric on the validation split and interleaved latency; the best feasible ones are then
+measured for real and the chosen recipe is written as YAML that ``compress`` replays.
 
 Optuna is imported lazily, when a search runs.
 """

@@ -55,6 +55,11 @@ def summary(result: dict) -> list[str]:
         lines.append(f"{label}: {result['metric']} {m['metric']:.4g} (validation), "
                      f"{1 / m['size_share']:.2f}x smaller, {m['flops_share']:.0%} of the FLOPs"
                      f"{speed}; target {'met' if point['met'] else 'missed'}")
+    sens = result.get("sensitivity")
+    if sens:
+        lines.append(f"sensitivity ({'reused' if sens['cached'] else 'measured'}): "
+                     f"{len(sens['dims'])} dimensions, {sens['excluded']} settings excluded "
+                     f"(budget {sens['budget']}), {len(sens['seeds'])} guided trials first")
     lines.append(f"chosen recipe: {result['outputs']['recipe']} ({c['why']})")
     return lines
 

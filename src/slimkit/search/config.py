@@ -96,6 +96,32 @@ class LatencyOptions(SlimConfig):
     warmup: int = Field(2, ge=0, description="Untimed rounds per trial.")
 
 
+class SensitivityOptions(SlimConfig):
+    """Per-layer sensitivity, measured once before any trial and used to shape the space
+    and seed the first trials (see :mod:`slimkit.search.sensitivity`).
+
+    Each searched setting (a group's pruning ratio, a layer's bits, a layer's low-rank share)
+    is applied alone, the rest of the model left as it is, and the proxy metric's drop is
+    measured (BatchNorm re-estimated, validation split): the one-at-a-time lesion mixed
+    precision measures per bit width, with the stages the trials apply.
+    """
+
+    shape: bool = Field(
+        True, description="Exclude from the space each setting whose drop alone already "
+                          "exceeds the budget, and every more aggressive setting of that "
+                          "dimension (the mildest is always kept); recorded in the report.")
+    seeds: int = Field(
+        3, ge=0, le=64, description="Sensitivity-guided allocations enqueued as the first "
+                                    "trials (each dimension at its most aggressive setting "
+                                    "whose drop alone stays under a threshold; counted in "
+                                    "the trials).")
+    budget: float | None = Field(
+        None, gt=0, description="Drop of the searched metric (in its own units, e.g. 0.01 "
+                                "for one top-1 point) one setting alone may cause (default: "
+                                "the target's max_metric_drop or max_accuracy_drop; with "
+                                "neither, nothing is excluded).")
+
+
 class SearchConfig(SlimConfig):
     """What an automated search may change in the recipe, and how it searches.
 
@@ -132,6 +158,11 @@ class SearchConfig(SlimConfig):
     finetune: FinetuneConfig | None = Field(
         None, description="Short fine-tuning of the front candidates only (added to the last "
                           "searched pruning stage of the written recipe).")
+    sensitivity: SensitivityOptions | None = Field(
+        default_factory=SensitivityOptions,
+        description="Per-layer sensitivity measured once before the trials (cached in the "
+                    "output directory and the study), shaping the space and seeding the "
+                    "first trials (null or false: off).")
     proxy: ProxyOptions = Field(default_factory=ProxyOptions, description="Proxy evaluation.")
     latency: LatencyOptions = Field(default_factory=LatencyOptions,
                                     description="Per-trial timing.")
@@ -146,6 +177,13 @@ class SearchConfig(SlimConfig):
             raise ValueError(f"objectives repeat a name: {v}")
         return v
 
+    @field_validator("sensitivity", mode="before")
+    @classmethod
+    def _switch(cls, v: object) -> object:
+        if v is True:
+            return {}
+        return None if v is False else v
+
     @model_validator(mode="after")
     def _something_to_search(self) -> SearchConfig:
         if self.prune is None and self.quant is None and self.lowrank is None \
@@ -157,4 +195,4 @@ class SearchConfig(SlimConfig):
 
 
 __all__ = ["LatencyOptions", "LowRankSpace", "PruneSpace", "ProxyOptions", "QuantSpace",
-           "SearchConfig"]
+           "SearchConfig", "SensitivityOptions"]

@@ -44,6 +44,7 @@ def trial_rows(study: Any) -> list[dict]:
         if t.state.name == "WAITING":  # enqueued, not run yet (a resume runs it)
             continue
         rows.append({"number": t.number, "state": t.state.name, "params": t.params,
+                     "enqueued": "fixed_params" in t.system_attrs,  # seeded, not sampled
                      "values": t.values, "measured": t.user_attrs.get("measured"),
                      "constraints": t.user_attrs.get("constraints"),
                      "feasible": (t.state.name == "COMPLETE"
@@ -160,7 +161,7 @@ def finish(p: Problem, study: Any, out: Path, seconds: float,
                                    "flops": p.evaluator.base_flops,
                                    "size_bytes": p.evaluator.base_size},
         "latency": {"runtime": p.evaluator.runtime, "batch": p.evaluator.batch},
-        "space": p.space.describe(), "seconds": seconds,
+        "space": p.space.describe(), "sensitivity": p.sensitivity, "seconds": seconds,
         "outputs": {"recipe": str(out / "recipe.yaml"), "json": str(out / "search.json")},
     }
     from slimkit.search.report import write_report

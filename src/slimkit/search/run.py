@@ -20,22 +20,25 @@ from slimkit.data.bundle import DataBundle
 from slimkit.io.model import SlimModel
 from slimkit.pipeline.recipe import load_recipe, recipe_to_dict
 from slimkit.pipeline.verdict import check_target
+from slimkit.search import sensitivity
 from slimkit.search.config import SearchConfig
 from slimkit.search.finish import finish
 from slimkit.search.objective import Evaluator
 from slimkit.search.space import build_space
 from slimkit.search.study import (
     STUDY,
+    check_fingerprint,
     make_sampler,
     open_storage,
     open_study,
     optuna,
     run_trials,
+    stored_attrs,
 )
 from slimkit.search.trial import Problem, constraints_func, objective
 
 DB = "search.db"
-OUTPUTS = (DB, "recipe.yaml", "search.json", "search.html")
+OUTPUTS = (DB, "recipe.yaml", "search.json", "search.html", sensitivity.FILE)
 
 
 class TargetUnreachableError(SlimkitError):
@@ -150,30 +153,55 @@ def search(model: SlimModel, data: DataBundle | None, recipe: Any, out: str | Pa
         p.evaluator.close()
 
 
+def _enqueue_first(p: Problem, study: Any, log: Callable[[str], None]) -> None:
+    """The first trials of a new study (those past the trial budget wait for a resume): the
+    sensitivity-guided allocations, then the uniform ones (``warm_start``), each ratio
+    capped by the shaped space, none twice."""
+    first: list[dict] = list((p.sensitivity or {}).get("seeds", []))
+    if p.cfg.warm_start and p.space.prune:
+        for ratio in p.cfg.prune.ratios:
+            alloc = {d.name: max((c for c in d.choices if c <= ratio), default=min(d.choices))
+                     for d in p.space.prune}
+            if alloc not in first:
+                first.append(alloc)
+    for params in first:
+        study.enqueue_trial(params)
+    if p.sensitivity is not None and p.sensitivity["seeds"]:
+        log(f"sensitivity: {len(p.sensitivity['seeds'])} guided allocations enqueued first")
+
+
 def _search(p: Problem, store: Any, study_name: str, worker: bool, trials: int | None,
             drop_shared: bool, require_target: bool, out: Path, start: float, fp: str,
             log: Callable[[str], None]) -> SearchResult:
     """The study's part of :func:`search`, after the baseline was measured."""
     budget = trials or p.cfg.trials
     seed = p.base["seed"]
-    cons = constraints_func(p)
-    amc = {"prune": [(d.name, d.choices) for d in p.space.prune],
-           "budget": p.cfg.flops_budget, "maximize": p.evaluator.higher_is_better}
-
-    def sampler_for(n: int) -> Any:
-        return make_sampler(p.cfg.sampler, len(p.objectives), seed * 100_003 + n, cons, amc)
-
     if drop_shared and not worker:  # --overwrite starts over in a shared storage too
         with contextlib.suppress(KeyError):
             optuna().delete_study(study_name=study_name, storage=store)
+    unshaped = p.space
+    attrs = stored_attrs(store, study_name)
+    check_fingerprint(attrs or {}, study_name, fp)  # before measuring anything for it
+    p.space, p.sensitivity, table = sensitivity.prepare(p, out, fp, attrs, log)
+    cons = constraints_func(p)
+
+    def sampler_for(n: int) -> Any:
+        amc = {"prune": [(d.name, d.choices) for d in p.space.prune],
+               "budget": p.cfg.flops_budget, "maximize": p.evaluator.higher_is_better}
+        return make_sampler(p.cfg.sampler, len(p.objectives), seed * 100_003 + n, cons, amc)
+
     study = open_study(store, study_name, _directions(p), sampler_for(0), fp,
-                       p.space.describe())
+                       p.space.describe(), {sensitivity.ATTR: table} if table else None)
+    theirs = study.user_attrs.get(sensitivity.ATTR)
+    if table is not None and theirs is not None and theirs != table:  # a racing creator's
+        p.space = unshaped
+        p.space, p.sensitivity = sensitivity.apply(p, theirs, "the study's storage")
+        sensitivity.save(out, fp, theirs)
     done = len(study.get_trials(deepcopy=False))
     if done:
         log(f"study '{study_name}': {done} trials found, continuing to {budget}")
-    elif p.cfg.warm_start and p.space.prune and not worker:
-        for ratio in p.cfg.prune.ratios:  # those past the budget wait for a resume
-            study.enqueue_trial({d.name: ratio for d in p.space.prune})
+    elif not worker:
+        _enqueue_first(p, study, log)
     ran = run_trials(study, objective(p), budget, sampler_for)
     if worker:
         return SearchResult({"worker": True, "trials_run": ran,

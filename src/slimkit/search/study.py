@@ -109,9 +109,38 @@ def make_sampler(name: str, n_objectives: int, seed: int, constraints: Callable 
     return AmcSampler(**(amc or {}), seed=seed)
 
 
+def stored_attrs(storage: Any, name: str) -> dict | None:
+    """The user attributes of study ``name`` in ``storage``, None when there is none yet.
+
+    Raises:
+        ResumeError: the study was created by another run (see :func:`open_study`).
+    """
+    try:
+        study_id = storage.get_study_id_from_name(name)
+    except KeyError:
+        return None
+    return dict(storage.get_study_user_attrs(study_id))
+
+
+def check_fingerprint(attrs: dict, name: str, fingerprint: str) -> None:
+    """Refuse a study created by another run.
+
+    Raises:
+        ResumeError: its fingerprint differs from ``fingerprint``.
+    """
+    if FINGERPRINT in attrs and attrs[FINGERPRINT] != fingerprint:
+        raise ResumeError(f"study '{name}' in the search storage was created by another run "
+                          "(model, data, recipe or thread count differ); give a new --out (or "
+                          "--study-name), or --overwrite to start over")
+
+
 def open_study(storage: Any, name: str, directions: list[str], sampler: Any,
-               fingerprint: str, describe: dict) -> Any:
+               fingerprint: str, describe: dict, extra: dict | None = None) -> Any:
     """Create the study, or load it when it exists and was made by the same run.
+
+    Args:
+        extra: more user attributes written when the study is created (the sensitivity
+            table); a study that has them keeps its own.
 
     Raises:
         ResumeError: the study exists and was created for another model, data, recipe or
@@ -122,12 +151,11 @@ def open_study(storage: Any, name: str, directions: list[str], sampler: Any,
                              sampler=sampler, load_if_exists=True)
     attrs = study.user_attrs
     if FINGERPRINT not in attrs:  # new (or a worker raced its creator: both write the same)
-        study.set_user_attr(FINGERPRINT, fingerprint)
+        for key, value in (extra or {}).items():  # before the fingerprint that marks it made
+            study.set_user_attr(key, value)
         study.set_user_attr("space", describe)
-    elif attrs[FINGERPRINT] != fingerprint:
-        raise ResumeError(f"study '{name}' in the search storage was created by another run "
-                          "(model, data, recipe or thread count differ); give a new --out (or "
-                          "--study-name), or --overwrite to start over")
+        study.set_user_attr(FINGERPRINT, fingerprint)
+    check_fingerprint(attrs, name, fingerprint)
     dirs = [d.name.lower() for d in study.directions]
     if dirs != directions:
         raise ResumeError(f"study '{name}' optimizes {dirs}, this search {directions}; give a "
@@ -160,5 +188,5 @@ def run_trials(study: Any, objective: Callable[[Any], Any], budget: int,
     return ran
 
 
-__all__ = ["STUDY", "StorageError", "make_sampler", "open_storage", "open_study", "optuna",
-           "run_trials"]
+__all__ = ["STUDY", "StorageError", "check_fingerprint", "make_sampler", "open_storage",
+           "open_study", "optuna", "run_trials", "stored_attrs"]

@@ -30,6 +30,7 @@ class Problem:
     target: Any
     objectives: list[str]
     log: Callable[[str], None]
+    sensitivity: dict | None = None  # the sensitivity tier's report (None: off)
 
     @property
     def needs_latency(self) -> bool:
