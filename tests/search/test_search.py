@@ -101,7 +101,14 @@ def test_search_writes_a_recipe_that_compress_replays_to_the_same_model(mlp, dig
     html = (tmp_path / "s" / "search.html").read_text()
     assert html.count("<svg") == 2 and "hand-written recipe" in html and "chosen" in html
     top = [t for t in result["trials"] if t["state"] == "COMPLETE"]
-    assert html.count("<tr><td>") == min(len(top), 10)  # the top trials' table
+    top_table, sens_table = (html.split("<h2>Top trials</h2>")[1]
+                             .split("<h2>Per-layer sensitivity</h2>"))
+    assert top_table.count("<tr><td>") == min(len(top), 10)
+    # The sensitivity tier's table: one row per measured dimension, named with its layers.
+    dims = result["sensitivity"]["dims"]
+    assert sens_table.count("<tr><td>") == len(dims) > 0
+    assert all(f"<td>{d['name']}</td><td>{', '.join(d['layers'])}</td>" in sens_table
+               for d in dims)
 
 
 def _params(result) -> list[dict]:

@@ -63,8 +63,37 @@ def _rows(result: dict) -> list[tuple[str, ...]]:
                     f"{m['time_ratio']:.3f}" if m.get("time_ratio") else "-",
                     f"{m['size_share']:.3f}", f"{m['flops_share']:.3f}",
                     "yes" if t["feasible"] else "no",
+                    "yes" if t.get("enqueued") else "no",
                     ", ".join(f"{k}={v}" for k, v in t["params"].items())))
     return out
+
+
+def _drop_cell(d: dict) -> str:
+    if "error" in d:
+        return f"{d['choice']}: failed"
+    if d.get("drop") is None:
+        return f"{d['choice']}: not measured (capped)"
+    return f"{d['choice']}: " + ("\u2014" if d["drop"] == 0 else f"{d['drop']:.4g}")
+
+
+def _sensitivity(result: dict) -> dict | None:
+    """The sensitivity tier's summary and one row per measured dimension (None when off)."""
+    sens = result.get("sensitivity")
+    if not sens:
+        return None
+    budget = "none" if sens["budget"] is None else f"{sens['budget']:.4g}"
+    how = f"reused from {sens['source']}" if sens["cached"] else "measured"
+    summary = (f"{sens['unit']}; budget {budget} from {sens['budget_from']}; "
+               f"{sens['excluded']} settings excluded; {how} ({sens['seconds']:.1f} s)")
+    if not sens["shaped"]:
+        summary += "; space not shaped"
+    rows = [{"name": r["name"], "layers": ", ".join(r["layers"]),
+             "drops": [_drop_cell(d) for d in r["drops"]],
+             "kept": ", ".join(str(c) for c in r["kept"]),
+             "excluded": [f"{e['choice']} \u2014 {e['why']}" for e in r["excluded"]],
+             "note": r.get("note") or ""} for r in sens["dims"]]
+    seeds = [", ".join(f"{k}={v}" for k, v in a.items()) for a in sens["seeds"]]
+    return {"summary": summary, "rows": rows, "seeds": seeds}
 
 
 def render(result: dict) -> str:
@@ -86,6 +115,7 @@ def render(result: dict) -> str:
             ("time_ratio", latency), ("size_share", "size on disk / baseline"))],
         metric=result["metric"],
         rows=_rows(result),
+        sensitivity=_sensitivity(result),
     )
 
 
