@@ -1,7 +1,8 @@
 """Static INT8 PTQ of a CNN on Fashion-MNIST, run by ONNX Runtime's integer kernels.
 
 Trains LeNet-5 (zoo) on ``builtin:fashion-mnist`` (54,000 train / 6,000 validation / 10,000
-test), then quantizes it with slimkit's PTQ (BatchNorm folded, weights per-channel symmetric,
+test; learning rate and epoch count chosen on validation, see :func:`train_on_validation`),
+then quantizes it with slimkit's PTQ (BatchNorm folded, weights per-channel symmetric,
 uint8 activations per tensor) and exports the QDQ ONNX file with int8 weight initializers.
 LeNet-5's conv1 (1 input channel, 5x5: a reduction of 25) stays float by slimkit's
 ``min_conv_reduction`` rule; ``slimkit_int8_all_layers`` quantizes every layer.
@@ -29,8 +30,11 @@ Criteria (slimkit issue 3, re-checked in issue 17):
 * ORT INT8 at batch 32 >= 1.3x faster than ORT FP32 (the interval's low end decides);
 * slimkit at least as accurate and at least as fast as each peer (not worse beyond noise).
 
-Prints JSON and saves it to benchmarks/results/quant_cnn.json (``--quick``: a smoke run,
-not saved).
+Training and every quantizer see the data through :func:`slimkit.data.guard.hide_test` (reading
+the test split raises); the test split is read by :func:`test_accuracy` only. Prints JSON and
+saves it to benchmarks/results/quant_cnn.json (``--quick``: a smoke run, not saved);
+``--save-model DIR`` keeps the trained FP32 LeNet-5 (artifact + training record) for
+``quant_qat.py --float-model DIR``.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import logging
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,17 +56,66 @@ from _common import data_record, emit  # noqa: I001
 from slimkit.core.files import write_json
 from slimkit.core.stages import StageContext
 from slimkit.data import calibration_subset, load_data
+from slimkit.data.guard import hide_test
 from slimkit.export.onnx import check_parity, export_onnx
 from slimkit.export.qdq import int8_ops
+from slimkit.io import save_artifact
 from slimkit.io.loader import load_zoo
+from slimkit.io.model import SlimModel
 from slimkit.measure.latency import ort_session, ratio_ci, time_interleaved
 from slimkit.measure.stats import accuracy_ci, mcnemar
 from slimkit.quant.ptq import PtqConfig, ptq
+from slimkit.train.config import EarlyStopping
 from slimkit.train.loop import TrainConfig, fit
 
 RESULTS = Path(__file__).parent / "results" / "quant_cnn.json"
 SLIMKIT_METHODS = ("minmax", "percentile", "mse")
 ORT_METHODS = ("MinMax", "Percentile", "Entropy")
+#: learning rates tried on validation (Adam, cosine schedule, batch 64)
+LR_GRID = (1e-3, 2e-3, 4e-3)
+
+
+def train_on_validation(build: Callable[[], SlimModel], dev: Any, max_epochs: int,
+                        lrs: Sequence[float] = LR_GRID, probe_steps: int = 150,
+                        patience: int = 2) -> tuple[SlimModel, dict[str, Any]]:
+    """A model trained with its learning rate and epoch count chosen on the validation split.
+
+    Each learning rate in ``lrs`` trains ``probe_steps`` steps (batch 64) from the same
+    initialization (seed 0); the one with the best validation top-1 (the first on ties)
+    trains the model for at most ``max_epochs`` epochs, stopping after ``patience`` epochs
+    without a validation gain and ending with the best epoch's weights.
+
+    Args:
+        build: a fresh, untrained model (called after ``torch.manual_seed(0)``).
+        dev: the data with its test split hidden (:func:`slimkit.data.guard.hide_test`).
+
+    Returns:
+        The trained model (eval mode) and a record of the grid, the chosen learning rate
+        and the validation top-1 of every epoch.
+    """
+    probe = {}
+    for lr in lrs:
+        torch.manual_seed(0)
+        m = build()
+        hist = fit(m.module, dev, TrainConfig(max_steps=probe_steps, lr=lr, early_stopping=
+                                              EarlyStopping(patience=1)), progress=False)
+        probe[lr] = hist["epochs"][-1]["val_top1"]
+    lr = max(probe, key=probe.get)
+    torch.manual_seed(0)
+    model = build()
+    start = time.perf_counter()
+    hist = fit(model.module, dev, TrainConfig(epochs=max_epochs, lr=lr, early_stopping=
+                                              EarlyStopping(patience=patience,
+                                                            restore_best=True)),
+               progress=False)
+    model.module.eval()
+    val = [e["val_top1"] for e in hist["epochs"]]
+    return model, {"optimizer": "adam, cosine schedule, batch 64, seed 0",
+                   "lr_grid_validation_top1": {str(k): v for k, v in probe.items()},
+                   "lr_probe_steps": probe_steps, "chosen_lr": lr, "max_epochs": max_epochs,
+                   "patience": patience, "val_top1_per_epoch": val,
+                   "chosen_epoch": val.index(max(val)) + 1, "epochs_run": len(val),
+                   "train_seconds": time.perf_counter() - start}
 
 
 def ort_correct(session: Any, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> np.ndarray:
@@ -264,7 +318,10 @@ def criteria(acc: dict, spd: dict, size: dict) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=5,
+                    help="most training epochs (the best on validation is kept)")
+    ap.add_argument("--train-threads", type=int, default=2,
+                    help="threads for training and calibration (timing uses --threads)")
     ap.add_argument("--calib", type=int, default=512)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
@@ -273,11 +330,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 1 epoch on 5,000 images, 3x20 calls")
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--save-model", type=Path, default=None,
+                    help="keep the trained FP32 model there (for quant_qat.py --float-model)")
     args = ap.parse_args()
     if args.quick:
         args.epochs, args.rounds, args.repeats, args.no_save = 1, 3, 20, True
-    torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.train_threads)
     data = load_data("builtin:fashion-mnist")
     if args.quick:  # smoke run: train on a stratified 5,000-image subset
         import dataclasses
@@ -286,11 +344,15 @@ def main() -> None:
 
         idx = calibration_indices(data, 5000, seed=0)
         data = dataclasses.replace(data, x_train=data.x_train[idx], y_train=data.y_train[idx])
-    model = load_zoo("lenet5", data)
-    fit(model.module, data, TrainConfig(epochs=args.epochs, lr=2e-3), progress=False)
-    model.module.eval()
+    dev = hide_test(data)  # training, calibration and every choice: no test split
+    model, trained = train_on_validation(lambda: load_zoo("lenet5", dev), dev, args.epochs,
+                                         probe_steps=30 if args.quick else 150)
+    if args.save_model is not None:
+        save_artifact(model, args.save_model, overwrite=True)
+        write_json(args.save_model / "train_record.json", trained)
     with tempfile.TemporaryDirectory() as tmp:
-        paths, configs, qmodel, record = build(model, data, args, Path(tmp))
+        paths, configs, qmodel, record = build(model, dev, args, Path(tmp))
+        torch.set_num_threads(args.threads)
         x = data.x_val[: args.batch].numpy()  # timing input
         spd = speed(paths, x, args)
         size = {k: p.stat().st_size for k, p in paths.items()}
@@ -305,7 +367,9 @@ def main() -> None:
                             "training samples (seed 0), the same for every quantizer",
                             choices="on the validation split; test read once at the end"),
         "seeds": {"torch": 0, "calibration": 0, "validation_split": 0},
-        "settings": vars(args), "ort_version": __import__("onnxruntime").__version__,
+        "training": trained,
+        "settings": {k: (v.name if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "ort_version": __import__("onnxruntime").__version__,
         "peer_configs": configs, "accuracy_test": acc, "speed": spd,
         "onnx_bytes": size, "onnx_size_ratio": {k: size["fp32"] / v for k, v in size.items()},
         "ort_ops": ops,

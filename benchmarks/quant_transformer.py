@@ -1,6 +1,9 @@
 """Dynamic INT8 on transformers: slimkit against ONNX Runtime's and PyTorch's dynamic quantizers.
 
-Models: zoo:vit (dim 64, depth 4) trained briefly on builtin:mnist, and optionally any
+Models: zoo:vit (dim 64, depth 4) trained on ``builtin:fashion-mnist`` (54,000 train / 6,000
+validation held out of training / 10,000 test; learning rate and epoch count chosen on
+validation by ``quant_cnn.train_on_validation``, or the one ``quant_int4.py --save-models DIR``
+trained, loaded with ``--vit-from DIR/vit``), and optionally any
 BERT-family Hugging Face directory (``--hf DIR``; ``--make-tiny-bert DIR`` writes one from a
 small random BertConfig first, for a smoke run without downloads). Inputs of the HF model are
 random token ids (no labels, so no accuracy there).
@@ -24,23 +27,26 @@ slimkit variants: int8 per-channel weights with per-token activations (``slimkit
 per-tensor ones (``slimkit_tensor``: exact u8 x u8 products; ``slimkit_tensor_7bit``: 7-bit
 weight codes run by ORT's faster u8 x s8 kernel), exported to ONNX. Every quantizer that
 calibrates gets the same calibration tensor: ``--calib`` class-stratified, shuffled training
-images (seed 0), never a prefix of the label-sorted training set.
+images (seed 0), never a prefix of the label-sorted training set. Training and quantization
+see the data with its test split hidden (:func:`slimkit.data.guard.hide_test`).
 
 Reported: mean per-sample cosine of the outputs vs FP32 (target >= 0.995) with a bootstrap
 95% interval of the paired per-sample difference to each peer (a "beats" verdict says whether
-it exceeds the noise), test accuracy with Wilson 95% intervals (ViT), ONNX sizes, each ONNX
+it exceeds the noise), test accuracy with Wilson 95% intervals (ViT) and exact McNemar tests
+against FP32 and between slimkit and each peer, ONNX sizes, each ONNX
 graph's integer and float weight ops (the coverage actually deployed), slimkit's
 ORT-vs-PyTorch parity, and latencies over ``--rounds`` interleaved rounds in one process with
 a fixed thread count (ORT sessions side by side; PyTorch eager FP32 vs torch peers), as
-median paired ratios with ~95% intervals. Nothing is tuned on the test split (no choices are
-made). Prints JSON and saves it to benchmarks/results/quant_transformer.json (``--quick``:
-smoke run, not saved).
+median paired ratios with ~95% intervals. No quantizer setting is chosen (every variant is
+reported); the test split is read once, at the end. Prints JSON and saves it to
+benchmarks/results/quant_transformer.json (``--quick``: smoke run, not saved).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import tempfile
 import warnings
 from pathlib import Path
@@ -50,12 +56,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from _common import data_record, emit  # noqa: I001
+from quant_cnn import train_on_validation
 from torch import nn
 
 from slimkit.core.files import write_json
 from slimkit.data import calibration_subset, load_data
+from slimkit.data.guard import hide_test
 from slimkit.export.onnx import check_parity, export_onnx
 from slimkit.io import batch as B
+from slimkit.io import load_artifact
 from slimkit.io.loader import load_zoo
 from slimkit.io.model import SlimModel
 from slimkit.measure.latency import (
@@ -64,9 +73,8 @@ from slimkit.measure.latency import (
     time_interleaved,
     torch_runner,
 )
-from slimkit.measure.stats import accuracy_ci, bootstrap_ci
+from slimkit.measure.stats import accuracy_ci, bootstrap_ci, mcnemar
 from slimkit.quant.dynamic import DynamicQuantConfig, _dynamic_quant
-from slimkit.train import TrainConfig, fit
 
 RESULTS = Path(__file__).parent / "results" / "quant_transformer.json"
 VARIANTS = {
@@ -119,6 +127,11 @@ def top1(logits: torch.Tensor, y: torch.Tensor | None) -> dict[str, Any] | None:
     if y is None:
         return None
     return accuracy_ci(int((logits.argmax(1) == y).sum()), len(y))
+
+
+def correct(logits: torch.Tensor, y: torch.Tensor | None) -> np.ndarray | None:
+    """Per-sample top-1 correctness (for the paired McNemar tests); None without labels."""
+    return None if y is None else (logits.argmax(1) == y).numpy()
 
 
 def make_tiny_bert(path: Path) -> None:
@@ -198,12 +211,12 @@ def case(model: SlimModel, x: torch.Tensor, y: torch.Tensor | None, calib: torch
     ref = torch_outputs(model.module, x)
     res: dict[str, Any] = {"fp32": {"accuracy": top1(ref, y),
                                     "onnx_bytes": fp32_path.stat().st_size}}
-    paths, cos = {"fp32": fp32_path}, {}
+    paths, cos, hits = {"fp32": fp32_path}, {}, {"fp32": correct(ref, y)}
     variants = {**VARIANTS, **(extra or {})}
     for tag, cfg in variants.items():
         q, path, info = slimkit_variant(model, cfg, calib, tmp, tag)
         got = ort_outputs(path, x)
-        cos[tag] = cosines(ref, got)
+        cos[tag], hits[tag] = cosines(ref, got), correct(got, y)
         res[tag] = {"cosine": float(cos[tag].mean()), "accuracy": top1(got, y),
                     "onnx_bytes": path.stat().st_size, "coverage": graph_coverage(path),
                     "parity_ort_vs_torch": check_parity(q, path, named(path, x[:16]), atol=1e-4),
@@ -213,7 +226,7 @@ def case(model: SlimModel, x: torch.Tensor, y: torch.Tensor | None, calib: torch
     for tag, (obj, cfg) in peers(model, fp32_path, tmp).items():
         is_ort = isinstance(obj, Path)
         got = ort_outputs(obj, x) if is_ort else torch_outputs(obj, x)
-        cos[tag] = cosines(ref, got)
+        cos[tag], hits[tag] = cosines(ref, got), correct(got, y)
         res[tag] = {"cosine": float(cos[tag].mean()), "accuracy": top1(got, y),
                     "peer_config": cfg}
         if is_ort:
@@ -222,7 +235,7 @@ def case(model: SlimModel, x: torch.Tensor, y: torch.Tensor | None, calib: torch
         else:
             torch_peers[tag] = obj
     res["latency"] = latencies(model.module, torch_peers, paths, x, args)
-    res["_cosines"] = cos
+    res["_cosines"], res["_hits"] = cos, hits
     return res
 
 
@@ -264,13 +277,17 @@ def verdict(res: dict[str, Any], ours: str) -> dict[str, Any]:
     """One slimkit variant against each peer: fidelity >= 0.995, fidelity difference (bootstrap
     interval of the paired per-sample cosine difference), ORT speed vs the ORT peers. Only
     the ``*_same_coverage`` peers are like for like; ORT's default coverage is printed too."""
-    cos = res["_cosines"]
+    cos, hits = res["_cosines"], res["_hits"]
     out: dict[str, Any] = {"ours": ours, "cosine_ok": res[ours]["cosine"] >= 0.995}
+    if hits[ours] is not None:  # labelled data: paired accuracy tests (exact McNemar)
+        out["accuracy_vs_fp32"] = mcnemar(hits[ours], hits["fp32"])
     for peer in ("ort_quantize_dynamic_same_coverage", "torch_quantize_dynamic_same_coverage",
                  "ort_quantize_dynamic_default"):
         diff, lo, hi = bootstrap_ci(cos[ours] - cos[peer], rounds=2000)
         out[f"fidelity_vs_{peer}"] = {"cosine_difference": diff, "ci95": [lo, hi],
                                       "beats": diff > 0, "beyond_noise": lo > 0 or hi < 0}
+        if hits[ours] is not None:
+            out[f"accuracy_vs_{peer}"] = mcnemar(hits[ours], hits[peer])
     for peer in ("ort_quantize_dynamic_same_coverage", "ort_quantize_dynamic_default"):
         out[f"ort_speedup_vs_{peer}"] = {}
         for b, smp in res["latency"]["_samples"].items():
@@ -283,22 +300,44 @@ def verdict(res: dict[str, Any], ours: str) -> dict[str, Any]:
 def finish(res: dict[str, Any]) -> dict[str, Any]:
     """Criteria of every slimkit variant; drop the raw per-sample arrays from the record."""
     crit = {v: verdict(res, v) for v in VARIANTS}
-    del res["_cosines"], res["latency"]["_samples"]
+    hits = res["_hits"]
+    for k, h in hits.items():  # every row's accuracy against FP32 (McNemar), labelled data
+        if h is not None and k != "fp32" and res[k].get("accuracy"):
+            res[k]["accuracy"]["vs_fp32"] = mcnemar(h, hits["fp32"])
+    del res["_cosines"], res["_hits"], res["latency"]["_samples"]
     return crit
 
 
+def vit_model(args: argparse.Namespace, dev: Any) -> tuple[SlimModel, dict[str, Any]]:
+    """The FP32 ViT: quant_int4.py's (``--vit-from``) or trained here, choices on validation."""
+    if args.vit_from is not None:
+        record = json.loads((args.vit_from / "train_record.json").read_text())
+        return load_artifact(args.vit_from), record | {
+            "loaded_from": "quant_int4.py --save-models (same data, seed and procedure)"}
+    return train_on_validation(lambda: load_zoo("vit", dev), dev, args.epochs,
+                               probe_steps=20 if args.quick else 150)
+
+
 def vit_case(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], Any]:
-    data = load_data("builtin:mnist")
-    torch.manual_seed(0)
-    model = load_zoo("vit", data)
-    fit(model.module, data, TrainConfig(epochs=args.epochs, lr=2e-3), progress=False)
-    model.module.eval()
-    calib = calibration_subset(data, args.calib, seed=0)  # stratified, shuffled training images
+    data = load_data("builtin:fashion-mnist")
+    if args.quick:  # smoke run: 5,000 training images, 2,000 test images
+        import dataclasses
+
+        from slimkit.data.split import calibration_indices
+
+        idx = calibration_indices(data, 5000, seed=0)
+        data = dataclasses.replace(data, x_train=data.x_train[idx], y_train=data.y_train[idx],
+                                   x_test=data.x_test[:2000], y_test=data.y_test[:2000])
+    dev = hide_test(data)
+    torch.set_num_threads(args.train_threads)
+    model, trained = vit_model(args, dev)
+    torch.set_num_threads(args.threads)
+    calib = calibration_subset(dev, args.calib, seed=0)  # stratified, shuffled training images
     extra = {"slimkit_token_head_float": DynamicQuantConfig(activations="token",
                                                             exclude=["head"])}
     (tmp / "vit").mkdir()
     res = case(model, data.x_test, data.y_test, calib, args, tmp / "vit", extra)
-    res["epochs"] = args.epochs
+    res["training"] = trained
     return res, data
 
 
@@ -321,7 +360,11 @@ def hf_case(path: Path, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=5,
+                    help="ViT: most training epochs (the best on validation is kept)")
+    ap.add_argument("--vit-from", type=Path, default=None,
+                    help="the FP32 ViT saved by quant_int4.py --save-models DIR (DIR/vit)")
+    ap.add_argument("--train-threads", type=int, default=2, help="threads for training")
     ap.add_argument("--calib", type=int, default=256)
     ap.add_argument("--hf", type=Path, default=None, help="a BERT-family HF model directory")
     ap.add_argument("--make-tiny-bert", type=Path, default=None,
@@ -342,17 +385,18 @@ def main() -> None:
     if args.make_tiny_bert is not None:
         make_tiny_bert(args.make_tiny_bert)
         args.hf = args.make_tiny_bert
-    settings = vars(args) | {k: (v.name if isinstance(v, Path) else v)
-                             for k, v in vars(args).items() if k in ("hf", "make_tiny_bert")}
+    settings = {k: (v.name if isinstance(v, Path) else v) for k, v in vars(args).items()}
     result: dict[str, Any] = {"benchmark": "quant_transformer", "settings": settings,
-                              "seeds": {"torch": 0, "calibration": 0}, "models": {},
+                              "seeds": {"torch": 0, "calibration": 0, "validation_split": 0},
+                              "models": {},
                               "criteria": {}}
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_vit:
             result["models"]["vit"], data = vit_case(args, Path(tmp))
             result["data"] = data_record(data, calibration=f"{args.calib} class-stratified, "
                                          "shuffled training images (seed 0)",
-                                         evaluated="test split, read once")
+                                         evaluated="test split, read once",
+                                         choices="learning rate and epochs on validation")
             result["criteria"]["vit"] = finish(result["models"]["vit"])
         if args.hf is not None:
             result["models"]["hf"] = hf_case(args.hf, args, Path(tmp))
