@@ -21,8 +21,10 @@ def absolute_paths(value: Any, where: str = "") -> list[str]:
         return [p for k, v in value.items() for p in absolute_paths(v, f"{where}.{k}")]
     if isinstance(value, list | tuple):
         return [p for i, v in enumerate(value) for p in absolute_paths(v, f"{where}[{i}]")]
-    if isinstance(value, str) and (value.startswith("/") or os.path.isabs(value)) \
-            and os.sep in value[1:]:
+    # An absolute path whose top folder exists here (``/tmp/...``, ``/home/...``); ONNX node
+    # names such as ``/conv1/Conv`` look alike but name no folder.
+    if isinstance(value, str) and os.path.isabs(value) and os.sep in value[1:] \
+            and os.path.isdir(os.sep + value.lstrip(os.sep).split(os.sep)[0]):
         return [where.lstrip(".")]
     return []
 
