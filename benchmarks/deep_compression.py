@@ -306,10 +306,10 @@ def summarize(models: dict[str, dict]) -> list[str]:
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--epochs", type=int, default=6,
+    ap.add_argument("--epochs", type=int, default=20,
                     help="baseline: most epochs; the epoch kept is chosen on validation")
     ap.add_argument("--patience", type=int, default=2, help="baseline early stopping")
-    ap.add_argument("--prune-epochs", type=int, default=4,
+    ap.add_argument("--prune-epochs", type=int, default=10,
                     help="retraining epochs the gradual pruning schedule runs inside")
     ap.add_argument("--frequency", type=int, default=40, help="steps between pruning steps")
     ap.add_argument("--ramp", type=float, default=0.6, help="share of retraining it spans")

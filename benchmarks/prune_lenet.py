@@ -117,10 +117,10 @@ def summary_line(name: str, m: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--epochs", type=int, default=6,
+    ap.add_argument("--epochs", type=int, default=20,
                     help="baseline: most epochs; the epoch kept is chosen on validation")
     ap.add_argument("--patience", type=int, default=2, help="baseline early stopping")
-    ap.add_argument("--prune-epochs", type=int, default=4,
+    ap.add_argument("--prune-epochs", type=int, default=10,
                     help="retraining epochs the pruning schedule runs inside")
     ap.add_argument("--frequency", type=int, default=40, help="steps between pruning steps")
     ap.add_argument("--ramp", type=float, default=0.6,
