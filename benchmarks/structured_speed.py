@@ -6,7 +6,10 @@ by benchmarks/structured_prune.py, side by side with torch-pruning), ``structure
 (graph capture + analysis, planning with the measured-FLOPs search, slicing), and the pruned
 model is compared with the original: parameters, FLOPs, ONNX parity, and latency ratios
 original/pruned in PyTorch eager and ONNX Runtime (batch 1 and 32, one thread, interleaved
-runs in one process). Prints JSON and saves benchmarks/results/structured_speed.json.
+runs in one process). Each speed-up is the median of the per-round ratios of ``--repeats``
+interleaved rounds with its distribution-free 95% interval
+(``slimkit.measure.latency.ratio_ci``); a single-run ratio is not a claim. Prints JSON and
+saves benchmarks/results/structured_speed.json (not with ``--no-save``, for smoke runs).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from slimkit.export.onnx import check_parity, export_onnx
 from slimkit.graph.dependency import analyze
 from slimkit.io.loader import load_zoo
 from slimkit.measure import compare_latency
+from slimkit.measure.latency import ratio_ci
 from slimkit.prune.structured import StructuredPruneConfig, structured_prune
 
 RESULTS = Path(__file__).parent / "results" / "structured_speed.json"
@@ -53,9 +57,9 @@ def bench(name: str, kwargs: dict[str, Any], repeats: int) -> dict[str, Any]:
         parity = check_parity(pruned, paths["pruned"], model.example_inputs(8, seed=2))
         lat = compare_latency({"original": (model.module, paths["original"]),
                                "pruned": (small, paths["pruned"])}, batch,
-                              batch_sizes=(1, 32), threads=1, warmup=3, repeats=repeats)
-    speedup = {rt: {b: lat[rt][b]["original"]["median_ms"] / lat[rt][b]["pruned"]["median_ms"]
-                    for b in lat[rt]} for rt in ("torch", "onnxruntime")}
+                              batch_sizes=(1, 32), threads=1, warmup=3, repeats=repeats,
+                              keep_samples=True)
+    speedup = {rt: {b: _speedup(lat[rt][b]) for b in lat[rt]} for rt in ("torch", "onnxruntime")}
     return {
         "prunable_groups": len(report["prunable"]),
         "unprunable_groups": len(report["unprunable"]),
@@ -68,21 +72,36 @@ def bench(name: str, kwargs: dict[str, Any], repeats: int) -> dict[str, Any]:
         "flops": rec.details["flops"],
         "flops_ratio": rec.details["flops"]["after"] / rec.details["flops"]["before"],
         "onnx_parity_max_abs_diff": parity["max_abs_diff"],
-        "speedup_original_over_pruned": speedup,
+        "speedup_original_over_pruned": {rt: {b: v["median"] for b, v in by.items()}
+                                         for rt, by in speedup.items()},
+        "speedup_ci95": {rt: {b: v["ci95"] for b, v in by.items()} for rt, by in speedup.items()},
+        "faster_beyond_noise": {rt: {b: v["ci95"][0] > 1 for b, v in by.items()}
+                                for rt, by in speedup.items()},
+        "timing": {"rounds": repeats, "threads": 1, "interval": "order-statistic ~95% CI of "
+                   "the median of the per-round ratios original/pruned (interleaved rounds)"},
         "median_ms": {rt: {b: {k: v["median_ms"] for k, v in lat[rt][b].items()}
                            for b in lat[rt]} for rt in ("torch", "onnxruntime")},
     }
 
 
+def _speedup(by_model: dict[str, Any]) -> dict[str, Any]:
+    """original / pruned: the median of the per-round ratios of interleaved runs and its
+    distribution-free 95% interval (> 1: the pruned model is faster)."""
+    med, lo, hi = ratio_ci(by_model["original"]["samples_ms"], by_model["pruned"]["samples_ms"])
+    return {"median": med, "ci95": [lo, hi]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--repeats", type=int, default=30, help="interleaved timing rounds")
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--no-save", action="store_true", help="print only (smoke runs)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     result = {"benchmark": "structured_speed",
               "models": {n: bench(n, MODELS[n], args.repeats) for n in args.models}}
-    write_json(RESULTS, result)
+    if not args.no_save:
+        write_json(RESULTS, result)
     emit(result)
 
 
