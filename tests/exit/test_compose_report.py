@@ -25,7 +25,8 @@ version: 1
 target: {max_accuracy_drop: 3.0}
 stages:
   - {kind: structured_prune, ratio: 0.25}
-  - {kind: early_exit, latency_samples: 0, train: {epochs: 2, batch_size: 32, lr: 0.01}}
+  - {kind: early_exit, latency_samples: 0, margin: none,
+     train: {epochs: 2, batch_size: 32, lr: 0.01}}
   - {kind: ptq, num_samples: 32}
 """
 
@@ -81,7 +82,7 @@ def test_the_allowed_drop_comes_from_the_config_then_the_target():
 
 def test_the_report_section_shows_the_recorded_exits(trained_resnet):
     model, data = trained_resnet
-    cfg = EarlyExitConfig.model_validate({"max_drop": 5.0, "latency_samples": 8,
+    cfg = EarlyExitConfig.model_validate({"max_drop": 5.0, "latency_samples": 8, "margin": "none",
                                           "train": {"epochs": 2, "batch_size": 32}})
     out, record = STAGES.get("early_exit").apply(model.copy(), cfg,
                                                 StageContext(data=data, progress=False))
@@ -116,7 +117,8 @@ def test_compress_ships_the_chain_that_stops(trained_resnet, tmp_path: Path):
 version: 1
 target: {max_accuracy_drop: 3.0}
 stages:
-  - {kind: early_exit, latency_samples: 0, train: {epochs: 1, batch_size: 32, lr: 0.01}}
+  - {kind: early_exit, latency_samples: 0, margin: none,
+     train: {epochs: 1, batch_size: 32, lr: 0.01}}
 measure: {batch_sizes: [1, 4], repeats: 2, warmup: 1}
 """)
     report = compress(model, data, recipe, tmp_path / "out", progress=False, log=lambda s: None)

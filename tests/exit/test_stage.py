@@ -24,7 +24,8 @@ from slimkit.export.onnx import check_parity, export_onnx
 from slimkit.io.artifact import load_artifact, save_artifact
 from slimkit.io.model import SlimModel
 
-FAST = {"train": {"epochs": 2, "batch_size": 32, "lr": 1e-2}, "latency_samples": 0}
+FAST = {"train": {"epochs": 2, "batch_size": 32, "lr": 1e-2}, "latency_samples": 0,
+        "margin": "none"}  # the margin has its own tests (test_margin.py)
 
 
 def _cfg(**kw) -> EarlyExitConfig:
@@ -364,3 +365,18 @@ def confidence_of(out: SlimModel, x: torch.Tensor) -> torch.Tensor:
 
     with torch.no_grad():
         return confidence(out.module.exit_outputs(x)[0][0], "max_softmax")
+
+
+def test_a_one_pixel_map_is_pooled_whole_not_in_quarters():
+    from slimkit.exit.plan import build_plan
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 8), nn.Flatten(), nn.Linear(4, 2)).eval()
+    x = torch.randn(3, 1, 8, 8)
+    plan = build_plan(net, ["0"], x, 2, "max_softmax", "auto")
+    assert plan["exits"][0]["pool"] == "spatial" and plan["exits"][0]["channels"] == 4
+    ee = EarlyExitModel(net, plan).eval()
+    with torch.no_grad():
+        exits, _ = ee.exit_outputs(x)
+        torch.testing.assert_close(exits[0], ee.heads[0].fc(net[0](x).flatten(1)), rtol=0,
+                                   atol=0)

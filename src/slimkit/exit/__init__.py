@@ -4,7 +4,9 @@ inference that stops (in PyTorch, and in ONNX Runtime as a chain of steps with a
 
 Plan, then apply: :func:`~slimkit.exit.plan.build_plan` sizes the heads from a traced pass
 (a JSON plan), :class:`~slimkit.exit.model.EarlyExitModel` builds them on the backbone, and
-the ``early_exit`` stage trains, calibrates and records. Names are imported on first use
+the ``early_exit`` stage trains, calibrates (with a safety margin: the drop's one-sided
+upper confidence bound on validation stays within the target) and records; transformers
+models are cut through :mod:`slimkit.exit.hf`. Names are imported on first use
 (see :mod:`slimkit.core.lazy`); the config needs no torch.
 """
 

@@ -7,10 +7,20 @@ first: each exit's threshold is the lowest of its candidate values (quantiles of
 confidences) for which the dynamic top-1 stays within ``max_drop`` points of the static
 model's, given the thresholds already chosen (the deeper exits still closed). Lower
 thresholds at shallow exits save the most, so they are filled first.
+
+The drop measured on the validation split is an estimate: thresholds chosen so that it just
+meets the target overshoot it on new data about half the time. With a ``level`` (0.95 for the
+config's ``margin: ci95``) the thresholds keep instead the one-sided upper confidence bound of
+the drop within the target: Newcombe's interval for a difference of paired proportions (his
+method 10: the two top-1s' Wilson intervals combined with their correlation; the static and
+the dynamic model are judged on the same samples), so the margin is as wide as the noise of
+the validation split, narrow when the two models disagree on few samples.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +30,7 @@ from torch import Tensor
 
 from slimkit.exit.model import EarlyExitModel, confidence
 from slimkit.io import batch as B
+from slimkit.measure.stats import wilson
 
 CANDIDATES = 256  # threshold candidates per exit (quantiles of its confidences)
 
@@ -94,10 +105,55 @@ def _candidates(values: Tensor) -> list[float]:
     return sorted(set(torch.quantile(values.double(), q).tolist()))
 
 
+def paired_drop_upper(a: int, b: int, c: int, d: int, level: float) -> float:
+    """One-sided upper confidence bound (at ``level``) of ``p1 - p2``, the difference of two
+    proportions on the same ``n = a + b + c + d`` samples, by Newcombe's paired method 10
+    (Stat. Med. 17:2635, 1998).
+
+    Args:
+        a: samples both right; b: only the first right; c: only the second right; d: both
+            wrong. For the top-1 drop: first = static, second = dynamic.
+        level: one-sided confidence (0.95: the upper end of a two-sided 90% interval).
+
+    Returns:
+        The bound, as a fraction (``(b - c) / n`` plus the margin).
+
+    Example:
+        >>> round(paired_drop_upper(90, 3, 1, 6, 0.95), 4)
+        0.0612
+    """
+    n = a + b + c + d
+    if n < 1 or not 0.5 <= level < 1:
+        raise ValueError(f"paired_drop_upper: need n >= 1 and 0.5 <= level < 1, got n={n}, "
+                         f"level={level}")
+    z = statistics.NormalDist().inv_cdf(level)
+    p1, p2 = (a + b) / n, (a + c) / n
+    l1, u1 = wilson(a + b, n, z)
+    l2, u2 = wilson(a + c, n, z)
+    margins = (a + b) * (c + d) * (a + c) * (b + d)
+    phi = (a * d - b * c) / math.sqrt(margins) if margins else 0.0
+    eps = math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2)
+                        + (p2 - l2) ** 2))
+    return (b - c) / n + eps
+
+
+def drop_bound(static: Tensor, dynamic: Tensor, level: float | None) -> float:
+    """The top-1 drop (fraction) of ``dynamic`` against ``static`` (per-sample correctness,
+    same samples) that thresholds must keep within the target: the measured drop with no
+    ``level``, else its one-sided upper bound (:func:`paired_drop_upper`)."""
+    s, t = static.bool(), dynamic.bool()
+    b, c = int((s & ~t).sum()), int((~s & t).sum())
+    if level is None:
+        return (b - c) / max(len(s), 1)
+    a, d = int((s & t).sum()), int((~s & ~t).sum())
+    return paired_drop_upper(a, b, c, d, level)
+
+
 def choose(stats: ExitStats, max_drop: float, min_fraction: float = 0.0,
-           ) -> list[float | None]:
+           level: float | None = None) -> list[float | None]:
     """Greedy shallow-first thresholds keeping top-1 within ``max_drop`` points (see the
-    module docstring); an exit none of whose thresholds fits stays closed (None).
+    module docstring); an exit none of whose thresholds fits stays closed (None). With a
+    ``level``, the drop's one-sided upper confidence bound at that level must fit.
 
     An open exit that takes fewer than ``min_fraction`` of the samples costs every sample
     passing it a head and a step boundary for almost nothing: the least used such exit is
@@ -105,7 +161,7 @@ def choose(stats: ExitStats, max_drop: float, min_fraction: float = 0.0,
     """
     closed: set[int] = set()
     while True:
-        thresholds = _greedy(stats, max_drop, closed)
+        thresholds = _greedy(stats, max_drop, closed, level)
         share = torch.bincount(exits_taken(stats, thresholds),
                                minlength=stats.conf.shape[1] + 1).double() / max(stats.n, 1)
         rare = [k for k, t in enumerate(thresholds) if t is not None and share[k] < min_fraction]
@@ -114,17 +170,17 @@ def choose(stats: ExitStats, max_drop: float, min_fraction: float = 0.0,
         closed.add(min(rare, key=lambda k: float(share[k])))
 
 
-def _greedy(stats: ExitStats, max_drop: float, closed: set[int]) -> list[float | None]:
+def _greedy(stats: ExitStats, max_drop: float, closed: set[int],
+            level: float | None) -> list[float | None]:
     k_all = stats.conf.shape[1]
-    bound = float(stats.final_correct.double().sum()) - max_drop / 100 * stats.n
     thresholds: list[float | None] = [None] * k_all
     for k in range(k_all):
         if k in closed:
             continue
         for c in _candidates(stats.conf[:, k]):  # lowest first: the first that fits wins
             trial = [*thresholds[:k], c, *thresholds[k + 1:]]
-            hits = float(dynamic_correct(stats, exits_taken(stats, trial)).double().sum())
-            if hits >= bound - 1e-9:
+            right = dynamic_correct(stats, exits_taken(stats, trial))
+            if drop_bound(stats.final_correct, right, level) <= max_drop / 100 + 1e-9:
                 thresholds[k] = c
                 break
     return thresholds
@@ -132,12 +188,13 @@ def _greedy(stats: ExitStats, max_drop: float, closed: set[int]) -> list[float |
 
 def sweep(val: ExitStats, test: ExitStats | None, cost: list[float],
           drops: Iterable[float] = (0.0, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 100.0),
-          min_fraction: float = 0.0) -> list[dict[str, Any]]:
+          min_fraction: float = 0.0, level: float | None = None) -> list[dict[str, Any]]:
     """Operating points as the allowed drop (and with it every threshold) sweeps: thresholds
-    chosen on ``val``, top-1 and mean cost measured on ``test`` (else ``val``)."""
+    chosen on ``val`` (with the stage's margin ``level``), top-1 and mean cost measured on
+    ``test`` (else ``val``)."""
     points = []
     for drop in drops:
-        t = choose(val, drop, min_fraction)
+        t = choose(val, drop, min_fraction, level)
         s = summarize(test if test is not None else val, t, cost)
         points.append({"max_drop": drop, "thresholds": t, "top1": s["top1"],
                        "mean_cost": s["mean_cost"], "exit_fraction": s["exit_fraction"]})

@@ -27,7 +27,10 @@ class EarlyExitConfig(StageConfig):
     logits (Hinton's KD, :func:`slimkit.distill.losses.kd_loss`), with the backbone frozen or
     jointly; then one threshold per exit is chosen on the validation split (a held-out 20%
     of the training split, never the test split) so that the top-1 of the dynamic model stays
-    within ``max_drop`` points of the static model's. At inference a sample returns at the
+    within ``max_drop`` points of the static model's, with a ``margin`` for the noise of that
+    estimate (by default its one-sided 95% upper confidence bound must fit). Hugging Face
+    transformers models (ResNet, MobileNetV2, ViT, BERT...) take exits too, after their
+    stages or encoder layers (see :mod:`slimkit.exit.hf`). At inference a sample returns at the
     first exit whose confidence reaches its threshold; in a batch, samples that exited are
     removed from the rest of the computation (Teerapittayanon et al., BranchyNet, 2016).
 
@@ -51,6 +54,13 @@ class EarlyExitConfig(StageConfig):
         description="Largest allowed top-1 drop of the dynamic model against the static one "
                     "on the validation split, in points (0..100). None: the recipe target's "
                     "max_accuracy_drop (or max_metric_drop.top1), else 0.5.")
+    margin: Literal["ci95", "none"] | float = Field(
+        "ci95",
+        description="Safety margin for the noise of the validation estimate: ci95 keeps the "
+                    "one-sided 95% upper confidence bound of the top-1 drop (Newcombe's paired "
+                    "interval, static vs dynamic on the same samples) within max_drop; a "
+                    "number in [0.5, 1) is that one-sided confidence level; none keeps the "
+                    "measured drop within max_drop (about half the time more on new data).")
     min_exit_fraction: float = Field(
         0.05, ge=0, lt=1,
         description="Close (and remove) an exit that takes fewer than this share of the "
@@ -88,6 +98,17 @@ class EarlyExitConfig(StageConfig):
         if repeated:
             raise ValueError(f"exits lists {', '.join(repeated)} more than once")
         return exits
+
+    @field_validator("margin")
+    @classmethod
+    def _level(cls, margin: str | float) -> str | float:
+        if not isinstance(margin, str) and not 0.5 <= margin < 1:
+            raise ValueError(f"a confidence level is in [0.5, 1), got {margin}")
+        return margin
+
+    def margin_level(self) -> float | None:
+        """The one-sided confidence level of the drop's bound, None for no margin."""
+        return {"ci95": 0.95, "none": None}.get(self.margin, self.margin)  # type: ignore[arg-type]
 
     def needs_data(self) -> str | None:
         return "needs training data (to train the exit heads and calibrate thresholds)"

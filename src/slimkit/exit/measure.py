@@ -40,9 +40,11 @@ def path_macs(model: EarlyExitModel, x1: B.Inputs) -> list[int]:
 
 
 def measure_exits(model: EarlyExitModel, static: nn.Module, val: C.ExitStats,
-                  data: DataBundle, cfg: EarlyExitConfig, x: B.Inputs) -> dict[str, Any]:
+                  data: DataBundle, cfg: EarlyExitConfig, x: B.Inputs,
+                  spec: Any = None) -> dict[str, Any]:
     """The stage's measurements: on the validation split (where thresholds were chosen) and,
-    with ``cfg.report_split == "test"``, on the test split, read once, after every choice."""
+    with ``cfg.report_split == "test"``, on the test split, read once, after every choice.
+    ``spec``: the SlimModel holding ``model`` (its named inputs, for the ONNX timing)."""
     x1 = B.take(x, slice(0, 1))
     macs = path_macs(model, x1)
     static_macs = count_flops(static, x1)["macs"]
@@ -60,14 +62,16 @@ def measure_exits(model: EarlyExitModel, static: nn.Module, val: C.ExitStats,
         test = C.gather(model, data.batches("test"))
         out["test"] = C.summarize(test, thresholds, macs)
         out["costs"]["mean_macs_ratio_test"] = out["test"]["mean_cost"] / max(static_macs, 1)
-    out["sweep"] = C.sweep(val, test, macs, min_fraction=cfg.min_exit_fraction)
+    out["sweep"] = C.sweep(val, test, macs, min_fraction=cfg.min_exit_fraction,
+                           level=cfg.margin_level())
     out["sweep_split"] = split
     if cfg.latency_samples and cfg.report_split == "test":
         from slimkit.io.model import SlimModel
 
         x_lat = data.head(split, cfg.latency_samples)[0]
-        spec = SlimModel(module=model, input_shape=tuple(B.leaves(x)[0].shape[1:]),
-                         input_dtype=str(B.leaves(x)[0].dtype).removeprefix("torch."))
+        if spec is None:
+            spec = SlimModel(module=model, input_shape=tuple(B.leaves(x)[0].shape[1:]),
+                             input_dtype=str(B.leaves(x)[0].dtype).removeprefix("torch."))
         out["latency"] = {**onnx_latency(spec, static, x_lat), "split": split}
         _latency_sweep(out)
     return out

@@ -136,6 +136,11 @@ class EarlyExitModel(nn.Module):
         state["_cache"] = None  # traced segments are rebuilt on first use
         return state
 
+    def judged(self, out: Any) -> Tensor:
+        """The backbone's judged output (the plan's ``output`` key, else the one
+        :func:`slimkit.io.batch.judging` names, else the first); a tensor as it is."""
+        return out if isinstance(out, Tensor) else B.select(out, self.plan.get("output"))
+
     def segments(self) -> list[Segment]:
         """The backbone cut after each exit block, traced on first use and again whenever a
         submodule of the backbone was replaced or converted (``.to``, a later stage)."""
@@ -143,7 +148,8 @@ class EarlyExitModel(nn.Module):
             id(t) for t in self.backbone.parameters()) + tuple(
             id(t) for t in self.backbone.buffers())
         if self._cache is None or self._cache[0] != key:
-            segments, order = split(trace(self.backbone, self.blocks), self.blocks)
+            segments, order = split(trace(self.backbone, self.blocks, self.plan.get("hf")),
+                                    self.blocks)
             if order != self.blocks:
                 raise ValueError(f"exits {self.blocks} are not in execution order {order}")
             self._cache = (key, segments)
@@ -158,11 +164,11 @@ class EarlyExitModel(nn.Module):
             state, feat = seg.module(*args, **kwargs) if k == 0 else seg.module(*state)
             logits.append(self.heads[k](feat))
         out = segments[-1].module(*state) if segments[:-1] else self.backbone(*args, **kwargs)
-        return logits, B.select(out)
+        return logits, self.judged(out)
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         if self.training or not self.dynamic or self.thresholds is None:
-            return B.select(self.backbone(*args, **kwargs))
+            return self.judged(self.backbone(*args, **kwargs))
         if torch.jit.is_tracing():
             return self._selected(*args, **kwargs)
         return self._stopping(*args, **kwargs)
@@ -200,8 +206,9 @@ class EarlyExitModel(nn.Module):
                     return out
                 keep = (~done).nonzero().squeeze(1)
                 rows = rows[keep]
-                state = tuple(v.index_select(0, keep) for v in state)
-        final = B.select(segments[-1].module(*state))
+                state = tuple(None if v is None else v.index_select(0, keep)
+                              for v in state)
+        final = self.judged(segments[-1].module(*state))
         if out is None:
             return final
         out[rows] = final.to(out.dtype)

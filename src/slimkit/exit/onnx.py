@@ -31,21 +31,64 @@ OPSET = 17
 
 
 class _Step(nn.Module):
-    """Segment ``k`` (+ its exit head and confidence) as one exportable module."""
+    """Segment ``k`` (+ its exit head and confidence) as one exportable module.
 
-    def __init__(self, model: EarlyExitModel, k: int) -> None:
+    A state value that is None (a transformers model's absent attention mask) is no ONNX
+    input or output: ``none_in`` are the positions of the segment's state where None goes
+    back in, ``none_out`` those of its next state that are left out.
+    """
+
+    def __init__(self, model: EarlyExitModel, k: int, none_in: list[int]) -> None:
         super().__init__()
         self.segment = model.segments()[k].module
         self.last = k == len(model.heads)
         self.head = None if self.last else model.heads[k]
         self.how = model.plan["confidence"]
+        self.judged = model.judged
+        self.none_in = none_in
+        self.none_out: list[int] = []
 
-    def forward(self, *state: Tensor) -> Any:
+    def forward(self, *live: Tensor) -> Any:
+        state = step_state(self, list(live))
         if self.last:
-            return B.select(self.segment(*state))
+            return self.judged(self.segment(*state))
         nxt, feat = self.segment(*state)
         logits = self.head(feat)
-        return (*nxt, logits, confidence(logits, self.how))
+        kept = [v for i, v in enumerate(nxt) if i not in self.none_out]
+        return (*kept, logits, confidence(logits, self.how))
+
+
+def _traced_next(step: _Step, state: list[Tensor]) -> tuple[list[int], list[Tensor]]:
+    """The step's next state *as exported*: which of its values are None under tracing
+    (where a transformers model builds its attention mask even when no row is padded, and
+    eagerly it may not), and the others' values, the next step's example inputs."""
+    probe = _Probe(step)
+    with warnings.catch_warnings(), torch.no_grad(), modes_kept(probe):
+        warnings.simplefilter("ignore")
+        # The tracer the ONNX export uses (no submodule boundaries recorded).
+        _, outs = torch.jit._get_trace_graph(probe.eval(), tuple(state))
+    return probe.found, list(outs) if isinstance(outs, tuple | list) else [outs]
+
+
+class _Probe(nn.Module):
+    """The step's segment, noting which next-state values are None when traced."""
+
+    def __init__(self, step: _Step) -> None:
+        super().__init__()
+        self.step = step
+        self.found: list[int] = []
+
+    def forward(self, *live: Tensor) -> tuple[Tensor, ...]:
+        nxt = self.step.segment(*step_state(self.step, list(live)))[0]
+        self.found = [i for i, v in enumerate(nxt) if v is None]
+        return tuple(v for v in nxt if v is not None)
+
+
+def step_state(step: _Step, live: list[Tensor]) -> list[Tensor | None]:
+    """The segment's full state from the step's inputs (None back where it was)."""
+    values = iter(live)
+    return [None if i in step.none_in else next(values)
+            for i in range(len(live) + len(step.none_in))]
 
 
 def _names(k: int, n: int) -> list[str]:
@@ -74,23 +117,25 @@ def export_exit_onnx(model: SlimModel, folder: str | Path, overwrite: bool = Fal
     x = model.example_inputs(batch=2)
     in_names = [s.name for s in model.input_specs]
     segments = ee.segments()
-    steps, state = [], list(B.leaves(x))
+    steps, state, none_in = [], list(B.leaves(x)), []
     # The exporter restores the mode a module had before; a fresh _Step is in training mode,
     # and restoring that would switch the backbone's shared layers to training: eval first.
     with atomic_dir(Path(folder), overwrite=overwrite) as tmp, modes_kept(ee):
         for k in range(len(segments)):
-            step = _Step(ee, k).eval()
+            step = _Step(ee, k, none_in).eval()
             names = in_names if k == 0 else _names(k, len(state))
             last = k == len(segments) - 1
-            outs = ["logits"] if last else [*_names(k + 1, segments[k].n_out), "exit_logits",
+            nxt: list[Tensor] = []
+            if not last:
+                step.none_out, nxt = _traced_next(step, state)
+            n_out = len(nxt)
+            outs = ["logits"] if last else [*_names(k + 1, n_out), "exit_logits",
                                              "confidence"]
             _export(step, tuple(state), tmp / f"step_{k}.onnx", names, outs, opset)
             if quantized:
                 postprocess_qdq(tmp / f"step_{k}.onnx")
             steps.append({"file": f"step_{k}.onnx", "inputs": names, "outputs": outs})
-            if not last:
-                with torch.no_grad():
-                    state = list(step(*state)[:-2])
+            state, none_in = nxt, step.none_out
         spec = {"format": "slimkit-early-exit-onnx", "version": 1, "steps": steps,
                 "thresholds": ee.thresholds, "exits": ee.blocks,
                 "confidence": ee.plan["confidence"]}

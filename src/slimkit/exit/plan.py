@@ -9,7 +9,7 @@ from torch import nn
 
 from slimkit.core.errors import ModelError
 from slimkit.exit.model import PLAN_FORMAT
-from slimkit.exit.segments import check_names, check_state, split, trace
+from slimkit.exit.segments import check_names, check_state, hf_spec, split, trace
 from slimkit.io import batch as B
 from slimkit.io.model import modes_kept, set_mode
 
@@ -21,14 +21,18 @@ def _is_block(module: nn.Module) -> bool:
 
 def block_stacks(model: nn.Module) -> list[list[str]]:
     """Every ``nn.Sequential`` / ``nn.ModuleList`` holding at least two blocks: the residual
-    blocks of a CNN stage, the layers of a transformer (each as its blocks' names)."""
+    blocks of a CNN stage, the layers of a transformer (each as its blocks' names). A stack
+    inside a block of another stack (the conv layers inside a transformers ResNet's stage) is
+    a part of that block, not a stack of its own."""
     stacks = []
     for name, m in model.named_modules():
         if isinstance(m, nn.Sequential | nn.ModuleList):
             kids = [(f"{name}.{k}" if name else k, c) for k, c in m.named_children()]
             if sum(_is_block(c) for _, c in kids) >= 2:
                 stacks.append([n for n, c in kids if _is_block(c)])
-    return stacks
+    blocks = [b for stack in stacks for b in stack]
+    return [stack for stack in stacks
+            if not any(stack[0].startswith(b + ".") for b in blocks)]
 
 
 def default_exits(model: nn.Module, x: B.Inputs) -> tuple[list[str], str | None]:
@@ -71,13 +75,24 @@ def _pool(model: nn.Module, block: str, feat: torch.Tensor, pooling: str) -> tup
         return "none", int(feat.shape[1])
     layout = resolve_layout(model, block, feat.dim(), "auto")
     if layout == "channels_first":
-        if feat.dim() == 4:
+        if feat.dim() == 4 and min(feat.shape[2:]) >= 2:  # a 1-pixel map has no quarters
             return "grid", 4 * int(feat.shape[1])
         return "spatial", int(feat.shape[1])
     if pooling == "auto":
-        has_cls = any(n.rsplit(".", 1)[-1] == "cls_token" for n, _ in model.named_parameters())
-        pooling = "cls" if has_cls else "mean"
+        pooling = "cls" if _reads_first_token(model) else "mean"
     return pooling, int(feat.shape[-1])
+
+
+def _reads_first_token(model: nn.Module) -> bool:
+    """Whether the model's own head reads a class token: it holds a ``cls_token`` parameter
+    (a ViT), or a transformers pooler (BERT's reads the first token)."""
+    from slimkit.exit.hf import is_hf
+
+    if any(n.rsplit(".", 1)[-1] == "cls_token" for n, _ in model.named_parameters()):
+        return True
+    return is_hf(model) and any(n.rsplit(".", 1)[-1] == "pooler" and
+                                type(m).__name__.endswith("Pooler")
+                                for n, m in model.named_modules())
 
 
 def build_plan(model: nn.Module, exits: list[str], x: B.Inputs, num_classes: int,
@@ -90,9 +105,10 @@ def build_plan(model: nn.Module, exits: list[str], x: B.Inputs, num_classes: int
         ModelError: the forward cannot be cut there, or a block's output cannot feed a head.
     """
     check_names(model, exits)
+    hf = hf_spec(model, x)
     with modes_kept(model):
         set_mode(model, False)
-        segments, order = split(trace(model, exits), exits)
+        segments, order = split(trace(model, exits, hf), exits)
         feats = check_state(segments, order, x)
         with torch.no_grad():
             out = B.select(B.call(model, x))
@@ -104,5 +120,8 @@ def build_plan(model: nn.Module, exits: list[str], x: B.Inputs, num_classes: int
         pool, channels = _pool(model, block, feat, pooling)
         rows.append({"block": block, "pool": pool, "channels": channels,
                      "feature_shape": list(feat.shape[1:])})
-    return {"format": PLAN_FORMAT, "exits": rows, "num_classes": num_classes,
+    plan = {"format": PLAN_FORMAT, "exits": rows, "num_classes": num_classes,
             "confidence": confidence, "thresholds": None}
+    if hf is not None:  # a transformers model: how its forward is traced (segments.trace)
+        plan["hf"] = hf
+    return plan

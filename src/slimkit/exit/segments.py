@@ -6,7 +6,8 @@ custom code elsewhere in the model never has to be traceable. Segment ``k`` runs
 after cut ``k - 1`` up to and including cut block ``k``; it takes the *state*, the values
 computed before it that are still needed later, and returns the next state and the cut
 block's output (what the exit head reads). Every state value must be a per-sample tensor
-(batch first), so that samples that exited can be dropped from it row by row.
+(batch first), so that samples that exited can be dropped from it row by row, or None
+(a transformers model's attention mask when there is none to apply).
 """
 
 from __future__ import annotations
@@ -62,14 +63,22 @@ def check_names(model: nn.Module, names: list[str]) -> None:
                 f"Name blocks as in model.named_modules(), e.g. {', '.join(known[:4])}")
 
 
-def trace(model: nn.Module, cuts: list[str]) -> fx.GraphModule:
+def trace(model: nn.Module, cuts: list[str], hf: dict[str, Any] | None = None,
+          ) -> fx.GraphModule:
     """The model's forward as an fx graph with each cut block as one ``call_module`` node.
+
+    Args:
+        hf: for a transformers model, its inputs (``{"inputs": [{"name", "shape",
+            "dtype"}]}``, see :func:`hf_spec`): it is traced through
+            :mod:`slimkit.exit.hf`, its cut blocks under the prefix ``model.``.
 
     Raises:
         ModelError: the forward cannot be traced (naming the first line of the reason).
     """
-    tracer = _CutTracer(cuts)
     try:
+        if hf is not None:
+            return _trace_hf(model, cuts, hf)
+        tracer = _CutTracer(cuts)
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises anything the user's code raises on proxies
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -79,18 +88,54 @@ def trace(model: nn.Module, cuts: list[str]) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph)
 
 
-def _cut_nodes(gm: fx.GraphModule, cuts: list[str]) -> list[fx.Node]:
-    """The one ``call_module`` node of each cut, in execution order."""
-    calls: dict[str, list[fx.Node]] = {c: [] for c in cuts}
+def hf_spec(model: nn.Module, x: Any) -> dict[str, Any] | None:
+    """What tracing a transformers model needs to know of its inputs (names, per-sample
+    shapes, dtypes: a JSON-able part of the plan), or None for any other model."""
+    from slimkit.exit.hf import is_hf
+
+    if not is_hf(model) or not isinstance(x, dict):
+        return None
+    return {"inputs": [{"name": k, "shape": list(v.shape[1:]), "dtype": str(v.dtype)}
+                       for k, v in x.items()]}
+
+
+def _trace_hf(model: nn.Module, cuts: list[str], hf: dict[str, Any]) -> fx.GraphModule:
+    from slimkit.exit.hf import PREFIX, ValueTracing, hf_call, hf_tracing
+
+    class Tracer(ValueTracing, _CutTracer):
+        pass
+
+    rows = hf["inputs"]
+    tracer = Tracer([PREFIX + c for c in cuts])
+    # Example values (two samples: a batch of one would let a size-1 batch look constant).
+    tracer.examples = {r["name"]: torch.ones((2, *r["shape"]),
+                                             dtype=getattr(torch, r["dtype"].removeprefix(
+                                                 "torch.")))
+                       for r in rows}
+    root = hf_call(model, [r["name"] for r in rows])
+    with hf_tracing(tracer, model):
+        graph = tracer.trace(root)
+    for node in graph.nodes:  # the example values were for tracing only
+        node.meta.pop("value", None)
+    gm = fx.GraphModule(tracer.root, graph)
+    gm.meta["cut_prefix"] = PREFIX
+    return gm
+
+
+def _cut_nodes(gm: fx.GraphModule, cuts: list[str], prefix: str = "") -> list[fx.Node]:
+    """The one ``call_module`` node of each cut (named under ``prefix`` in ``gm``), in
+    execution order."""
+    calls: dict[str, list[fx.Node]] = {prefix + c: [] for c in cuts}
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target in calls:
             calls[node.target].append(node)
     for name, found in calls.items():
         if len(found) != 1:
             how = "never" if not found else f"{len(found)} times"
-            raise ConfigError(f"early_exit: block '{name}' runs {how} in the model's forward; "
-                              "an exit goes after a block that runs exactly once")
-    return sorted((calls[c][0] for c in cuts), key=lambda n: _order(gm)[n])
+            raise ConfigError(f"early_exit: block '{name.removeprefix(prefix)}' runs {how} in "
+                              "the model's forward; an exit goes after a block that runs "
+                              "exactly once")
+    return sorted((calls[prefix + c][0] for c in cuts), key=lambda n: _order(gm)[n])
 
 
 def _order(gm: fx.GraphModule) -> dict[fx.Node, int]:
@@ -100,7 +145,8 @@ def _order(gm: fx.GraphModule) -> dict[fx.Node, int]:
 def split(gm: fx.GraphModule, cuts: list[str]) -> tuple[list[Segment], list[str]]:
     """Cut ``gm`` after each cut block: ``len(cuts) + 1`` segments, and the cuts in
     execution order. The last segment returns the model's output (no feature)."""
-    nodes = _cut_nodes(gm, cuts)
+    prefix = gm.meta.get("cut_prefix", "")
+    nodes = _cut_nodes(gm, cuts, prefix)
     order = _order(gm)
     bounds = [order[n] for n in nodes]
 
@@ -122,7 +168,7 @@ def split(gm: fx.GraphModule, cuts: list[str]) -> tuple[list[Segment], list[str]
         segments.append(_segment(gm, state, body, None if last else (later, nodes[k]),
                                  first=k == 0))
         state = later
-    return segments, [str(n.target) for n in nodes]
+    return segments, [str(n.target).removeprefix(prefix) for n in nodes]
 
 
 def _segment(gm: fx.GraphModule, state: list[fx.Node], body: list[fx.Node],
@@ -173,8 +219,9 @@ def check_state(segments: list[Segment], names: list[str], x: B.Inputs) -> list[
                 raise ModelError(f"early_exit: block '{name}' returns {what}; an exit head "
                                  f"needs a float [batch, channels, ...] tensor (batch {n}); "
                                  "put the exit after another block")
-            for v in state:
-                if not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[0] != n:
+            for v in state:  # None (an absent mask) passes through as it is
+                if v is not None and (not isinstance(v, torch.Tensor) or v.dim() == 0
+                                      or v.shape[0] != n):
                     what = (type(v).__name__ if not isinstance(v, torch.Tensor)
                             else f"tensor of shape {tuple(v.shape)}")
                     raise ModelError(

@@ -92,9 +92,20 @@ def early_exit(model: SlimModel, cfg: EarlyExitConfig,
         if not exits:
             return _skip(model, f"no exit placed: {why}", ctx)
     plan = build_plan(model.module, exits, x, data.num_classes, cfg.confidence, cfg.pooling)
+    if model.output is not None:  # the wrapper returns this output of the backbone's
+        plan["output"] = model.output
     with torch.random.fork_rng():  # the heads' initialization depends on the seed alone
         torch.manual_seed(cfg.train.seed)
         wrapped = EarlyExitModel(copy.deepcopy(model.module), plan)
+    # The wrapper returns one tensor, the judged logits: nothing below selects an output.
+    with B.judging(None):
+        return _train_and_calibrate(model, wrapped, data, cfg, ctx, x)
+
+
+def _train_and_calibrate(model: SlimModel, wrapped: EarlyExitModel, data: DataBundle,
+                         cfg: EarlyExitConfig, ctx: StageContext, x: Any,
+                         ) -> tuple[SlimModel, Record]:
+    plan = wrapped.plan
     train_data, cal = _calibration_split(data, cfg)
     summary = train_heads(wrapped, train_data, cfg, progress=ctx.progress,
                           checkpoint_dir=ctx.workdir)
@@ -102,12 +113,15 @@ def early_exit(model: SlimModel, cfg: EarlyExitConfig,
     drop, source = allowed_drop(cfg, ctx)
     spent = _spent(ctx, model, stats, cal) if source.startswith("target") else 0.0
     drop = max(0.0, drop - spent)
-    thresholds = C.choose(stats, drop, cfg.min_exit_fraction)
+    level = cfg.margin_level()
+    thresholds = C.choose(stats, drop, cfg.min_exit_fraction, level)
     details: dict[str, Any] = {"exits": plan["exits"], "max_drop": drop, "max_drop_from": source,
-                               "drop_spent_before": spent, "train": _train_summary(summary)}
+                               "drop_spent_before": spent, "train": _train_summary(summary),
+                               "margin": _margin(stats, thresholds, level)}
     if all(t is None for t in thresholds):
-        return _skip(model, (f"no threshold keeps top-1 within {drop:g} points of the static "
-                             f"model's {stats.final_correct.double().mean():.2%} on the "
+        bound = "" if level is None else f" (its one-sided {level:.0%} upper bound)"
+        return _skip(model, (f"no threshold keeps top-1{bound} within {drop:g} points of the "
+                             f"static model's {stats.final_correct.double().mean():.2%} on the "
                              f"validation split ({stats.n} samples); kept the static model"),
                      ctx, **details, val=C.summarize(stats, thresholds))
     wrapped, stats = _drop_closed(wrapped, stats, thresholds, details)
@@ -115,13 +129,24 @@ def early_exit(model: SlimModel, cfg: EarlyExitConfig,
     verify_finite(wrapped, x, "early_exit")
     from slimkit.exit.measure import measure_exits
 
-    details.update(plan=copy.deepcopy(wrapped.plan), thresholds=wrapped.thresholds,
-                   **measure_exits(wrapped, model.module, stats, data, cfg, x))
-    record = _record(details)
-    record.transforms.append(("early_exit", copy.deepcopy(wrapped.plan)))
     out = model.copy(wrapped)
     out.output = None  # the wrapper returns the judged logits as its one output
+    details.update(plan=copy.deepcopy(wrapped.plan), thresholds=wrapped.thresholds,
+                   **measure_exits(wrapped, model.module, stats, data, cfg, x, spec=out))
+    record = _record(details)
+    record.transforms.append(("early_exit", copy.deepcopy(wrapped.plan)))
     return out, record
+
+
+def _margin(stats: C.ExitStats, thresholds: list[float | None],
+            level: float | None) -> dict[str, Any]:
+    """The margin the thresholds hold: the validation drop (points) and the bound kept within
+    the target (the drop itself with no margin)."""
+    right = C.dynamic_correct(stats, C.exits_taken(stats, thresholds))
+    return {"level": level, "method": None if level is None else
+            "Newcombe paired (method 10), one-sided upper bound",
+            "val_drop": 100 * C.drop_bound(stats.final_correct, right, None),
+            "val_drop_bound": 100 * C.drop_bound(stats.final_correct, right, level)}
 
 
 def _spent(ctx: StageContext, model: SlimModel, stats: C.ExitStats, cal: Any) -> float:
@@ -137,7 +162,8 @@ def _spent(ctx: StageContext, model: SlimModel, stats: C.ExitStats, cal: Any) ->
     with torch.inference_mode():
         teacher.eval()
         for x, y in cal():
-            hits += int((B.select(B.call(teacher, x)).argmax(-1) == y).sum())
+            hits += int((B.select(B.call(teacher, x), model.output).argmax(-1) == y)
+                        .sum())
     return max(0.0, 100.0 * (hits / max(stats.n, 1) - float(stats.final_correct.double().mean())))
 
 

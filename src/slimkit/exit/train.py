@@ -66,7 +66,7 @@ def _features(model: EarlyExitModel, x: B.Inputs) -> tuple[list[Tensor], Tensor]
     for k, seg in enumerate(segments[:-1]):
         state, feat = B.call(seg.module, x) if k == 0 else seg.module(*state)
         feats.append(feat)
-    return feats, B.select(segments[-1].module(*state))
+    return feats, model.judged(segments[-1].module(*state))
 
 
 def held_out(data: DataBundle, fraction: float) -> tuple[DataBundle, tuple[Any, Tensor]]:
