@@ -101,6 +101,13 @@ def test_the_report_section_shows_the_recorded_exits(trained_resnet):
     assert lat["split"] == "test" and lat["samples"] == 8
     assert f"{lat['mean_ms']:.3f} ms" in html and "data:image/png;base64," in html
     assert 'id="early-exit"' in render_html(report)
+    margin = record.details["margin"]
+    assert f"drop there {margin['val_drop']:.2f} points (no safety margin)" in html
+    held = {**record.details, "margin": {**margin, "level": 0.95, "val_drop_bound": 1.234,
+                                         "method": "Newcombe paired (method 10)"}}
+    assert ("its one-sided 95% upper bound 1.23 points (Newcombe paired (method 10)) kept "
+            "within the target") in early_exit_section(
+        {"stages": [{"kind": "early_exit", **record.to_dict(), "details": held}]})
     assert early_exit_section({"stages": [{"kind": "ptq", "details": {}}]}) == ""
 
 

@@ -67,6 +67,14 @@ def _savings(d: Mapping[str, Any], split: str) -> list[str]:
         f"mean MACs per sample: {_pct(ratio)} of the static model's "
         f"({costs.get('static_macs', 0):,} MACs)" if _ok(ratio) else "mean MACs: —",
     ]
+    margin = as_mapping(d.get("margin"))
+    if _ok(margin.get("val_drop")):
+        level = margin.get("level")
+        items.append(
+            f"thresholds chosen on the validation split: drop there {margin['val_drop']:.2f} "
+            "points" + (f", its one-sided {100 * level:.0f}% upper bound "
+                        f"{margin['val_drop_bound']:.2f} points ({margin.get('method')}) kept "
+                        "within the target" if _ok(level) else " (no safety margin)"))
     if lat:
         lo, hi = (as_list(lat.get("time_ratio_ci95")) + [None, None])[:2]
         ci = (f" (95% CI {1 / hi:.2f}–{1 / lo:.2f}x)" if _ok(lo) and _ok(hi) and lo > 0
