@@ -72,7 +72,12 @@ RESULTS = Path(__file__).parent / "results" / "quant_cnn.json"
 SLIMKIT_METHODS = ("minmax", "percentile", "mse")
 ORT_METHODS = ("MinMax", "Percentile", "Entropy")
 #: learning rates tried on validation (Adam, cosine schedule, batch 64)
-LR_GRID = (1e-3, 2e-3, 4e-3)
+LR_GRID = (1e-3, 2e-3, 4e-3, 8e-3)
+#: LeNet-5's grid and epoch cap (quant_cnn, quant_qat): the committed run. A rerun with the
+#: 8e-3 point and a 20-epoch cap (the cosine schedule then stays high when early stopping
+#: ends it) reached 89.70% best validation top-1 against this run's 91.33%, so this run was
+#: kept: a choice on validation.
+LENET5_LRS = (1e-3, 2e-3, 4e-3)
 
 
 def train_on_validation(build: Callable[[], SlimModel], dev: Any, max_epochs: int,
@@ -346,7 +351,7 @@ def main() -> None:
         data = dataclasses.replace(data, x_train=data.x_train[idx], y_train=data.y_train[idx])
     dev = hide_test(data)  # training, calibration and every choice: no test split
     model, trained = train_on_validation(lambda: load_zoo("lenet5", dev), dev, args.epochs,
-                                         probe_steps=30 if args.quick else 150)
+                                         LENET5_LRS, probe_steps=30 if args.quick else 150)
     if args.save_model is not None:
         save_artifact(model, args.save_model, overwrite=True)
         write_json(args.save_model / "train_record.json", trained)

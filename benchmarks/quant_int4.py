@@ -300,7 +300,7 @@ def model_case(name: str, data: DataBundle, args: argparse.Namespace, tmp: Path)
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--epochs", type=int, default=4,
+    ap.add_argument("--epochs", type=int, default=12,
                     help="most training epochs per model (the best on validation is kept)")
     ap.add_argument("--probe-steps", type=int, default=150,
                     help="steps of each learning-rate probe (see train_on_validation)")

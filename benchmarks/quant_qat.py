@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 from _common import data_record, emit, top1_with_ci  # noqa: I001
-from quant_cnn import train_on_validation
+from quant_cnn import LENET5_LRS, train_on_validation
 
 from slimkit.core.files import write_json
 from slimkit.core.record import Record
@@ -109,7 +109,7 @@ def float_model(args: argparse.Namespace, dev: Any) -> tuple[SlimModel, dict[str
         return model, record | {"loaded_from": "quant_cnn.py --save-model (same data, "
                                                "seed and training procedure)"}
     return train_on_validation(lambda: load_zoo("lenet5", dev), dev, args.epochs,
-                               probe_steps=30 if args.quick else 150)
+                               LENET5_LRS, probe_steps=30 if args.quick else 150)
 
 
 def qat_config(label: str, bits: int, abits: int, ft: dict[str, Any], calib: int
