@@ -143,7 +143,7 @@ def main() -> None:
     if getattr(data, "y_val", None) is None:
         from slimkit.data.split import hold_out_validation
 
-        hold_out_validation(data, 0.1, seed=0)
+        data = hold_out_validation(data, 0.1, seed=0)
     if args.smoke:  # a slice of every split: the script runs end to end in a minute
         from slimkit.data.bundle import DataBundle
 
