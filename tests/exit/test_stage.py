@@ -225,14 +225,17 @@ def test_the_onnx_chain_matches_pytorch_at_every_exit_and_stops(trained_resnet, 
     _mixed(out, x)
     export_exit_onnx(out, tmp_path / "chain")
     assert sorted(p.name for p in (tmp_path / "chain").iterdir()) == [
-        "early_exit.json", "runner.py", "step_0.onnx", "step_1.onnx", "step_2.onnx"]
+        "early_exit.json", "early_exit.onnx", "runner.py", "step_0.onnx", "step_1.onnx",
+        "step_2.onnx"]
     parity = check_exit_parity(out, tmp_path / "chain", x)
     assert parity["ok"], parity
+    assert parity["graph_same_exits"] and parity["graph_max_abs_diff"] <= 1e-4
     assert len(parity["exit_max_abs_diff"]) == 3
     where = exit_index(out.module, x)
     assert set(where.tolist()) == {0, 1, 2}
 
     runner = EarlyExitRunner(tmp_path / "chain")
+    runner.graph = None  # the chain, step by step
     calls: list[int] = []
     for k, s in enumerate(runner.sessions):
         runner.sessions[k] = _Counting(s, k, calls)
@@ -243,6 +246,50 @@ def test_the_onnx_chain_matches_pytorch_at_every_exit_and_stops(trained_resnet, 
     # The whole model as one ONNX file (every exit computed, each sample's picked) matches.
     path = export_onnx(out, tmp_path / "model.onnx")
     assert check_parity(out, path, x)["ok"]
+
+
+def test_the_if_graph_runs_only_the_steps_up_to_the_exit_taken(trained_resnet, tmp_path):
+    """ONNX Runtime's profile of one call: a sample leaving at exit k runs no node of a later
+    step; a closed exit's head is gone from the graph."""
+    import json
+
+    import onnx
+    import onnxruntime as ort
+
+    model, data = trained_resnet
+    out, _ = _run(model, data, max_drop=5.0, min_exit_fraction=0.0)
+    x = data.x_test[:32]
+    _mixed(out, x)
+    export_exit_onnx(out, tmp_path / "chain")
+    where = exit_index(out.module, x)
+    for k in range(3):
+        opts = ort.SessionOptions()
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(tmp_path / f"profile{k}")
+        session = ort.InferenceSession(str(tmp_path / "chain" / "early_exit.onnx"), opts,
+                                       providers=["CPUExecutionProvider"])
+        i = int((where == k).nonzero()[0])
+        logits, taken = session.run(None, {"input": x[i:i + 1].numpy()})
+        assert int(taken) == k
+        events = json.loads(Path(session.end_profiling()).read_text())
+        ran = {e["name"].split("/")[0] for e in events if e.get("cat") == "Node"}
+        assert {f"s{j}" for j in range(k + 1)} <= ran, ran
+        assert not ran & {f"s{j}" for j in range(k + 1, 3)}, (k, ran)
+
+    out.module.set_thresholds([None, out.module.thresholds[1]])
+    export_exit_onnx(out, tmp_path / "closed")
+    graph = onnx.load(str(tmp_path / "closed" / "early_exit.onnx"))
+    made = {o for n in _all_nodes(graph.graph) for o in n.output}
+    assert "s1/exit_logits" in made and "s0/exit_logits" not in made
+    assert check_exit_parity(out, tmp_path / "closed", x)["ok"]
+
+
+def _all_nodes(graph):
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            if a.g.node:
+                yield from _all_nodes(a.g)
 
 
 class _Counting:

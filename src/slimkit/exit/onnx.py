@@ -2,8 +2,10 @@
 every exit against PyTorch.
 
 ``export_exit_onnx(model, folder)`` writes ``step_<k>.onnx`` (segment ``k`` with its exit
-head and the confidence, see :mod:`slimkit.exit.runner`), ``early_exit.json`` and the runner's
-own source (``runner.py``), so the folder runs with numpy and onnxruntime alone.
+head and the confidence, see :mod:`slimkit.exit.runner`), ``early_exit.onnx`` (the steps
+nested under ``If`` nodes: one call that stops, what a batch of one runs), ``early_exit.json``
+and the runner's own source (``runner.py``), so the folder runs with numpy and onnxruntime
+alone.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from slimkit.io import batch as B
 from slimkit.io.model import SlimModel, modes_kept, set_mode
 
 OPSET = 17
+GRAPH = "early_exit.onnx"  # the steps nested under If nodes: one call per input
 
 
 class _Step(nn.Module):
@@ -136,7 +139,10 @@ def export_exit_onnx(model: SlimModel, folder: str | Path, overwrite: bool = Fal
                 postprocess_qdq(tmp / f"step_{k}.onnx")
             steps.append({"file": f"step_{k}.onnx", "inputs": names, "outputs": outs})
             state, none_in = nxt, step.none_out
+        n_exits = len(segments) - 1
+        compose_if_graph(tmp, steps, ee.thresholds or [None] * n_exits)
         spec = {"format": "slimkit-early-exit-onnx", "version": 1, "steps": steps,
+                "graph": GRAPH,
                 "thresholds": ee.thresholds, "exits": ee.blocks,
                 "confidence": ee.plan["confidence"]}
         (tmp / SPEC).write_text(json.dumps(spec, indent=2), encoding="utf-8")
@@ -163,9 +169,11 @@ def check_exit_parity(model: SlimModel, folder: str | Path, inputs: Any,
     """Run ``inputs`` through PyTorch and the ONNX chain: every exit's logits (the head on
     each step, for all rows), the exit each sample takes, and the dynamic output.
 
+    Then each sample alone through the If graph (``early_exit.onnx``): its exit and logits.
+
     Returns:
         ``{"ok", "atol", "exit_max_abs_diff": [per exit and final], "same_exits",
-        "max_abs_diff"}``.
+        "max_abs_diff", "graph_same_exits", "graph_max_abs_diff"}``.
     """
     ee = model.module
     runner = EarlyExitRunner(folder)
@@ -185,5 +193,135 @@ def check_exit_parity(model: SlimModel, folder: str | Path, inputs: Any,
     out, where = runner.run(feed)
     same = bool((torch.from_numpy(where) == ref_where).all())
     total = float(np.abs(out - ref_out.numpy()).max())
-    return {"ok": same and max(diffs) <= atol and total <= atol, "atol": atol,
-            "exit_max_abs_diff": diffs, "same_exits": same, "max_abs_diff": total}
+    # The If graph, sample by sample (a batch of one stops at the sample's own exit).
+    rows = [runner.graph.run(None, {n: v[i:i + 1] for n, v in feed.items()})
+            for i in range(len(where))] if runner.graph is not None else []
+    graph_same = all(int(k) == int(w) for (_, k), w in zip(rows, ref_where, strict=False))
+    graph_diff = max((float(np.abs(o - ref_out[i:i + 1].numpy()).max())
+                      for i, (o, _) in enumerate(rows)), default=0.0)
+    ok = same and graph_same and max(diffs) <= atol and max(total, graph_diff) <= atol
+    return {"ok": ok, "atol": atol, "exit_max_abs_diff": diffs, "same_exits": same,
+            "max_abs_diff": total, "graph_same_exits": graph_same,
+            "graph_max_abs_diff": graph_diff}
+
+
+def compose_if_graph(folder: Path, steps: list[dict[str, Any]],
+                     thresholds: list[float | None]) -> Path:
+    """Nest the chain's steps into one ONNX model that stops with ``If`` nodes: after each
+    open exit, ``If(min(confidence) >= threshold)`` returns that exit's logits, else runs the
+    rest. One ONNX Runtime call per input, no state copied out and back in: the chain's
+    per-call cost is gone. A batch stops at an exit only when every row in it is confident
+    there (for a batch of one, each sample's own exit); outputs ``logits`` and ``exit`` (int64
+    scalar: the exit taken, ``len(exits)`` for the final head). Dead nodes (closed exits'
+    heads) are removed.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    models = [onnx.load(str(folder / s["file"])) for s in steps]
+    last = len(steps) - 1
+    logits_type = models[-1].graph.output[0].type
+
+    def renamed(k: int) -> onnx.GraphProto:
+        """Step ``k``'s graph with every value named ``s<k>/...``, except its inputs, named
+        as the previous step's outputs they are (the model's own inputs for step 0)."""
+        g = onnx.GraphProto()
+        g.CopyFrom(models[k].graph)
+        inputs = {i.name for i in g.input}
+
+        def name(v: str) -> str:
+            if not v:
+                return v
+            if v in inputs:
+                return v if k == 0 else f"s{k - 1}/{v}"
+            return f"s{k}/{v}"
+
+        _rename(g, name, f"s{k}/")
+        return g
+
+    def build(k: int, nodes: list, inits: list) -> tuple[str, str]:
+        g = renamed(k)
+        nodes.extend(g.node)
+        inits.extend(g.initializer)
+        if k == last:
+            return g.output[0].name, _const(nodes, f"s{k}/exit", k)
+        if thresholds[k] is None:
+            return build(k + 1, nodes, inits)
+        logits, conf = g.output[-2].name, g.output[-1].name
+        nodes.append(helper.make_node("ReduceMin", [conf], [f"s{k}/min_conf"], keepdims=0))
+        nodes.append(helper.make_node("Constant", [], [f"s{k}/threshold"],
+                                      value=helper.make_tensor("t", TensorProto.FLOAT, [],
+                                                               [float(thresholds[k])])))
+        nodes.append(helper.make_node("GreaterOrEqual", [f"s{k}/min_conf", f"s{k}/threshold"],
+                                      [f"s{k}/stop"]))
+        then_nodes = [helper.make_node("Identity", [logits], [f"then{k}/logits"])]
+        then = helper.make_graph(then_nodes, f"exit{k}", [],
+                                 _outs(f"then{k}/logits", _const(then_nodes, f"then{k}/exit", k),
+                                       logits_type))
+        rest_nodes: list = []
+        rest_inits: list = []
+        rl, re_ = build(k + 1, rest_nodes, rest_inits)
+        rest_nodes += [helper.make_node("Identity", [rl], [f"else{k}/logits"]),
+                       helper.make_node("Identity", [re_], [f"else{k}/exit"])]
+        rest = helper.make_graph(rest_nodes, f"after_exit{k}", [],
+                                 _outs(f"else{k}/logits", f"else{k}/exit", logits_type),
+                                 initializer=rest_inits)
+        nodes.append(helper.make_node("If", [f"s{k}/stop"], [f"if{k}/logits", f"if{k}/exit"],
+                                      then_branch=then, else_branch=rest))
+        return f"if{k}/logits", f"if{k}/exit"
+
+    nodes: list = []
+    inits: list = []
+    logits, where = build(0, nodes, inits)
+    nodes += [helper.make_node("Identity", [logits], ["logits"]),
+              helper.make_node("Identity", [where], ["exit"])]
+    graph = helper.make_graph(nodes, "early_exit", list(models[0].graph.input),
+                              _outs("logits", "exit", logits_type), initializer=inits)
+    model = helper.make_model(graph, opset_imports=list(models[0].opset_import),
+                              ir_version=models[0].ir_version)
+    _drop_dead(model)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(folder / GRAPH))
+    return folder / GRAPH
+
+
+def _rename(g: Any, name: Any, prefix: str) -> None:
+    """Rename every value of graph ``g`` (and of its subgraphs) by ``name(old)``, and put
+    ``prefix`` before every node's name."""
+    from onnx import AttributeProto
+
+    for v in [*g.input, *g.output, *g.value_info]:
+        v.name = name(v.name)
+    for t in g.initializer:
+        t.name = name(t.name)
+    for node in g.node:
+        node.input[:] = [name(v) for v in node.input]
+        node.output[:] = [name(v) for v in node.output]
+        node.name = prefix + (node.name or node.output[0])
+        for a in node.attribute:
+            for sub in [a.g] if a.type == AttributeProto.GRAPH else a.graphs:
+                _rename(sub, name, prefix)
+
+
+def _const(nodes: list, name: str, k: int) -> str:
+    from onnx import TensorProto, helper
+
+    nodes.append(helper.make_node("Constant", [], [name],
+                                  value=helper.make_tensor("k", TensorProto.INT64, [], [k])))
+    return name
+
+
+def _outs(logits: str, where: str, logits_type: Any) -> list:
+    from onnx import TensorProto, helper
+
+    out = helper.make_value_info(logits, logits_type)
+    return [out, helper.make_tensor_value_info(where, TensorProto.INT64, [])]
+
+
+def _drop_dead(model: Any) -> None:
+    """Remove the nodes no output depends on (the heads of closed exits), in every graph."""
+    import onnx_ir as ir
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    cleaned = ir.to_proto(RemoveUnusedNodesPass()(ir.from_proto(model)).model)
+    model.CopyFrom(cleaned)

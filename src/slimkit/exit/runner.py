@@ -11,7 +11,10 @@ The folder holds ``early_exit.json`` (the steps in order, their input and output
 thresholds) and ``step_<k>.onnx``. Step ``k`` before the last takes the state (the first
 step: the model's inputs) and returns the next state, the exit's logits and confidence; the
 last step returns the final logits. In a batch, rows that exited are dropped from the state,
-so the later steps run on the others only.
+so the later steps run on the others only. ``early_exit.onnx`` (when the spec names a
+``graph``) is the same chain nested under ``If`` nodes: one ONNX Runtime call, stopping at
+the first exit where every row of the batch is confident; the runner uses it for a batch of
+one, where that is each sample's own exit, and saves the chain's per-step calls.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ class EarlyExitRunner:
         self.sessions = [ort.InferenceSession(str(folder / s["file"]), sess_options=opts,
                                               providers=["CPUExecutionProvider"])
                          for s in self.spec["steps"]]
+        graph = self.spec.get("graph")
+        self.graph = None if graph is None else ort.InferenceSession(
+            str(folder / graph), sess_options=opts, providers=["CPUExecutionProvider"])
         self.thresholds = [None if t is None else np.float32(t)
                            for t in self.spec["thresholds"]]
 
@@ -57,6 +63,9 @@ class EarlyExitRunner:
         steps = self.spec["steps"]
         state: list[Any] = [np.asarray(feed[n]) for n in steps[0]["inputs"]]
         n = len(state[0])
+        if n == 1 and self.graph is not None:
+            logits, k = self.graph.run(None, dict(zip(steps[0]["inputs"], state, strict=True)))
+            return logits, np.asarray(k, dtype=np.int64).reshape(1)
         rows = np.arange(n)
         where = np.full(n, len(steps) - 1, dtype=np.int64)
         out: np.ndarray | None = None
