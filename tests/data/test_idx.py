@@ -145,6 +145,25 @@ def test_split_sizes_per_class_agree_with_scikit_learn():
         assert np.abs(ours - ref).max() <= 1, (frac, ours, ref)
 
 
+def test_splits_scikit_learn_refuses_are_made():
+    # Why the split is ours and not scikit-learn's: it refuses a class with one sample and a
+    # subset smaller than the number of classes (a small calibration set, a user's rare
+    # class); ours takes them, every class in proportion, up to one sample.
+    sk = pytest.importorskip("sklearn.model_selection")
+    rare = torch.from_numpy(np.repeat(np.arange(3), [50, 30, 1]))
+    small = torch.from_numpy(np.repeat(np.arange(10), 20))
+    for y, size in ((rare, 0.2), (small, 5)):
+        with pytest.raises(ValueError):
+            sk.train_test_split(np.arange(len(y)), test_size=size, stratify=y.numpy(),
+                                random_state=0)
+    train, test = split_indices(rare, 0.2, seed=0)
+    assert np.bincount(rare.numpy()[test], minlength=3).tolist() == [10, 6, 0]
+    assert sorted([*train, *test]) == list(range(len(rare)))
+    picked = np.bincount(small.numpy()[split_indices(small, 5 / 200, seed=0)[1]],
+                         minlength=10)
+    assert picked.sum() == 5 and picked.max() == 1
+
+
 def test_fashion_mnist_missing_package_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(builtin, "FASHION_MNIST_DIR", str(tmp_path))
     with pytest.raises(DataError) as err:

@@ -3,6 +3,13 @@
 Everything here draws randomness from a private ``numpy.random.Generator`` seeded by the
 caller, never from global state, so the same seed gives the same split on every run and
 platform, and loading data never disturbs a user's own random streams.
+
+The stratified pick is our own rather than scikit-learn's ``train_test_split(stratify=...)``
+(which agrees with it per class up to one sample, see ``tests/data/test_idx.py``):
+scikit-learn refuses a class with a single sample and a subset smaller than the number of
+classes, both of which slimkit meets (a user's rare class, a small calibration set), and
+using it would make scikit-learn and SciPy core dependencies and change every split the
+committed benchmarks were measured on.
 """
 
 from __future__ import annotations
