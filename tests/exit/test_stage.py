@@ -217,6 +217,42 @@ def _between(values: torch.Tensor, q: float) -> float:
     return float((v[i - 1] + v[i]) / 2)
 
 
+def test_conv_heads_are_sized_from_the_map_rebuilt_and_exported(trained_resnet, tmp_path):
+    """head: conv puts a stride-2 3x3 conv (twice the channels) before the pooling; the head
+    computes exactly that by hand, the artifact rebuilds it, the ONNX chain matches."""
+    import torch.nn.functional as F
+
+    model, data = trained_resnet
+    out, record = _run(model, data, max_drop=5.0, min_exit_fraction=0.0, head="conv")
+    ee = out.module
+    for row, head in zip(ee.plan["exits"], ee.heads, strict=True):
+        c, h, w = row["feature_shape"]
+        assert row["conv"] == [c, 2 * c]
+        assert row["channels"] == (4 * 2 * c if min(h, w) >= 3 else 2 * c)
+        assert f"{2 * c}-channel conv" in " ".join(record.changed)
+    x = data.x_test[:16]
+    with torch.no_grad():
+        exits, _ = ee.exit_outputs(x)
+        feat = ee.segments()[0].module(x)[1]
+        conv, bn = ee.heads[0].conv[0], ee.heads[0].conv[1]
+        y = F.relu(F.batch_norm(F.conv2d(feat.double(), conv.weight.double(), stride=2,
+                                         padding=1), bn.running_mean.double(),
+                                bn.running_var.double(), bn.weight.double(), bn.bias.double(),
+                                eps=bn.eps))
+        hh, ww = y.shape[2] // 2, y.shape[3] // 2
+        pooled = torch.cat([y[:, :, :hh, :ww].mean((2, 3)), y[:, :, :hh, ww:].mean((2, 3)),
+                            y[:, :, hh:, :ww].mean((2, 3)), y[:, :, hh:, ww:].mean((2, 3))], 1)
+        ref = pooled @ ee.heads[0].fc.weight.double().T + ee.heads[0].fc.bias.double()
+    torch.testing.assert_close(exits[0].double(), ref, rtol=0, atol=1e-4)
+    save_artifact(out, tmp_path / "artifact")
+    back = load_artifact(tmp_path / "artifact").module
+    with torch.no_grad():
+        torch.testing.assert_close(back(data.x_test), ee(data.x_test), rtol=0, atol=0)
+    _mixed(out, x)
+    export_exit_onnx(out, tmp_path / "chain")
+    assert check_exit_parity(out, tmp_path / "chain", x)["ok"]
+
+
 def test_the_onnx_chain_matches_pytorch_at_every_exit_and_stops(trained_resnet, tmp_path):
     model, data = trained_resnet
     out, _ = _run(model, data, max_drop=5.0, min_exit_fraction=0.0)

@@ -22,8 +22,8 @@ def _default_train() -> TrainConfig:
 class EarlyExitConfig(StageConfig):
     """Dynamic inference: exit heads after chosen blocks, calibrated confidence thresholds.
 
-    Each exit is a head (global pooling, a LayerNorm for token features, one Linear) on the
-    output of a block. The heads are trained by self-distillation from the model's final
+    Each exit is a head (optionally a convolution, then pooling, a LayerNorm for token
+    features, one Linear) on the output of a block. The heads are trained by self-distillation from the model's final
     logits (Hinton's KD, :func:`slimkit.distill.losses.kd_loss`), with the backbone frozen or
     jointly; then one threshold per exit is chosen on the validation split (a held-out 20%
     of the training split, never the test split) so that the top-1 of the dynamic model stays
@@ -71,6 +71,12 @@ class EarlyExitConfig(StageConfig):
                             "or cls (the first token). auto: cls when the model holds a "
                             "parameter called cls_token, else mean. Conv features are "
                             "average-pooled.")
+    head: Literal["linear", "conv"] = Field(
+        "linear", description="linear: pooling then one Linear; conv: on a conv feature map, a "
+                              "3x3 stride-2 convolution (twice the block's channels, "
+                              "BatchNorm, ReLU) before the pooling, a stronger head for a "
+                              "shallow exit at a small cost (BranchyNet's branches hold "
+                              "conv layers); token and vector features get the linear head.")
     mode: Literal["frozen", "joint"] = Field(
         "frozen", description="frozen: only the heads train (the static model is unchanged); "
                               "joint: the backbone trains too, with its own loss.")

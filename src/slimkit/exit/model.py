@@ -52,26 +52,33 @@ def confidence(logits: Tensor, how: str) -> Tensor:
 
 
 class ExitHead(nn.Module):
-    """Pooling, a LayerNorm for token features, then a Linear to the classes.
+    """Pooling, a LayerNorm for token features, then a Linear to the classes; for a conv
+    map, optionally a 3x3 stride-2 convolution (+ BatchNorm, ReLU) before the pooling.
 
     Args:
-        channels: the Linear's input width (the block's channels, times 4 for ``grid``).
+        channels: the Linear's input width (the channels pooled, times 4 for ``grid``).
         num_classes: width of the model's logits.
         pool: ``grid`` (the mean of each quarter of a ``[B, C, H, W]`` map: the head
             keeps where things are, which a shallow exit needs), ``spatial`` (mean over dims
             2+ of ``[B, C, ...]``), ``mean`` (over the tokens
             of ``[B, T, D]``), ``cls`` (the first token of ``[B, T, D]``) or ``none``
             (``[B, C]`` as it is).
+        conv: ``[in, out]`` channels of the convolution before the pooling, or None.
     """
 
-    def __init__(self, channels: int, num_classes: int, pool: str) -> None:
+    def __init__(self, channels: int, num_classes: int, pool: str,
+                 conv: list[int] | None = None) -> None:
         super().__init__()
         self.pool = pool
         tokens = pool in ("mean", "cls")
+        self.conv = nn.Identity() if not conv else nn.Sequential(
+            nn.Conv2d(conv[0], conv[1], 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(conv[1]), nn.ReLU())
         self.norm = nn.LayerNorm(channels) if tokens else nn.Identity()
         self.fc = nn.Linear(channels, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
+        x = self.conv(x)
         if self.pool == "grid":
             x = _quarters(x)
         elif self.pool == "spatial":
@@ -98,7 +105,7 @@ class EarlyExitModel(nn.Module):
 
     Args:
         backbone: the model (used as is, not copied).
-        plan: ``{"format", "exits": [{"block", "pool", "channels"}], "num_classes",
+        plan: ``{"format", "exits": [{"block", "pool", "channels", "conv"?}], "num_classes",
             "confidence", "thresholds": [float | None] or None}``; exits in execution order.
 
     Attributes:
@@ -112,7 +119,8 @@ class EarlyExitModel(nn.Module):
         self.backbone = backbone
         self.plan = copy.deepcopy(plan)
         self.heads = nn.ModuleList(ExitHead(int(e["channels"]), int(plan["num_classes"]),
-                                            str(e["pool"])) for e in plan["exits"])
+                                            str(e["pool"]), e.get("conv"))
+                                   for e in plan["exits"])
         self.dynamic = True
         self._cache: tuple[tuple[int, ...], list[Segment]] | None = None
 

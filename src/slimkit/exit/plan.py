@@ -66,21 +66,28 @@ def default_exits(model: nn.Module, x: B.Inputs) -> tuple[list[str], str | None]
     return [a for a, b in zip(ran, ran[1:], strict=False) if shapes[a] != shapes[b]], None
 
 
-def _pool(model: nn.Module, block: str, feat: torch.Tensor, pooling: str) -> tuple[str, int]:
-    """How a head reads ``feat`` and its input width: ``grid`` for 2-D conv maps,
-    ``spatial`` for 1-D ones, ``mean``/``cls`` for tokens, ``none`` for vectors."""
+def _pool(model: nn.Module, block: str, feat: torch.Tensor, pooling: str,
+          head: str = "linear") -> dict[str, Any]:
+    """How a head reads ``feat``: its pooling (``grid`` for 2-D conv maps, ``spatial`` for
+    1-D ones, ``mean``/``cls`` for tokens, ``none`` for vectors), its Linear's input width
+    and, for a ``conv`` head on a 2-D map, the convolution's ``[in, out]`` channels."""
     from slimkit.distill.projectors import resolve_layout
 
     if feat.dim() == 2:
-        return "none", int(feat.shape[1])
+        return {"pool": "none", "channels": int(feat.shape[1])}
     layout = resolve_layout(model, block, feat.dim(), "auto")
     if layout == "channels_first":
-        if feat.dim() == 4 and min(feat.shape[2:]) >= 2:  # a 1-pixel map has no quarters
-            return "grid", 4 * int(feat.shape[1])
-        return "spatial", int(feat.shape[1])
+        c, size = int(feat.shape[1]), list(feat.shape[2:])
+        row: dict[str, Any] = {}
+        if head == "conv" and feat.dim() == 4:  # twice the channels at half the resolution
+            row["conv"] = [c, 2 * c]
+            c, size = 2 * c, [(n + 1) // 2 for n in size]
+        if feat.dim() == 4 and min(size) >= 2:  # a 1-pixel map has no quarters
+            return {"pool": "grid", "channels": 4 * c, **row}
+        return {"pool": "spatial", "channels": c, **row}
     if pooling == "auto":
         pooling = "cls" if _reads_first_token(model) else "mean"
-    return pooling, int(feat.shape[-1])
+    return {"pool": pooling, "channels": int(feat.shape[-1])}
 
 
 def _reads_first_token(model: nn.Module) -> bool:
@@ -96,9 +103,10 @@ def _reads_first_token(model: nn.Module) -> bool:
 
 
 def build_plan(model: nn.Module, exits: list[str], x: B.Inputs, num_classes: int,
-               confidence: str, pooling: str) -> dict[str, Any]:
+               confidence: str, pooling: str, head: str = "linear") -> dict[str, Any]:
     """The plan of exits after ``exits`` (any order; the plan holds them in execution
-    order), with heads sized from one traced pass on ``x`` (at least two samples).
+    order), with heads sized from one traced pass on ``x`` (at least two samples);
+    ``head``: ``linear`` or ``conv`` (a convolution first on conv maps).
 
     Raises:
         ConfigError: an unknown block, or one that does not run exactly once.
@@ -117,8 +125,7 @@ def build_plan(model: nn.Module, exits: list[str], x: B.Inputs, num_classes: int
                          f"exits need [batch, classes] logits ({num_classes} classes)")
     rows = []
     for block, feat in zip(order, feats, strict=True):
-        pool, channels = _pool(model, block, feat, pooling)
-        rows.append({"block": block, "pool": pool, "channels": channels,
+        rows.append({"block": block, **_pool(model, block, feat, pooling, head),
                      "feature_shape": list(feat.shape[1:])})
     plan = {"format": PLAN_FORMAT, "exits": rows, "num_classes": num_classes,
             "confidence": confidence, "thresholds": None}

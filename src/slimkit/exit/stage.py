@@ -91,7 +91,8 @@ def early_exit(model: SlimModel, cfg: EarlyExitConfig,
         exits, why = default_exits(model.module, x)
         if not exits:
             return _skip(model, f"no exit placed: {why}", ctx)
-    plan = build_plan(model.module, exits, x, data.num_classes, cfg.confidence, cfg.pooling)
+    plan = build_plan(model.module, exits, x, data.num_classes, cfg.confidence, cfg.pooling,
+                      cfg.head)
     if model.output is not None:  # the wrapper returns this output of the backbone's
         plan["output"] = model.output
     with torch.random.fork_rng():  # the heads' initialization depends on the seed alone
@@ -209,7 +210,9 @@ def _record(details: dict[str, Any]) -> Record:
     for row, t, frac, acc in zip(details["exits"], details["thresholds"], val["exit_fraction"],
                                  val["exit_top1"], strict=False):
         record.changed.append(
-            f"exit after {row['block']} ({row['pool']} pool, {row['channels']} head inputs): "
+            f"exit after {row['block']} ("
+            + (f"{row['conv'][1]}-channel conv, " if row.get("conv") else "")
+            + f"{row['pool']} pool, {row['channels']} head inputs): "
             f"threshold {t:.4g}, takes {frac:.1%} of the validation samples"
             + (f" at top-1 {acc:.2%}" if acc is not None else ""))
     record.changed.append(
