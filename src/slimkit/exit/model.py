@@ -92,12 +92,23 @@ class ExitHead(nn.Module):
 
 def _quarters(x: Tensor) -> Tensor:
     """``[B, C, H, W] -> [B, 4C]``: the mean of each quarter of the map (split at ``H // 2``
-    and ``W // 2``), top-left, top-right, bottom-left, bottom-right. Written with slices
-    rather than adaptive pooling, so that it exports to ONNX whatever the sizes it sees."""
-    h, w = x.shape[2] // 2, x.shape[3] // 2
-    top, bottom = x[:, :, :h], x[:, :, h:]
-    parts = [top[..., :w], top[..., w:], bottom[..., :w], bottom[..., w:]]
-    return torch.cat([p.mean(dim=(2, 3)) for p in parts], dim=1)
+    and ``W // 2``), top-left, top-right, bottom-left, bottom-right.
+
+    Written as two products with constant averaging matrices (rows: ``[2, H]``, columns:
+    ``[W, 2]``), so that it exports to ONNX as four small static operators whatever the sizes
+    (slices of a traced shape were two dozen, a cost every sample passing the exit pays).
+    """
+    h, w = int(x.shape[2]), int(x.shape[3])
+    rows = _halves(h, x).unsqueeze(0).unsqueeze(0)  # [1, 1, 2, H]
+    cols = _halves(w, x).T  # [W, 2]
+    return (rows @ (x @ cols)).permute(0, 2, 3, 1).flatten(1)
+
+
+def _halves(n: int, like: Tensor) -> Tensor:
+    """``[2, n]``: row 0 averages the first ``n // 2`` positions, row 1 the others."""
+    a, b = n // 2, n - n // 2
+    return torch.tensor([[1.0 / a] * a + [0.0] * b, [0.0] * a + [1.0 / b] * b],
+                        dtype=like.dtype, device=like.device)
 
 
 class EarlyExitModel(nn.Module):
