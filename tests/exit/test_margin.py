@@ -77,7 +77,7 @@ def _one_exit_stats(n: int = 600, seed: int = 0) -> C.ExitStats:
 
 
 @pytest.mark.parametrize("level", [None, 0.95, 0.8])
-def test_choose_takes_the_lowest_threshold_whose_bound_fits(level):
+def test_choose_lowers_the_threshold_until_the_first_bound_that_does_not_fit(level):
     stats = _one_exit_stats()
     got = C.choose(stats, 1.0, level=level)[0]
     fits = []
@@ -88,9 +88,23 @@ def test_choose_takes_the_lowest_threshold_whose_bound_fits(level):
         bound = ((counts[1] - counts[2]) / len(s) if level is None else
                  _newcombe_paired_upper(*counts, _z(level)))
         fits.append((t, bound <= 0.01 + 1e-9))
-    assert got == next(t for t, ok in fits if ok)
+    # Fixed-sequence testing: from the highest candidate down, the last before a failure.
+    first_fail = next(i for i in reversed(range(len(fits))) if not fits[i][1])
+    assert got == fits[first_fail + 1][0]
     if level is not None:  # the margin costs exits: the threshold is at least as high
         assert got >= C.choose(stats, 1.0, level=None)[0]
+
+
+def test_a_lower_threshold_that_fits_again_by_chance_is_not_taken():
+    # Ten samples, most confident first; the exit is wrong on samples 2 and 3, the final head
+    # on samples 4-7. Lowering the threshold: drop 0, 0, 1, 2 (over a 1-sample budget), then
+    # 1, 0, -1, -2, ... as the exit rights the final head's errors: the drop curve dips
+    # back within budget. Fixed-sequence testing stops at its first failure.
+    conf = torch.linspace(0.95, 0.05, 10).unsqueeze(1)
+    correct = torch.tensor([1, 1, 0, 0, 1, 1, 1, 1, 1, 1], dtype=torch.bool).unsqueeze(1)
+    final = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0, 1, 1], dtype=torch.bool)
+    t = C.choose(C.ExitStats(conf, correct, final), 10.0)[0]
+    assert (conf[:, 0] >= t).nonzero().flatten().tolist() == [0, 1, 2]  # not all ten
 
 
 def _z(level: float) -> float:

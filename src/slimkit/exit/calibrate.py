@@ -3,10 +3,14 @@
 For each sample of the split the exits' confidences and correctness are gathered once; a set
 of thresholds then gives, without running the model again, where each sample exits, whether
 it is right there, and what it cost. The thresholds are chosen greedily, shallowest exit
-first: each exit's threshold is the lowest of its candidate values (quantiles of its
-confidences) for which the dynamic top-1 stays within ``max_drop`` points of the static
-model's, given the thresholds already chosen (the deeper exits still closed). Lower
-thresholds at shallow exits save the most, so they are filled first.
+first (lower thresholds at shallow exits save the most): each exit's candidate values
+(quantiles of its confidences) are tried from the highest down, given the thresholds already
+chosen (the deeper exits still closed), and the exit takes the last one before the first
+whose dynamic top-1 falls more than ``max_drop`` points below the static model's. Stopping
+at the first failure is fixed-sequence testing (as in Angelopoulos et al.'s Learn then Test,
+2021): picking instead the lowest candidate anywhere that fits would pick the one where the
+noise of the validation split happens to favour it, and a bound computed for one threshold
+does not hold for the best of many.
 
 The drop measured on the validation split is an estimate: thresholds chosen so that it just
 meets the target overshoot it on new data about half the time. With a ``level`` (0.95 for the
@@ -152,7 +156,7 @@ def drop_bound(static: Tensor, dynamic: Tensor, level: float | None) -> float:
 def choose(stats: ExitStats, max_drop: float, min_fraction: float = 0.0,
            level: float | None = None) -> list[float | None]:
     """Greedy shallow-first thresholds keeping top-1 within ``max_drop`` points (see the
-    module docstring); an exit none of whose thresholds fits stays closed (None). With a
+    module docstring); an exit whose highest threshold does not fit stays closed (None). With a
     ``level``, the drop's one-sided upper confidence bound at that level must fit.
 
     An open exit that takes fewer than ``min_fraction`` of the samples costs every sample
@@ -177,12 +181,12 @@ def _greedy(stats: ExitStats, max_drop: float, closed: set[int],
     for k in range(k_all):
         if k in closed:
             continue
-        for c in _candidates(stats.conf[:, k]):  # lowest first: the first that fits wins
+        for c in reversed(_candidates(stats.conf[:, k])):  # highest first, to a failure
             trial = [*thresholds[:k], c, *thresholds[k + 1:]]
             right = dynamic_correct(stats, exits_taken(stats, trial))
-            if drop_bound(stats.final_correct, right, level) <= max_drop / 100 + 1e-9:
-                thresholds[k] = c
+            if drop_bound(stats.final_correct, right, level) > max_drop / 100 + 1e-9:
                 break
+            thresholds[k] = c
     return thresholds
 
 
