@@ -48,8 +48,8 @@ from _common import data_record, paired_difference, top1_with_ci  # noqa: I001
 from slimkit.core.seed import seed_everything
 from slimkit.core.stages import StageContext
 from slimkit.data.guard import hide_test
-from slimkit.exit import calibrate as C
 from slimkit.data.load import load_data
+from slimkit.exit import calibrate as C
 from slimkit.exit.config import EarlyExitConfig
 from slimkit.exit.measure import onnx_latency
 from slimkit.exit.model import EarlyExitModel

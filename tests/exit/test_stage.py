@@ -225,7 +225,7 @@ def test_conv_heads_are_sized_from_the_map_rebuilt_and_exported(trained_resnet, 
     model, data = trained_resnet
     out, record = _run(model, data, max_drop=5.0, min_exit_fraction=0.0, head="conv")
     ee = out.module
-    for row, head in zip(ee.plan["exits"], ee.heads, strict=True):
+    for row in ee.plan["exits"]:
         c, h, w = row["feature_shape"]
         assert row["conv"] == [c, 2 * c]
         assert row["channels"] == (4 * 2 * c if min(h, w) >= 3 else 2 * c)

@@ -23,8 +23,9 @@ class EarlyExitConfig(StageConfig):
     """Dynamic inference: exit heads after chosen blocks, calibrated confidence thresholds.
 
     Each exit is a head (optionally a convolution, then pooling, a LayerNorm for token
-    features, one Linear) on the output of a block. The heads are trained by self-distillation from the model's final
-    logits (Hinton's KD, :func:`slimkit.distill.losses.kd_loss`), with the backbone frozen or
+    features, one Linear) on the output of a block. The heads are trained by
+    self-distillation from the model's final logits (Hinton's KD,
+    :func:`slimkit.distill.losses.kd_loss`), with the backbone frozen or
     jointly; then one threshold per exit is chosen on the validation split (a held-out 20%
     of the training split, never the test split) so that the top-1 of the dynamic model stays
     within ``max_drop`` points of the static model's, with a ``margin`` for the noise of that

@@ -92,12 +92,13 @@ def _latency_sweep(out: dict[str, Any]) -> None:
 
 def onnx_latency(model: Any, static: nn.Module, x: B.Inputs, rounds: int = 7,
                  threads: int = 1) -> dict[str, Any]:
-    """Batch-1 latency of the exit chain (:class:`~slimkit.exit.runner.EarlyExitRunner`)
-    against the static model in ONNX Runtime, sample by sample, the two interleaved (their
-    order alternating) over ``rounds`` rounds.
+    """Batch-1 latency of the exported early exit (:class:`~slimkit.exit.runner.EarlyExitRunner`,
+    which runs ``early_exit.onnx``, the steps under ``If`` nodes, for a batch of one) against
+    the static model in ONNX Runtime, sample by sample, the two interleaved (their order
+    alternating) over ``rounds`` rounds.
 
     Returns mean and p90 over samples (each sample's median over rounds) of both, the time
-    ratio (chain / static) of the round means with a 95% interval, and each path's mean.
+    ratio (early exit / static) of the round means with a 95% interval, and each path's mean.
     """
     from slimkit.exit.onnx import export_exit_onnx
     from slimkit.exit.runner import EarlyExitRunner
