@@ -162,7 +162,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--samples", type=int, default=300, help="test samples timed")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds")
     parser.add_argument("--head-epochs", type=int, default=4,
                         help="epochs of the exit heads (frozen backbone)")
     parser.add_argument("--margin", default="ci95", help="the stage's margin (ci95 or none)")
