@@ -183,6 +183,45 @@ def test_checkpoints_are_removed_after_success_unless_kept(trained: Path, capsys
         "state.json"]
 
 
+def test_a_zoo_model_run_resumes(capsys, tmp_path: Path):
+    """zoo:NAME has random initial weights: drawn from --seed, the resumed command builds the
+    same model, so its run is recognised (it was refused as another model's before)."""
+    import torch
+    from tests.faults._job import dying_at
+
+    class Killed(BaseException):
+        pass
+
+    def die() -> None:
+        raise Killed
+
+    recipe = _two_stage_recipe(tmp_path / "r.yaml")
+    out = tmp_path / "out"
+    args = ["compress", "zoo:lenet5", "--data", "builtin:digits", "--recipe", str(recipe),
+            "--out", str(out)]
+    with dying_at("stage-00", die), pytest.raises(Killed):
+        main(args)
+    capsys.readouterr()
+    torch.rand(3)  # the process's own random state moved on; the model does not follow it
+    code, stdout, err = run(capsys, *args, "--resume")
+    assert code == 0, err
+    assert "stage 1 magnitude_prune: finished in an earlier run (resuming after it)" in \
+        " ".join(stdout.split())
+
+    from slimkit.cli import _load
+
+    def weights(seed: int) -> list[torch.Tensor]:
+        torch.rand(1)
+        return list(_load("zoo:lenet5", None, seed, False)[0].module.state_dict().values())
+
+    a, b, c = weights(0), weights(0), weights(1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c, strict=True))
+    before = torch.random.get_rng_state()
+    _load("zoo:lenet5", None, 0, False)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's stream untouched
+
+
 def test_a_resumed_run_removes_its_checkpoints_when_it_succeeds(trained: Path, capsys,
                                                                tmp_path: Path):
     from tests.faults._job import dying_at

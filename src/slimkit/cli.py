@@ -81,8 +81,9 @@ RemoteCodeOpt = Annotated[bool, typer.Option(
          "directory!).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", min=1, help="Intra-op threads.")]
-SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=2**63 - 1,
-                                       help="Seed for data splits and training.")]
+SeedOpt = Annotated[int, typer.Option(
+    "--seed", min=0, max=2**63 - 1,
+    help="Seed for data splits, training and a zoo model's initial weights.")]
 
 
 @app.callback()
@@ -107,6 +108,21 @@ def _warn_data(bundle: Any) -> None:
     for line in bundle.meta.get("warnings", []):
         err_console.print("[bold yellow]warning:[/]", escape(line), highlight=False,
                           soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _drawn_from(seed: int, fixed: bool) -> Iterator[None]:
+    """With ``fixed``, random draws inside come from ``seed`` (torch's own state left as it
+    was): a zoo model's initial weights are then the same in every process for one --seed,
+    which is what lets ``compress zoo:NAME --resume`` recognise its own run."""
+    if not fixed:
+        yield
+        return
+    import torch
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        yield
 
 
 @contextlib.contextmanager
@@ -194,11 +210,11 @@ def _load(model: str, data: str | None, seed: int, trust_pickle: bool, allow_onn
     from slimkit.io.onnx_model import OnnxModel
     from slimkit.measure import check_fits
 
-    fitted = model_format(model, allow_onnx=allow_onnx, trust_pickle=trust_pickle) in (
-        "zoo", "pickle")
+    kind = model_format(model, allow_onnx=allow_onnx, trust_pickle=trust_pickle)
+    fitted = kind in ("zoo", "pickle")
     bundle = _load_data(data, seed, trust_pickle, options, stream=False) \
         if data and fitted else None
-    with _culprit(ModelLoadError, f"model '{model}'"):
+    with _culprit(ModelLoadError, f"model '{model}'"), _drawn_from(seed, kind == "zoo"):
         m = load_model(model, data=bundle, trust_pickle=trust_pickle, allow_onnx=allow_onnx,
                        trust_remote_code=trust_remote_code)
     if data and not fitted:
