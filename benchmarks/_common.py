@@ -8,6 +8,7 @@ import platform
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -87,6 +88,12 @@ def paired_difference(a_correct: torch.Tensor, b_correct: torch.Tensor) -> dict[
     from slimkit.measure.stats import mcnemar
 
     return mcnemar(a_correct.numpy(), b_correct.numpy())
+
+
+def settings_record(args: Any) -> dict[str, Any]:
+    """A benchmark's command-line settings for its JSON: paths by their name alone (no
+    absolute path is ever recorded)."""
+    return {k: (v.name if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
 def data_record(bundle: Any, **extra: Any) -> dict[str, Any]:

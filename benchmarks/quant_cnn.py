@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import data_record, emit  # noqa: I001
+from _common import data_record, emit, settings_record  # noqa: I001
 
 from slimkit.core.files import write_json
 from slimkit.core.stages import StageContext
@@ -373,7 +373,7 @@ def main() -> None:
                             choices="on the validation split; test read once at the end"),
         "seeds": {"torch": 0, "calibration": 0, "validation_split": 0},
         "training": trained,
-        "settings": {k: (v.name if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": settings_record(args),
         "ort_version": __import__("onnxruntime").__version__,
         "peer_configs": configs, "accuracy_test": acc, "speed": spd,
         "onnx_bytes": size, "onnx_size_ratio": {k: size["fp32"] / v for k, v in size.items()},

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import data_record, emit  # noqa: I001
+from _common import data_record, emit, settings_record  # noqa: I001
 from quant_cnn import train_on_validation
 
 from slimkit.core.files import write_json
@@ -334,7 +334,7 @@ def main() -> None:
                                      "once per model at the end",
                             choices="learning rate and epochs on validation"),
         "seeds": {"torch": 0, "calibration": 0, "validation_split": 0, "heldout_draw": 0},
-        "settings": {k: (v.name if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": settings_record(args),
         "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import data_record, emit, top1_with_ci  # noqa: I001
+from _common import data_record, emit, settings_record, top1_with_ci  # noqa: I001
 from quant_cnn import LENET5_LRS, train_on_validation
 
 from slimkit.core.files import write_json
@@ -262,7 +262,7 @@ def main() -> None:
                             "training images (seed 0)",
                             choices="on the validation split; test read once at the end"),
         "seeds": {"torch": 0, "calibration": 0, "validation_split": 0},
-        "settings": {k: (v.name if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": settings_record(args),
         "float_training": trained, "qat_lr_choice": choice,
         "notes": ["weights per output channel (symmetric), activations per tensor (each "
                   "quantized layer's input, asymmetric uint8, min/max calibrated on the "

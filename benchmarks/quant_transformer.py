@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import data_record, emit  # noqa: I001
+from _common import data_record, emit, settings_record  # noqa: I001
 from quant_cnn import train_on_validation
 from torch import nn
 
@@ -385,7 +385,7 @@ def main() -> None:
     if args.make_tiny_bert is not None:
         make_tiny_bert(args.make_tiny_bert)
         args.hf = args.make_tiny_bert
-    settings = {k: (v.name if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings = settings_record(args)
     result: dict[str, Any] = {"benchmark": "quant_transformer", "settings": settings,
                               "seeds": {"torch": 0, "calibration": 0, "validation_split": 0},
                               "models": {},

@@ -183,9 +183,9 @@ def test_checkpoints_are_removed_after_success_unless_kept(trained: Path, capsys
         "state.json"]
 
 
-def test_a_zoo_model_run_resumes(capsys, tmp_path: Path):
-    """zoo:NAME has random initial weights: drawn from --seed, the resumed command builds the
-    same model, so its run is recognised (it was refused as another model's before)."""
+def _killed_then_resumed(capsys, model: str, tmp_path: Path) -> tuple[Path, int, str, str]:
+    """A two-stage compress run of ``model`` killed after its first stage, then resumed:
+    the output folder, and the resumed command's exit code, stdout and stderr."""
     import torch
     from tests.faults._job import dying_at
 
@@ -197,13 +197,23 @@ def test_a_zoo_model_run_resumes(capsys, tmp_path: Path):
 
     recipe = _two_stage_recipe(tmp_path / "r.yaml")
     out = tmp_path / "out"
-    args = ["compress", "zoo:lenet5", "--data", "builtin:digits", "--recipe", str(recipe),
+    args = ["compress", model, "--data", "builtin:digits", "--recipe", str(recipe),
             "--out", str(out)]
     with dying_at("stage-00", die), pytest.raises(Killed):
         main(args)
     capsys.readouterr()
-    torch.rand(3)  # the process's own random state moved on; the model does not follow it
-    code, stdout, err = run(capsys, *args, "--resume")
+    state = json.loads((out / ".slimkit-run" / "state.json").read_text())
+    assert [s["index"] for s in state["stages"]] == [0]
+    torch.rand(3)  # the process's random state moves on; a resumed run must not depend on it
+    return out, *run(capsys, *args, "--resume")
+
+
+def test_a_zoo_model_run_resumes(capsys, tmp_path: Path):
+    """zoo:NAME has random initial weights: drawn from --seed, the resumed command builds the
+    same model, so its run is recognised (it was refused as another model's before)."""
+    import torch
+
+    _, code, stdout, err = _killed_then_resumed(capsys, "zoo:lenet5", tmp_path)
     assert code == 0, err
     assert "stage 1 magnitude_prune: finished in an earlier run (resuming after it)" in \
         " ".join(stdout.split())
@@ -224,24 +234,7 @@ def test_a_zoo_model_run_resumes(capsys, tmp_path: Path):
 
 def test_a_resumed_run_removes_its_checkpoints_when_it_succeeds(trained: Path, capsys,
                                                                tmp_path: Path):
-    from tests.faults._job import dying_at
-
-    class Killed(BaseException):
-        pass
-
-    def die() -> None:
-        raise Killed
-
-    recipe = _two_stage_recipe(tmp_path / "r.yaml")
-    out = tmp_path / "out"
-    args = ["compress", str(trained), "--data", "builtin:digits", "--recipe", str(recipe),
-            "--out", str(out)]
-    with dying_at("stage-00", die), pytest.raises(Killed):
-        main(args)
-    capsys.readouterr()
-    state = json.loads((out / ".slimkit-run" / "state.json").read_text())
-    assert [s["index"] for s in state["stages"]] == [0]
-    code, stdout, err = run(capsys, *args, "--resume")
+    out, code, stdout, err = _killed_then_resumed(capsys, str(trained), tmp_path)
     assert code == 0, err
     assert "stage 1 magnitude_prune: finished in an earlier run (resuming after it)" in \
         " ".join(stdout.split())
